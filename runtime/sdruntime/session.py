@@ -1,0 +1,232 @@
+"""ONNX Runtime sessions for the exported components: providers, options and IO binding."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .manifest import ExportError, Manifest
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+# Which providers can run each target's graphs (DESIGN.md's target table).
+TARGET_PROVIDERS = {
+    "generic": None,  # any
+    "cpu": {"CPUExecutionProvider"},
+    "cuda": {"CUDAExecutionProvider"},
+    "tensorrt": {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"},
+}
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ProviderError(Exception):
+    """The requested execution provider cannot run this export; the message says what can."""
+
+
+@dataclass
+class SessionSettings:
+    """Knobs for every component's session. `optimization` None picks a level per target."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    optimization: str | None = None
+    enable_cpu_mem_arena: bool = True
+    log_severity: int = 3
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_providers(provider: str | Sequence, target: str) -> list:
+    """Turn `provider` into ORT's provider list for a target, or raise one clear line.
+
+    A name ("cpu", "cuda", "tensorrt") asks for exactly that provider; a list of ORT providers
+    (names or (name, options) pairs) falls back in order among those installed that the target supports.
+    """
+    available = ort.get_available_providers()
+    supported = TARGET_PROVIDERS.get(target)
+    if isinstance(provider, str):
+        if provider not in PROVIDER_NAMES and provider not in PROVIDER_NAMES.values():
+            raise ProviderError(f"unknown provider '{provider}': choose cpu, cuda, tensorrt or a list of ORT providers")
+        name = PROVIDER_NAMES.get(provider, provider)
+        if name not in available:
+            raise ProviderError(
+                f"{name} is not installed: this onnxruntime offers {', '.join(available)}"
+                + (" (install onnxruntime-gpu for cuda/tensorrt)" if name != "CPUExecutionProvider" else "")
+            )
+        if supported is not None and name not in supported:
+            raise ProviderError(
+                f"this export targets '{target}' and cannot run on {name}: use {' or '.join(sorted(supported))}, "
+                f"or re-export with `sdexport convert --target generic`"
+            )
+        return [name] if name != "TensorrtExecutionProvider" else [name, "CUDAExecutionProvider"]
+    chosen = []
+    for entry in provider:
+        name = entry[0] if isinstance(entry, (tuple, list)) else entry
+        name = PROVIDER_NAMES.get(name, name)
+        if name in available and (supported is None or name in supported):
+            chosen.append((name, entry[1]) if isinstance(entry, (tuple, list)) else name)
+    if not chosen:
+        raise ProviderError(
+            f"none of the providers {[PROVIDER_NAMES.get(p, p) if isinstance(p, str) else p[0] for p in provider]} "
+            f"can run this '{target}' export here: installed are {', '.join(available)}"
+        )
+    return chosen
+
+
+def session_options(settings: SessionSettings, target: str) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
+    options.log_severity_level = settings.log_severity
+    # graphs of the cpu target were optimized when exported: loading need not pay it again
+    level = settings.optimization or ("basic" if target == "cpu" else "all")
+    options.graph_optimization_level = LEVELS[level]
+    for key, value in settings.extra.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def check_external_data(model_path: Path) -> None:
+    """Refuse models whose external-data locations leave the model's folder (ORT >= 1.32 refuses too)."""
+    from .onnx_proto import external_data_locations
+
+    folder = model_path.parent.resolve()
+    for location in external_data_locations(model_path):
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or folder not in target.parents:
+            raise ExportError(
+                f"{model_path} points its external data at '{location}', outside its folder: "
+                "refusing to read it; re-export the model or move the data beside model.onnx"
+            )
+
+
+def shape_of(spec: Sequence[Any], known: dict[str, int]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else known[d] for d in spec)
+
+
+class Component:
+    """One exported component: its session, its IO from the manifest and a run through IO binding."""
+
+    def __init__(self, manifest: Manifest, name: str, providers: list, settings: SessionSettings):
+        entry = manifest.components[name]
+        self.name = name
+        self.path = manifest.model_path(name)
+        check_external_data(self.path)
+        self.inputs = {i["name"]: i for i in entry["inputs"]}
+        self.outputs = {o["name"]: o for o in entry["outputs"]}
+        self.vae_scale_factor = int(manifest.pipeline["vae_scale_factor"])
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), session_options(settings, manifest.target), providers=providers
+            )
+        except Exception as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"{self.path} could not be loaded by ONNX Runtime: {message}") from e
+        used = self.session.get_providers()
+        self.provider = used[0]
+        self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.static_batch = next(
+            (s["shape"][0] for s in entry["inputs"] if s["shape"] and isinstance(s["shape"][0], int)), None
+        )
+
+    def input_dtype(self, name: str):
+        return NUMPY_DTYPES[self.inputs[name]["dtype"]]
+
+    def output_shapes(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+        """Output shapes from the inputs' shapes, via the IO table's symbolic axis names."""
+        known: dict[str, int] = {}
+        for name, value in feeds.items():
+            for axis, size in zip(self.inputs[name]["shape"], value.shape):
+                if isinstance(axis, str):
+                    known[axis] = size
+        f = self.vae_scale_factor
+        if "height" in known:
+            known.setdefault("image_height", known["height"] * f)
+            known.setdefault("image_width", known["width"] * f)
+        if "image_height" in known:
+            known.setdefault("height", known["image_height"] // f)
+            known.setdefault("width", known["image_width"] // f)
+        return {name: shape_of(o["shape"], known) for name, o in self.outputs.items()}
+
+    def bind(self, feeds: dict[str, np.ndarray]) -> Binding:
+        return Binding(self, feeds)
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        """Run once; pads or splits the batch for static exports; float outputs come back as float32."""
+        batch = next(iter(feeds.values())).shape[0]
+        size = self.static_batch
+        if size is None or size == batch:
+            return self.bind(feeds).run()
+        chunks = []
+        for start in range(0, batch, size):
+            part = {k: v[start : start + size] for k, v in feeds.items()}
+            n = next(iter(part.values())).shape[0]
+            if n < size:  # pad with copies of the last row; the padded rows are dropped below
+                part = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in part.items()}
+            out = self.bind(part).run()
+            chunks.append({k: v[:n] for k, v in out.items()})
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+class Binding:
+    """Inputs and outputs bound once as OrtValues on the component's device; inputs updated in place.
+
+    The U-Net keeps one Binding for a whole generation: the text embeddings are bound once and
+    each step only writes the latents and the timestep into the bound buffers.
+    """
+
+    def __init__(self, component: Component, feeds: dict[str, np.ndarray]):
+        self.component = component
+        self.io = component.session.io_binding()
+        self.values: dict[str, ort.OrtValue] = {}
+        device = component.device
+        for name, value in feeds.items():
+            array = np.ascontiguousarray(value, dtype=component.input_dtype(name))
+            self.values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+            self.io.bind_ortvalue_input(name, self.values[name])
+        self.outputs: dict[str, ort.OrtValue] = {}
+        for name, shape in component.output_shapes(feeds).items():
+            dtype = NUMPY_DTYPES[component.outputs[name]["dtype"]]
+            self.outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+            self.io.bind_ortvalue_output(name, self.outputs[name])
+
+    def update(self, name: str, value: np.ndarray) -> None:
+        """Write new data into a bound input (same shape) without rebinding."""
+        array = np.ascontiguousarray(value, dtype=self.component.input_dtype(name))
+        self.values[name].update_inplace(array)
+
+    def run(self) -> dict[str, np.ndarray]:
+        self.component.session.run_with_iobinding(self.io)
+        results = {}
+        for name, value in self.outputs.items():
+            array = value.numpy()
+            if array.dtype != np.float32 and array.dtype.kind == "f":
+                array = array.astype(np.float32)
+            if not np.isfinite(array).all():
+                raise NonFiniteOutput(self.component.name)
+            results[name] = array
+        return results
+
+
+class NonFiniteOutput(ExportError):
+    def __init__(self, component: str):
+        super().__init__(
+            f"{component} produced NaN or Inf: its fp16 graph overflows; re-export with "
+            f"`sdexport convert ... --dtype fp16 --keep-fp32 {component}`"
+        )
+        self.component = component

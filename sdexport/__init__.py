@@ -1,0 +1,13 @@
+"""sdexport: Stable Diffusion pipelines to optimized ONNX graphs, with a torch-free runtime."""
+
+__version__ = "0.1.0"
+
+
+def convert(source: str, out, **options):
+    """Export SOURCE (a diffusers folder, a preset or a hub id) to the folder OUT."""
+    from .convert import convert as _convert
+
+    return _convert(source, out, **options)
+
+
+__all__ = ["__version__", "convert"]

@@ -1,0 +1,270 @@
+"""`sdexport convert`: SOURCE -> an exported folder (ONNX graphs, tokenizer, scheduler, manifest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdruntime.manifest import COMPONENTS, DTYPES, FORMAT_VERSION, TARGETS, describe_io, file_entry, write_manifest
+
+from .errors import SdexportError
+
+ATTENTION_FOR_TARGET = {"generic": "sdpa", "cpu": "sdpa", "cuda": "plain", "tensorrt": "sdpa"}
+IMPLEMENTED_TARGETS = ("generic", "cpu")
+SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
+
+
+@dataclass
+class ConvertOptions:
+    components: Sequence[str] = COMPONENTS
+    dtype: str = "fp32"
+    keep_fp32: Sequence[str] = ()
+    target: str = "generic"
+    opset: int = 17
+    static: bool = False
+    batch_size: int = 1
+    height: int | None = None
+    width: int | None = None
+    overwrite: bool = False
+    check: bool = True
+    log: Callable[[str], None] = field(default=print)
+
+
+def check_options(opts: ConvertOptions) -> None:
+    """Refuse bad options before anything is loaded or written."""
+    unknown = [c for c in opts.components if c not in COMPONENTS]
+    if unknown or not opts.components:
+        raise SdexportError(
+            f"unknown component '{(unknown or [''])[0]}': choose from {', '.join(COMPONENTS)}"
+        )
+    bad_keep = [c for c in opts.keep_fp32 if c not in COMPONENTS]
+    if bad_keep:
+        raise SdexportError(f"unknown component '{bad_keep[0]}' in --keep-fp32: choose from {', '.join(COMPONENTS)}")
+    if opts.dtype not in DTYPES:
+        raise SdexportError(f"unknown dtype '{opts.dtype}': choose fp32 or fp16")
+    if opts.target not in TARGETS:
+        raise SdexportError(f"unknown target '{opts.target}': choose from {', '.join(TARGETS)}")
+    if opts.target not in IMPLEMENTED_TARGETS:
+        raise SdexportError(f"target '{opts.target}' is not supported yet: use generic or cpu")
+    if not 14 <= opts.opset <= 20:
+        raise SdexportError(f"opset {opts.opset} is not supported: choose 14 to 20 (default 17)")
+    if opts.static and opts.batch_size < 1:
+        raise SdexportError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if not opts.static and (opts.height or opts.width):
+        raise SdexportError("--height and --width fix the shapes of a static export: add --static")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise SdexportError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise SdexportError(f"{out} exists and is not a folder: choose another -o")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise SdexportError(f"{parent} does not exist: create it first or choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SdexportError(f"{parent} is not writable: choose another -o")
+
+
+def pipeline_facts(pipe, family: str) -> dict:
+    from .components import vae_scale_factor
+
+    factor = vae_scale_factor(pipe)
+    tokenizer = pipe.tokenizer
+    return {
+        "family": family,
+        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
+        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
+        "vae_scale_factor": factor,
+        "latent_channels": int(pipe.unet.config.in_channels),
+        "default_height": int(pipe.unet.config.sample_size) * factor,
+        "default_width": int(pipe.unet.config.sample_size) * factor,
+        "tokenizer_max_length": int(tokenizer.model_max_length),
+        "pad_token_id": int(tokenizer.pad_token_id),
+        "scheduler_class": pipe.scheduler.__class__.__name__,
+        "upcast_attention": bool(pipe.unet.config.get("upcast_attention", False)),
+    }
+
+
+def detect_family(pipe) -> str:
+    """sd2 for SD 2.x-shaped U-Nets (linear projections, per-block head dims), else sd1."""
+    config = pipe.unet.config
+    return "sd2" if config.get("use_linear_projection") or isinstance(config.attention_head_dim, (list, tuple)) else "sd1"
+
+
+def versions() -> dict:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "sdexport": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def write_tokenizer(pipe, folder: Path) -> None:
+    """vocab.json, merges.txt and a tokenizer.json whose padding and truncation are set."""
+    from transformers import CLIPTokenizerFast
+
+    pipe.tokenizer.save_pretrained(folder)
+    fast = CLIPTokenizerFast.from_pretrained(folder)
+    backend = fast.backend_tokenizer
+    length = pipe.tokenizer.model_max_length
+    backend.enable_padding(pad_id=pipe.tokenizer.pad_token_id, pad_token=pipe.tokenizer.pad_token, length=length)
+    backend.enable_truncation(max_length=length)
+    backend.save(str(folder / "tokenizer.json"))
+
+
+def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
+    write_tokenizer(pipe, tmp / "tokenizer")
+    pipe.scheduler.save_config(tmp / "scheduler")
+    configs = {
+        "text_encoder": lambda d: pipe.text_encoder.config.save_pretrained(d),
+        "unet": lambda d: pipe.unet.save_config(d),
+        "vae_decoder": lambda d: pipe.vae.save_config(d),
+        "vae_encoder": lambda d: pipe.vae.save_config(d),
+    }
+    for component in components:
+        configs[component](tmp / component)
+    index = {k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}
+    index = {k: v for k, v in index.items() if k in ("text_encoder", "tokenizer", "unet", "scheduler")}
+    index.update({
+        "_class_name": "ORTStableDiffusionPipeline",
+        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+        "vae_decoder": ["diffusers", "AutoencoderKL"],
+        "vae_encoder": ["diffusers", "AutoencoderKL"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    })
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if source.folder is not None:
+        for name in SOURCE_DOCS:
+            if (source.folder / name).is_file():
+                shutil.copy2(source.folder / name, tmp / name)
+
+
+def convert(source: str, out: str | os.PathLike, **options) -> Path:
+    """Export SOURCE to OUT; see `sdexport convert --help` for the options."""
+    opts = ConvertOptions(**options)
+    check_options(opts)
+    out = Path(out)
+    check_output(out, opts.overwrite)
+
+    from .load import load_source
+
+    log = opts.log
+    started = time.perf_counter()
+    src = load_source(source)
+    log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        manifest = export_all(src, tmp, opts)
+        write_configs(src.pipe, src, tmp, opts.components)
+        write_manifest(tmp, manifest)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished export into place; an old OUT is removed only after the new one is there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
+    from .components import model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
+    from .export import compare_with_torch, export_fp32, save_model
+    from .optimize import optimize_for_target
+    from .precision import fp32_nodes, to_fp16
+
+    pipe = src.pipe
+    family = detect_family(pipe)
+    facts = pipeline_facts(pipe, family)
+    multiple = size_multiple(pipe)
+    factor = vae_scale_factor(pipe)
+    static = None
+    if opts.static:
+        height = opts.height or facts["default_height"]
+        width = opts.width or facts["default_width"]
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple:
+                raise SdexportError(f"--{name} {value} is not a multiple of {multiple} (this model's size multiple)")
+        static = {"batch_size": opts.batch_size, "height": height, "width": width}
+    attention = ATTENTION_FOR_TARGET[opts.target]
+    set_attention(pipe, attention)
+    components = {}
+    for component in opts.components:
+        t0 = time.perf_counter()
+        dims = model_dims(pipe)
+        if static:
+            fixed = static_dims(component, static["batch_size"], static["height"], static["width"], factor, dims["max_length"])
+            batch, latent = fixed["batch"], (fixed["height"], fixed["width"])
+        else:
+            fixed = {}
+            default = facts["default_height"] // factor
+            batch, latent = 2, (default, default)
+        dims.update(fixed)
+        model = export_fp32(component, pipe, opts.opset, fixed, latent, batch)
+        model = optimize_for_target(model, opts.target)
+        dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
+        kept = []
+        if dtype == "fp16":
+            kept = fp32_nodes(component, model, facts["upcast_attention"])
+            model = to_fp16(component, model, kept)
+        path = tmp / component / "model.onnx"
+        files = save_model(model, path)
+        del model
+        check = None
+        if opts.check:
+            check = compare_with_torch(component, pipe, path, 1 if not static else batch, latent)
+        entry = {
+            "path": f"{component}/model.onnx",
+            "files": [file_entry(tmp, f"{component}/{name}") for name in files],
+            "dtype": dtype,
+            "attention": attention,
+            "fp32_nodes": kept,
+            "export_max_abs_diff": check["max_abs_diff"] if check else None,
+            **describe_io(component, dtype, dims),
+        }
+        components[component] = entry
+        size = sum(f["bytes"] for f in entry["files"]) / 1e6
+        detail = ""
+        if check:
+            detail = f", max abs diff vs PyTorch {check['max_abs_diff']:.2e} (relative L2 {check['relative_l2']:.1e})"
+            if not check["finite"]:
+                detail += ", NaN/Inf in the output"
+        opts.log(f"exported {component} ({dtype}) in {time.perf_counter() - t0:.1f} s, {size:.1f} MB{detail}")
+    return {
+        "format_version": FORMAT_VERSION,
+        "created_by": versions(),
+        "source": {"kind": src.kind, "name": src.name, "loras": src.loras},
+        "dtype": opts.dtype,
+        "target": opts.target,
+        "opset": opts.opset,
+        "pipeline": facts,
+        "size_multiple": multiple,
+        "static": static,
+        "components": components,
+    }

@@ -1,0 +1,87 @@
+"""torch.onnx.export of one component, saving (with external data when needed) and the check against PyTorch."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from sdruntime.manifest import COMPONENT_IO
+
+from .components import dynamic_axes, example_inputs, wrap
+
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_NAME = "model.onnx_data"
+
+
+def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int) -> onnx.ModelProto:
+    """Trace one component to an fp32 ONNX model held in memory (external data loaded)."""
+    module = wrap(component, pipe)
+    inputs = example_inputs(component, pipe, batch, *latent_size)
+    io = COMPONENT_IO[component]
+    with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        with torch.inference_mode(False), torch.no_grad():
+            # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
+            torch.onnx.export(
+                module,
+                tuple(inputs.values()),
+                str(path),
+                input_names=[s.name for s in io.inputs],
+                output_names=[s.name for s in io.outputs],
+                dynamic_axes=dynamic_axes(component, fixed),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Write model.onnx, with every tensor in one model.onnx_data beside it when over 2 GB.
+
+    Returns the file names written, relative to the model's folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path))
+        return [path.name]
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_NAME, size_threshold=1024,
+    )
+    return [path.name, EXTERNAL_DATA_NAME]
+
+
+def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    module = wrap(component, pipe)
+    with torch.no_grad():
+        out = module(*inputs.values())
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().float().numpy() for o in out]
+
+
+def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feed = {}
+    for spec in session.get_inputs():
+        value = inputs[spec.name]
+        feed[spec.name] = value.astype(np.float16) if spec.type == "tensor(float16)" else value
+    return [o.astype(np.float32) for o in session.run(None, feed)]
+
+
+def compare_with_torch(component: str, pipe, model_path: Path, batch: int, latent_size: tuple[int, int], seed: int = 1) -> dict[str, float]:
+    """Run the same random inputs through PyTorch and ONNX Runtime's CPU EP."""
+    inputs = example_inputs(component, pipe, batch, *latent_size, seed=seed)
+    expected = torch_outputs(component, pipe, inputs)
+    got = ort_outputs(model_path, {k: v.numpy() for k, v in inputs.items()})
+    max_abs = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
+    rel_l2 = max(float(np.linalg.norm(e - g) / max(np.linalg.norm(e), 1e-12)) for e, g in zip(expected, got))
+    finite = all(np.isfinite(g).all() for g in got)
+    return {"max_abs_diff": max_abs, "relative_l2": rel_l2, "finite": finite}

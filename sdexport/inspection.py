@@ -1,0 +1,78 @@
+"""`sdexport inspect`: what an exported folder holds, per component."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from sdruntime.manifest import read_manifest
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def op_counts(model_path: Path) -> tuple[Counter, list[str]]:
+    """Op type counts and the sorted non-standard (contrib or fused) op types."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    counts = Counter(node.op_type for node in model.graph.node)
+    contrib = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    return counts, contrib
+
+
+def inspect_export(folder: str | Path) -> dict:
+    manifest = read_manifest(folder)
+    report = {
+        "folder": str(Path(folder).resolve()),
+        "dtype": manifest.dtype,
+        "target": manifest.target,
+        "opset": manifest.data["opset"],
+        "source": manifest.data["source"],
+        "size_multiple": manifest.size_multiple,
+        "static": manifest.static,
+        "pipeline": manifest.pipeline,
+        "components": {},
+    }
+    for name, entry in manifest.components.items():
+        counts, contrib = op_counts(manifest.model_path(name))
+        report["components"][name] = {
+            "path": entry["path"],
+            "bytes": sum(f["bytes"] for f in entry["files"]),
+            "dtype": entry["dtype"],
+            "attention": entry["attention"],
+            "inputs": entry["inputs"],
+            "outputs": entry["outputs"],
+            "nodes": sum(counts.values()),
+            "op_counts": dict(counts.most_common()),
+            "contrib_ops": contrib,
+            "fp32_nodes": len(entry.get("fp32_nodes", [])),
+        }
+    return report
+
+
+def _shape(tensor: dict) -> str:
+    return f"{tensor['name']} {tensor['dtype']}[{', '.join(str(d) for d in tensor['shape'])}]"
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        (
+            f"{report['folder']}: {report['dtype']}, target {report['target']}, opset {report['opset']}, "
+            f"source {report['source']['kind']} '{report['source']['name']}'"
+        ),
+        f"size multiple {report['size_multiple']}"
+        + (f", static {report['static']}" if report["static"] else ", dynamic shapes"),
+        "pipeline: " + ", ".join(f"{k}={v}" for k, v in report["pipeline"].items()),
+        "",
+        f"{'component':<13} {'file':<24} {'MB':>8} {'dtype':<5} {'attn':<5} {'nodes':>6}  top ops",
+    ]
+    for name, c in report["components"].items():
+        top = ", ".join(f"{op}:{n}" for op, n in list(c["op_counts"].items())[:5])
+        lines.append(f"{name:<13} {c['path']:<24} {c['bytes'] / 1e6:>8.1f} {c['dtype']:<5} {c['attention']:<5} {c['nodes']:>6}  {top}")
+        lines.append(f"{'':<13} in:  " + "; ".join(_shape(t) for t in c["inputs"]))
+        lines.append(f"{'':<13} out: " + "; ".join(_shape(t) for t in c["outputs"]))
+        extra = f"contrib/fused ops: {', '.join(c['contrib_ops']) or 'none'}"
+        if c["fp32_nodes"]:
+            extra += f"; {c['fp32_nodes']} nodes kept in fp32"
+        lines.append(f"{'':<13} {extra}")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""Resolve SOURCE (a diffusers folder, an offline preset or a hub id) to a PyTorch pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SdexportError
+from .presets import available_presets, build_from_recipe
+
+REQUIRED_PARTS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "vocab.json",
+    "scheduler": "scheduler_config.json",
+}
+SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
+
+
+@dataclass
+class Source:
+    """A loaded pipeline and where it came from."""
+
+    kind: str  # folder | preset | hub | single_file
+    name: str
+    pipe: object
+    folder: Path | None = None
+    loras: list[dict] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SdexportError(f"{path} is not readable JSON ({e}): is this a diffusers pipeline folder?") from e
+
+
+def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
+    """Refuse pipeline families the exporter does not handle yet, naming what was found."""
+    cls = model_index.get("_class_name", "")
+    if "XL" in cls or "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
+        raise SdexportError(f"{where} is an SDXL pipeline ({cls or 'text_time U-Net'}): SDXL is not supported yet")
+    if "controlnet" in model_index or "ControlNet" in cls:
+        raise SdexportError(f"{where} is a ControlNet pipeline ({cls}): ControlNet is not supported yet")
+    if unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls:
+        raise SdexportError(
+            f"{where} is an inpainting pipeline (9-channel U-Net): inpainting is not supported yet"
+        )
+    if unet_config.get("time_cond_proj_dim") is not None:
+        raise SdexportError(
+            f"{where} has an LCM U-Net with timestep_cond (time_cond_proj_dim="
+            f"{unet_config['time_cond_proj_dim']}): LCM-distilled U-Nets are not supported yet"
+        )
+    if cls and cls not in SUPPORTED_PIPELINES:
+        raise SdexportError(
+            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x text-to-image pipelines are supported"
+        )
+
+
+def check_pipeline_folder(folder: Path) -> None:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise SdexportError(
+            f"{folder} is not a diffusers pipeline (no model_index.json): pass a folder saved by "
+            "`save_pretrained`, a preset (`sdexport presets`) or a hub id"
+        )
+    model_index = _read_json(index_path)
+    unet_config_path = folder / "unet" / "config.json"
+    unet_config = _read_json(unet_config_path) if unet_config_path.is_file() else {}
+    check_supported(model_index, unet_config, str(folder))
+    for part, marker in REQUIRED_PARTS.items():
+        if not (folder / part / marker).is_file():
+            raise SdexportError(
+                f"{folder} is missing its {part} ({part}/{marker} not found): the pipeline folder is "
+                "incomplete; save it again with `save_pretrained`"
+            )
+    weights = list((folder / "unet").glob("*.safetensors")) + list((folder / "unet").glob("*.bin"))
+    if not weights:
+        raise SdexportError(f"{folder}/unet has no weights (*.safetensors or *.bin): the folder is incomplete")
+
+
+def _load_folder(folder: Path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, local_files_only=True,
+    )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def load_source(source: str) -> Source:
+    """Resolve SOURCE in order: an existing path, an offline preset, then a hub id."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise SdexportError(
+                f"{path} is a file: single-file checkpoints are not supported yet; pass a diffusers "
+                "pipeline folder or a preset"
+            )
+        check_pipeline_folder(path)
+        return Source(kind="folder", name=str(path.resolve()), pipe=_load_folder(path), folder=path)
+    presets = available_presets()
+    if source in presets:
+        folder = presets[source]
+        if (folder / "recipe.json").is_file():
+            return Source(kind="preset", name=source, pipe=build_from_recipe(folder), folder=folder)
+        check_pipeline_folder(folder)
+        return Source(kind="preset", name=source, pipe=_load_folder(folder), folder=folder)
+    if _looks_like_hub_id(source) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return _load_hub(source)
+    names = ", ".join(presets) or "none"
+    raise SdexportError(
+        f"source '{source}' not found: it is neither a folder nor a preset ({names}); "
+        "hub ids need a network and HF_HUB_OFFLINE unset"
+    )
+
+
+def _load_hub(repo_id: str) -> Source:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.md", "LICENSE*"],
+            ignore_patterns=["*.fp16.*", "*non_ema*", "*ema-only*", "safety_checker/*"],
+        ))
+    except Exception as e:
+        raise SdexportError(
+            f"could not fetch '{repo_id}' from the model hub ({type(e).__name__}): check the id and the network"
+        ) from e
+    check_pipeline_folder(folder)
+    return Source(kind="hub", name=repo_id, pipe=_load_folder(folder), folder=folder)
