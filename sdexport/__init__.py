@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def convert(source: str, out, **options):
     """Export SOURCE (a diffusers folder, a preset or a hub id) to the folder OUT."""
-    from .convert import convert as _convert
+    from .conversion import convert as _convert
 
     return _convert(source, out, **options)
 

@@ -38,7 +38,7 @@ def cli() -> None:
 @click.option("--no-check", is_flag=True, help="Skip the comparison with PyTorch after each export.")
 def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite, no_check):
     """Export SOURCE (a diffusers folder, a preset or a hub id) to OUT."""
-    from .convert import convert as run_convert
+    from .conversion import convert as run_convert
 
     run_convert(
         source, out, components=_split(components), dtype=dtype, keep_fp32=_split(keep_fp32), target=target,

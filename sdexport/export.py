@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
     io = COMPONENT_IO[component]
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
         path = Path(tmp) / "model.onnx"
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
             # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
             torch.onnx.export(
                 module,

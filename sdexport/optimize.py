@@ -9,17 +9,18 @@ import onnx
 
 
 def optimize_for_target(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    """generic: the exported graph as is; cpu: ORT's offline optimizations saved with the model."""
-    if target == "cpu":
-        return ort_offline_optimize(model)
-    return model
+    """generic: ORT's basic, provider-independent cleanup (constant folding, redundant nodes);
+    cpu: ORT's extended CPU optimizations, saved with the model so loading need not pay them again.
+    """
+    level = {"generic": "basic", "cpu": "extended"}.get(target)
+    return ort_offline_optimize(model, level) if level else model
 
 
-def ort_offline_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Apply ONNX Runtime's extended CPU optimizations once, so loading need not pay them again.
+def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+    """Run ONNX Runtime's graph optimizations of `level` once and keep the optimized graph.
 
-    The extended level's fusions (FusedConv, FusedGemm, ...) run on the CPU EP; the layout
-    transforms of the "all" level are left to load time because they are machine-specific.
+    The basic level uses standard ops only; the extended level's fusions (FusedConv, ...) run on
+    the CPU EP. The layout transforms of the "all" level are machine-specific: left to load time.
     """
     import onnxruntime as ort
 
@@ -30,7 +31,10 @@ def ort_offline_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         save_model(model, source)
         optimized.parent.mkdir()
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.graph_optimization_level = {
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        }[level]
         options.optimized_model_filepath = str(optimized)
         if model.ByteSize() > 2**31 - 1:
             options.add_session_config_entry(

@@ -165,12 +165,15 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
 
     log = opts.log
     started = time.perf_counter()
-    src = load_source(source)
-    log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir()
+    except OSError as e:
+        raise SdexportError(f"cannot write to {out.parent} ({e.strerror}): choose another -o") from e
+    try:
+        src = load_source(source)
+        log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
         manifest = export_all(src, tmp, opts)
         write_configs(src.pipe, src, tmp, opts.components)
         write_manifest(tmp, manifest)
@@ -227,12 +230,12 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
             batch, latent = 2, (default, default)
         dims.update(fixed)
         model = export_fp32(component, pipe, opts.opset, fixed, latent, batch)
-        model = optimize_for_target(model, opts.target)
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
         kept = []
         if dtype == "fp16":
             kept = fp32_nodes(component, model, facts["upcast_attention"])
             model = to_fp16(component, model, kept)
+        model = optimize_for_target(model, opts.target)
         path = tmp / component / "model.onnx"
         files = save_model(model, path)
         del model

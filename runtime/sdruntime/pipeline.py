@@ -1,0 +1,302 @@
+"""Text-to-image and image-to-image on an exported folder, step for step as diffusers'
+StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ONNX Runtime only.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .image import load_init_image, parameters_text, save_png, to_pil
+from .manifest import ExportError, HashCache, read_manifest
+from .noise import make_generator, randn_tensor
+from .schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class
+from .session import Component, SessionSettings, resolve_providers
+from .tokenizer import PromptTokenizer
+
+StepCallback = Callable[[int, float, np.ndarray], None]
+
+
+class GenerationError(ValueError):
+    """A request the pipeline cannot honour; the message says what to change."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    latents: np.ndarray
+    parameters: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Write PNGs with their parameters; several images get numbered names (out-0.png, out-1.png)."""
+        path = Path(path)
+        if len(self.images) == 1:
+            return [save_png(self.images[0], path, self.parameters[0])]
+        return [
+            save_png(image, path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}"), text)
+            for i, (image, text) in enumerate(zip(self.images, self.parameters))
+        ]
+
+
+def _as_list(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not value or not all(isinstance(v, str) for v in value):
+        raise GenerationError(f"{what} must be a string or a non-empty list of strings")
+    return list(value)
+
+
+class StableDiffusionPipeline:
+    """An exported folder, loaded on one execution provider."""
+
+    def __init__(self, folder: Path, provider, settings: SessionSettings, verify: bool):
+        self.manifest = read_manifest(folder)
+        self.folder = Path(folder)
+        for needed in ("text_encoder", "unet", "vae_decoder"):
+            if not self.manifest.has(needed):
+                raise ExportError(
+                    f"{folder} has no {needed}: export it with `sdexport convert` (all components are needed to draw)"
+                )
+        if verify:
+            self.manifest.verify(cache=HashCache())
+        self.providers = resolve_providers(provider, self.manifest.target)
+        self.settings = settings
+        facts = self.manifest.pipeline
+        self.tokenizer = PromptTokenizer(
+            self.folder / "tokenizer" / "tokenizer.json", facts["tokenizer_max_length"], facts["pad_token_id"]
+        )
+        self.scheduler_config = self._read_scheduler_config()
+        self.default_scheduler = scheduler_name_for_class(facts["scheduler_class"], self.scheduler_config) or "pndm"
+        self._components: dict[str, Component] = {}
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            self.component(name)
+
+    @classmethod
+    def load(cls, folder: str | Path, provider="cpu", *, settings: SessionSettings | None = None,
+             verify: bool = True) -> StableDiffusionPipeline:
+        """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers."""
+        return cls(Path(folder), provider, settings or SessionSettings(), verify)
+
+    def _read_scheduler_config(self) -> dict:
+        import json
+
+        path = self.folder / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def component(self, name: str) -> Component:
+        """A component's session, created on first use (the VAE encoder only for image-to-image)."""
+        if name not in self._components:
+            if not self.manifest.has(name):
+                raise ExportError(f"{self.folder} has no {name}: export it with `sdexport convert --components ...,{name}`")
+            self._components[name] = Component(self.manifest, name, self.providers, self.settings)
+        return self._components[name]
+
+    @property
+    def component_providers(self) -> dict[str, str]:
+        """Which execution provider runs each loaded component."""
+        return {name: c.provider for name, c in self._components.items()}
+
+    # -- the steps of a generation -----------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None, num_images: int) -> np.ndarray:
+        """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times."""
+        ids = self.tokenizer(prompts if negative is None else negative + prompts)
+        embeddings = self.component("text_encoder")(input_ids=ids)["last_hidden_state"]
+        if negative is None:
+            return np.repeat(embeddings, num_images, axis=0)
+        uncond, cond = np.split(embeddings, 2)
+        return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
+
+    def check_size(self, height: int, width: int) -> None:
+        multiple = self.manifest.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise GenerationError(f"{name} {value} is not a positive multiple of {multiple}, this export's size multiple")
+        static = self.manifest.static
+        if static and (height, width) != (static["height"], static["width"]):
+            raise GenerationError(
+                f"this export is static at {static['height']}x{static['width']}: ask for that size or re-export"
+            )
+
+    def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler, timesteps: np.ndarray,
+                guidance_scale: float, generator, eta: float, callback: StepCallback | None, progress: bool) -> np.ndarray:
+        """The classifier-free-guidance loop; the U-Net's inputs stay bound across steps."""
+        guided = embeddings.shape[0] == 2 * latents.shape[0]
+        unet = self.component("unet")
+        batch = embeddings.shape[0]
+        sample = np.concatenate([latents] * 2) if guided else latents
+        feeds = {
+            "sample": sample,
+            "timestep": np.zeros(batch, np.float32),
+            "encoder_hidden_states": embeddings,
+        }
+        binding = unet.bind(feeds) if unet.static_batch in (None, batch) else None
+        steps = timesteps
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(timesteps, desc="denoising", unit="step")
+        for i, t in enumerate(steps):
+            model_input = np.concatenate([latents] * 2) if guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            timestep = np.full(batch, t, np.float32)
+            if binding is not None:
+                binding.update("sample", model_input)
+                binding.update("timestep", timestep)
+                noise_pred = binding.run()["out_sample"]
+            else:  # a static export whose batch differs: pad through the plain call
+                noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeddings)["out_sample"]
+            if guided:
+                uncond, cond = np.split(noise_pred, 2)
+                noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, eta=eta).astype(np.float32)
+            if callback is not None:
+                callback(i, float(t), latents)
+        return latents
+
+    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+        scaled = latents / np.float32(self.manifest.pipeline["vae_scaling_factor"])
+        return self.component("vae_decoder")(latent_sample=scaled)["sample"]
+
+    def vae_encode(self, image: np.ndarray, generator) -> np.ndarray:
+        """Sample the VAE's latent distribution, scaled, as diffusers' `retrieve_latents` does."""
+        parameters = self.component("vae_encoder")(sample=image)["latent_parameters"]
+        mean, logvar = np.split(parameters, 2, axis=1)
+        std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+        sample = mean + std * randn_tensor(mean.shape, generator)
+        return sample * np.float32(self.manifest.pipeline["vae_scaling_factor"])
+
+    def image_latents(self, image: np.ndarray, batch: int, generator, scheduler, timestep) -> np.ndarray:
+        """Noised latents of an init image at the first timestep (StableDiffusionImg2ImgPipeline.prepare_latents)."""
+        if isinstance(generator, list):
+            images = np.concatenate([image] * batch)
+            init = np.concatenate([self.vae_encode(images[i : i + 1], generator[i]) for i in range(batch)])
+        else:
+            init = self.vae_encode(image, generator)
+            if batch > init.shape[0]:
+                init = np.concatenate([init] * (batch // init.shape[0]))
+        noise = randn_tensor(init.shape, generator)
+        return scheduler.add_noise(init, noise, np.full(batch, timestep)).astype(np.float32)
+
+    # -- the call ------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int | Sequence[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        latents: np.ndarray | None = None,
+        eta: float = 0.0,
+        clip_skip: int | None = None,
+        callback: StepCallback | None = None,
+        image: str | Path | Image.Image | None = None,
+        strength: float = 0.8,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Draw images; arguments mean what they mean in diffusers' pipelines."""
+        prompts = _as_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise GenerationError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one or as many")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise GenerationError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if num_images < 1:
+            raise GenerationError(f"num_images must be at least 1, got {num_images}")
+        if clip_skip:
+            raise GenerationError("clip_skip needs an export with the text encoder's hidden states, which this one lacks")
+        if image is not None and not 0.0 < strength <= 1.0:
+            raise GenerationError(f"strength must be in (0, 1], got {strength}")
+        name = scheduler or self.default_scheduler
+        if name not in SCHEDULERS:
+            raise GenerationError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+
+        facts = self.manifest.pipeline
+        batch = len(prompts) * num_images
+        if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
+            height, width = self._init_image_size(image)
+        height = height or (self.manifest.static or {}).get("height") or facts["default_height"]
+        width = width or (self.manifest.static or {}).get("width") or facts["default_width"]
+        self.check_size(height, width)
+
+        seeds = self._seeds(seed, batch)
+        generator = make_generator(seeds if isinstance(seed, (list, tuple)) else seeds[0])
+        sched = make_scheduler(name, self.scheduler_config)
+        sched.set_timesteps(num_inference_steps)
+        guided = guidance_scale > 1.0
+        negatives = (negatives or [""] * len(prompts)) if guided else None
+        embeddings = self.encode_prompt(prompts, negatives, num_images)
+
+        factor = facts["vae_scale_factor"]
+        shape = (batch, facts["latent_channels"], height // factor, width // factor)
+        timesteps = sched.timesteps
+        if image is not None:
+            init = load_init_image(image, width, height)
+            init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+            start = max(num_inference_steps - init_steps, 0)
+            timesteps = sched.timesteps[start * sched.order :]
+            sched.set_begin_index(start * sched.order)
+            if len(timesteps) == 0:
+                raise GenerationError(
+                    f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either"
+                )
+            start_latents = self.image_latents(init, batch, generator, sched, timesteps[0])
+        else:
+            if latents is not None:
+                if tuple(latents.shape) != shape:
+                    raise GenerationError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+                noise = np.asarray(latents, dtype=np.float32)
+            else:
+                noise = randn_tensor(shape, generator)
+            start_latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+
+        final = self.denoise(start_latents, embeddings, sched, timesteps, guidance_scale, generator, eta, callback, progress)
+        images = to_pil(self.vae_decode(final))
+        model = Path(self.manifest.data["source"]["name"]).name
+        texts = [
+            parameters_text(prompts[i // num_images], (negatives or [""] * len(prompts))[i // num_images],
+                            num_inference_steps, name, guidance_scale, seeds[i] if isinstance(seed, (list, tuple)) else seeds[0],
+                            width, height, model)
+            for i in range(batch)
+        ]
+        return GenerationResult(images=images, latents=final, parameters=texts, seeds=seeds)
+
+    def _init_image_size(self, image) -> tuple[int, int]:
+        """The init image's size rounded down to the size multiple (diffusers rounds to the VAE factor)."""
+        if not isinstance(image, Image.Image):
+            image = load_init_image_size(image)
+        m = self.manifest.size_multiple
+        return max(m, image.height // m * m), max(m, image.width // m * m)
+
+    @staticmethod
+    def _seeds(seed, batch: int) -> list[int]:
+        if seed is None:
+            return [secrets.randbelow(2**32)]
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != batch:
+                raise GenerationError(f"{len(seed)} seeds for {batch} images: give one seed or one per image")
+            return [int(s) for s in seed]
+        return [int(seed)]
+
+
+def load_init_image_size(path) -> Image.Image:
+    """Open an init image just to read its size; errors as load_init_image's."""
+    try:
+        return Image.open(path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot read the init image {path}: {e}; pass a PNG or JPEG file") from e

@@ -1,0 +1,87 @@
+"""Session-scoped test models: each is built and exported once per test session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "models" / "clip-tokenizer"
+
+
+def sd2_style_pipeline(prediction_type: str):
+    """A pipeline with another block layout than tiny-sd: SD 2.x-style linear projections,
+    per-block head dims, upcast attention, three U-Net levels, a 4x VAE and "!" padding."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(7)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=48, attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        upcast_attention=True, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=0.13025,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=48,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+    ))
+    tokenizer = CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), pad_token="!", model_max_length=77)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _quiet_convert(source, out, **kw):
+    from sdexport import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert(str(source), out, log=lambda line: None, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from sdexport.presets import build_from_recipe, resolve_preset
+
+    return build_from_recipe(resolve_preset("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny32(tmp_path_factory) -> Path:
+    return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny32")
+
+
+@pytest.fixture(scope="session")
+def tiny16(tmp_path_factory) -> Path:
+    return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny16", dtype="fp16")
+
+
+@pytest.fixture(scope="session", params=["epsilon", "v_prediction"])
+def sd2_case(request, tmp_path_factory):
+    """(pipeline folder, PyTorch pipeline, fp32 export) for each prediction type."""
+    root = tmp_path_factory.mktemp(f"sd2-{request.param}")
+    pipe = sd2_style_pipeline(request.param)
+    pipe.save_pretrained(root / "pipeline")
+    out = _quiet_convert(root / "pipeline", root / "export")
+    return root / "pipeline", pipe, out

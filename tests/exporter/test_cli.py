@@ -1,0 +1,147 @@
+"""The `sdexport` CLI: bad input gets one line, exit code 2 and nothing written; inspect and presets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from sdexport.cli import main
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(capsys, out: Path, *args: str, says: str) -> None:
+    before = set(out.parent.iterdir()) if out.parent.exists() else set()
+    code, _, err = run(capsys, "convert", *args, "-o", str(out))
+    errors = [line for line in err.splitlines() if line.startswith("sdexport:")]
+    assert code == 2
+    assert len(errors) == 1 and "Traceback" not in err, err  # progress lines may precede it
+    assert errors[0].startswith("sdexport: error: ") and says in errors[0], errors[0]
+    after = set(out.parent.iterdir()) if out.parent.exists() else set()
+    assert after == before, "something was written"
+
+
+def write_fake_pipeline(folder: Path, class_name: str, unet: dict, extra_index: dict | None = None) -> Path:
+    """A folder with model_index.json and configs only: refusals must happen before any weights load."""
+    folder.mkdir(parents=True)
+    index = {"_class_name": class_name, "unet": ["diffusers", "UNet2DConditionModel"], **(extra_index or {})}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "unet").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps({"in_channels": 4, **unet}))
+    return folder
+
+
+def test_missing_source(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "out", "no-such-model", says="'no-such-model' not found")
+
+
+def test_folder_that_is_not_a_pipeline(capsys, tmp_path):
+    (tmp_path / "src").mkdir()
+    assert_refused(capsys, tmp_path / "out", str(tmp_path / "src"), says="not a diffusers pipeline")
+
+
+def test_folder_missing_a_component(capsys, tmp_path, sd2_case):
+    folder = tmp_path / "partial"
+    import shutil
+
+    shutil.copytree(sd2_case[0], folder)
+    shutil.rmtree(folder / "vae")
+    assert_refused(capsys, tmp_path / "out", str(folder), says="missing its vae")
+
+
+@pytest.mark.parametrize(
+    ("class_name", "unet", "extra", "says"),
+    [
+        ("StableDiffusionXLPipeline", {"addition_embed_type": "text_time"}, {"text_encoder_2": ["transformers", "X"]}, "SDXL is not supported yet"),
+        ("StableDiffusionInpaintPipeline", {"in_channels": 9}, None, "inpainting is not supported yet"),
+        ("StableDiffusionPipeline", {"time_cond_proj_dim": 256}, None, "LCM-distilled U-Nets are not supported yet"),
+        ("StableDiffusionControlNetPipeline", {}, {"controlnet": ["diffusers", "ControlNetModel"]}, "ControlNet is not supported yet"),
+    ],
+)
+def test_unsupported_families(capsys, tmp_path, class_name, unet, extra, says):
+    folder = write_fake_pipeline(tmp_path / "src", class_name, unet, extra)
+    assert_refused(capsys, tmp_path / "out", str(folder), says=says)
+
+
+def test_existing_output_without_overwrite(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_refused(capsys, out, "tiny-sd", says="already exists: pass --overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unwritable_output(capsys, tmp_path):
+    if os.geteuid() == 0:
+        out = Path("/proc/sdexport-out")  # root may write anywhere else
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        out = locked / "out"
+    code, _, err = run(capsys, "convert", "tiny-sd", "-o", str(out))
+    assert code == 2 and "sdexport: error:" in err and str(out.parent) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--components", "unet,refiner"], "unknown component 'refiner'"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--keep-fp32", "vae"], "unknown component 'vae' in --keep-fp32"),
+        (["--target", "metal"], "unknown target 'metal'"),
+        (["--height", "64"], "add --static"),
+    ],
+)
+def test_bad_options(capsys, tmp_path, args, says):
+    assert_refused(capsys, tmp_path / "out", "tiny-sd", *args, says=says)
+
+
+def test_unknown_preset_lists_presets(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "out", "tiny-xl", says="tiny-sd")
+
+
+def test_static_size_not_a_multiple(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "out", "tiny-sd", "--static", "--height", "72", says="not a multiple of 16")
+
+
+def test_unknown_option_is_one_line(capsys, tmp_path):
+    assert_refused(capsys, tmp_path / "out", "tiny-sd", "--bogus", says="--bogus")
+
+
+def test_presets_lists_tiny_sd(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and out.startswith("tiny-sd") or "\ntiny-sd" in out
+
+
+def test_inspect_table_and_json(capsys, tiny16):
+    code, out, _ = run(capsys, "inspect", str(tiny16))
+    assert code == 0
+    assert "unet" in out and "timestep float32[batch]" in out and "nodes kept in fp32" in out
+    code, out, _ = run(capsys, "inspect", str(tiny16), "--json")
+    report = json.loads(out)
+    unet = report["components"]["unet"]
+    assert report["dtype"] == "fp16" and unet["op_counts"]["Conv"] > 0 and unet["contrib_ops"] == []
+    assert report["pipeline"]["vae_scale_factor"] == 8
+
+
+def test_inspect_not_an_export(capsys, tmp_path):
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 2 and "is not an sdexport export" in err
+
+
+def test_overwrite_replaces(capsys, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, _, _ = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--overwrite", "--no-check", "-o", str(out))
+    assert code == 0
+    assert not (out / "old.txt").exists() and (out / "vae_decoder" / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,173 @@
+"""`sdexport convert`: every graph checks, runs on ORT's CPU EP and matches PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest, sha256_file
+
+from sdexport.components import example_inputs, size_multiple, vae_scale_factor, wrap
+
+COMPONENTS = list(COMPONENT_IO)
+
+
+def run_both(pipe, folder, component, batch, latent_hw):
+    inputs = example_inputs(component, pipe, batch, *latent_hw, seed=batch * 100 + latent_hw[0])
+    with torch.no_grad():
+        expected = wrap(component, pipe)(*inputs.values())
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    session = ort.InferenceSession(str(folder / component / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = {}
+    for spec in session.get_inputs():
+        value = inputs[spec.name].numpy()
+        feed[spec.name] = value.astype(np.float16) if spec.type == "tensor(float16)" else value
+    got = session.run(None, feed)
+    return [e.numpy() for e in expected], [g.astype(np.float32) for g in got]
+
+
+def latent_sizes(pipe):
+    """Two image sizes (in latent pixels) that are multiples of the size multiple."""
+    step = size_multiple(pipe) // vae_scale_factor(pipe)
+    return [(2 * step, 2 * step), (3 * step, 2 * step)]
+
+
+def test_every_model_passes_onnx_checker(tiny32, tiny16):
+    for folder in (tiny32, tiny16):
+        for component in COMPONENTS:
+            onnx.checker.check_model(str(folder / component / "model.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fp32_matches_pytorch(tiny_pipe, tiny32, component, batch):
+    for hw in latent_sizes(tiny_pipe):
+        expected, got = run_both(tiny_pipe, tiny32, component, batch, hw)
+        for e, g in zip(expected, got):
+            assert e.shape == g.shape
+            assert np.max(np.abs(e - g)) <= 1e-4
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_other_layout_matches_pytorch(sd2_case, component):
+    _, pipe, out = sd2_case
+    for batch in (1, 2):
+        for hw in latent_sizes(pipe):
+            expected, got = run_both(pipe, out, component, batch, hw)
+            for e, g in zip(expected, got):
+                assert np.max(np.abs(e - g)) <= 1e-4
+
+
+def test_other_layout_manifest_facts(sd2_case):
+    folder, pipe, out = sd2_case
+    manifest = read_manifest(out)
+    facts = manifest.pipeline
+    assert facts["family"] == "sd2"
+    assert facts["prediction_type"] == pipe.scheduler.config.prediction_type
+    assert facts["pad_token_id"] == 0  # "!" as SD 2.x pads
+    assert facts["vae_scale_factor"] == 4
+    assert facts["upcast_attention"] is True
+    assert manifest.size_multiple == 16  # 4x VAE, two U-Net upsamplers
+    assert manifest.data["source"] == {"kind": "folder", "name": str(folder.resolve()), "loras": []}
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == facts["prediction_type"]
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_fp16_runs_and_stays_close(tiny_pipe, tiny16, component):
+    expected, got = run_both(tiny_pipe, tiny16, component, 2, latent_sizes(tiny_pipe)[0])
+    for e, g in zip(expected, got):
+        assert np.isfinite(g).all()
+        assert np.linalg.norm(e - g) / np.linalg.norm(e) <= 1e-2
+
+
+def test_fp16_io_types_and_fp32_timestep_path(tiny16):
+    manifest = read_manifest(tiny16)
+    unet = manifest.components["unet"]
+    dtypes = {t["name"]: t["dtype"] for t in unet["inputs"] + unet["outputs"]}
+    assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16", "out_sample": "float16"}
+    model = onnx.load(str(tiny16 / "unet" / "model.onnx"))
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert inputs["timestep"] == onnx.TensorProto.FLOAT and inputs["sample"] == onnx.TensorProto.FLOAT16
+    kept = set(unet["fp32_nodes"])
+    sin_cos = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    assert sin_cos and all(n.name in kept for n in sin_cos)
+    # the Sin/Cos outputs really are float32 in the converted graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in sin_cos)
+
+
+def test_upcast_attention_keeps_softmax_in_fp32(sd2_case, tmp_path):
+    folder, _, _ = sd2_case
+    from sdexport import convert
+
+    out = convert(str(folder), tmp_path / "fp16", dtype="fp16", components=["unet"], log=lambda s: None)
+    model = onnx.load(str(out / "unet" / "model.onnx"))
+    kept = set(read_manifest(out).components["unet"]["fp32_nodes"])
+    softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
+    assert softmax and all(n.name in kept for n in softmax)
+
+
+def test_keep_fp32_component(tmp_path):
+    from sdexport import convert
+
+    out = convert("tiny-sd", tmp_path / "mixed", dtype="fp16", keep_fp32=["vae_decoder"],
+                  components=["unet", "vae_decoder"], log=lambda s: None)
+    components = read_manifest(out).components
+    assert components["unet"]["dtype"] == "fp16"
+    assert components["vae_decoder"]["dtype"] == "fp32"
+    assert components["vae_decoder"]["inputs"][0]["dtype"] == "float32"
+
+
+def test_manifest_matches_schema_and_files(tiny32, tiny16, sd2_case):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = load_schema()
+    for folder in (tiny32, tiny16, sd2_case[2]):
+        manifest = read_manifest(folder)
+        jsonschema.validate(manifest.data, schema)
+        for entry in manifest.components.values():
+            for file in entry["files"]:
+                path = folder / file["path"]
+                assert path.stat().st_size == file["bytes"]
+                assert sha256_file(path) == file["sha256"]
+        manifest.verify()
+
+
+def test_folder_layout(tiny32):
+    for path in [
+        "sdexport.json", "model_index.json", "tokenizer/tokenizer.json", "tokenizer/vocab.json",
+        "tokenizer/merges.txt", "scheduler/scheduler_config.json", "unet/config.json",
+        "text_encoder/config.json", "vae_decoder/config.json", "vae_encoder/config.json",
+    ]:
+        assert (tiny32 / path).is_file(), path
+    tokenizer = json.loads((tiny32 / "tokenizer" / "tokenizer.json").read_text())
+    assert tokenizer["padding"]["pad_id"] == 49407 and tokenizer["padding"]["strategy"] == {"Fixed": 77}
+    assert not list(tiny32.parent.glob(".tiny32.tmp-*"))
+
+
+def test_static_export_records_and_runs_its_shapes(tmp_path):
+    from sdexport import convert
+
+    out = convert("tiny-sd", tmp_path / "static", static=True, batch_size=1, height=96, width=64, log=lambda s: None)
+    manifest = read_manifest(out)
+    assert manifest.static == {"batch_size": 1, "height": 96, "width": 64}
+    unet_inputs = {i["name"]: i["shape"] for i in manifest.components["unet"]["inputs"]}
+    assert unet_inputs["sample"] == [2, 4, 12, 8]  # guidance doubles the U-Net batch
+    assert manifest.components["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 96, 64]
+    model = onnx.load(str(out / "unet" / "model.onnx"))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 4, 12, 8]
+
+
+def test_cpu_target_is_optimized_and_runs(tiny_pipe, tmp_path):
+    from sdexport import convert
+
+    out = convert("tiny-sd", tmp_path / "cpu", target="cpu", components=["unet"], log=lambda s: None)
+    assert read_manifest(out).target == "cpu"
+    expected, got = run_both(tiny_pipe, out, "unet", 2, latent_sizes(tiny_pipe)[0])
+    assert np.max(np.abs(expected[0] - got[0])) <= 1e-4
