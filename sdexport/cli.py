@@ -8,6 +8,8 @@ import warnings
 
 import click
 from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, ExportError
+from sdruntime.pipeline import GenerationError
+from sdruntime.session import ProviderError
 
 from .errors import SdexportError, ValidationFailed
 
@@ -68,12 +70,18 @@ def inspect_cmd(folder, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+from sdruntime.cli import generate, interpolate
+
+cli.add_command(generate)
+cli.add_command(interpolate)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line and exit 2; failed checks exit 1."""
     warnings.filterwarnings("ignore")
     try:
         cli.main(args=argv, prog_name="sdexport", standalone_mode=False)
-    except (SdexportError, ExportError) as e:
+    except (SdexportError, ExportError, ProviderError, GenerationError, ValueError) as e:
         click.echo(f"sdexport: error: {e}", err=True)
         return 2
     except click.exceptions.UsageError as e:

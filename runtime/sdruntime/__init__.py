@@ -1,3 +1,21 @@
-"""Torch-free Stable Diffusion runtime for folders written by `sdexport convert`."""
+"""Torch-free Stable Diffusion runtime for folders written by `sdexport convert`.
+
+    from sdruntime import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.load("OUT", provider="cpu")
+    pipe("a red circle on a blue background", seed=0).images[0].save("circle.png")
+"""
 
 __version__ = "0.1.0"
+__all__ = ["GenerationResult", "SessionSettings", "StableDiffusionPipeline", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("StableDiffusionPipeline", "GenerationResult"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name == "SessionSettings":
+        from .session import SessionSettings
+
+        return SessionSettings
+    raise AttributeError(name)

@@ -206,8 +206,13 @@ class StableDiffusionPipeline:
         image: str | Path | Image.Image | None = None,
         strength: float = 0.8,
         progress: bool = False,
+        prompt_embeds: np.ndarray | None = None,
     ) -> GenerationResult:
-        """Draw images; arguments mean what they mean in diffusers' pipelines."""
+        """Draw images; arguments mean what they mean in diffusers' pipelines.
+
+        `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
+        the prompts (the negative prompts are still encoded), as in diffusers.
+        """
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -240,7 +245,13 @@ class StableDiffusionPipeline:
         sched.set_timesteps(num_inference_steps)
         guided = guidance_scale > 1.0
         negatives = (negatives or [""] * len(prompts)) if guided else None
-        embeddings = self.encode_prompt(prompts, negatives, num_images)
+        if prompt_embeds is None:
+            embeddings = self.encode_prompt(prompts, negatives, num_images)
+        else:
+            embeddings = np.repeat(np.asarray(prompt_embeds, np.float32), num_images, axis=0)
+            if negatives is not None:
+                uncond = self.encode_prompt(negatives, None, num_images)
+                embeddings = np.concatenate([uncond, embeddings])
 
         factor = facts["vae_scale_factor"]
         shape = (batch, facts["latent_channels"], height // factor, width // factor)

@@ -1,0 +1,75 @@
+"""Walks between prompts: spherical interpolation of the starting noise, linear of the text embeddings.
+
+Pairwise (A to B in N frames) and bilinear (a grid whose four corners are four prompts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .noise import TorchGenerator
+
+
+def slerp(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 0.9995) -> np.ndarray:
+    """Spherical interpolation of two noise tensors; linear when they are almost parallel."""
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    cos = float(np.dot(a64, b64) / (np.linalg.norm(a64) * np.linalg.norm(b64)))
+    if abs(cos) > dot_threshold:
+        out = (1 - t) * a64 + t * b64
+    else:
+        theta = np.arccos(cos)
+        out = (np.sin((1 - t) * theta) * a64 + np.sin(t * theta) * b64) / np.sin(theta)
+    return out.reshape(a.shape).astype(np.float32)
+
+
+def _noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
+    facts = pipe.manifest.pipeline
+    f = facts["vae_scale_factor"]
+    return TorchGenerator(seed).randn((1, facts["latent_channels"], height // f, width // f))
+
+
+def _cond(pipe, prompt: str) -> np.ndarray:
+    return pipe.encode_prompt([prompt], None, 1)
+
+
+def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, **kwargs) -> Image.Image:
+    """One image from given starting noise and prompt embeddings (noise is scaled by init_noise_sigma inside)."""
+    return pipe(label, latents=noise, prompt_embeds=embeds, num_images=1, **kwargs).images[0]
+
+
+def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, height: int | None = None,
+             width: int | None = None, **kwargs) -> list[Image.Image]:
+    """N frames from A to B; noise from `seed` (A) and `seed + 1` (B)."""
+    height = height or pipe.manifest.pipeline["default_height"]
+    width = width or pipe.manifest.pipeline["default_width"]
+    noise_a, noise_b = _noise(pipe, seed, height, width), _noise(pipe, seed + 1, height, width)
+    cond_a, cond_b = _cond(pipe, prompt_a), _cond(pipe, prompt_b)
+    images = []
+    for t in np.linspace(0.0, 1.0, frames):
+        embeds = (1 - t) * cond_a + t * cond_b
+        label = f"{prompt_a} -> {prompt_b} ({t:.2f})"
+        images.append(_frame(pipe, slerp(t, noise_a, noise_b), embeds, label, height=height, width=width, **kwargs))
+    return images
+
+
+def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | None = None,
+             width: int | None = None, **kwargs) -> list[Image.Image]:
+    """A size x size grid, row by row; corners are top-left, top-right, bottom-left, bottom-right.
+
+    Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns.
+    """
+    height = height or pipe.manifest.pipeline["default_height"]
+    width = width or pipe.manifest.pipeline["default_width"]
+    noises = [_noise(pipe, seed + k, height, width) for k in range(4)]
+    conds = [_cond(pipe, p) for p in corners]
+    images = []
+    for v in np.linspace(0.0, 1.0, size):
+        for u in np.linspace(0.0, 1.0, size):
+            top, bottom = slerp(u, noises[0], noises[1]), slerp(u, noises[2], noises[3])
+            noise = slerp(v, top, bottom)
+            embeds = ((1 - u) * (1 - v) * conds[0] + u * (1 - v) * conds[1]
+                      + (1 - u) * v * conds[2] + u * v * conds[3])
+            label = f"bilinear({u:.2f}, {v:.2f}) of {' | '.join(corners)}"
+            images.append(_frame(pipe, noise, embeds, label, height=height, width=width, **kwargs))
+    return images
