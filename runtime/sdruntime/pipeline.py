@@ -235,8 +235,9 @@ class StableDiffusionPipeline:
         batch = len(prompts) * num_images
         if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
             height, width = self._init_image_size(image)
-        height = height or (self.manifest.static or {}).get("height") or facts["default_height"]
-        width = width or (self.manifest.static or {}).get("width") or facts["default_width"]
+        size = self.manifest.static or {"height": facts["default_height"], "width": facts["default_width"]}
+        height = size["height"] if height is None else height
+        width = size["width"] if width is None else width
         self.check_size(height, width)
 
         seeds = self._seeds(seed, batch)

@@ -1,0 +1,94 @@
+"""Sessions: providers per target, the external-data guard and the sha256 cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from sdruntime.manifest import ExportError, HashCache
+from sdruntime.onnx_proto import external_data_locations
+from sdruntime.session import ProviderError, check_external_data, resolve_providers
+
+
+def tiny_model_with_external_data(folder: Path, location: str) -> Path:
+    """y = x + w with w stored as external data at `location` (relative to the model's folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weight = numpy_helper.from_array(np.arange(1024, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])], [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx_data", size_threshold=0)
+    if location != "model.onnx_data":
+        model = onnx.load(str(path), load_external_data=False)
+        for entry in model.graph.initializer[0].external_data:
+            if entry.key == "location":
+                entry.value = location
+        onnx.save_model(model, str(path))
+    return path
+
+
+def test_external_data_inside_the_folder_is_accepted(tmp_path):
+    path = tiny_model_with_external_data(tmp_path / "m", "model.onnx_data")
+    assert external_data_locations(path) == {"model.onnx_data"}
+    check_external_data(path)
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_external_data_outside_the_folder_is_refused(tmp_path, location):
+    path = tiny_model_with_external_data(tmp_path / "m", location)
+    with pytest.raises(ExportError, match="outside its folder") as err:
+        check_external_data(path)
+    assert "\n" not in str(err.value)
+
+
+def test_exported_models_have_no_external_data(tiny32):
+    assert external_data_locations(tiny32 / "unet" / "model.onnx") == set()
+
+
+def test_providers_by_name_and_list():
+    assert resolve_providers("cpu", "generic") == ["CPUExecutionProvider"]
+    assert resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "generic") == ["CPUExecutionProvider"]
+    with pytest.raises(ProviderError, match="not installed: this onnxruntime offers"):
+        resolve_providers("tensorrt", "generic")
+
+
+def test_cuda_target_refused_on_cpu():
+    with pytest.raises(ProviderError, match="targets 'cuda' and cannot run on CPUExecutionProvider"):
+        resolve_providers("cpu", "cuda")
+    with pytest.raises(ProviderError, match="can run this 'cuda' export"):
+        resolve_providers(["CPUExecutionProvider"], "cuda")
+
+
+def test_hash_cache_skips_unchanged_files(tmp_path):
+    cache_file = tmp_path / "cache.json"
+    data = tmp_path / "blob.bin"
+    data.write_bytes(b"a" * 1000)
+    first = HashCache(cache_file).sha256(data)
+    cached = json.loads(cache_file.read_text())
+    key = str(data.resolve())
+    cached[key][2] = "f" * 64  # a planted value proves the second call read the cache
+    cache_file.write_text(json.dumps(cached))
+    assert HashCache(cache_file).sha256(data) == "f" * 64
+    data.write_bytes(b"b" * 1001)  # size changes: hashed again
+    assert HashCache(cache_file).sha256(data) not in (first, "f" * 64)
+
+
+def test_load_without_verify_skips_hashing(tiny32, tmp_path):
+    from sdruntime import StableDiffusionPipeline
+
+    copy = Path(shutil.copytree(tiny32, tmp_path / "e"))
+    manifest = json.loads((copy / "sdexport.json").read_text())
+    manifest["components"]["unet"]["files"][0]["sha256"] = "0" * 64
+    (copy / "sdexport.json").write_text(json.dumps(manifest))
+    with pytest.raises(ExportError, match="does not match the sha256"):
+        StableDiffusionPipeline.load(copy)
+    StableDiffusionPipeline.load(copy, verify=False)
