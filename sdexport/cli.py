@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import click
+from sdruntime.cli import generate, interpolate  # the same commands as `sdruntime`
 from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, ExportError
 from sdruntime.pipeline import GenerationError
 from sdruntime.session import ProviderError
@@ -70,7 +71,6 @@ def inspect_cmd(folder, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
-from sdruntime.cli import generate, interpolate
 
 cli.add_command(generate)
 cli.add_command(interpolate)

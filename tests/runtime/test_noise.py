@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sdruntime.noise import TorchGenerator, make_generator, randn_tensor
+from sdruntime.noise import TorchGenerator, make_generator, randn_tensor  # noqa: E402
 
 ATOL = 1e-6
 SEEDS = [0, 1, 42, 2**31 + 5, 2**32 - 1]

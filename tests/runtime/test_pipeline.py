@@ -62,7 +62,7 @@ def init_image() -> Image.Image:
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULER_CLASSES))
 def test_text_to_image_matches_diffusers(tiny_pipe, tiny32, ours, scheduler):
-    args = dict(num_inference_steps=10, guidance_scale=7.5)
+    args = {"num_inference_steps": 10, "guidance_scale": 7.5}
     theirs = reference(tiny_pipe, tiny32, scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
                        generator=torch.Generator("cpu").manual_seed(11), **args)
     mine = ours(PROMPT, negative_prompt=NEGATIVE, seed=11, scheduler=scheduler, **args)
@@ -71,7 +71,7 @@ def test_text_to_image_matches_diffusers(tiny_pipe, tiny32, ours, scheduler):
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULER_CLASSES))
 def test_image_to_image_matches_diffusers(tiny_pipe, tiny32, ours, init_image, scheduler):
-    args = dict(num_inference_steps=10, guidance_scale=7.5, strength=0.6)
+    args = {"num_inference_steps": 10, "guidance_scale": 7.5, "strength": 0.6}
     theirs = reference(tiny_pipe, tiny32, scheduler, img2img=True, prompt=PROMPT, image=init_image,
                        generator=torch.Generator("cpu").manual_seed(5), **args)
     mine = ours(PROMPT, image=init_image, seed=5, scheduler=scheduler, **args)
