@@ -1,0 +1,117 @@
+"""NumPy ports of the diffusers schedulers the runtime offers, chosen by name.
+
+Each scheduler is built from the contents of an exported ``scheduler_config.json`` (written by any diffusers
+scheduler class) exactly as ``XScheduler.from_config(config)`` would read it, and produces the same timesteps
+and samples as diffusers to float32 rounding. A denoising loop uses them as the diffusers pipelines do::
+
+    scheduler = make_scheduler("euler", config)
+    scheduler.set_timesteps(steps)
+    latents = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = unet(scheduler.scale_model_input(latents, t), t)
+        latents = scheduler.step(eps, t, latents, generator=generator)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from .ddim import DDIMScheduler
+from .dpm_solver import DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .lcm import LCMScheduler
+from .lms import LMSDiscreteScheduler
+from .pndm import PNDMScheduler
+
+
+class Scheduler(Protocol):
+    """What the pipeline relies on; mirrors the diffusers scheduler API it uses."""
+
+    order: int
+    init_noise_sigma: float
+    timesteps: np.ndarray  # set by set_timesteps, the same values as diffusers' scheduler.timesteps
+
+    def __init__(self, config: Mapping[str, Any]) -> None: ...
+
+    def set_timesteps(self, num_inference_steps: int) -> None: ...
+
+    def set_begin_index(self, begin_index: int = 0) -> None: ...
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray: ...
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        noise: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        """One denoising step; returns the previous (less noisy) sample as float32. Schedulers that add
+        noise use `noise` if given, else draw it from `generator`; `eta` only matters for ddim."""
+        ...
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray: ...
+
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpm++2m": DPMSolverMultistepScheduler,
+    "dpm++2m-karras": DPMSolverMultistepKarrasScheduler,
+    "lms": LMSDiscreteScheduler,
+    "lcm": LCMScheduler,
+}
+
+_NAME_FOR_CLASS = {
+    "PNDMScheduler": "pndm",
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler-a",
+    "DPMSolverMultistepScheduler": "dpm++2m",
+    "LMSDiscreteScheduler": "lms",
+    "LCMScheduler": "lcm",
+}
+
+
+def scheduler_name_for_class(class_name: str, config: Mapping[str, Any] | None = None) -> str | None:
+    """Our name for a diffusers scheduler `_class_name`, or None when we have no port of it.
+
+    A DPMSolverMultistepScheduler config with `use_karras_sigmas` true maps to "dpm++2m-karras".
+    """
+    name = _NAME_FOR_CLASS.get(class_name)
+    if name == "dpm++2m" and config is not None and config.get("use_karras_sigmas"):
+        return "dpm++2m-karras"
+    return name
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
+    """Build scheduler `name` from a scheduler config dict (any diffusers scheduler's)."""
+    try:
+        cls = SCHEDULERS[name]
+    except KeyError:
+        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    return cls(config)
+
+
+__all__ = [
+    "SCHEDULERS",
+    "DDIMScheduler",
+    "DPMSolverMultistepKarrasScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "LCMScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "Scheduler",
+    "make_scheduler",
+    "scheduler_name_for_class",
+]

@@ -1,0 +1,102 @@
+"""DDIM matching diffusers' `DDIMScheduler`, including eta > 0, clipping, dynamic thresholding and zero
+terminal SNR; it differs in not offering `use_clipped_model_output` (the Stable Diffusion pipelines never
+pass it) and in having a set_begin_index, which does nothing as DDIM keeps no step index.
+
+Denoising diffusion implicit models, arXiv:2010.02502, eq. (12).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._common import (
+    BETA_DEFAULTS,
+    DiscreteScheduler,
+    as_f32,
+    check_choice,
+    check_num_steps,
+    draw_noise,
+    spaced_timesteps,
+    threshold_sample,
+)
+
+
+def predict_x0_eps(
+    prediction_type: str, model_output: np.ndarray, sample: np.ndarray, alpha_prod_t: np.floating
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted x_0, predicted noise) from a model output of the given prediction type."""
+    a, b = alpha_prod_t**0.5, (1 - alpha_prod_t) ** 0.5
+    if prediction_type == "epsilon":
+        return (sample - b * model_output) / a, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / b
+    if prediction_type == "v_prediction":
+        return a * sample - b * model_output, a * model_output + b * sample
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, sample or v_prediction")
+
+
+class DDIMScheduler(DiscreteScheduler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **BETA_DEFAULTS,
+        "clip_sample": True,
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+        "prediction_type": "epsilon",
+        "thresholding": False,
+        "dynamic_thresholding_ratio": 0.995,
+        "clip_sample_range": 1.0,
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+        "rescale_betas_zero_snr": False,
+    }
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        check_choice(self.config, "prediction_type", ("epsilon", "sample", "v_prediction"), "ddim")
+        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self._reset(num_inference_steps)
+        self.timesteps = spaced_timesteps(
+            cfg["timestep_spacing"],
+            num_inference_steps,
+            self.num_train_timesteps,
+            cfg["steps_offset"],
+            round_linspace=True,
+        ).astype(np.int64)
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        noise: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        self._require_timesteps()
+        cfg = self.config
+        model_output, sample = as_f32(model_output), as_f32(sample)
+        t = int(timestep)
+        t_prev = t - self.num_train_timesteps // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
+
+        x0, eps = predict_x0_eps(cfg["prediction_type"], model_output, sample, a_t)
+        if cfg["thresholding"]:
+            x0 = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
+        elif cfg["clip_sample"]:
+            x0 = np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+
+        # sigma_t of eq. (16): eta = 0 is deterministic DDIM, eta = 1 is DDPM's posterior variance.
+        variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
+        std_dev = eta * variance**0.5
+        prev_sample = a_prev**0.5 * x0 + (1 - a_prev - std_dev**2) ** 0.5 * eps
+        if eta > 0:
+            prev_sample = prev_sample + std_dev * draw_noise(noise, model_output.shape, generator)
+        return prev_sample.astype(np.float32, copy=False)

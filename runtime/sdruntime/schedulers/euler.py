@@ -1,0 +1,110 @@
+"""Euler matching diffusers' `EulerDiscreteScheduler` (karras/exponential/beta sigmas, linear and log_linear
+interpolation, both final_sigmas_type and timestep_type values); it differs only in offering no `s_churn`
+(the Stable Diffusion pipelines leave it 0, which never draws noise).
+
+Algorithm 2 of Karras et al., arXiv:2206.00364, with the churn switched off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._common import (
+    BETA_DEFAULTS,
+    SigmaScheduler,
+    as_f32,
+    check_choice,
+    check_num_steps,
+    convert_sigmas,
+    sigma_kind,
+    sigma_to_t,
+    sigmas_of,
+    spaced_timesteps,
+)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
+
+
+def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.floating) -> np.ndarray:
+    """Denoised sample from a model output, for the sigma (VE) parameterisation x_t = x_0 + sigma eps."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    if prediction_type in ("sample", "original_sample"):
+        return model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
+
+
+class EulerDiscreteScheduler(SigmaScheduler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **BETA_DEFAULTS,
+        "prediction_type": "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
+        "timestep_spacing": "linspace",
+        "timestep_type": "discrete",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+        "final_sigmas_type": "zero",
+    }
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        check_choice(self.config, "prediction_type", PREDICTION_TYPES, "euler")
+        check_choice(self.config, "interpolation_type", ("linear", "log_linear"), "euler")
+        check_choice(self.config, "final_sigmas_type", ("zero", "sigma_min"), "euler")
+        self.sigma_kind = sigma_kind(self.config)
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self._reset(num_inference_steps)
+        timesteps = spaced_timesteps(
+            cfg["timestep_spacing"],
+            num_inference_steps,
+            self.num_train_timesteps,
+            cfg["steps_offset"],
+            round_linspace=False,
+        ).astype(np.float32)
+        train_sigmas = sigmas_of(self.alphas_cumprod)
+        log_sigmas = np.log(train_sigmas)
+        if cfg["interpolation_type"] == "linear":
+            sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        else:  # log_linear, as diffusers: num_inference_steps + 1 log-spaced sigmas, then the final one
+            sigmas = np.exp(np.linspace(log_sigmas[-1], log_sigmas[0], num_inference_steps + 1).astype(np.float32))
+        if self.sigma_kind is not None:
+            sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])
+            sigma_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else float(sigmas[0])
+            sigmas = convert_sigmas(self.sigma_kind, sigma_min, sigma_max, num_inference_steps)
+            timesteps = sigma_to_t(sigmas, log_sigmas)
+        final_sigma = 0.0 if cfg["final_sigmas_type"] == "zero" else train_sigmas[0]
+        self.sigmas = np.append(sigmas, final_sigma).astype(np.float32)
+        if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
+            self.timesteps = (0.25 * np.log(self.sigmas[:-1])).astype(np.float32)
+        else:
+            self.timesteps = timesteps.astype(np.float32)
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        noise: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        model_output, sample = as_f32(model_output), as_f32(sample)
+        i = self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
+        derivative = (sample - x0) / sigma
+        self._step_index += 1
+        return sample + derivative * (sigma_next - sigma)

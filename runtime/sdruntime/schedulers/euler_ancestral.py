@@ -1,0 +1,79 @@
+"""Euler ancestral matching diffusers' `EulerAncestralDiscreteScheduler` in all its options; it differs only
+in rejecting the unsupported `sample` prediction type when built, where diffusers fails at the first step.
+
+Each step takes an Euler step down to sigma_down, then adds fresh noise of std sigma_up, with
+sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's `sample_euler_ancestral` with eta = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ._common import (
+    BETA_DEFAULTS,
+    SigmaScheduler,
+    as_f32,
+    check_choice,
+    check_num_steps,
+    draw_noise,
+    sigmas_of,
+    spaced_timesteps,
+)
+from .euler import predict_x0
+
+
+def ancestral_sigmas(sigma_from: np.floating, sigma_to: np.floating) -> tuple[np.floating, np.floating]:
+    """(sigma_down, sigma_up): the deterministic target and the std of the noise re-added."""
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    return (sigma_to**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **BETA_DEFAULTS,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        "rescale_betas_zero_snr": False,
+    }
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        check_choice(self.config, "prediction_type", ("epsilon", "v_prediction"), "euler-a")
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self._reset(num_inference_steps)
+        timesteps = spaced_timesteps(
+            cfg["timestep_spacing"],
+            num_inference_steps,
+            self.num_train_timesteps,
+            cfg["steps_offset"],
+            round_linspace=False,
+        ).astype(np.float32)
+        train_sigmas = sigmas_of(self.alphas_cumprod)
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
+        self.timesteps = timesteps
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        noise: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        model_output, sample = as_f32(model_output), as_f32(sample)
+        i = self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
+        prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        self._step_index += 1
+        return prev_sample + draw_noise(noise, model_output.shape, generator) * sigma_up

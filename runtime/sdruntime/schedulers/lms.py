@@ -1,0 +1,109 @@
+"""LMS matching diffusers' `LMSDiscreteScheduler` (step's `order` fixed at diffusers' default 4); where
+diffusers integrates the Lagrange basis polynomials numerically (scipy.integrate.quad) this integrates them
+exactly with numpy.polynomial, which agrees to rounding error.
+
+Linear multistep in sigma space of up to 4th order (k-diffusion's `sample_lms`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.polynomial import Polynomial
+
+from ._common import (
+    BETA_DEFAULTS,
+    SigmaScheduler,
+    as_f32,
+    check_choice,
+    check_num_steps,
+    convert_sigmas,
+    sigma_kind,
+    sigma_to_t,
+    sigmas_of,
+    spaced_timesteps,
+)
+from .euler import predict_x0
+
+
+def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
+    """Integral over [sigmas[i], sigmas[i + 1]] of the Lagrange basis polynomial that is 1 at sigmas[i - j]
+    and 0 at the other sigmas[i - k], k < order."""
+    basis = Polynomial([1.0])
+    s_j = float(sigmas[i - j])
+    for k in range(order):
+        if k != j:
+            s_k = float(sigmas[i - k])
+            basis = basis * Polynomial([-s_k, 1.0]) / (s_j - s_k)
+    antiderivative = basis.integ()
+    return float(antiderivative(float(sigmas[i + 1])) - antiderivative(float(sigmas[i])))
+
+
+class LMSDiscreteScheduler(SigmaScheduler):
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        **BETA_DEFAULTS,
+        "use_karras_sigmas": False,
+        "use_exponential_sigmas": False,
+        "use_beta_sigmas": False,
+        "prediction_type": "epsilon",
+        "timestep_spacing": "linspace",
+        "steps_offset": 0,
+        # Not LMS arguments, but diffusers' exponential/beta sigmas read them when the config carries them.
+        "sigma_min": None,
+        "sigma_max": None,
+    }
+    max_order = 4  # diffusers' `step(order=4)` default, which the pipelines use
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        check_choice(self.config, "prediction_type", ("epsilon", "v_prediction", "sample"), "lms")
+        self.sigma_kind = sigma_kind(self.config)
+        self.derivatives: list[np.ndarray] = []
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        cfg = self.config
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self._reset(num_inference_steps)
+        timesteps = spaced_timesteps(
+            cfg["timestep_spacing"],
+            num_inference_steps,
+            self.num_train_timesteps,
+            cfg["steps_offset"],
+            round_linspace=False,
+        ).astype(np.float32)
+        train_sigmas = sigmas_of(self.alphas_cumprod)
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        if self.sigma_kind is not None:
+            sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
+            if self.sigma_kind != "karras":  # diffusers' LMS karras ignores the config's sigma_min/max
+                sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else sigma_min
+                sigma_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else sigma_max
+            sigmas = convert_sigmas(self.sigma_kind, sigma_min, sigma_max, num_inference_steps)
+            timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
+        self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+        self.derivatives = []
+
+    def step(
+        self,
+        model_output: np.ndarray,
+        timestep: Any,
+        sample: np.ndarray,
+        generator: Any = None,
+        noise: np.ndarray | None = None,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        model_output, sample = as_f32(model_output), as_f32(sample)
+        i = self._init_step_index(timestep)
+        sigma = self.sigmas[i]
+        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
+        self.derivatives = [*self.derivatives[-(self.max_order - 1) :], (sample - x0) / sigma]
+        # Order follows the step index, as in diffusers; after set_begin_index > 0 the first steps
+        # then use the leading coefficients of a higher order formula.
+        order = min(i + 1, self.max_order)
+        coeffs = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]
+        prev_sample = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
+        self._step_index += 1
+        return prev_sample.astype(np.float32, copy=False)
