@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
-from sdruntime.manifest import COMPONENT_IO, DYNAMIC_AXES
+from sdruntime.manifest import DYNAMIC_AXES, component_io
 
 ATTENTION_FORMS = ("sdpa", "plain")
 
@@ -14,8 +15,8 @@ class TextEncoder(torch.nn.Module):
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
 
 
 class UNet(torch.nn.Module):
@@ -108,9 +109,28 @@ def static_dims(component: str, batch_size: int, height: int, width: int, factor
     }
 
 
-def dynamic_axes(component: str, fixed: dict[str, int]) -> dict[str, dict[int, str]]:
+def num_hidden_states(pipe) -> int:
+    """The text encoder's hidden states: the embeddings and one per layer (what clip_skip indexes)."""
+    return pipe.text_encoder.config.num_hidden_layers + 1
+
+
+def final_layer_norm(pipe) -> dict:
+    """CLIP's final LayerNorm, which diffusers applies to the hidden state clip_skip picks."""
+    norm = pipe.text_encoder.text_model.final_layer_norm
+    return {
+        "weight": norm.weight.detach().float().numpy(),
+        "bias": norm.bias.detach().float().numpy(),
+        "eps": np.float32(norm.eps),
+    }
+
+
+def io_of(component: str, pipe):
+    return component_io(component, num_hidden_states(pipe))
+
+
+def dynamic_axes(component: str, fixed: dict[str, int], pipe) -> dict[str, dict[int, str]]:
     """torch.onnx.export's dynamic_axes for the axes the export leaves symbolic."""
-    io = COMPONENT_IO[component]
+    io = io_of(component, pipe)
     axes = {}
     for spec in io.inputs + io.outputs:
         named = {i: a for i, a in enumerate(spec.shape) if a in DYNAMIC_AXES and a not in fixed}

@@ -10,7 +10,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdruntime.manifest import COMPONENTS, DTYPES, FORMAT_VERSION, TARGETS, describe_io, file_entry, write_manifest
+import numpy as np
+from sdruntime.manifest import (
+    COMPONENTS,
+    DTYPES,
+    FINAL_LAYER_NORM,
+    FORMAT_VERSION,
+    TARGETS,
+    describe_io,
+    file_entry,
+    write_manifest,
+)
 
 from .errors import SdexportError
 
@@ -72,7 +82,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def pipeline_facts(pipe, family: str) -> dict:
-    from .components import vae_scale_factor
+    from .components import num_hidden_states, vae_scale_factor
 
     factor = vae_scale_factor(pipe)
     tokenizer = pipe.tokenizer
@@ -88,6 +98,7 @@ def pipeline_facts(pipe, family: str) -> dict:
         "pad_token_id": int(tokenizer.pad_token_id),
         "scheduler_class": pipe.scheduler.__class__.__name__,
         "upcast_attention": bool(pipe.unet.config.get("upcast_attention", False)),
+        "num_hidden_states": num_hidden_states(pipe),
     }
 
 
@@ -197,7 +208,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
-    from .components import model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
+    from .components import final_layer_norm, model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
     from .export import compare_with_torch, export_fp32, save_model
     from .optimize import optimize_for_target
     from .precision import fp32_nodes, to_fp16
@@ -249,8 +260,11 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
             "attention": attention,
             "fp32_nodes": kept,
             "export_max_abs_diff": check["max_abs_diff"] if check else None,
-            **describe_io(component, dtype, dims),
+            **describe_io(component, dtype, dims, facts["num_hidden_states"]),
         }
+        if component == "text_encoder":
+            np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
+            entry["files"].append(file_entry(tmp, FINAL_LAYER_NORM))
         components[component] = entry
         size = sum(f["bytes"] for f in entry["files"]) / 1e6
         detail = ""

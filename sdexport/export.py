@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from sdruntime.manifest import COMPONENT_IO
 
-from .components import dynamic_axes, example_inputs, wrap
+from .components import dynamic_axes, example_inputs, io_of, wrap
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -21,7 +20,7 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
     """Trace one component to an fp32 ONNX model held in memory (external data loaded)."""
     module = wrap(component, pipe)
     inputs = example_inputs(component, pipe, batch, *latent_size)
-    io = COMPONENT_IO[component]
+    io = io_of(component, pipe)
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
         path = Path(tmp) / "model.onnx"
         with torch.no_grad(), warnings.catch_warnings():
@@ -33,7 +32,7 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
                 str(path),
                 input_names=[s.name for s in io.inputs],
                 output_names=[s.name for s in io.outputs],
-                dynamic_axes=dynamic_axes(component, fixed),
+                dynamic_axes=dynamic_axes(component, fixed, pipe),
                 opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
@@ -70,6 +69,7 @@ def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndar
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # optimized when exported
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     feed = {}
     for spec in session.get_inputs():

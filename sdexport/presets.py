@@ -42,21 +42,22 @@ def build_from_recipe(folder: Path):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     recipe = json.loads((folder / "recipe.json").read_text())
+    configs = recipe_configs(folder, recipe)
     tokenizer_dir = (folder / recipe["tokenizer"]).resolve()
     # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
     pad = {"pad_token": "!"} if recipe.get("family", "sd1") == "sd2" else {}
     tokenizer = CLIPTokenizer(
         str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-        model_max_length=recipe["text_encoder"]["max_position_embeddings"], **pad,
+        model_max_length=configs["text_encoder"]["max_position_embeddings"], **pad,
     )
     seed = int(recipe.get("seed", 0))
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**recipe["unet"])
+    unet = UNet2DConditionModel.from_config(configs["unet"])
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**recipe["vae"])
+    vae = AutoencoderKL.from_config(configs["vae"])
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**recipe["text_encoder"]))
-    scheduler_config = dict(recipe["scheduler"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+    scheduler_config = dict(configs["scheduler"])
     scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name"))
     scheduler = scheduler_cls.from_config(scheduler_config)
     pipe = StableDiffusionPipeline(
@@ -64,6 +65,16 @@ def build_from_recipe(folder: Path):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     return pipe
+
+
+def recipe_configs(folder: Path, recipe: dict) -> dict[str, dict]:
+    """Component configs: inline in the recipe, or read from a diffusers config folder ("configs")."""
+    if "configs" not in recipe:
+        return {k: recipe[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
+    root = (folder / recipe["configs"]).resolve()
+    files = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+             "scheduler": "scheduler/scheduler_config.json"}
+    return {k: json.loads((root / f).read_text()) for k, f in files.items()}
 
 
 def resolve_preset(name: str) -> Path:

@@ -89,9 +89,23 @@ def resolve_shape(shape: tuple[str, ...], dims: dict[str, int]) -> list[int | st
     return [dims.get(axis, axis) for axis in shape]
 
 
-def describe_io(component: str, export_dtype: str, dims: dict[str, int]) -> dict[str, list[dict]]:
-    """The manifest's `inputs` and `outputs` entries of one component."""
+FINAL_LAYER_NORM = "text_encoder/final_layer_norm.npz"
+
+
+def component_io(component: str, num_hidden_states: int = 0) -> ComponentIO:
+    """The IO table's entry; the text encoder also outputs `hidden_states.{i}` (optimum's names)
+    for i < num_hidden_states: the embeddings and each layer's output, for clip_skip."""
     io = COMPONENT_IO[component]
+    if component != "text_encoder" or not num_hidden_states:
+        return io
+    shape = ("batch", "max_length", "text_hidden_size")
+    hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
+    return ComponentIO(io.inputs, io.outputs + hidden)
+
+
+def describe_io(component: str, export_dtype: str, dims: dict[str, int], num_hidden_states: int = 0) -> dict[str, list[dict]]:
+    """The manifest's `inputs` and `outputs` entries of one component."""
+    io = component_io(component, num_hidden_states)
 
     def entry(spec: TensorSpec) -> dict:
         return {

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .image import load_init_image, parameters_text, save_png, to_pil
-from .manifest import ExportError, HashCache, read_manifest
+from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
 from .schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class
 from .session import Component, SessionSettings, resolve_providers
@@ -106,14 +106,34 @@ class StableDiffusionPipeline:
 
     # -- the steps of a generation -----------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], negative: list[str] | None, num_images: int) -> np.ndarray:
-        """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times."""
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None, num_images: int,
+                      clip_skip: int | None = None) -> np.ndarray:
+        """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times.
+
+        With clip_skip, the prompts' embeddings (not the negative prompts', as in diffusers) are the
+        final LayerNorm of the hidden state clip_skip layers before the last.
+        """
         ids = self.tokenizer(prompts if negative is None else negative + prompts)
-        embeddings = self.component("text_encoder")(input_ids=ids)["last_hidden_state"]
+        outputs = self.component("text_encoder")(input_ids=ids)
+        embeddings = outputs["last_hidden_state"]
+        if clip_skip:
+            embeddings[-len(prompts) :] = self.skipped_hidden_state(outputs, clip_skip)[-len(prompts) :]
         if negative is None:
             return np.repeat(embeddings, num_images, axis=0)
         uncond, cond = np.split(embeddings, 2)
         return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
+
+    def skipped_hidden_state(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
+        count = int(self.manifest.pipeline.get("num_hidden_states") or 0)
+        if not count:
+            raise GenerationError("clip_skip needs the text encoder's hidden states, which this export lacks: re-export it")
+        if not 1 <= clip_skip < count:
+            raise GenerationError(f"clip_skip must be between 1 and {count - 1} for this text encoder, got {clip_skip}")
+        hidden = outputs[f"hidden_states.{count - 1 - clip_skip}"]
+        norm = np.load(self.folder / FINAL_LAYER_NORM)
+        mean = hidden.mean(axis=-1, keepdims=True)
+        var = np.square(hidden - mean).mean(axis=-1, keepdims=True)
+        return ((hidden - mean) / np.sqrt(var + norm["eps"]) * norm["weight"] + norm["bias"]).astype(np.float32)
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.manifest.size_multiple
@@ -223,8 +243,6 @@ class StableDiffusionPipeline:
             raise GenerationError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}")
-        if clip_skip:
-            raise GenerationError("clip_skip needs an export with the text encoder's hidden states, which this one lacks")
         if image is not None and not 0.0 < strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {strength}")
         name = scheduler or self.default_scheduler
@@ -247,7 +265,7 @@ class StableDiffusionPipeline:
         guided = guidance_scale > 1.0
         negatives = (negatives or [""] * len(prompts)) if guided else None
         if prompt_embeds is None:
-            embeddings = self.encode_prompt(prompts, negatives, num_images)
+            embeddings = self.encode_prompt(prompts, negatives, num_images, clip_skip)
         else:
             embeddings = np.repeat(np.asarray(prompt_embeds, np.float32), num_images, axis=0)
             if negatives is not None:

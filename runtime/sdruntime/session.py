@@ -87,15 +87,20 @@ def resolve_providers(provider: str | Sequence, target: str) -> list:
     return chosen
 
 
-def session_options(settings: SessionSettings, target: str) -> ort.SessionOptions:
+def default_level(target: str, providers: list) -> str:
+    """Graphs were optimized when exported; on the CPU EP the "all" level only adds load time
+    (27.8 s vs 1.5 s for an SD 1.5 U-Net, same step time), GPU providers gain fusions from it."""
+    first = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+    return "basic" if target == "cpu" or first == "CPUExecutionProvider" else "all"
+
+
+def session_options(settings: SessionSettings, target: str, providers: list) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
     options.log_severity_level = settings.log_severity
-    # graphs of the cpu target were optimized when exported: loading need not pay it again
-    level = settings.optimization or ("basic" if target == "cpu" else "all")
-    options.graph_optimization_level = LEVELS[level]
+    options.graph_optimization_level = LEVELS[settings.optimization or default_level(target, providers)]
     for key, value in settings.extra.items():
         options.add_session_config_entry(key, value)
     return options
@@ -132,7 +137,7 @@ class Component:
         self.vae_scale_factor = int(manifest.pipeline["vae_scale_factor"])
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(settings, manifest.target), providers=providers
+                str(self.path), session_options(settings, manifest.target, providers), providers=providers
             )
         except Exception as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

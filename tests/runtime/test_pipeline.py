@@ -189,3 +189,20 @@ def test_init_image_resized_like_diffusers(init_image):
     big = init_image.resize((80, 48))
     theirs = VaeImageProcessor(vae_scale_factor=8).preprocess(big, height=64, width=64).numpy()
     np.testing.assert_allclose(load_init_image(big, 64, 64), theirs, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers(tiny_pipe, tiny32, ours, clip_skip):
+    theirs = reference(tiny_pipe, tiny32, "euler", prompt=PROMPT, clip_skip=clip_skip, num_inference_steps=6,
+                       generator=torch.Generator("cpu").manual_seed(4))
+    mine = ours(PROMPT, clip_skip=clip_skip, num_inference_steps=6, scheduler="euler", seed=4)
+    plain = ours(PROMPT, num_inference_steps=6, scheduler="euler", seed=4)
+    assert psnr(theirs.images[0], mine.images[0]) >= 45.0
+    assert psnr(plain.images[0], mine.images[0]) < 45.0  # clip_skip changed the picture
+
+
+def test_clip_skip_out_of_range(ours):
+    from sdruntime.pipeline import GenerationError
+
+    with pytest.raises(GenerationError, match="clip_skip must be between 1 and 5"):
+        ours(PROMPT, clip_skip=6, num_inference_steps=1)
