@@ -80,7 +80,7 @@ def main() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             sys.exit(f"{phase} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        results.update(json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:]))
+        results.update(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
     print(json.dumps(results, indent=2))
 
 
