@@ -40,13 +40,19 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
         return onnx.load(str(path), load_external_data=True)
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Whether the model is too big for one protobuf (2 GB); ByteSize() itself fails beyond that."""
+    tensors = sum(t.ByteSize() for t in model.graph.initializer)
+    return tensors + len(model.graph.node) * 512 > PROTOBUF_LIMIT
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
     """Write model.onnx, with every tensor in one model.onnx_data beside it when over 2 GB.
 
     Returns the file names written, relative to the model's folder.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if not is_large(model):
         onnx.save_model(model, str(path))
         return [path.name]
     onnx.save_model(
@@ -64,13 +70,13 @@ def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list
     return [o.detach().float().numpy() for o in out]
 
 
-def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider") -> list[np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # optimized when exported
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_path), options, providers=[provider])
     feed = {}
     for spec in session.get_inputs():
         value = inputs[spec.name]
@@ -78,11 +84,12 @@ def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray]) -> list[np.ndar
     return [o.astype(np.float32) for o in session.run(None, feed)]
 
 
-def compare_with_torch(component: str, pipe, model_path: Path, batch: int, latent_size: tuple[int, int], seed: int = 1) -> dict[str, float]:
-    """Run the same random inputs through PyTorch and ONNX Runtime's CPU EP."""
+def compare_with_torch(component: str, pipe, model_path: Path, batch: int, latent_size: tuple[int, int], seed: int = 1,
+                       provider: str = "CPUExecutionProvider") -> dict[str, float]:
+    """Run the same random inputs through PyTorch and ONNX Runtime."""
     inputs = example_inputs(component, pipe, batch, *latent_size, seed=seed)
     expected = torch_outputs(component, pipe, inputs)
-    got = ort_outputs(model_path, {k: v.numpy() for k, v in inputs.items()})
+    got = ort_outputs(model_path, {k: v.numpy() for k, v in inputs.items()}, provider)
     max_abs = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
     rel_l2 = max(float(np.linalg.norm(e - g) / max(np.linalg.norm(e), 1e-12)) for e, g in zip(expected, got))
     finite = all(np.isfinite(g).all() for g in got)

@@ -11,13 +11,13 @@ STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def op_counts(model_path: Path) -> tuple[Counter, list[str]]:
-    """Op type counts and the sorted non-standard (contrib or fused) op types."""
+    """Op type counts, and each non-standard (contrib or fused) op type with its count."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     counts = Counter(node.op_type for node in model.graph.node)
-    contrib = sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
-    return counts, contrib
+    fused = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS)
+    return counts, [f"{op}:{n}" for op, n in sorted(fused.items())]
 
 
 def inspect_export(folder: str | Path) -> dict:

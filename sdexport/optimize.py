@@ -1,4 +1,12 @@
-"""Per-target graph optimization (DESIGN.md's target table)."""
+"""Per-target graph work after tracing (DESIGN.md's target table), fp16 conversion included.
+
+generic   ORT's basic, provider-independent cleanup; runs on every provider.
+cpu       ORT's extended CPU fusions saved with the graph, so loading does not pay them again.
+cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
+          QKV/KV, BiasAdd) on the fp32 graph, then fp16 with ORT's rules; CUDA EP only.
+tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
+          TensorRT builds fp16 engines itself (trt_fp16_enable).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,57 @@ from pathlib import Path
 
 import onnx
 
+from .export import is_large, save_model
+from .precision import fp32_nodes, to_fp16
 
-def optimize_for_target(model: onnx.ModelProto, target: str) -> onnx.ModelProto:
-    """generic: ORT's basic, provider-independent cleanup (constant folding, redundant nodes);
-    cpu: ORT's extended CPU optimizations, saved with the model so loading need not pay them again.
+OFFLINE_LEVEL = {"generic": "basic", "cpu": "extended", "tensorrt": "basic"}
+# ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
+FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+
+
+def finish_graph(component: str, model: onnx.ModelProto, target: str, fp16: bool,
+                 upcast_attention: bool) -> tuple[onnx.ModelProto, list[str]]:
+    """Fusions, fp16 conversion and offline optimization for one target.
+
+    Returns the graph and the names of the nodes an fp16 graph keeps in fp32.
     """
-    level = {"generic": "basic", "cpu": "extended"}.get(target)
-    return ort_offline_optimize(model, level) if level else model
+    if target == "cuda":
+        model = cuda_fusions(component, model, fp16)
+    kept: list[str] = []
+    if fp16:
+        kept = fp32_nodes(component, model, upcast_attention)
+        model = to_fp16(component, model, kept)
+    if target in OFFLINE_LEVEL:
+        model = ort_offline_optimize(model, OFFLINE_LEVEL[target])
+    if target == "tensorrt":
+        model = infer_shapes(model)
+    return model, kept
+
+
+def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.ModelProto:
+    """ORT's transformer-optimizer fusions for Stable Diffusion, as its optimize_pipeline applies them."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = FUSION_MODEL_TYPE[component]
+    options = FusionOptions(model_type)
+    if model_type == "unet":
+        # packed QKV/KV only pay off (and are only kernels) in fp16
+        options.enable_packed_kv = fp16
+        options.enable_packed_qkv = fp16
+        options.enable_bias_add = True
+    if model_type == "vae":
+        # ORT's VAE attention matcher misreads diffusers 0.39's single mid-block attention (it
+        # raised while reading the head count); the VAE's time is in its convolutions anyway
+        options.enable_attention = False
+    optimized = optimize_model(
+        model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+        optimization_options=options, use_gpu=True,
+    )
+    model = optimized.model
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
@@ -23,8 +75,6 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
     the CPU EP. The layout transforms of the "all" level are machine-specific: left to load time.
     """
     import onnxruntime as ort
-
-    from .export import save_model
 
     with tempfile.TemporaryDirectory(prefix="sdexport-opt-") as tmp:
         source, optimized = Path(tmp) / "in" / "model.onnx", Path(tmp) / "out" / "model.onnx"
@@ -36,9 +86,18 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         }[level]
         options.optimized_model_filepath = str(optimized)
-        if model.ByteSize() > 2**31 - 1:
+        if is_large(model):
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_file_name", "model.onnx_data"
             )
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         return onnx.load(str(optimized), load_external_data=True)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic shape inference (what TensorRT's parser wants); in-memory inference stops at 2 GB."""
+    if is_large(model):
+        return model
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)

@@ -58,9 +58,11 @@ def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) 
     """Convert an fp32 model to fp16, keeping the given nodes and the fixed fp32 inputs in fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from .export import is_large
+
     return convert_float_to_float16(
         model,
         keep_io_types=FP32_INPUTS.get(component, []),
         node_block_list=keep_fp32_nodes,
-        disable_shape_infer=model.ByteSize() > 2**31 - 1,
+        disable_shape_infer=is_large(model),
     )

@@ -5,6 +5,7 @@ StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ON
 from __future__ import annotations
 
 import secrets
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from .image import load_init_image, parameters_text, save_png, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
 from .schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class
-from .session import Component, SessionSettings, resolve_providers
+from .session import Component, SessionSettings, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
@@ -66,6 +67,11 @@ class StableDiffusionPipeline:
         if verify:
             self.manifest.verify(cache=HashCache())
         self.providers = resolve_providers(provider, self.manifest.target)
+        if self.manifest.dtype == "fp16" and first_provider(self.providers) == "CPUExecutionProvider":
+            warnings.warn(
+                "this export is fp16: the CPU EP runs fp16 graphs slower than fp32 ones (it casts around "
+                "most ops); export fp32 for CPU", stacklevel=3,
+            )
         self.settings = settings
         facts = self.manifest.pipeline
         self.tokenizer = PromptTokenizer(
