@@ -35,7 +35,9 @@ def finish_graph(component: str, model: onnx.ModelProto, target: str, fp16: bool
     if fp16:
         kept = fp32_nodes(component, model, upcast_attention)
         model = to_fp16(component, model, kept)
-    if target in OFFLINE_LEVEL:
+    # ORT 1.32 did not write the external initializers of a > 2 GB optimized model here: the
+    # exported graph (already constant-folded by torch) is kept and ORT optimizes it at load time
+    if target in OFFLINE_LEVEL and not is_large(model):
         model = ort_offline_optimize(model, OFFLINE_LEVEL[target])
     if target == "tensorrt":
         model = infer_shapes(model)
@@ -86,10 +88,6 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         }[level]
         options.optimized_model_filepath = str(optimized)
-        if is_large(model):
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "model.onnx_data"
-            )
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         return onnx.load(str(optimized), load_external_data=True)
 

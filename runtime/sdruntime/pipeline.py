@@ -5,6 +5,7 @@ StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ON
 from __future__ import annotations
 
 import secrets
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class GenerationResult:
     latents: np.ndarray
     parameters: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    # seconds: "total", "denoise" (the loop), "unet" (inside the U-Net's session runs), "steps"
+    timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> list[Path]:
         """Write PNGs with their parameters; several images get numbered names (out-0.png, out-1.png)."""
@@ -239,6 +242,7 @@ class StableDiffusionPipeline:
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
         the prompts (the negative prompts are still encoded), as in diffusers.
         """
+        call_started = time.perf_counter()
         prompts = _as_list(prompt, "prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
@@ -301,8 +305,13 @@ class StableDiffusionPipeline:
                 noise = randn_tensor(shape, generator)
             start_latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
 
+        unet = self.component("unet")
+        unet_before, loop_started = unet.run_seconds, time.perf_counter()
         final = self.denoise(start_latents, embeddings, sched, timesteps, guidance_scale, generator, eta, callback, progress)
+        timings = {"denoise": time.perf_counter() - loop_started, "unet": unet.run_seconds - unet_before,
+                   "steps": float(len(timesteps))}
         images = to_pil(self.vae_decode(final))
+        timings["total"] = time.perf_counter() - call_started
         model = Path(self.manifest.data["source"]["name"]).name
         texts = [
             parameters_text(prompts[i // num_images], (negatives or [""] * len(prompts))[i // num_images],
@@ -310,7 +319,7 @@ class StableDiffusionPipeline:
                             width, height, model)
             for i in range(batch)
         ]
-        return GenerationResult(images=images, latents=final, parameters=texts, seeds=seeds)
+        return GenerationResult(images=images, latents=final, parameters=texts, seeds=seeds, timings=timings)
 
     def _init_image_size(self, image) -> tuple[int, int]:
         """The init image's size rounded down to the size multiple (diffusers rounds to the VAE factor)."""

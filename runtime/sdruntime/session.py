@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,13 @@ class SessionSettings:
     enable_cpu_mem_arena: bool = True
     log_severity: int = 3
     extra: dict[str, str] = field(default_factory=dict)
+    # CUDA EP: capture the U-Net in a CUDA graph when the export is static (fixed shapes and buffers)
+    cuda_graph: bool = True
+    # TensorRT EP: fp16 engines, caches beside the export, and the shapes its profile covers
+    trt_fp16: bool = True
+    trt_cache_dir: str | None = None
+    trt_images: tuple[int, int, int] = (1, 1, 4)  # images per call: min, opt, max
+    trt_sizes: tuple[int, int, int] | None = None  # pixel side: min, opt, max (default: the export's default)
 
 
 def resolve_providers(provider: str | Sequence, target: str) -> list:
@@ -127,6 +135,52 @@ def shape_of(spec: Sequence[Any], known: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else known[d] for d in spec)
 
 
+def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -> dict[str, str]:
+    """TensorRT's min/opt/max shape profile for a component, from the requested images and sizes."""
+    facts = manifest.pipeline
+    static = manifest.static
+    sizes = settings.trt_sizes or (facts["default_height"],) * 3
+    if static:
+        images, sizes = (static["batch_size"],) * 3, (static["height"],) * 3
+    else:
+        images = settings.trt_images
+    guided = 2 if component in ("text_encoder", "unet") else 1
+    f = int(facts["vae_scale_factor"])
+    profile = {}
+    for key, n, side in zip(("min", "opt", "max"), images, sizes):
+        known = {"batch": guided * n, "sequence": int(facts["tokenizer_max_length"]), "height": side // f,
+                 "width": side // f, "image_height": side, "image_width": side}
+        shapes = [f"{i['name']}:{'x'.join(str(d) for d in shape_of(i['shape'], known))}"
+                  for i in manifest.components[component]["inputs"]]
+        profile[f"trt_profile_{key}_shapes"] = ",".join(shapes)
+    return profile
+
+
+def provider_options(providers: list, manifest: Manifest, component: str, settings: SessionSettings) -> list:
+    """Add this project's defaults to named providers: TensorRT caches, fp16 and profiles; CUDA graphs."""
+    expanded = []
+    for entry in providers:
+        if isinstance(entry, tuple):  # the caller's own options win
+            expanded.append(entry)
+        elif entry == "TensorrtExecutionProvider":
+            cache = settings.trt_cache_dir or str(manifest.folder / "trt_cache")
+            expanded.append((entry, {
+                "trt_fp16_enable": str(int(settings.trt_fp16)),
+                "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
+                **trt_profile(manifest, component, settings),
+            }))
+        elif entry == "CUDAExecutionProvider" and uses_cuda_graph(manifest, component, settings):
+            expanded.append((entry, {"enable_cuda_graph": "1"}))
+        else:
+            expanded.append(entry)
+    return expanded
+
+
+def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSettings) -> bool:
+    return settings.cuda_graph and component == "unet" and manifest.static is not None
+
+
 class Component:
     """One exported component: its session, its IO from the manifest and a run through IO binding."""
 
@@ -138,9 +192,14 @@ class Component:
         self.inputs = {i["name"]: i for i in entry["inputs"]}
         self.outputs = {o["name"]: o for o in entry["outputs"]}
         self.vae_scale_factor = int(manifest.pipeline["vae_scale_factor"])
+        # a CUDA graph replays fixed device addresses: keep one binding per shape for the session's life
+        self.reuse_bindings = uses_cuda_graph(manifest, name, settings) and "CUDAExecutionProvider" in str(providers)
+        self._bindings: dict[tuple, Binding] = {}
+        self.run_seconds = 0.0  # time inside session runs, for the loop-overhead measurement
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(settings, manifest.target, providers), providers=providers
+                str(self.path), session_options(settings, manifest.target, providers),
+                providers=provider_options(providers, manifest, name, settings),
             )
         except Exception as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -172,7 +231,16 @@ class Component:
         return {name: shape_of(o["shape"], known) for name, o in self.outputs.items()}
 
     def bind(self, feeds: dict[str, np.ndarray]) -> Binding:
-        return Binding(self, feeds)
+        """Bind inputs and preallocated outputs; with `reuse_bindings`, refill the same buffers."""
+        if not self.reuse_bindings:
+            return Binding(self, feeds)
+        key = tuple((name, value.shape) for name, value in feeds.items())
+        if key not in self._bindings:
+            self._bindings[key] = Binding(self, feeds)
+        else:
+            for name, value in feeds.items():
+                self._bindings[key].update(name, value)
+        return self._bindings[key]
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         """Run once; pads or splits the batch for static exports; float outputs come back as float32."""
@@ -219,12 +287,16 @@ class Binding:
         self.values[name].update_inplace(array)
 
     def run(self) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         self.component.session.run_with_iobinding(self.io)
+        self.component.run_seconds += time.perf_counter() - started
         results = {}
         for name, value in self.outputs.items():
             array = value.numpy()
             if array.dtype != np.float32 and array.dtype.kind == "f":
                 array = array.astype(np.float32)
+            elif self.component.device == "cpu":
+                array = array.copy()  # a CPU OrtValue's numpy() is a view of the bound buffer, reused next run
             if not np.isfinite(array).all():
                 raise NonFiniteOutput(self.component.name)
             results[name] = array

@@ -1,0 +1,259 @@
+"""End-to-end benchmark: diffusers (PyTorch) vs optimum's ORT pipeline vs sdruntime, same model and settings.
+
+    python scripts/bench.py                                   # tiny-sd and sd15-random at 256x256, 5 steps
+    python scripts/bench.py --models sd15-random --rounds 3 --json bench.json
+
+Every arm runs in its own process, so cold start (process start to first image, imports
+included) and peak RSS are the arm's own. The models are saved and exported once into --cache
+and reused by later runs. Each round runs every arm once (a cold start and --images images);
+ratios are medians over rounds of the per-round ratios of median seconds per image (paired runs).
+Arms: diffusers, optimum (when optimum-onnx is installed, on our generic export) and ours on each
+target whose graphs run here (generic and cpu on a CPU-only machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "a red circle on a blue background, top left"
+
+
+# -- the arms, each run in a child process ------------------------------------------------------
+
+
+def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[float]]:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    unet_time = timed_method(pipe.unet, "forward")
+    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+                                        generator=torch.Generator("cpu").manual_seed(i)), unet_time, args)
+
+
+def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[float]]:
+    import torch
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    pipe = ORTStableDiffusionPipeline.from_pretrained(str(export))
+    pipe.set_progress_bar_config(disable=True)
+    unet_time = timed_method(pipe.unet.session, "run")
+    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+                                        generator=torch.Generator("cpu").manual_seed(i)), unet_time, args)
+
+
+def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]:
+    from sdruntime import SessionSettings, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.load(export, settings=SessionSettings(intra_op_threads=args.threads))
+    unet = pipe.component("unet")
+    before = [0.0]
+
+    def unet_seconds() -> float:
+        spent, before[0] = unet.run_seconds - before[0], unet.run_seconds
+        return spent
+
+    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
+                                        seed=i), unet_seconds, args, denoise_of=lambda r: r.timings["denoise"])
+
+
+def timed_method(obj, name: str):
+    """Wrap obj.name to accumulate its wall time; returns a function giving the time since last asked."""
+    original, total, taken = getattr(obj, name), [0.0], [0.0]
+
+    def wrapper(*a, **k):
+        started = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            total[0] += time.perf_counter() - started
+
+    setattr(obj, name, wrapper)
+
+    def spent() -> float:
+        value, taken[0] = total[0] - taken[0], total[0]
+        return value
+
+    return spent
+
+
+def generate_loop(generate, unet_seconds, args, denoise_of=None):
+    image_s, unet_step_s, overhead = [], [], []
+    for i in range(args.images):
+        started = time.perf_counter()
+        result = generate(i)
+        image_s.append(time.perf_counter() - started)
+        unet = unet_seconds()
+        unet_step_s.append(unet / args_steps_run(args))
+        if denoise_of is not None:
+            overhead.append((denoise_of(result) - unet) / unet)
+        if i == 0:
+            print(f"FIRST_IMAGE {time.time():.6f}", flush=True)
+    return image_s, unet_step_s, overhead
+
+
+def args_steps_run(args) -> int:
+    # PNDM (the SD 1.x default) runs one more U-Net call than steps (its PLMS warm-up repeats a step)
+    return args.unet_calls or args.steps
+
+
+def child(args) -> None:
+    arms = {"diffusers": arm_diffusers, "optimum": arm_optimum, "ours": arm_ours}
+    image_s, unet_step_s, overhead = arms[args.arm](Path(args.path), args)
+    print("RESULT " + json.dumps({
+        "image_s": image_s, "unet_step_s": unet_step_s, "overhead": overhead,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+    }), flush=True)
+
+
+# -- the parent: prepare once, then paired rounds ----------------------------------------------------
+
+
+def prepare(model: str, cache: Path, targets: list[str]) -> dict[str, Path]:
+    """The diffusers folder and one export per target, made once and reused."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    root = cache / model
+    paths = {"diffusers": root / "diffusers"}
+    if not (paths["diffusers"] / "model_index.json").is_file():
+        from sdexport.presets import build_from_recipe, resolve_preset
+
+        print(f"[{model}] saving the diffusers pipeline once", flush=True)
+        build_from_recipe(resolve_preset(model)).save_pretrained(paths["diffusers"])
+    import sdexport
+
+    for target in targets:
+        paths[target] = root / f"export-{target}"
+        if not (paths[target] / "sdexport.json").is_file():
+            print(f"[{model}] exporting for target {target} once", flush=True)
+            started = time.perf_counter()
+            sdexport.convert(str(paths["diffusers"]), paths[target], target=target, check=False, log=lambda s: None)
+            print(f"[{model}]   {time.perf_counter() - started:.0f} s", flush=True)
+    return paths
+
+
+def run_arm(arm: str, path: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--arm", arm, "--path", str(path), "--steps", str(args.steps),
+           "--size", str(args.size), "--images", str(args.images), "--threads", str(args.threads),
+           "--unet-calls", str(args.unet_calls)]
+    launched = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"arm {arm} failed:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.splitlines()
+    first = float(next(line for line in lines if line.startswith("FIRST_IMAGE "))[12:])
+    result = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
+    result["cold_start_s"] = first - launched
+    return result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def steady(values: list[float]) -> list[float]:
+    """Per-image values after the first image (whose warm-up the cold start already counts)."""
+    return values[1:] if len(values) > 1 else values
+
+
+def bench_model(model: str, args) -> dict:
+    import onnxruntime as ort
+
+    targets = ["generic", "cpu"] if "CUDAExecutionProvider" not in ort.get_available_providers() else ["generic", "cuda"]
+    paths = prepare(model, args.cache, targets)
+    arms = [("diffusers", paths["diffusers"])]
+    try:
+        import optimum.onnxruntime  # noqa: F401
+
+        arms.append(("optimum", paths["generic"]))
+    except ImportError:
+        print("optimum-onnx is not installed: skipping its arm", flush=True)
+    arms += [(f"ours-{t}", paths[t]) for t in targets]
+    config = json.loads((paths["diffusers"] / "scheduler" / "scheduler_config.json").read_text())
+    args.unet_calls = args.steps + (1 if config["_class_name"] == "PNDMScheduler" else 0)
+    rounds: list[dict[str, dict]] = []
+    for r in range(args.rounds):
+        this = {}
+        for name, path in arms:
+            print(f"[{model}] round {r + 1}/{args.rounds}: {name}", flush=True)
+            this[name] = run_arm(name.split("-")[0], path, args)
+        rounds.append(this)
+    summary = {}
+    for name, _ in arms:
+        runs = [rd[name] for rd in rounds]
+        summary[name] = {
+            "image_s": median([median(steady(x["image_s"])) for x in runs]),
+            "unet_step_s": median([median(steady(x["unet_step_s"])) for x in runs]),
+            "overhead_pct": 100 * median([median(steady(x["overhead"])) for x in runs]) if runs[0]["overhead"] else None,
+            "cold_start_s": median([x["cold_start_s"] for x in runs]),
+            "peak_rss_gb": max(x["peak_rss_gb"] for x in runs),
+            "rounds": runs,
+        }
+    ratios = {}
+    for name, _ in arms:
+        if not name.startswith("ours"):
+            continue
+        for peer in ("diffusers", "optimum"):
+            if peer in summary:
+                ratios[f"{name}/{peer}"] = {
+                    "image": median([median(steady(rd[name]["image_s"])) / median(steady(rd[peer]["image_s"]))
+                                     for rd in rounds]),
+                    "cold_start": median([rd[name]["cold_start_s"] / rd[peer]["cold_start_s"] for rd in rounds]),
+                }
+    return {"arms": summary, "ratios": ratios}
+
+
+def print_table(model: str, result: dict, args) -> None:
+    print(f"\n{model}: {args.size}x{args.size}, {args.steps} steps, guidance 7.5, {args.images} images x {args.rounds} rounds")
+    print(f"{'arm':<14} {'s/image':>8} {'s/U-Net step':>13} {'loop overhead':>14} {'cold start s':>13} {'peak RSS GB':>12}")
+    for name, a in result["arms"].items():
+        overhead = f"{a['overhead_pct']:.2f}%" if a["overhead_pct"] is not None else "-"
+        print(f"{name:<14} {a['image_s']:>8.2f} {a['unet_step_s']:>13.3f} {overhead:>14} {a['cold_start_s']:>13.1f} {a['peak_rss_gb']:>12.2f}")
+    for key, ratio in result["ratios"].items():
+        print(f"{key:<24} time per image {ratio['image']:.2f}x, cold start {ratio['cold_start']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny-sd,sd15-random")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--images", type=int, default=2, help="images per arm process (the first includes warm-up)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="0: each library's default")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdexport-bench")
+    parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--unet-calls", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.arm:
+        child(args)
+        return
+    started = time.perf_counter()
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
+              "cpus": os.cpu_count(), "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
+              "models": {}}
+    for model in args.models.split(","):
+        report["models"][model] = bench_model(model, args)
+        print_table(model, report["models"][model], args)
+    report["wall_s"] = time.perf_counter() - started
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.json} ({report['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
