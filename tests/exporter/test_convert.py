@@ -171,3 +171,20 @@ def test_cpu_target_is_optimized_and_runs(tiny_pipe, tmp_path):
     assert read_manifest(out).target == "cpu"
     expected, got = run_both(tiny_pipe, out, "unet", 2, latent_sizes(tiny_pipe)[0])
     assert np.max(np.abs(expected[0] - got[0])) <= 1e-4
+
+
+def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
+    """Over 2 GB, every tensor goes to one model.onnx_data (torch writes one file per tensor)."""
+    import sdexport.export as export
+    from sdruntime.onnx_proto import external_data_locations
+    from sdruntime.session import check_external_data
+
+    monkeypatch.setattr(export, "is_large", lambda model: True)
+    model = onnx.load(str(tiny32 / "unet" / "model.onnx"))
+    files = export.save_model(model, tmp_path / "unet" / "model.onnx")
+    assert files == ["model.onnx", "model.onnx_data"]
+    assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == files
+    assert external_data_locations(tmp_path / "unet" / "model.onnx") == {"model.onnx_data"}
+    check_external_data(tmp_path / "unet" / "model.onnx")
+    session = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["out_sample"]
