@@ -1,4 +1,4 @@
-"""Resolve SOURCE (a diffusers folder, an offline preset or a hub id) to a PyTorch pipeline."""
+"""Resolve SOURCE (a diffusers folder, a single-file checkpoint, an offline preset or a hub id) to a PyTorch pipeline."""
 
 from __future__ import annotations
 
@@ -97,15 +97,21 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def load_source(source: str) -> Source:
-    """Resolve SOURCE in order: an existing path, an offline preset, then a hub id."""
+def load_source(source: str, config: str | None = None, prediction_type: str | None = None,
+                allow_pickle: bool = False) -> Source:
+    """Resolve SOURCE in order: an existing path, an offline preset, then a hub id. config,
+    prediction_type and allow_pickle apply to single-file checkpoints (sdexport/single_file.py)."""
     path = Path(source).expanduser()
+    if path.is_file():
+        from .single_file import load_single_file
+
+        pipe, _ = load_single_file(path, config, prediction_type, allow_pickle)
+        return Source(kind="single_file", name=str(path.resolve()), pipe=pipe)
+    given = [flag for flag, value in (("--config", config), ("--prediction-type", prediction_type),
+                                      ("--allow-pickle", allow_pickle)) if value]
+    if given:
+        raise SdexportError(f"{given[0]} applies to single-file checkpoints only, and '{source}' is not a file")
     if path.exists():
-        if path.is_file():
-            raise SdexportError(
-                f"{path} is a file: single-file checkpoints are not supported yet; pass a diffusers "
-                "pipeline folder or a preset"
-            )
         check_pipeline_folder(path)
         return Source(kind="folder", name=str(path.resolve()), pipe=_load_folder(path), folder=path)
     presets = available_presets()

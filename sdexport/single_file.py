@@ -1,0 +1,237 @@
+"""Single-file SD 1.x / 2.x checkpoints in the original (LDM) layout: detect the family from the key
+names, refuse what we do not convert, and load offline with diffusers and configs shipped in `models/`.
+
+Our own detection, because diffusers' `infer_diffusers_model_type` answers "v1" for keys it does not
+know. Detection reads only key names and shapes (safetensors headers), never the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+from .errors import SdexportError
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel
+OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+CONV_IN = UNET + "input_blocks.0.0.weight"
+SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21"}
+CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                "scheduler/scheduler_config.json")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+EXPECTED = (f"expected the original (LDM) layout: {UNET}*, {VAE}* and {CLIP}* (SD 1.x) or "
+            f"{OPEN_CLIP}* (SD 2.x)")
+
+
+def read_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
+    """Key -> shape. safetensors: from the header only; a pickle only with allow_pickle, tensors only."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise SdexportError(f"{path} is not a readable safetensors file ({_first_line(e)}): is it complete?") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise SdexportError(
+            f"{path} is a file sdexport does not read: pass a .safetensors checkpoint (or a .ckpt with "
+            "--allow-pickle), a diffusers folder or a preset"
+        )
+    if not allow_pickle:
+        raise SdexportError(
+            f"{path} is a pickle checkpoint ({suffix}), which can run code when loaded: pass --allow-pickle to "
+            "load it with torch.load(weights_only=True), or use a .safetensors version of the model"
+        )
+    state = load_pickle(path)
+    return {key: tuple(value.shape) for key, value in state.items() if hasattr(value, "shape")}
+
+
+def load_pickle(path: Path) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f"an object of type {found.group(1)}" if found else _first_line(e)
+        raise SdexportError(
+            f"{path} pickles more than tensors ({what}; often training callbacks), which torch.load(weights_only=True) "
+            "refuses to run: in an environment you trust, load it with weights_only=False and save its state_dict "
+            "with safetensors.torch.save_file, then convert the .safetensors file"
+        ) from e
+    except Exception as e:  # truncated or not a torch file: torch raises RuntimeError, EOFError, ...
+        raise SdexportError(f"{path} could not be read by torch.load ({_first_line(e)}): is the file complete?") from e
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # Lightning checkpoints keep the weights one level down
+    if not isinstance(state, dict):
+        raise SdexportError(f"{path} holds a {type(state).__name__}, not a state dict: {EXPECTED}")
+    return state
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
+    """sd1 or sd2 from the key names, or a one-line refusal that names what was found and expected."""
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in shapes)
+
+    if has("conditioner.embedders."):
+        raise SdexportError(f"{where} is an SDXL checkpoint (conditioner.embedders.* keys): SDXL is not supported yet")
+    if has("control_model.") or has("controlnet_cond_embedding.") or has("input_hint_block."):
+        raise SdexportError(f"{where} is a ControlNet checkpoint (control_model.* keys): ControlNet is not supported yet")
+    if has("lora_unet_") or has("lora_te_") or any(".lora_" in key or ".lora." in key for key in shapes):
+        raise SdexportError(f"{where} is a LoRA, not a model: pass a base model as SOURCE and the LoRA with --lora")
+    if CONV_IN not in shapes:
+        raise SdexportError(f"{where} does not look like a Stable Diffusion 1.x/2.x checkpoint: {EXPECTED}; "
+                            f"found {_summary(shapes)}")
+    channels = shapes[CONV_IN][1]
+    if channels == 9:
+        raise SdexportError(f"{where} is an inpainting checkpoint (9-channel U-Net): inpainting is not supported yet")
+    if channels != 4:
+        raise SdexportError(f"{where} has a U-Net with {channels} input channels (instruct-pix2pix has 8, the x4 "
+                            "upscaler 7): only 4-channel text-to-image U-Nets are supported")
+    if not has(VAE):
+        raise SdexportError(f"{where} has no VAE weights ({VAE}* keys): only complete checkpoints are supported")
+    if has(CLIP):
+        return "sd1"
+    if has(OPEN_CLIP):
+        return "sd2"
+    raise SdexportError(f"{where} has no text encoder weights: expected {CLIP}* (SD 1.x CLIP) or {OPEN_CLIP}* "
+                        f"(SD 2.x OpenCLIP); found {_summary(shapes)}")
+
+
+def config_folder(family: str, config: str | None) -> Path:
+    """The diffusers configs to build the pipeline from: --config DIR, or the ones shipped for the family."""
+    from .load import check_supported
+    from .presets import models_dir
+
+    if config is None:
+        folder = models_dir() / "configs" / SHIPPED_CONFIGS[family]
+        where = f"the shipped configs ({folder})"
+    else:
+        folder = Path(config).expanduser()
+        where = f"--config {folder}"
+        if not folder.is_dir():
+            raise SdexportError(f"{where} is not a folder: pass a diffusers pipeline folder (model_index.json and "
+                                "the unet, vae, text_encoder and scheduler configs)")
+    for name in CONFIG_FILES:
+        if not (folder / name).is_file():
+            raise SdexportError(f"{where} has no {name}: pass a diffusers pipeline folder (`save_pretrained` output)")
+    check_supported(_read_json(folder / "model_index.json"), _read_json(folder / "unet" / "config.json"), where)
+    return folder
+
+
+def check_fits(shapes: dict[str, tuple[int, ...]], family: str, folder: Path, custom: bool) -> None:
+    """Compare a few widths of the checkpoint with the configs before building anything."""
+    unet = _read_json(folder / "unet" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    token = CLIP + "text_model.embeddings.token_embedding.weight" if family == "sd1" else OPEN_CLIP + "token_embedding.weight"
+    cross = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
+    widths = [
+        ("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0]),
+        ("text encoder", shapes[token][-1] if token in shapes else None, text.get("hidden_size")),
+        ("cross-attention input", cross[-1] if cross else None, unet.get("cross_attention_dim")),
+    ]
+    for what, found, configured in widths:
+        if found is not None and configured is not None and found != configured:
+            where = f"--config {folder}" if custom else f"the shipped {family} configs ({folder})"
+            raise SdexportError(f"the checkpoint does not fit {where}: its {what} is {found} wide, the config says "
+                                f"{configured}: pass --config with this model's diffusers configs")
+
+
+def load_single_file(path: Path, config: str | None = None, prediction_type: str | None = None,
+                     allow_pickle: bool = False):
+    """Detect, check and load a single-file checkpoint; returns (pipeline, family)."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise SdexportError(f"unknown prediction type '{prediction_type}': choose epsilon or v_prediction")
+    shapes = read_shapes(path, allow_pickle)
+    family = detect_family(shapes, str(path))
+    folder = config_folder(family, config)
+    check_fits(shapes, family, folder, custom=config is not None)
+    del shapes  # diffusers reads the file itself (a pickle again with torch.load(weights_only=True), mmapped)
+    pipe = _from_single_file(path, folder, family, prediction_type)
+    for name in ("unet", "vae", "text_encoder"):
+        missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
+        if missing:
+            raise SdexportError(f"{path} lacks weights that the configs in {folder} call for ({len(missing)} of the "
+                                f"{name}, e.g. {missing[0]}): the checkpoint is incomplete or for another model; "
+                                "pass --config with its configs")
+    return pipe, family
+
+
+def _from_single_file(path: Path, folder: Path, family: str, prediction_type: str | None):
+    import diffusers
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its dtype and unused-key warnings are noise here; we check ourselves
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
+            tokenizer=clip_tokenizer(family, folder), scheduler=scheduler(folder, prediction_type),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    except (ValueError, RuntimeError, KeyError, OSError, diffusers.loaders.single_file_utils.SingleFileComponentError) as e:
+        if "meta tensor" in str(e):  # diffusers leaves the parameters it found no weights for on the meta device
+            raise SdexportError(f"{path} lacks weights that the configs in {folder} call for: the checkpoint is "
+                                "incomplete or for another model; pass --config with its configs") from e
+        raise SdexportError(f"{path} could not be loaded with the configs in {folder} ({_first_line(e)}): "
+                            "pass --config with this model's diffusers configs") from e
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def clip_tokenizer(family: str, folder: Path):
+    """The real CLIP tokenizer shipped in models/; SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    from .presets import models_dir
+
+    tokenizer_dir = models_dir() / "clip-tokenizer"
+    length = _read_json(folder / "text_encoder" / "config.json").get("max_position_embeddings", 77)
+    pad = {"pad_token": "!"} if family == "sd2" else {}
+    return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                         model_max_length=length, **pad)
+
+
+def scheduler(folder: Path, prediction_type: str | None):
+    """The config folder's scheduler, with --prediction-type replacing its prediction type."""
+    import diffusers
+
+    config = _read_json(folder / "scheduler" / "scheduler_config.json")
+    cls = getattr(diffusers, config.get("_class_name", ""), None)
+    if cls is None:
+        raise SdexportError(f"{folder}/scheduler has an unknown scheduler class '{config.get('_class_name')}'")
+    override = {"prediction_type": prediction_type} if prediction_type else {}
+    return cls.from_config(config, **override)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SdexportError(f"{path} is not readable JSON ({e}): pass a diffusers pipeline folder as --config") from e
+
+
+def _summary(shapes: dict) -> str:
+    """The most common key prefixes, e.g. "down_blocks.* (120 keys), up_blocks.* (150 keys)"."""
+    if not shapes:
+        return "no tensors at all"
+    counts = Counter(".".join(key.split(".")[:2]) if key.startswith(("model.", "cond_stage_model.")) else key.split(".")[0]
+                     for key in shapes)
+    return ", ".join(f"{prefix}.* ({n} key{'s' if n > 1 else ''})" for prefix, n in counts.most_common(3))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:200]
