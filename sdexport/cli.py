@@ -39,16 +39,63 @@ def cli() -> None:
 @click.option("--width", type=int, help="Static image width in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-check", is_flag=True, help="Skip the comparison with PyTorch after each export.")
-def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite, no_check):
-    """Export SOURCE (a diffusers folder, a preset or a hub id) to OUT."""
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+              help="Fuse a LoRA (diffusers or kohya .safetensors) into the weights first; repeatable; scale 1.0 by default.")
+@click.option("--config", "config_dir", metavar="DIR",
+              help="Single-file checkpoints: a diffusers folder whose configs to use (default: the shipped SD 1.5 or 2.1 ones).")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
+              help="Single-file checkpoints: override the config's scheduler (the shipped configs say epsilon for "
+                   "SD 1.x and v_prediction for SD 2.x, as 2.1-768; use epsilon for 512-pixel 2.x-base models).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Single-file checkpoints: read a .ckpt pickle with torch.load(weights_only=True).")
+@click.option("--validate", "validate_export", is_flag=True,
+              help="Run `sdexport validate`'s checks before OUT is put in place; on failure keep it aside and exit 1.")
+@click.option("--auto-fp32-fallback", is_flag=True,
+              help="fp16: keep the nodes validation blames in fp32 and check again (implies --validate).")
+def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite,
+            no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback):
+    """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id) to OUT."""
     from .conversion import convert as run_convert
 
     run_convert(
         source, out, components=_split(components), dtype=dtype, keep_fp32=_split(keep_fp32), target=target,
         opset=opset, static=static, batch_size=batch_size, height=height, width=width, overwrite=overwrite,
-        check=not no_check, log=lambda line: click.echo(line, err=True),
+        check=not no_check, log=lambda line: click.echo(line, err=True), loras=loras, config=config_dir,
+        prediction_type=prediction_type, allow_pickle=allow_pickle, validate=validate_export,
+        auto_fp32_fallback=auto_fp32_fallback,
     )
     click.echo(out)
+
+
+@cli.command("validate")
+@click.argument("source")
+@click.argument("out")
+@click.option("--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt: where ONNX Runtime runs the export.")
+@click.option("--scheduler", help="pndm | ddim | euler | euler-a | dpm++2m | dpm++2m-karras | lms | lcm (default: the exported one).")
+@click.option("--steps", default=10, show_default=True, type=int, help="Denoising steps of the end-to-end runs.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--atol", type=float, help="Max abs error allowed for every component (default 1e-4 fp32, 1e-3 full size; fp16: reported).")
+@click.option("--rtol", type=float, help="Relative L2 error allowed for every component (default 1e-2 for fp16).")
+@click.option("--min-psnr", type=float, help="End-to-end PSNR in dB (default 45 fp32, 30 fp16).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the full report (docs/validate-report.md) here.")
+@click.option("--save-images", metavar="DIR", help="Write diffusers | runtime | amplified difference images here.")
+@click.option("--config", "config_dir", metavar="DIR", help="Single-file SOURCE: as for convert.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert.")
+@click.option("--allow-pickle", is_flag=True, help="Single-file SOURCE: as for convert.")
+def validate_cmd(source, out, provider, scheduler, steps, seed, atol, rtol, min_psnr, json_path, save_images,
+                 config_dir, prediction_type, allow_pickle):
+    """Compare the export OUT with SOURCE, per component and end to end; exit 1 when out of tolerance."""
+    from .validate import check_report, format_table, validate, write_report
+
+    report = validate(
+        source, out, provider=provider, scheduler=scheduler, steps=steps, seed=seed, atol=atol, rtol=rtol,
+        min_psnr=min_psnr, save_images=save_images, log=lambda line: click.echo(line, err=True),
+        config=config_dir, prediction_type=prediction_type, allow_pickle=allow_pickle,
+    )
+    click.echo(format_table(report))
+    if json_path:
+        write_report(report, json_path)
+    check_report(report)
 
 
 @cli.command()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 from sdruntime.manifest import (
     COMPONENTS,
     DTYPES,
@@ -22,10 +23,9 @@ from sdruntime.manifest import (
     write_manifest,
 )
 
-from .errors import SdexportError
+from .errors import SdexportError, ValidationFailed
 
 ATTENTION_FOR_TARGET = {"generic": "sdpa", "cpu": "sdpa", "cuda": "plain", "tensorrt": "sdpa"}
-IMPLEMENTED_TARGETS = ("generic", "cpu")
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
 
@@ -43,6 +43,23 @@ class ConvertOptions:
     overwrite: bool = False
     check: bool = True
     log: Callable[[str], None] = field(default=print)
+    loras: Sequence = ()  # "FILE[:SCALE]" or (FILE, SCALE), fused in order (sdexport/lora.py)
+    config: str | None = None  # single-file checkpoints: a diffusers folder with the configs
+    prediction_type: str | None = None  # single-file checkpoints: epsilon | v_prediction
+    allow_pickle: bool = False  # single-file checkpoints: read a .ckpt with torch.load(weights_only=True)
+    validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
+    auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
+
+
+CHECK_PROVIDER = {"generic": "CPUExecutionProvider", "cpu": "CPUExecutionProvider",
+                  "tensorrt": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def checkable(target: str) -> bool:
+    """Whether this machine can run the target's graphs to compare them with PyTorch."""
+    import onnxruntime as ort
+
+    return CHECK_PROVIDER[target] in ort.get_available_providers()
 
 
 def check_options(opts: ConvertOptions) -> None:
@@ -59,8 +76,11 @@ def check_options(opts: ConvertOptions) -> None:
         raise SdexportError(f"unknown dtype '{opts.dtype}': choose fp32 or fp16")
     if opts.target not in TARGETS:
         raise SdexportError(f"unknown target '{opts.target}': choose from {', '.join(TARGETS)}")
-    if opts.target not in IMPLEMENTED_TARGETS:
-        raise SdexportError(f"target '{opts.target}' is not supported yet: use generic or cpu")
+    if opts.target == "tensorrt" and opts.dtype == "fp16":
+        raise SdexportError(
+            "--target tensorrt exports fp32 graphs: TensorRT builds fp16 engines itself (trt_fp16_enable, "
+            "on by default in sdruntime); drop --dtype fp16"
+        )
     if not 14 <= opts.opset <= 20:
         raise SdexportError(f"opset {opts.opset} is not supported: choose 14 to 20 (default 17)")
     if opts.static and opts.batch_size < 1:
@@ -169,6 +189,13 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     """Export SOURCE to OUT; see `sdexport convert --help` for the options."""
     opts = ConvertOptions(**options)
     check_options(opts)
+    if opts.validate or opts.auto_fp32_fallback:
+        from .validate import check_convert_options
+
+        check_convert_options(opts.dtype, opts.target, opts.auto_fp32_fallback)
+    from .lora import check_loras, fuse_loras
+
+    loras = check_loras(opts.loras)
     out = Path(out)
     check_output(out, opts.overwrite)
 
@@ -183,12 +210,20 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     except OSError as e:
         raise SdexportError(f"cannot write to {out.parent} ({e.strerror}): choose another -o") from e
     try:
-        src = load_source(source)
+        src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+        if loras:
+            src.loras = fuse_loras(src.pipe, loras, log)
         manifest = export_all(src, tmp, opts)
         write_configs(src.pipe, src, tmp, opts.components)
         write_manifest(tmp, manifest)
+        if opts.validate or opts.auto_fp32_fallback:
+            from .validate import validate_conversion
+
+            validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
         replace_folder(tmp, out)
+    except ValidationFailed:
+        raise  # the export stays in its temporary folder, with the report, for inspection
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,9 +244,8 @@ def replace_folder(tmp: Path, out: Path) -> None:
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
     from .components import final_layer_norm, model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
-    from .export import compare_with_torch, export_fp32, save_model
-    from .optimize import optimize_for_target
-    from .precision import fp32_nodes, to_fp16
+    from .export import compare_with_torch, release_weights, save_model, trace
+    from .optimize import finish_graph
 
     pipe = src.pipe
     family = detect_family(pipe)
@@ -228,8 +262,8 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         static = {"batch_size": opts.batch_size, "height": height, "width": width}
     attention = ATTENTION_FOR_TARGET[opts.target]
     set_attention(pipe, attention)
-    components = {}
-    for component in opts.components:
+    plans = {}
+    for component in opts.components:  # trace everything first: the graphs are finished without torch
         t0 = time.perf_counter()
         dims = model_dims(pipe)
         if static:
@@ -240,39 +274,48 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
             default = facts["default_height"] // factor
             batch, latent = 2, (default, default)
         dims.update(fixed)
-        model = export_fp32(component, pipe, opts.opset, fixed, latent, batch)
+        traced = trace(component, pipe, opts.opset, fixed, latent, batch, tmp / ".fp32" / component / "model.onnx")
+        plans[component] = (traced, dims, latent, batch, time.perf_counter() - t0)
+    if "text_encoder" in plans:
+        (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
+    check = opts.check and checkable(opts.target)
+    if not check and not (opts.validate or opts.auto_fp32_fallback):
+        release_weights(pipe)
+    components = {}
+    for component, (traced, dims, latent, batch, traced_s) in plans.items():
+        t0 = time.perf_counter() - traced_s  # the logged time includes the component's tracing
+        model = onnx.load(str(traced), load_external_data=True)
+        shutil.rmtree(traced.parent)
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
-        kept = []
-        if dtype == "fp16":
-            kept = fp32_nodes(component, model, facts["upcast_attention"])
-            model = to_fp16(component, model, kept)
-        model = optimize_for_target(model, opts.target)
+        model, kept = finish_graph(component, model, opts.target, dtype == "fp16", facts["upcast_attention"])
         path = tmp / component / "model.onnx"
         files = save_model(model, path)
         del model
-        check = None
-        if opts.check:
-            check = compare_with_torch(component, pipe, path, 1 if not static else batch, latent)
+        result = None
+        if check:
+            result = compare_with_torch(component, pipe, path, 1 if not static else batch, latent,
+                                        provider=CHECK_PROVIDER[opts.target])
         entry = {
             "path": f"{component}/model.onnx",
             "files": [file_entry(tmp, f"{component}/{name}") for name in files],
             "dtype": dtype,
             "attention": attention,
             "fp32_nodes": kept,
-            "export_max_abs_diff": check["max_abs_diff"] if check else None,
+            "export_max_abs_diff": result["max_abs_diff"] if result else None,
             **describe_io(component, dtype, dims, facts["num_hidden_states"]),
         }
         if component == "text_encoder":
-            np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
             entry["files"].append(file_entry(tmp, FINAL_LAYER_NORM))
         components[component] = entry
         size = sum(f["bytes"] for f in entry["files"]) / 1e6
-        detail = ""
-        if check:
-            detail = f", max abs diff vs PyTorch {check['max_abs_diff']:.2e} (relative L2 {check['relative_l2']:.1e})"
-            if not check["finite"]:
+        detail = "" if result or not opts.check else ", not compared with PyTorch (the cuda target runs on the CUDA EP only)"
+        if result:
+            detail = f", max abs diff vs PyTorch {result['max_abs_diff']:.2e} (relative L2 {result['relative_l2']:.1e})"
+            if not result["finite"]:
                 detail += ", NaN/Inf in the output"
         opts.log(f"exported {component} ({dtype}) in {time.perf_counter() - t0:.1f} s, {size:.1f} MB{detail}")
+    shutil.rmtree(tmp / ".fp32", ignore_errors=True)
     return {
         "format_version": FORMAT_VERSION,
         "created_by": versions(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,28 +17,43 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
-def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int) -> onnx.ModelProto:
-    """Trace one component to an fp32 ONNX model held in memory (external data loaded)."""
+def trace(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int,
+          path: Path) -> Path:
+    """Trace one component to an fp32 ONNX file (torch writes tensors of > 2 GB models beside it)."""
     module = wrap(component, pipe)
     inputs = example_inputs(component, pipe, batch, *latent_size)
     io = io_of(component, pipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
+        # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
+        torch.onnx.export(
+            module,
+            tuple(inputs.values()),
+            str(path),
+            input_names=[s.name for s in io.inputs],
+            output_names=[s.name for s in io.outputs],
+            dynamic_axes=dynamic_axes(component, fixed, pipe),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return path
+
+
+def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int) -> onnx.ModelProto:
+    """Trace one component to an fp32 ONNX model held in memory (external data loaded)."""
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
-            # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
-            torch.onnx.export(
-                module,
-                tuple(inputs.values()),
-                str(path),
-                input_names=[s.name for s in io.inputs],
-                output_names=[s.name for s in io.outputs],
-                dynamic_axes=dynamic_axes(component, fixed, pipe),
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
+        path = trace(component, pipe, opset, fixed, latent_size, batch, Path(tmp) / "model.onnx")
         return onnx.load(str(path), load_external_data=True)
+
+
+def release_weights(pipe) -> None:
+    """Free the PyTorch weights once every graph is traced and none will be compared: ORT's
+    fusions of an SD 1.5 U-Net need most of a 24 GB machine on their own."""
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.to("meta")
+    gc.collect()
 
 
 def is_large(model: onnx.ModelProto) -> bool:

@@ -11,6 +11,7 @@ tensorrt  fp32, standard ops only, constant-folded and shape-inferred for Tensor
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -23,22 +24,24 @@ OFFLINE_LEVEL = {"generic": "basic", "cpu": "extended", "tensorrt": "basic"}
 FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 
 
-def finish_graph(component: str, model: onnx.ModelProto, target: str, fp16: bool,
-                 upcast_attention: bool) -> tuple[onnx.ModelProto, list[str]]:
-    """Fusions, fp16 conversion and offline optimization for one target.
+def finish_graph(component: str, model: onnx.ModelProto, target: str, fp16: bool, upcast_attention: bool,
+                 extra_fp32_nodes: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
+    """Fusions and offline optimization for one target on the fp32 graph, then fp16 conversion.
 
-    Returns the graph and the names of the nodes an fp16 graph keeps in fp32.
+    The order matters: fusions need the fp32 patterns, and ORT's offline optimization on the CPU EP
+    would bake CPU-only fp16 casts into a graph meant for every provider. Returns the graph and
+    the nodes an fp16 graph keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
     """
     if target == "cuda":
         model = cuda_fusions(component, model, fp16)
-    kept: list[str] = []
-    if fp16:
-        kept = fp32_nodes(component, model, upcast_attention)
-        model = to_fp16(component, model, kept)
     # ORT 1.32 did not write the external initializers of a > 2 GB optimized model here: the
     # exported graph (already constant-folded by torch) is kept and ORT optimizes it at load time
     if target in OFFLINE_LEVEL and not is_large(model):
         model = ort_offline_optimize(model, OFFLINE_LEVEL[target])
+    kept: list[str] = []
+    if fp16:
+        kept = list(dict.fromkeys([*fp32_nodes(component, model, upcast_attention), *extra_fp32_nodes]))
+        model = to_fp16(component, model, kept)
     if target == "tensorrt":
         model = infer_shapes(model)
     return model, kept

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import onnx
 
 # Inputs that stay float32 in every export (the IO table's fixed "float32" entries).
@@ -60,9 +62,73 @@ def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) 
 
     from .export import is_large
 
-    return convert_float_to_float16(
+    converted = convert_float_to_float16(
         model,
         keep_io_types=FP32_INPUTS.get(component, []),
         node_block_list=keep_fp32_nodes,
         disable_shape_infer=is_large(model),
     )
+    return drop_fp16_round_trips(converted)
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def drop_fp16_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Let fp32 nodes that feed fp32 nodes pass the fp32 tensor directly.
+
+    ORT's converter casts to fp16 and back around every kept node, so a chain of kept nodes
+    (the timestep's Sin/Cos path) still rounds through fp16, and an overflowing tensor stays Inf
+    however many nodes are kept. A Cast(fp16 -> fp32) of a Cast(fp32 -> fp16) reads the original.
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    original: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        up = producer.get(node.input[0])
+        if up is not None and up.op_type == "Cast" and _cast_to(up) == onnx.TensorProto.FLOAT16:
+            original[node.output[0]] = up.input[0]
+    outputs = {o.name for o in graph.output}
+    original = {k: v for k, v in original.items() if k not in outputs}
+    if not original:
+        return model
+    nodes = [n for n in graph.node if not (n.op_type == "Cast" and n.output[0] in original)]
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in original:
+                node.input[i] = original[name]
+    used = {name for n in nodes for name in n.input} | outputs
+    nodes = [n for n in nodes if not (n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT16
+                                      and not set(n.output) & used)]
+    del graph.node[:]
+    graph.node.extend(topological_order(nodes, graph))
+    return model
+
+
+def topological_order(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes sorted so each comes after its inputs' producers (the converter appends its Casts);
+    Kahn's algorithm, keeping the given order among nodes that are ready together."""
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    waiting = [0] * len(nodes)
+    consumers: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in set(node.input):
+            if name in producer and producer[name] != i:
+                waiting[i] += 1
+                consumers.setdefault(producer[name], []).append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for j in consumers.get(i, []):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, j)
+    if len(ordered) != len(nodes):  # a cycle cannot come from the converter; keep the input order
+        return nodes
+    return ordered

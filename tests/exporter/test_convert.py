@@ -100,6 +100,17 @@ def test_fp16_io_types_and_fp32_timestep_path(tiny16):
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     assert all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in sin_cos)
+    # and nothing between the timestep input and Sin/Cos rounds through fp16
+    producer = {out: n for n in model.graph.node for out in n.output}
+    pending, seen = [i for n in sin_cos for i in n.input], set()
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        assert not (node.op_type == "Cast" and to == onnx.TensorProto.FLOAT16), node.name
+        pending += list(node.input)
 
 
 def test_upcast_attention_keeps_softmax_in_fp32(sd2_case, tmp_path):
@@ -175,9 +186,10 @@ def test_cpu_target_is_optimized_and_runs(tiny_pipe, tmp_path):
 
 def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
     """Over 2 GB, every tensor goes to one model.onnx_data (torch writes one file per tensor)."""
-    import sdexport.export as export
     from sdruntime.onnx_proto import external_data_locations
     from sdruntime.session import check_external_data
+
+    import sdexport.export as export
 
     monkeypatch.setattr(export, "is_large", lambda model: True)
     model = onnx.load(str(tiny32 / "unet" / "model.onnx"))

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-from sdexport import convert
-from sdexport.cli import main
 from sdruntime import StableDiffusionPipeline
 from sdruntime.manifest import read_manifest
 from sdruntime.session import ProviderError
+
+from sdexport import convert
+from sdexport.cli import main
 
 from .test_convert import COMPONENTS, latent_sizes, run_both
 
