@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 from sdruntime.manifest import (
     COMPONENTS,
     DTYPES,
@@ -285,10 +284,9 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
     components = {}
     for component, (traced, dims, latent, batch, traced_s) in plans.items():
         t0 = time.perf_counter() - traced_s  # the logged time includes the component's tracing
-        model = onnx.load(str(traced), load_external_data=True)
-        shutil.rmtree(traced.parent)
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
-        model, kept = finish_graph(component, model, opts.target, dtype == "fp16", facts["upcast_attention"])
+        model, kept = finish_graph(component, traced, opts.target, dtype == "fp16", facts["upcast_attention"])
+        shutil.rmtree(traced.parent)
         path = tmp / component / "model.onnx"
         files = save_model(model, path)
         del model

@@ -10,6 +10,7 @@ tensorrt  fp32, standard ops only, constant-folded and shape-inferred for Tensor
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,15 +25,19 @@ OFFLINE_LEVEL = {"generic": "basic", "cpu": "extended", "tensorrt": "basic"}
 FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 
 
-def finish_graph(component: str, model: onnx.ModelProto, target: str, fp16: bool, upcast_attention: bool,
+def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp16: bool, upcast_attention: bool,
                  extra_fp32_nodes: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
     """Fusions and offline optimization for one target on the fp32 graph, then fp16 conversion.
 
     The order matters: fusions need the fp32 patterns, and ORT's offline optimization on the CPU EP
-    would bake CPU-only fp16 casts into a graph meant for every provider. Returns the graph and
+    would bake CPU-only fp16 casts into a graph meant for every provider. `model` may be the path
+    of a traced file, which lets the cuda fusions read its weights lazily. Returns the graph and
     the nodes an fp16 graph keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
     """
-    if target == "cuda":
+    if isinstance(model, Path):
+        model = cuda_fusions_from_file(component, model, fp16) if target == "cuda" else \
+            onnx.load(str(model), load_external_data=True)
+    elif target == "cuda":
         model = cuda_fusions(component, model, fp16)
     # ORT 1.32 did not write the external initializers of a > 2 GB optimized model here: the
     # exported graph (already constant-folded by torch) is kept and ORT optimizes it at load time
@@ -71,6 +76,24 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def cuda_fusions_from_file(component: str, path: Path, fp16: bool) -> onnx.ModelProto:
+    """cuda_fusions with the weights left on disk until a fusion reads them.
+
+    ORT's fusions copy the model for shape inference several times: with an SD 1.5 U-Net's 3.4 GB
+    of weights in memory they ran out of 24 GB here. Tensors stay external (their locations are
+    relative to the traced file, hence the working folder) and load once the graph is fused.
+    """
+    lazy = onnx.load(str(path), load_external_data=False)
+    cwd = os.getcwd()
+    os.chdir(path.parent)  # a process-wide change: the exporter is single-threaded here
+    try:
+        fused = cuda_fusions(component, lazy, fp16)
+    finally:
+        os.chdir(cwd)
+    onnx.load_external_data_for_model(fused, str(path.parent))
+    return fused
 
 
 def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
