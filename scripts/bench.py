@@ -169,10 +169,15 @@ def steady(values: list[float]) -> list[float]:
     return values[1:] if len(values) > 1 else values
 
 
-def bench_model(model: str, args) -> dict:
+def local_targets() -> list[str]:
+    """The targets whose graphs run on this machine's providers."""
     import onnxruntime as ort
 
-    targets = ["generic", "cpu"] if "CUDAExecutionProvider" not in ort.get_available_providers() else ["generic", "cuda"]
+    return ["generic", "cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else ["generic", "cpu"]
+
+
+def bench_model(model: str, args) -> dict:
+    targets = local_targets()
     paths = prepare(model, args.cache, targets)
     arms = [("diffusers", paths["diffusers"])]
     try:
@@ -236,12 +241,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0: each library's default")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdexport-bench")
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--prepare-only", action="store_true", help="save and export the models, time nothing")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--unet-calls", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         child(args)
+        return
+    if args.prepare_only:
+        for model in args.models.split(","):
+            prepare(model, args.cache, local_targets())
         return
     started = time.perf_counter()
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),

@@ -129,3 +129,12 @@ def test_interpolate_pairwise_and_grid(tiny32, tmp_path):
 def test_interpolate_needs_two_or_four_prompts(capsys, tiny32):
     code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a")
     assert code == 2 and "needs two --prompt" in error_line(err)
+
+
+def test_size_other_than_a_static_export(capsys, tmp_path):
+    from sdexport import convert
+
+    out = convert("tiny-sd", tmp_path / "static", static=True, height=64, width=64, components=["text_encoder", "unet", "vae_decoder"],
+                  check=False, log=lambda s: None)
+    code, err = run(capsys, "generate", str(out), "x", "--height", "96", "--steps", "1")
+    assert code == 2 and "this export is static at 64x64" in error_line(err)
