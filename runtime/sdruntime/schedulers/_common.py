@@ -328,6 +328,19 @@ class SigmaScheduler(DiscreteScheduler):
         self.sigmas = np.concatenate([sigmas_of(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
         self.timesteps = np.linspace(0, self.num_train_timesteps - 1, self.num_train_timesteps)[::-1].astype(np.float32)
 
+    def _spaced_sigmas(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Start of every sigma scheduler's set_timesteps: (float32 timesteps, the training sigmas,
+        the sigmas interpolated at those timesteps), after checking the step count."""
+        cfg = self.config
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self._reset(num_inference_steps)
+        timesteps = spaced_timesteps(
+            cfg["timestep_spacing"], num_inference_steps, self.num_train_timesteps, cfg["steps_offset"],
+            round_linspace=False,
+        ).astype(np.float32)
+        train_sigmas = sigmas_of(self.alphas_cumprod)
+        return timesteps, train_sigmas, np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+
     @property
     def init_noise_sigma(self) -> float:  # type: ignore[override]
         sigma_max = self.sigmas.max()

@@ -17,12 +17,9 @@ from ._common import (
     SigmaScheduler,
     as_f32,
     check_choice,
-    check_num_steps,
     convert_sigmas,
     sigma_kind,
     sigma_to_t,
-    sigmas_of,
-    spaced_timesteps,
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
@@ -65,20 +62,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         cfg = self.config
-        check_num_steps(num_inference_steps, self.num_train_timesteps)
-        self._reset(num_inference_steps)
-        timesteps = spaced_timesteps(
-            cfg["timestep_spacing"],
-            num_inference_steps,
-            self.num_train_timesteps,
-            cfg["steps_offset"],
-            round_linspace=False,
-        ).astype(np.float32)
-        train_sigmas = sigmas_of(self.alphas_cumprod)
+        timesteps, train_sigmas, sigmas = self._spaced_sigmas(num_inference_steps)
         log_sigmas = np.log(train_sigmas)
-        if cfg["interpolation_type"] == "linear":
-            sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
-        else:  # log_linear, as diffusers: num_inference_steps + 1 log-spaced sigmas, then the final one
+        if cfg["interpolation_type"] != "linear":  # log_linear, as diffusers: num_inference_steps + 1 log-spaced sigmas, then the final one
             sigmas = np.exp(np.linspace(log_sigmas[-1], log_sigmas[0], num_inference_steps + 1).astype(np.float32))
         if self.sigma_kind is not None:
             sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])

@@ -17,10 +17,7 @@ from ._common import (
     SigmaScheduler,
     as_f32,
     check_choice,
-    check_num_steps,
     draw_noise,
-    sigmas_of,
-    spaced_timesteps,
 )
 from .euler import predict_x0
 
@@ -45,18 +42,7 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         check_choice(self.config, "prediction_type", ("epsilon", "v_prediction"), "euler-a")
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        cfg = self.config
-        check_num_steps(num_inference_steps, self.num_train_timesteps)
-        self._reset(num_inference_steps)
-        timesteps = spaced_timesteps(
-            cfg["timestep_spacing"],
-            num_inference_steps,
-            self.num_train_timesteps,
-            cfg["steps_offset"],
-            round_linspace=False,
-        ).astype(np.float32)
-        train_sigmas = sigmas_of(self.alphas_cumprod)
-        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        timesteps, _, sigmas = self._spaced_sigmas(num_inference_steps)
         self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
         self.timesteps = timesteps
 

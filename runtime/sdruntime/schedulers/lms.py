@@ -18,12 +18,9 @@ from ._common import (
     SigmaScheduler,
     as_f32,
     check_choice,
-    check_num_steps,
     convert_sigmas,
     sigma_kind,
     sigma_to_t,
-    sigmas_of,
-    spaced_timesteps,
 )
 from .euler import predict_x0
 
@@ -64,17 +61,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         cfg = self.config
-        check_num_steps(num_inference_steps, self.num_train_timesteps)
-        self._reset(num_inference_steps)
-        timesteps = spaced_timesteps(
-            cfg["timestep_spacing"],
-            num_inference_steps,
-            self.num_train_timesteps,
-            cfg["steps_offset"],
-            round_linspace=False,
-        ).astype(np.float32)
-        train_sigmas = sigmas_of(self.alphas_cumprod)
-        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        timesteps, train_sigmas, sigmas = self._spaced_sigmas(num_inference_steps)
         if self.sigma_kind is not None:
             sigma_min, sigma_max = float(sigmas[-1]), float(sigmas[0])
             if self.sigma_kind != "karras":  # diffusers' LMS karras ignores the config's sigma_min/max
