@@ -254,13 +254,20 @@ def main() -> None:
             prepare(model, args.cache, local_targets())
         return
     started = time.perf_counter()
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        # torch's OpenMP threads slow down many times over when other processes hold the cores
+        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes will skew the timings",
+              flush=True)
     report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
+              "cpus": os.cpu_count(), "load_average_at_start": load,
+              "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
               "models": {}}
     for model in args.models.split(","):
         report["models"][model] = bench_model(model, args)
         print_table(model, report["models"][model], args)
     report["wall_s"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()[0]
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json} ({report['wall_s']:.0f} s)")
 
