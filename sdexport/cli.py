@@ -13,6 +13,7 @@ from sdruntime.pipeline import GenerationError
 from sdruntime.session import ProviderError
 
 from .errors import SdexportError, ValidationFailed
+from .presets import DEFAULT_PRESET
 
 
 def _split(value: str | None) -> list[str]:
@@ -26,7 +27,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", default=DEFAULT_PRESET)
 @click.option("-o", "--output", "out", required=True, help="Folder to write (must not exist unless --overwrite).")
 @click.option("--components", default=",".join(COMPONENTS), show_default=True, help="Comma-separated components to export.")
 @click.option("--dtype", default="fp32", show_default=True, help=f"{' | '.join(DTYPES)}")
@@ -54,7 +55,8 @@ def cli() -> None:
               help="fp16: keep the nodes validation blames in fp32 and check again (implies --validate).")
 def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite,
             no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback):
-    """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id) to OUT."""
+    """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
+    default: the `shapes` preset) to OUT."""
     from .conversion import convert as run_convert
 
     run_convert(
@@ -104,7 +106,8 @@ def presets() -> None:
     from .presets import available_presets, preset_description
 
     for name, folder in available_presets().items():
-        click.echo(f"{name:<12} {preset_description(folder)}")
+        mark = " (default)" if name == DEFAULT_PRESET else ""
+        click.echo(f"{name + mark:<22} {preset_description(folder)}")
 
 
 @cli.command("inspect")

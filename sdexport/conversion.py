@@ -93,9 +93,9 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SdexportError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise SdexportError(f"{out} exists and is not a folder: choose another -o")
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))  # created when missing
     if not parent.is_dir():
-        raise SdexportError(f"{parent} does not exist: create it first or choose another -o")
+        raise SdexportError(f"{parent} is not a folder: choose another -o")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SdexportError(f"{parent} is not writable: choose another -o")
 
@@ -205,6 +205,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
     except OSError as e:
         raise SdexportError(f"cannot write to {out.parent} ({e.strerror}): choose another -o") from e

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from .errors import SdexportError
 
+DEFAULT_PRESET = "shapes"  # the small trained model in models/shapes: real pictures, offline
+
 
 def models_dir() -> Path:
     """The repository's `models/` folder (or $SDEXPORT_MODELS)."""

@@ -145,3 +145,11 @@ def test_overwrite_replaces(capsys, tmp_path):
     assert code == 0
     assert not (out / "old.txt").exists() and (out / "vae_decoder" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_default_source_is_the_shapes_preset_and_parents_are_created(capsys, tmp_path):
+    out = tmp_path / "new" / "folders" / "shapes"
+    code, _, err = run(capsys, "convert", "--components", "vae_decoder", "--no-check", "-o", str(out))
+    assert code == 0, err
+    manifest = json.loads((out / "sdexport.json").read_text())
+    assert manifest["source"] == {"kind": "preset", "name": "shapes", "loras": []}
