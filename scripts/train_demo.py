@@ -272,6 +272,27 @@ def save_unet_checkpoint(path, text_encoder, unet, opt, ema, step, elapsed, fini
     }, path)
 
 
+def resume(ckpt: Path, text_encoder, unet, opt, ema: list, label: str):
+    """Load a stage's checkpoint if there is one: (ema, step, elapsed seconds, finished)."""
+    if not ckpt.is_file():
+        return ema, 0, 0.0, False
+    state = torch.load(ckpt, weights_only=False)
+    text_encoder.load_state_dict(state["text_encoder"])
+    unet.load_state_dict(state["unet"])
+    opt.load_state_dict(state["opt"])
+    print(f"{label}resumed at step {state['step']}", flush=True)
+    return state["ema"], state["step"], state["elapsed"], bool(state.get("finished"))
+
+
+def loss_log(path: Path, start: int):
+    """The stage's loss CSV, appended to when resuming."""
+    log = open(path, "a", newline="")
+    writer = csv.writer(log)
+    if start == 0:
+        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+    return log, writer
+
+
 def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, captions: list[str]):
     tokenizer = make_tokenizer()
     unique = sorted(set(captions)) + [""]
@@ -289,21 +310,10 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     ckpt = args.work / "unet.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        text_encoder.load_state_dict(state["text_encoder"])
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        ema = state["ema"]
-        start, elapsed = state["step"], state["elapsed"]
-        print(f"resumed at step {start}", flush=True)
-        if state.get("finished"):
-            args.steps = start
-    log = open(args.work / "loss.csv", "a", newline="")
-    writer = csv.writer(log)
-    if start == 0:
-        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+    ema, start, elapsed, finished = resume(ckpt, text_encoder, unet, opt, ema, "")
+    if finished:
+        args.steps = start
+    log, writer = loss_log(args.work / "loss.csv", start)
     text_encoder.train()
     unet.train()
     t0 = time.time() - elapsed
@@ -376,21 +386,10 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
     opt = torch.optim.AdamW(params, lr=args.guided_lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     ckpt = args.work / "guided.pt"
-    start, elapsed = 0, 0.0
-    if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
-        text_encoder.load_state_dict(state["text_encoder"])
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        ema = state["ema"]
-        start, elapsed = state["step"], state["elapsed"]
-        print(f"guided: resumed at step {start}", flush=True)
-        if state.get("finished"):
-            args.guided_steps = start
-    log = open(args.work / "guided_loss.csv", "a", newline="")
-    writer = csv.writer(log)
-    if start == 0:
-        writer.writerow(["step", "loss", "lr", "elapsed_s"])
+    ema, start, elapsed, finished = resume(ckpt, text_encoder, unet, opt, ema, "guided: ")
+    if finished:
+        args.guided_steps = start
+    log, writer = loss_log(args.work / "guided_loss.csv", start)
     text_encoder.train()
     unet.train()
     w = args.guidance
