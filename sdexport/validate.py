@@ -245,10 +245,10 @@ def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[fl
 # -- running -----------------------------------------------------------------------------------
 
 
-def open_session(path: Path, manifest: Manifest, providers: list):
+def open_session(path: Path, manifest: Manifest, providers: list, component: str = ""):
     import onnxruntime as ort
 
-    options = session_options(SessionSettings(), manifest.target, providers)
+    options = session_options(SessionSettings(), manifest.target, providers, component)
     return ort.InferenceSession(str(path), options, providers=providers)
 
 
@@ -323,7 +323,7 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
     all_cases = component_cases(component, pipe, manifest, timesteps, opts.seed)
     checked, problems, provider = [], list(hashes), None
     try:
-        session = open_session(manifest.model_path(component), manifest, providers)
+        session = open_session(manifest.model_path(component), manifest, providers, component)
         provider = session.get_providers()[0]
     except Exception as e:  # a corrupted model is this component's failure, not a usage error
         problems.append(f"ONNX Runtime cannot load it: {first_line(e)}")
