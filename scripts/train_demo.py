@@ -293,6 +293,30 @@ def loss_log(path: Path, start: int):
     return log, writer
 
 
+def log_step(recent: list, loss: float, step: int, lr: float, t0: float, writer, log, bar) -> list:
+    """Collect the loss; every 50 steps write its mean to the CSV and the progress bar."""
+    recent.append(loss)
+    if (step + 1) % 50 == 0:
+        writer.writerow([step + 1, f"{np.mean(recent):.5f}", f"{lr:.2e}", f"{time.time() - t0:.1f}"])
+        log.flush()
+        bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+        return []
+    return recent
+
+
+def end_stage(label: str, ckpt: Path, text_encoder, unet, opt, ema: list, params: list, step: int, start: int,
+              t0: float):
+    """Mark the stage finished (a step count below the target means the time budget ended it) and
+    load the EMA weights into the models."""
+    if step > start:
+        save_unet_checkpoint(ckpt, text_encoder, unet, opt, ema, step, time.time() - t0, finished=True)
+    print(f"{label}: {step} steps, {time.time() - t0:.0f} s in all", flush=True)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return text_encoder.eval(), unet.eval()
+
+
 def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, captions: list[str]):
     tokenizer = make_tokenizer()
     unique = sorted(set(captions)) + [""]
@@ -347,24 +371,12 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        recent.append(loss.item())
-        if (step + 1) % 50 == 0:
-            writer.writerow([step + 1, f"{np.mean(recent):.5f}", f"{lr:.2e}", f"{time.time() - t0:.1f}"])
-            log.flush()
-            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
-            recent = []
+        recent = log_step(recent, loss.item(), step, lr, t0, writer, log, bar)
         if (step + 1) % args.checkpoint_every == 0:
             save_unet_checkpoint(ckpt, text_encoder, unet, opt, ema, step + 1, time.time() - t0)
     else:
         step = args.steps
-    if step > start:
-        # step < args.steps here means the time budget ended the run; the checkpoint says so
-        save_unet_checkpoint(ckpt, text_encoder, unet, opt, ema, step, time.time() - t0, finished=True)
-    print(f"unet: {step} steps, {time.time() - t0:.0f} s in all", flush=True)
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    return text_encoder.eval(), unet.eval()
+    return end_stage("unet", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
 def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, captions: list[str]):
@@ -428,23 +440,12 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
         opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.guided_ema, (1 + step) / (10 + step)))
-        recent.append(loss.item())
-        if (step + 1) % 50 == 0:
-            writer.writerow([step + 1, f"{np.mean(recent):.5f}", f"{lr:.2e}", f"{time.time() - t0:.1f}"])
-            log.flush()
-            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
-            recent = []
+        recent = log_step(recent, loss.item(), step, lr, t0, writer, log, bar)
         if (step + 1) % args.checkpoint_every == 0:
             save_unet_checkpoint(ckpt, text_encoder, unet, opt, ema, step + 1, time.time() - t0)
     else:
         step = args.guided_steps
-    if step > start:
-        save_unet_checkpoint(ckpt, text_encoder, unet, opt, ema, step, time.time() - t0, finished=True)
-    print(f"guided: {step} steps, {time.time() - t0:.0f} s in all", flush=True)
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
-    return text_encoder.eval(), unet.eval()
+    return end_stage("guided", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
 def assemble(vae, text_encoder, unet, scaling_factor: float):
