@@ -186,7 +186,7 @@ class StableDiffusionPipeline:
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
                 noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, eta=eta).astype(np.float32)
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, eta=eta)  # float32 already
             if callback is not None:
                 callback(i, float(t), latents)
         return latents
