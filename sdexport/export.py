@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -75,6 +76,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
         location=EXTERNAL_DATA_NAME, size_threshold=1024,
     )
+    # onnx creates the data file readable by its owner only; give it model.onnx's permissions
+    shutil.copymode(path, path.parent / EXTERNAL_DATA_NAME)
     return [path.name, EXTERNAL_DATA_NAME]
 
 

@@ -196,6 +196,8 @@ def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
     files = export.save_model(model, tmp_path / "unet" / "model.onnx")
     assert files == ["model.onnx", "model.onnx_data"]
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == files
+    modes = {(tmp_path / "unet" / name).stat().st_mode for name in files}
+    assert len(modes) == 1  # the weights are as readable as the graph
     assert external_data_locations(tmp_path / "unet" / "model.onnx") == {"model.onnx_data"}
     check_external_data(tmp_path / "unet" / "model.onnx")
     session = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
