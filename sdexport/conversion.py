@@ -245,7 +245,7 @@ def replace_folder(tmp: Path, out: Path) -> None:
 def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
     from .components import final_layer_norm, model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
     from .export import compare_with_torch, release_weights, save_model, trace
-    from .optimize import finish_graph
+    from .optimize import finish_graph, uses_cpu_layout
 
     pipe = src.pipe
     family = detect_family(pipe)
@@ -283,6 +283,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
     if not check and not (opts.validate or opts.auto_fp32_fallback):
         release_weights(pipe)
     components = {}
+    laid_out = False
     for component, (traced, dims, latent, batch, traced_s) in plans.items():
         t0 = time.perf_counter() - traced_s  # the logged time includes the component's tracing
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
@@ -290,6 +291,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         shutil.rmtree(traced.parent)
         path = tmp / component / "model.onnx"
         files = save_model(model, path)
+        laid_out = laid_out or uses_cpu_layout(model)
         del model
         result = None
         if check:
@@ -315,7 +317,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
                 detail += ", NaN/Inf in the output"
         opts.log(f"exported {component} ({dtype}) in {time.perf_counter() - t0:.1f} s, {size:.1f} MB{detail}")
     shutil.rmtree(tmp / ".fp32", ignore_errors=True)
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": versions(),
         "source": {"kind": src.kind, "name": src.name, "loras": src.loras},
@@ -327,3 +329,18 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         "static": static,
         "components": components,
     }
+    if laid_out:
+        add_cpu_layout_probe(tmp, manifest)
+    return manifest
+
+
+def add_cpu_layout_probe(folder: Path, manifest: dict) -> None:
+    """Record the probe that tells the runtime whether this CPU reads the graphs' NCHWc layout."""
+    from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
+
+    if "cpu_layout_probe" not in manifest:
+        files = write_cpu_layout_probe(folder)
+        manifest["cpu_layout_probe"] = {
+            "path": f"{CPU_LAYOUT_PROBE}/model.onnx",
+            "files": [file_entry(folder, name) for name in files],
+        }

@@ -1,7 +1,9 @@
 """Per-target graph work after tracing (DESIGN.md's target table), fp16 conversion included.
 
 generic   ORT's basic, provider-independent cleanup; runs on every provider.
-cpu       ORT's extended CPU fusions saved with the graph, so loading does not pay them again.
+cpu       ORT's "all" level saved with the graph: the extended CPU fusions and the NCHWc layout of
+          the convolutions, so loading does not pay them again. The layout depends on the CPU's
+          vector width: the export carries a probe that the runtime checks (cpu_layout_probe).
 cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
           QKV/KV, BiasAdd) on the fp32 graph, then fp16 with ORT's rules; CUDA EP only.
 tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import onnx
 
-from .export import is_large, save_model
+from .export import EXTERNAL_DATA_NAME, is_large, save_model
 from .precision import fp32_nodes, to_fp16
 
-OFFLINE_LEVEL = {"generic": "basic", "cpu": "extended", "tensorrt": "basic"}
+OFFLINE_LEVEL = {"generic": "basic", "cpu": "all", "tensorrt": "basic"}
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+CPU_LAYOUT_PROBE = "cpu_layout_probe"
 # ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
 FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
 
@@ -39,10 +43,10 @@ def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp1
             onnx.load(str(model), load_external_data=True)
     elif target == "cuda":
         model = cuda_fusions(component, model, fp16)
-    # ORT 1.32 did not write the external initializers of a > 2 GB optimized model here: the
-    # exported graph (already constant-folded by torch) is kept and ORT optimizes it at load time
-    if target in OFFLINE_LEVEL and not is_large(model):
-        model = ort_offline_optimize(model, OFFLINE_LEVEL[target])
+    if target in OFFLINE_LEVEL:
+        # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
+        level = "extended" if target == "cpu" and fp16 else OFFLINE_LEVEL[target]
+        model = ort_offline_optimize(model, level)
     kept: list[str] = []
     if fp16:
         kept = list(dict.fromkeys([*fp32_nodes(component, model, upcast_attention), *extra_fp32_nodes]))
@@ -100,22 +104,68 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
     """Run ONNX Runtime's graph optimizations of `level` once and keep the optimized graph.
 
     The basic level uses standard ops only; the extended level's fusions (FusedConv, ...) run on
-    the CPU EP. The layout transforms of the "all" level are machine-specific: left to load time.
+    the CPU EP; the "all" level adds the NCHWc layout, which is specific to the CPU's vector width.
+    A graph over 2 GB is written with its weights in one external file, as ORT is asked to.
     """
     import onnxruntime as ort
+    from sdruntime.session import LEVELS
 
+    large = is_large(model)
     with tempfile.TemporaryDirectory(prefix="sdexport-opt-") as tmp:
         source, optimized = Path(tmp) / "in" / "model.onnx", Path(tmp) / "out" / "model.onnx"
         save_model(model, source)
+        del model
         optimized.parent.mkdir()
         options = ort.SessionOptions()
-        options.graph_optimization_level = {
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        }[level]
+        options.graph_optimization_level = LEVELS[level]
         options.optimized_model_filepath = str(optimized)
-        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        options.log_severity_level = 3  # its warning that "all" is machine-specific: the probe handles that
+        if large:
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             EXTERNAL_DATA_NAME)
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
+        session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        del session
         return onnx.load(str(optimized), load_external_data=True)
+
+
+def uses_cpu_layout(model: onnx.ModelProto) -> bool:
+    """Whether ORT laid the graph's convolutions out in NCHWc blocks (the "all" level on the CPU EP)."""
+    return any(node.domain == NCHWC_DOMAIN for node in model.graph.node)
+
+
+def write_cpu_layout_probe(folder: Path, seed: int = 0) -> list[str]:
+    """A one-convolution graph laid out by this machine's ORT, with its input and output.
+
+    NCHWc blocks are as wide as the CPU's vectors (16 floats with AVX-512, 8 with AVX2): a graph
+    laid out for one width computes garbage, silently, with another. The runtime runs the probe
+    before it trusts a cpu export's graphs. Returns the written files, relative to `folder`.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    channels = 64  # a multiple of every NCHWc block width
+    weight = rng.standard_normal((channels, channels, 3, 3), dtype=np.float32) / 24
+    bias = rng.standard_normal(channels, dtype=np.float32)
+    x = rng.standard_normal((1, channels, 6, 6), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "cpu_layout_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    probe = ort_offline_optimize(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "all")
+    if not uses_cpu_layout(probe):
+        raise RuntimeError("ONNX Runtime did not lay the probe convolution out in NCHWc blocks")
+    out = folder / CPU_LAYOUT_PROBE
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(probe, out / "model.onnx")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.savez(out / "io.npz", x=x, y=session.run(None, {"x": x})[0])
+    return [f"{CPU_LAYOUT_PROBE}/model.onnx", f"{CPU_LAYOUT_PROBE}/io.npz"]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

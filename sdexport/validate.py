@@ -25,7 +25,7 @@ from sdruntime.manifest import (
     write_manifest,
 )
 from sdruntime.schedulers import SCHEDULERS, scheduler_name_for_class
-from sdruntime.session import NUMPY_DTYPES, SessionSettings, resolve_providers, session_options
+from sdruntime.session import NUMPY_DTYPES, SessionSettings, check_cpu_layout, resolve_providers, session_options
 
 from .errors import SdexportError, ValidationFailed
 
@@ -676,6 +676,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     pipe = src.pipe
     check_matches(manifest, pipe, src.name)
     providers = resolve_providers(opts.provider, manifest.target)
+    check_cpu_layout(manifest)
     set_attention(pipe, next(iter(manifest.components.values())).get("attention", "sdpa"))
     name, config = chosen_scheduler(manifest.folder, opts)
     timesteps = reference_timesteps(name, config, opts.steps)
@@ -806,9 +807,9 @@ def check_report(report: dict[str, Any], where: str = "") -> None:
 
 def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] | None, note: str) -> None:
     """Re-export one component with these nodes kept in fp32 (None: all of it) and update the manifest."""
-    from .conversion import CHECK_PROVIDER, checkable
+    from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, checkable
     from .export import compare_with_torch, save_model
-    from .optimize import finish_graph
+    from .optimize import finish_graph, uses_cpu_layout
 
     manifest = read_manifest(folder)
     entry, target = manifest.components[component], manifest.target
@@ -820,6 +821,8 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
                                          manifest.pipeline.get("upcast_attention", False), fp32_nodes)
     path = manifest.model_path(component)
     files = save_model(model, path)
+    if uses_cpu_layout(model):  # an fp16 cpu export's component now in fp32 and laid out
+        add_cpu_layout_probe(folder, manifest.data)
     del model
     _, latent, batch = trace_shapes(component, manifest)
     check = None

@@ -180,26 +180,33 @@ class Manifest:
     def input_spec(self, component: str, name: str) -> dict[str, Any]:
         return next(i for i in self.components[component]["inputs"] if i["name"] == name)
 
+    @property
+    def cpu_layout_probe(self) -> dict[str, Any] | None:
+        """The cpu target's NCHWc layout probe: {"path", "files"}, or None."""
+        return self.data.get("cpu_layout_probe")
+
     def verify(self, components: list[str] | None = None, cache: HashCache | None = None) -> None:
-        """Check that every file a component names exists and still has its recorded sha256."""
-        for component in components or list(self.components):
-            for entry in self.components[component]["files"]:
-                path = self.folder / entry["path"]
-                if not path.is_file():
-                    raise ExportError(
-                        f"{path} is missing: run `sdexport convert` again to rewrite the export"
-                    )
-                if path.stat().st_size != entry["bytes"]:
-                    raise ExportError(
-                        f"{path} has {path.stat().st_size} bytes but the manifest records "
-                        f"{entry['bytes']}: the file is corrupted; run `sdexport convert` again"
-                    )
-                digest = cache.sha256(path) if cache else sha256_file(path)
-                if digest != entry["sha256"]:
-                    raise ExportError(
-                        f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is "
-                        "corrupted or was changed; run `sdexport convert` again"
-                    )
+        """Check that every file a component (and the layout probe) names exists and still has its recorded sha256."""
+        entries = [e for c in components or list(self.components) for e in self.components[c]["files"]]
+        if self.cpu_layout_probe:
+            entries += self.cpu_layout_probe["files"]
+        for entry in entries:
+            path = self.folder / entry["path"]
+            if not path.is_file():
+                raise ExportError(
+                    f"{path} is missing: run `sdexport convert` again to rewrite the export"
+                )
+            if path.stat().st_size != entry["bytes"]:
+                raise ExportError(
+                    f"{path} has {path.stat().st_size} bytes but the manifest records "
+                    f"{entry['bytes']}: the file is corrupted; run `sdexport convert` again"
+                )
+            digest = cache.sha256(path) if cache else sha256_file(path)
+            if digest != entry["sha256"]:
+                raise ExportError(
+                    f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is "
+                    "corrupted or was changed; run `sdexport convert` again"
+                )
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:

@@ -18,7 +18,7 @@ from .image import load_init_image, parameters_text, save_png, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
 from .schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class
-from .session import Component, SessionSettings, first_provider, resolve_providers
+from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
@@ -70,6 +70,7 @@ class StableDiffusionPipeline:
         if verify:
             self.manifest.verify(cache=HashCache())
         self.providers = resolve_providers(provider, self.manifest.target)
+        check_cpu_layout(self.manifest)
         if self.manifest.dtype == "fp16" and first_provider(self.providers) == "CPUExecutionProvider":
             warnings.warn(
                 "this export is fp16: the CPU EP runs fp16 graphs slower than fp32 ones (it casts around "

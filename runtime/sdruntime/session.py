@@ -102,14 +102,40 @@ def first_provider(providers: list) -> str:
 def default_level(target: str, providers: list, component: str = "") -> str:
     """The graph optimization level a session is created at, unless the settings choose one.
 
-    GPU providers gain fusions from "all". On the CPU EP, graphs were optimized when exported:
-    for an SD 1.5 U-Net at 32x32 latents "all" kept the step at 1.92 s but took session creation
-    from 1.5 s to 7.8 s, while its NCHWc layout sped the VAE decoder at 256x256 from 3.56 to 3.07 s
-    (0.3 s vs 0.4 s to create).
+    GPU providers gain fusions from "all". On the CPU EP, cpu-target graphs were optimized at "all"
+    when exported, so "basic" loads them as they are. For generic graphs on the CPU EP, "all" sped
+    the VAE decoder at 256x256 from 3.56 to 3.07 s (0.3 s vs 0.4 s to create its session), while
+    for an SD 1.5 U-Net its NCHWc layout took session creation from 1.2 s to 8-11 s; that U-Net
+    gains the layout (2.1 -> 1.8 s per step at 32x32 latents) from the cpu target instead.
     """
     if first_provider(providers) != "CPUExecutionProvider":
         return "all"
+    if target == "cpu":
+        return "basic"
     return "all" if component in ("vae_decoder", "vae_encoder") else "basic"
+
+
+def check_cpu_layout(manifest: Manifest) -> None:
+    """Refuse a cpu export whose NCHWc layout this CPU reads differently, by running its probe.
+
+    ORT lays convolutions out in blocks as wide as the exporting CPU's vectors (16 floats with
+    AVX-512, 8 with AVX2); a graph laid out for another width runs without error and computes garbage.
+    """
+    probe = manifest.cpu_layout_probe
+    if probe is None:
+        return
+    folder = (manifest.folder / probe["path"]).parent
+    io = np.load(folder / "io.npz")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = LEVELS["basic"]
+    session = ort.InferenceSession(str(manifest.folder / probe["path"]), options, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": io["x"]})[0]
+    if got.shape != io["y"].shape or not np.allclose(got, io["y"], rtol=1e-4, atol=1e-4):
+        raise ProviderError(
+            f"{manifest.folder} is a cpu export laid out for another CPU (ONNX Runtime's NCHWc blocks "
+            "follow the vector width): re-export it on this machine with `sdexport convert --target cpu`, "
+            "or use --target generic"
+        )
 
 
 def session_options(settings: SessionSettings, target: str, providers: list, component: str = "") -> ort.SessionOptions:

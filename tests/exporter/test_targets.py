@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -96,3 +97,99 @@ def test_inspect_prints_fusion_statistics(capsys, cuda16):
     assert main(["inspect", str(cuda16)]) == 0
     out = capsys.readouterr().out
     assert "com.microsoft.MultiHeadAttention:" in out and "com.microsoft.GroupNorm:" in out
+
+
+@pytest.fixture(scope="module")
+def cpu32(tmp_path_factory):
+    return quiet_convert(tmp_path_factory.mktemp("cpu") / "export", target="cpu")
+
+
+def test_cpu_graphs_carry_the_nchwc_layout_and_its_probe(tiny_pipe, cpu32):
+    from sdruntime.manifest import load_schema
+
+    jsonschema = pytest.importorskip("jsonschema")
+    manifest = read_manifest(cpu32)
+    jsonschema.validate(manifest.data, load_schema())
+    for component in ("unet", "vae_decoder", "vae_encoder"):
+        assert "Conv" in op_types(cpu32 / component / "model.onnx").get("com.microsoft.nchwc", set()), component
+    for component in COMPONENTS:
+        for hw in latent_sizes(tiny_pipe):
+            expected, got = run_both(tiny_pipe, cpu32, component, 2, hw)
+            for e, g in zip(expected, got):
+                assert np.max(np.abs(e - g)) <= 1e-4, component
+    probe = manifest.cpu_layout_probe
+    assert [f["path"] for f in probe["files"]] == ["cpu_layout_probe/model.onnx", "cpu_layout_probe/io.npz"]
+    assert "Conv" in op_types(cpu32 / probe["path"])["com.microsoft.nchwc"]
+
+
+def test_cpu_export_draws_the_generic_picture(cpu32, tiny32):
+    args = {"prompt": "a red circle", "num_inference_steps": 4, "seed": 3}
+    ours = StableDiffusionPipeline.load(cpu32)(**args)
+    generic = StableDiffusionPipeline.load(tiny32)(**args)
+    assert np.max(np.abs(ours.latents - generic.latents)) <= 1e-4
+    pixels = np.asarray(ours.images[0]).astype(int) - np.asarray(generic.images[0])
+    assert np.abs(pixels).max() <= 1
+
+
+def rewrite_probe_output(folder, change) -> None:
+    """What another CPU would compute from the probe: the manifest's sha256 updated to match."""
+    import json
+
+    from sdruntime.manifest import MANIFEST_NAME, file_entry
+
+    io = dict(np.load(folder / "cpu_layout_probe" / "io.npz"))
+    io["y"] = change(io["y"])
+    np.savez(folder / "cpu_layout_probe" / "io.npz", **io)
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["cpu_layout_probe"]["files"] = [file_entry(folder, f["path"]) for f in data["cpu_layout_probe"]["files"]]
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def test_runtime_refuses_a_layout_made_for_another_cpu(cpu32, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(cpu32, folder)
+    StableDiffusionPipeline.load(folder)  # the probe passes on the machine that made it
+    rewrite_probe_output(folder, lambda y: y.reshape(1, -1, 16, *y.shape[2:])[:, ::-1].reshape(y.shape).copy())
+    with pytest.raises(ProviderError, match="laid out for another CPU"):
+        StableDiffusionPipeline.load(folder)
+    from sdruntime.cli import main as runtime_main
+
+    assert runtime_main(["generate", str(folder), "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sdexport convert --target cpu" in err[0]
+
+
+def test_fp16_cpu_graphs_skip_the_layout(tmp_path):
+    out = quiet_convert(tmp_path / "export", target="cpu", dtype="fp16", components=["unet"])
+    assert "com.microsoft.nchwc" not in op_types(out / "unet" / "model.onnx")
+    assert read_manifest(out).cpu_layout_probe is None
+
+
+def test_offline_optimization_of_a_large_graph_keeps_its_weights_outside(tiny32, tmp_path, monkeypatch):
+    """Over 2 GB, ORT is asked to write the optimized graph's weights to one external file."""
+    import sdexport.optimize as optimize
+
+    model = onnx.load(str(tiny32 / "unet" / "model.onnx"))
+    monkeypatch.setattr(optimize, "is_large", lambda m: True)
+    written = []
+    real_load = onnx.load
+
+    def load(path, *a, **k):
+        written.extend(sorted(p.name for p in Path(path).parent.iterdir()))
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(optimize.onnx, "load", load)
+    optimized = optimize.ort_offline_optimize(model, "all")
+    assert written == ["model.onnx", "model.onnx_data"]
+    assert optimize.uses_cpu_layout(optimized)
+    path = tmp_path / "model.onnx"
+    onnx.save_model(optimized, str(path))
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+             "timestep": np.array([10.0, 10.0], dtype=np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    expected = ort.InferenceSession(str(tiny32 / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert np.max(np.abs(got - expected)) <= 1e-4
