@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -202,6 +203,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
 
     log = opts.log
     started = time.perf_counter()
+    remove_stale_temporaries(out, log)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -229,6 +231,34 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
         raise
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def remove_stale_temporaries(out: Path, log: Callable[[str], None]) -> None:
+    """Remove what converts to OUT left behind when killed: their `.OUT.tmp-PID` folders, and the
+    `.OUT.old-PID` of an interrupted replace once OUT is there. A folder whose process still runs
+    stays, and so does a failed validation's export, which is kept with its report for inspection."""
+    from .validate import REPORT_NAME
+
+    if os.name != "posix" or not out.parent.is_dir():
+        return
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
+        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir() or process_alive(int(pid)):
+            continue
+        if (kind == "tmp" and (path / REPORT_NAME).is_file()) or (kind == "old" and not out.exists()):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log(f"removed {path}, left by an interrupted convert")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

@@ -153,3 +153,46 @@ def test_default_source_is_the_shapes_preset_and_parents_are_created(capsys, tmp
     assert code == 0, err
     manifest = json.loads((out / "sdexport.json").read_text())
     assert manifest["source"] == {"kind": "preset", "name": "shapes", "loras": []}
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_convert_removes_what_a_killed_convert_left(capsys, tmp_path):
+    out, dead = tmp_path / "out", dead_pid()
+    left = {name: tmp_path / name for name in (
+        f".out.tmp-{dead}", f".out.old-{dead}",  # a killed convert's: removed
+        f".out.tmp-{os.getppid()}",  # a running process's: kept
+        f".out.tmp-{dead + 1000000}",  # a failed validation's, kept with its report
+        f".other.tmp-{dead}",  # another output's
+    )}
+    for path in left.values():
+        path.mkdir()
+        (path / "sdexport.json").write_text("{}")
+    (left[f".out.tmp-{dead + 1000000}"] / "validation.json").write_text("{}")
+    out.mkdir()  # an earlier export: the interrupted replace's old folder is not the only copy
+    code, out_text, err = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check",
+                              "--overwrite", "-o", str(out))
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out", f".out.tmp-{os.getppid()}", f".out.tmp-{dead + 1000000}", f".other.tmp-{dead}"])
+    assert f"removed {left[f'.out.tmp-{dead}']}, left by an interrupted convert" in out_text + err
+
+
+def test_an_interrupted_replace_keeps_the_previous_export(capsys, tmp_path):
+    """Killed between moving OUT aside and moving the new one in: the old export is all there is."""
+    old = tmp_path / f".out.old-{dead_pid()}"
+    old.mkdir()
+    args = ["convert", "tiny-sd", "--components", "vae_decoder", "--no-check", "-o", str(tmp_path / "out")]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    assert old.is_dir()  # OUT was missing: the leftover stays
+    code, _, err = run(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert not old.exists()  # OUT was there: the leftover goes
