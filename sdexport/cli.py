@@ -76,6 +76,10 @@ def convert(source, out, components, dtype, keep_fp32, target, opset, static, ba
 @click.option("--scheduler", help="pndm | ddim | euler | euler-a | dpm++2m | dpm++2m-karras | lms | lcm (default: the exported one).")
 @click.option("--steps", default=10, show_default=True, type=int, help="Denoising steps of the end-to-end runs.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--prompt", help="The end-to-end runs' prompt (default: an astronaut riding a horse on the moon).")
+@click.option("--negative-prompt", help='Their negative prompt (default: "blurry, low quality").')
+@click.option("--height", type=int, help="The end-to-end runs' image height (default: the export's default size).")
+@click.option("--width", type=int, help="The end-to-end runs' image width.")
 @click.option("--atol", type=float, help="Max abs error allowed for every component (default 1e-4 fp32, 1e-3 full size; fp16: reported).")
 @click.option("--rtol", type=float, help="Relative L2 error allowed for every component (default 1e-2 for fp16).")
 @click.option("--min-psnr", type=float, help="End-to-end PSNR in dB (default 45 fp32, 30 fp16).")
@@ -84,13 +88,14 @@ def convert(source, out, components, dtype, keep_fp32, target, opset, static, ba
 @click.option("--config", "config_dir", metavar="DIR", help="Single-file SOURCE: as for convert.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert.")
 @click.option("--allow-pickle", is_flag=True, help="Single-file SOURCE: as for convert.")
-def validate_cmd(source, out, provider, scheduler, steps, seed, atol, rtol, min_psnr, json_path, save_images,
-                 config_dir, prediction_type, allow_pickle):
+def validate_cmd(source, out, provider, scheduler, steps, seed, prompt, negative_prompt, height, width, atol, rtol,
+                 min_psnr, json_path, save_images, config_dir, prediction_type, allow_pickle):
     """Compare the export OUT with SOURCE, per component and end to end; exit 1 when out of tolerance."""
     from .validate import check_report, format_table, validate, write_report
 
     report = validate(
-        source, out, provider=provider, scheduler=scheduler, steps=steps, seed=seed, atol=atol, rtol=rtol,
+        source, out, provider=provider, scheduler=scheduler, steps=steps, seed=seed, prompt=prompt,
+        negative_prompt=negative_prompt, height=height, width=width, atol=atol, rtol=rtol,
         min_psnr=min_psnr, save_images=save_images, log=lambda line: click.echo(line, err=True),
         config=config_dir, prediction_type=prediction_type, allow_pickle=allow_pickle,
     )

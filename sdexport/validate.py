@@ -67,6 +67,10 @@ class ValidateOptions:
     seed: int = 0
     guidance_scale: float = 7.5
     strength: float = 0.75
+    prompt: str | None = None  # the end-to-end runs' (None: PROMPTS[0])
+    negative_prompt: str | None = None  # None: NEGATIVE_PROMPT
+    height: int | None = None  # the end-to-end runs' size (default: the export's default size)
+    width: int | None = None
     atol: float | None = None
     rtol: float | None = None
     min_psnr: float | None = None
@@ -77,6 +81,10 @@ class ValidateOptions:
     end_to_end: bool = True
     locate: bool = True
     log: Callable[[str], None] = field(default=lambda line: None)
+
+    def __post_init__(self):
+        self.prompt = PROMPTS[0] if self.prompt is None else self.prompt
+        self.negative_prompt = NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
 
 
 @dataclass
@@ -102,6 +110,23 @@ def check_options(opts: ValidateOptions) -> None:
             raise SdexportError(f"{name} must be positive, got {value}")
     if not 0.0 < opts.strength <= 1.0:
         raise SdexportError(f"strength must be in (0, 1], got {opts.strength}")
+    for name, value in (("--height", opts.height), ("--width", opts.width)):
+        if value is not None and value < 1:
+            raise SdexportError(f"{name} must be positive, got {value}")
+
+
+def end_to_end_size(manifest: Manifest, opts: ValidateOptions) -> tuple[int, int]:
+    """The end-to-end runs' (height, width): the options' or the export's default size."""
+    default = image_sizes(manifest)[0]
+    height, width = opts.height or default[0], opts.width or default[1]
+    if manifest.static and (height, width) != default:
+        raise SdexportError(f"this export is static at {default[0]}x{default[1]}: drop --height/--width")
+    for name, value in (("height", height), ("width", width)):
+        if value % manifest.size_multiple:
+            raise SdexportError(
+                f"--{name} {value} is not a multiple of {manifest.size_multiple} (this export's size multiple)"
+            )
+    return height, width
 
 
 # -- numbers -----------------------------------------------------------------------------------
@@ -546,7 +571,7 @@ def compare_generation(mode: str, pipe, runtime, name: str, config: dict, opts: 
     """One generation by diffusers and by the runtime with the same prompt, seed, steps and scheduler."""
     from sdruntime.session import NonFiniteOutput
 
-    kwargs: dict[str, Any] = {"prompt": PROMPTS[0], "negative_prompt": NEGATIVE_PROMPT,
+    kwargs: dict[str, Any] = {"prompt": opts.prompt, "negative_prompt": opts.negative_prompt,
                               "num_inference_steps": opts.steps, "guidance_scale": opts.guidance_scale}
     if mode == "img2img":
         kwargs.update(image=gradient_image(*size), strength=opts.strength)
@@ -591,7 +616,7 @@ def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, name: str, confi
         runtime = StableDiffusionPipeline.load(manifest.folder, provider=opts.provider, verify=False)
     except ExportError as e:
         return {m: e2e_entry(m, min_psnr, ok=False, problems=[f"the runtime cannot load it: {e}"]) for m in modes}
-    size = image_sizes(manifest)[0]
+    size = end_to_end_size(manifest, opts)
     results = {"text2img": compare_generation("text2img", pipe, runtime, name, config, opts, min_psnr, size)}
     if manifest.has("vae_encoder"):
         results["img2img"] = compare_generation("img2img", pipe, runtime, name, config, opts, min_psnr, size)
@@ -672,6 +697,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     check_options(opts)
     started = time.perf_counter()
     manifest = read_manifest(folder)
+    end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
     src = source if isinstance(source, Source) else load_reference(source, manifest, opts)
     pipe = src.pipe
     check_matches(manifest, pipe, src.name)
@@ -693,13 +719,13 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
         e2e = end_to_end(pipe, manifest, opts, name, config, min_psnr)
     else:
         e2e = {m: e2e_entry(m, min_psnr, skipped="not asked for") for m in ("text2img", "img2img")}
-    height, width = image_sizes(manifest)[0]
+    height, width = end_to_end_size(manifest, opts)
     report = {
         "report_version": REPORT_VERSION, "ok": False, "source": src.name, "export": str(manifest.folder.resolve()),
         "dtype": manifest.dtype, "target": manifest.target, "provider": provider_name(providers),
         "versions": versions(), "export_created_by": manifest.data.get("created_by", {}),
         "settings": {"scheduler": name, "steps": opts.steps, "seed": opts.seed, "guidance_scale": opts.guidance_scale,
-                     "strength": opts.strength, "prompt": PROMPTS[0], "negative_prompt": NEGATIVE_PROMPT,
+                     "strength": opts.strength, "prompt": opts.prompt, "negative_prompt": opts.negative_prompt,
                      "height": height, "width": width, "timesteps": timesteps},
         "unet_parameters": int(unet_parameters), "full_size": full_size, "components": components,
         "end_to_end": e2e, "fp32_fallback": {}, "failures": [], "seconds": 0.0,

@@ -219,10 +219,26 @@ def test_auto_fp32_fallback_needs_fp16(tmp_path):
     (["--scheduler", "heun"], "unknown scheduler 'heun'"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--atol", "-1"], "--atol must be positive"),
+    (["--height", "0"], "--height must be positive"),
+    (["--width", "40"], "--width 40 is not a multiple of 16 (this export's size multiple)"),
 ])
 def test_bad_options_exit_2(tiny32, args, says):
     code, _, err = run_cli("validate", "tiny-sd", tiny32, *args)
     assert code == 2 and says in error_line(err)
+
+
+def test_end_to_end_prompt_and_size(tiny32, tmp_path):
+    code, out, err, report = validate_cli("tiny-sd", tiny32, tmp_path / "report.json", "--prompt", "a red circle",
+                                          "--negative-prompt", "", "--height", "32", "--width", "48", "--steps", "3",
+                                          "--save-images", tmp_path / "images")
+    assert code == 0, err
+    settings = report["settings"]
+    assert (settings["prompt"], settings["negative_prompt"], settings["height"], settings["width"]) == \
+        ("a red circle", "", 32, 48)
+    for mode in ("text2img", "img2img"):
+        assert report["end_to_end"][mode]["ok"]
+        assert Image.open(report["end_to_end"][mode]["image"]).size == (3 * 48, 32)  # drawn at that size
+    schema_check(report)
 
 
 def test_not_an_export_exits_2(tmp_path):
