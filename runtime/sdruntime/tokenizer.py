@@ -1,8 +1,18 @@
-"""CLIP tokenization from the exported `tokenizer.json`, with the `tokenizers` package only."""
+"""CLIP tokenization from the exported `tokenizer.json`, with the `tokenizers` package only.
+
+The text is first cleaned up as transformers' `CLIPTokenizer` (what diffusers' pipelines use) does
+it: with `ftfy` when ftfy is installed, which straightens curly quotes, splits ligatures, narrows
+full-width forms and unescapes HTML entities as CLIP's own tokenizer does; otherwise with BERT's
+basic cleanup, which drops control and format characters and sets CJK ideographs apart. Either
+way the ids are those diffusers gets in the same environment.
+"""
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +20,48 @@ from tokenizers import Tokenizer
 
 from .manifest import ExportError
 
+# CJK Unified Ideographs and their extensions and compatibility blocks (BERT's list)
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+
+
+def ftfy_fix_text() -> Callable[[str], str] | None:
+    try:
+        import ftfy
+    except ImportError:
+        return None
+    return ftfy.fix_text
+
+
+def ftfy_cleanup(text: str, fix_text: Callable[[str], str]) -> str:
+    """transformers' CLIPTokenizer with ftfy: fix_text, whitespace runs to one space, lower case."""
+    return re.sub(r"\s+", " ", fix_text(text)).strip().lower()
+
+
+def basic_cleanup(text: str) -> str:
+    """transformers' CLIPTokenizer without ftfy: BasicTokenizer(strip_accents=False, do_split_on_punc=False)."""
+    chars = []
+    for char in text:
+        code, category = ord(char), unicodedata.category(char)
+        if code in (0, 0xFFFD) or (category.startswith("C") and char not in "\t\n\r"):
+            continue
+        if char in " \t\n\r" or category == "Zs":
+            chars.append(" ")
+        elif any(low <= code <= high for low, high in CJK_RANGES):
+            chars.append(f" {char} ")
+        else:
+            chars.append(char)
+    return " ".join(word.lower() for word in unicodedata.normalize("NFC", "".join(chars)).split())
+
 
 class PromptTokenizer:
     """Pads to `max_length` with the manifest's pad id and truncates like transformers does.
 
     Truncation keeps the start token, the first max_length - 2 prompt tokens and the end token,
-    and warns with the number of tokens dropped.
+    and warns with the number of tokens dropped. `fix_text` None picks ftfy when it is installed.
     """
 
-    def __init__(self, path: Path, max_length: int, pad_id: int):
+    def __init__(self, path: Path, max_length: int, pad_id: int, fix_text: Callable[[str], str] | None = None):
         if not path.is_file():
             raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
         self.tokenizer = Tokenizer.from_file(str(path))
@@ -26,9 +69,13 @@ class PromptTokenizer:
         self.tokenizer.no_truncation()
         self.max_length = max_length
         self.pad_id = pad_id
+        self.fix_text = fix_text or ftfy_fix_text()
+
+    def clean(self, prompt: str) -> str:
+        return ftfy_cleanup(prompt, self.fix_text) if self.fix_text else basic_cleanup(prompt)
 
     def ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt).ids
+        ids = self.tokenizer.encode(self.clean(prompt)).ids
         if len(ids) > self.max_length:
             dropped = len(ids) - self.max_length
             warnings.warn(
