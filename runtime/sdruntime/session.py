@@ -128,11 +128,16 @@ def check_cpu_layout(manifest: Manifest) -> None:
     io = np.load(folder / "io.npz")
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS["basic"]
-    session = ort.InferenceSession(str(manifest.folder / probe["path"]), options, providers=["CPUExecutionProvider"])
-    got = session.run(None, {"x": io["x"]})[0]
-    if got.shape != io["y"].shape or not np.allclose(got, io["y"], rtol=1e-4, atol=1e-4):
+    try:
+        session = ort.InferenceSession(str(manifest.folder / probe["path"]), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": io["x"]})[0]
+        same = got.shape == io["y"].shape and np.allclose(got, io["y"], rtol=1e-4, atol=1e-4)
+        why = "it computes the layout probe differently"
+    except Exception as e:  # an ORT without NCHWc kernels for this CPU
+        same, why = False, f"it cannot run the layout probe: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    if not same:
         raise ProviderError(
-            f"{manifest.folder} is a cpu export laid out for another CPU (ONNX Runtime's NCHWc blocks "
+            f"{manifest.folder} is a cpu export laid out for another CPU ({why}; ONNX Runtime's NCHWc blocks "
             "follow the vector width): re-export it on this machine with `sdexport convert --target cpu`, "
             "or use --target generic"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -131,27 +133,33 @@ def test_cpu_export_draws_the_generic_picture(cpu32, tiny32):
     assert np.abs(pixels).max() <= 1
 
 
-def rewrite_probe_output(folder, change) -> None:
-    """What another CPU would compute from the probe: the manifest's sha256 updated to match."""
-    import json
-
+def copy_with_probe(source: Path, folder: Path, change_model=None, change_output=None) -> Path:
+    """A copy of a cpu export whose probe behaves as on another CPU, its sha256 values updated to match."""
     from sdruntime.manifest import MANIFEST_NAME, file_entry
 
-    io = dict(np.load(folder / "cpu_layout_probe" / "io.npz"))
-    io["y"] = change(io["y"])
-    np.savez(folder / "cpu_layout_probe" / "io.npz", **io)
+    shutil.copytree(source, folder)
+    probe = folder / "cpu_layout_probe"
+    if change_model:
+        model = onnx.load(str(probe / "model.onnx"))
+        change_model(model)
+        onnx.save_model(model, str(probe / "model.onnx"))
+    if change_output:
+        io = dict(np.load(probe / "io.npz"))
+        io["y"] = change_output(io["y"])
+        np.savez(probe / "io.npz", **io)
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["cpu_layout_probe"]["files"] = [file_entry(folder, f["path"]) for f in data["cpu_layout_probe"]["files"]]
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    return folder
 
 
 def test_runtime_refuses_a_layout_made_for_another_cpu(cpu32, tmp_path, capsys):
-    import shutil
+    StableDiffusionPipeline.load(cpu32)  # the probe passes on the machine that made it
 
-    folder = tmp_path / "export"
-    shutil.copytree(cpu32, folder)
-    StableDiffusionPipeline.load(folder)  # the probe passes on the machine that made it
-    rewrite_probe_output(folder, lambda y: y.reshape(1, -1, 16, *y.shape[2:])[:, ::-1].reshape(y.shape).copy())
+    def blocks_swapped(y):  # channels read in another block order
+        return y.reshape(1, -1, 16, *y.shape[2:])[:, ::-1].reshape(y.shape).copy()
+
+    folder = copy_with_probe(cpu32, tmp_path / "export", change_output=blocks_swapped)
     with pytest.raises(ProviderError, match="laid out for another CPU"):
         StableDiffusionPipeline.load(folder)
     from sdruntime.cli import main as runtime_main
@@ -193,3 +201,13 @@ def test_offline_optimization_of_a_large_graph_keeps_its_weights_outside(tiny32,
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     expected = ort.InferenceSession(str(tiny32 / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+def test_runtime_refuses_a_layout_it_cannot_run(cpu32, tmp_path):
+    """An ONNX Runtime without NCHWc kernels for the CPU fails on the probe: one clear line, not ORT's error."""
+    def unknown_kernel(model):
+        next(n for n in model.graph.node if n.domain == "com.microsoft.nchwc").op_type = "NoSuchKernel"
+
+    folder = copy_with_probe(cpu32, tmp_path / "export", change_model=unknown_kernel)
+    with pytest.raises(ProviderError, match="laid out for another CPU \\(it cannot run the layout probe: .*NoSuchKernel"):
+        StableDiffusionPipeline.load(folder)
