@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from sdruntime.manifest import (
     COMPONENTS,
+    CPU_LAYOUT_FORMAT_VERSION,
     DTYPES,
     FINAL_LAYER_NORM,
     FORMAT_VERSION,
@@ -374,3 +375,4 @@ def add_cpu_layout_probe(folder: Path, manifest: dict) -> None:
             "path": f"{CPU_LAYOUT_PROBE}/model.onnx",
             "files": [file_entry(folder, name) for name in files],
         }
+        manifest["format_version"] = CPU_LAYOUT_FORMAT_VERSION  # runtimes that skip the probe refuse it

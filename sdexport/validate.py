@@ -273,7 +273,7 @@ def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[fl
 def open_session(path: Path, manifest: Manifest, providers: list, component: str = ""):
     import onnxruntime as ort
 
-    options = session_options(SessionSettings(), manifest.target, providers, component)
+    options = session_options(SessionSettings(), manifest, providers, component)
     return ort.InferenceSession(str(path), options, providers=providers)
 
 

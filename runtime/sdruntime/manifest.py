@@ -15,6 +15,10 @@ from typing import Any
 
 MANIFEST_NAME = "sdexport.json"
 FORMAT_VERSION = 1
+# Version 2 adds `cpu_layout_probe`: a runtime that reads version 1 only would load such graphs
+# without checking that this CPU reads their layout, so those exports are marked 2 and it refuses them.
+CPU_LAYOUT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, CPU_LAYOUT_FORMAT_VERSION)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 DTYPES = ("fp32", "fp16")
@@ -225,9 +229,10 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExportError(f"{path} is not valid JSON ({e}): run `sdexport convert` again") from e
     version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise ExportError(
-            f"{path} has format version {version!r}, this runtime reads version {FORMAT_VERSION}: "
+            f"{path} has format version {version!r}, this runtime reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}: "
             "re-export with a matching sdexport or upgrade sdexport-runtime"
         )
     missing = [k for k in ("dtype", "target", "pipeline", "size_multiple", "components") if k not in data]

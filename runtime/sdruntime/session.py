@@ -99,18 +99,19 @@ def first_provider(providers: list) -> str:
     return providers[0][0] if isinstance(providers[0], tuple) else providers[0]
 
 
-def default_level(target: str, providers: list, component: str = "") -> str:
+def default_level(target: str, providers: list, component: str = "", laid_out: bool = False) -> str:
     """The graph optimization level a session is created at, unless the settings choose one.
 
-    GPU providers gain fusions from "all". On the CPU EP, cpu-target graphs were optimized at "all"
-    when exported, so "basic" loads them as they are. For generic graphs on the CPU EP, "all" sped
-    the VAE decoder at 256x256 from 3.56 to 3.07 s (0.3 s vs 0.4 s to create its session), while
-    for an SD 1.5 U-Net its NCHWc layout took session creation from 1.2 s to 8-11 s; that U-Net
-    gains the layout (2.1 -> 1.8 s per step at 32x32 latents) from the cpu target instead.
+    GPU providers gain fusions from "all". On the CPU EP, graphs laid out when exported (cpu
+    exports with a layout probe) were optimized at "all" then, so "basic" loads them as they are.
+    For other graphs on the CPU EP, "all" sped the VAE decoder at 256x256 from 3.56 to 3.07 s
+    (0.3 s vs 0.4 s to create its session), while for an SD 1.5 U-Net its NCHWc layout took session
+    creation from 1.2 s to 8-11 s; that U-Net gains the layout (2.1 -> 1.8 s per step at 32x32
+    latents) from the cpu target instead.
     """
     if first_provider(providers) != "CPUExecutionProvider":
         return "all"
-    if target == "cpu":
+    if laid_out:
         return "basic"
     return "all" if component in ("vae_decoder", "vae_encoder") else "basic"
 
@@ -124,14 +125,19 @@ def check_cpu_layout(manifest: Manifest) -> None:
     probe = manifest.cpu_layout_probe
     if probe is None:
         return
-    folder = (manifest.folder / probe["path"]).parent
-    io = np.load(folder / "io.npz")
+    model = manifest.folder / probe["path"]
+    io_path = model.with_name("io.npz")  # its input and expected output, beside it
+    for path in (model, io_path):
+        if not path.is_file():
+            raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
+    with np.load(io_path) as io:
+        x, expected = io["x"], io["y"]
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS["basic"]
     try:
-        session = ort.InferenceSession(str(manifest.folder / probe["path"]), options, providers=["CPUExecutionProvider"])
-        got = session.run(None, {"x": io["x"]})[0]
-        same = got.shape == io["y"].shape and np.allclose(got, io["y"], rtol=1e-4, atol=1e-4)
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x})[0]
+        same = got.shape == expected.shape and np.allclose(got, expected, rtol=1e-4, atol=1e-4)
         why = "it computes the layout probe differently"
     except Exception as e:  # an ORT without NCHWc kernels for this CPU
         same, why = False, f"it cannot run the layout probe: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
@@ -143,13 +149,16 @@ def check_cpu_layout(manifest: Manifest) -> None:
         )
 
 
-def session_options(settings: SessionSettings, target: str, providers: list, component: str = "") -> ort.SessionOptions:
+def session_options(settings: SessionSettings, manifest: Manifest, providers: list, component: str = "") -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
     options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
     options.log_severity_level = settings.log_severity
-    options.graph_optimization_level = LEVELS[settings.optimization or default_level(target, providers, component)]
+    laid_out = manifest.cpu_layout_probe is not None
+    options.graph_optimization_level = LEVELS[
+        settings.optimization or default_level(manifest.target, providers, component, laid_out)
+    ]
     for key, value in settings.extra.items():
         options.add_session_config_entry(key, value)
     return options
@@ -236,7 +245,7 @@ class Component:
         self.run_seconds = 0.0  # time inside session runs, for the loop-overhead measurement
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(settings, manifest.target, providers, name),
+                str(self.path), session_options(settings, manifest, providers, name),
                 providers=provider_options(providers, manifest, name, settings),
             )
         except Exception as e:

@@ -211,3 +211,78 @@ def test_runtime_refuses_a_layout_it_cannot_run(cpu32, tmp_path):
     folder = copy_with_probe(cpu32, tmp_path / "export", change_model=unknown_kernel)
     with pytest.raises(ProviderError, match="laid out for another CPU \\(it cannot run the layout probe: .*NoSuchKernel"):
         StableDiffusionPipeline.load(folder)
+
+
+def test_format_version_marks_the_probe(cpu32, tiny32, tmp_path):
+    """Runtimes that read version 1 only would skip the probe: cpu exports with one are version 2."""
+    from sdruntime.manifest import MANIFEST_NAME, ExportError
+
+    assert read_manifest(cpu32).data["format_version"] == 2
+    assert read_manifest(tiny32).data["format_version"] == 1
+    folder = tmp_path / "export"
+    shutil.copytree(tiny32, folder)
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["format_version"] = 3
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(ExportError, match="format version 3, this runtime reads versions 1, 2: .*upgrade sdexport-runtime"):
+        read_manifest(folder)
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "io.npz"])
+def test_a_missing_probe_file_is_named(cpu32, tmp_path, name):
+    from sdruntime.manifest import ExportError
+
+    folder = tmp_path / "export"
+    shutil.copytree(cpu32, folder)
+    (folder / "cpu_layout_probe" / name).unlink()
+    with pytest.raises(ExportError, match=f"cpu_layout_probe/{name} is missing: run `sdexport convert` again"):
+        StableDiffusionPipeline.load(folder, verify=False)
+
+
+def test_session_levels_on_the_cpu_ep(cpu32, tiny32):
+    """Laid-out graphs load at "basic"; others get the NCHWc layout at load time for the VAE only."""
+    from sdruntime.session import LEVELS, SessionSettings, session_options
+
+    cpu = ["CPUExecutionProvider"]
+
+    def level(folder, component):
+        return session_options(SessionSettings(), read_manifest(folder), cpu, component).graph_optimization_level
+
+    assert level(cpu32, "vae_decoder") == level(cpu32, "unet") == LEVELS["basic"]
+    assert level(tiny32, "vae_decoder") == LEVELS["all"] and level(tiny32, "unet") == LEVELS["basic"]
+
+
+def relay(weight, block: int, new_block: int):
+    """OIHW weights stored in ORT's NCHWc filter order ([O/b][I/b][kh][kw][bi][bo]) for another block width."""
+    o, i, kh, kw = weight.shape
+    flat = weight.reshape(o // block, i // block, kh, kw, block, block)
+    oihw = flat.transpose(0, 5, 1, 4, 2, 3).reshape(o, i, kh, kw)
+    relaid = oihw.reshape(o // new_block, new_block, i // new_block, new_block, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+    return np.ascontiguousarray(relaid).reshape(o, i, kh, kw)
+
+
+def test_runtime_refuses_graphs_laid_out_for_another_vector_width(cpu32, tmp_path):
+    """The probe's filter re-laid in the other NCHWc block width (8 <-> 16), as another CPU's ORT writes it."""
+    from onnx import numpy_helper
+
+    from sdexport.optimize import ort_offline_optimize
+
+    # this machine's block width, from a convolution whose plain weights are known
+    weight = np.random.default_rng(1).standard_normal((32, 32, 3, 3), dtype=np.float32)
+    conv = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    stored = next(numpy_helper.to_array(t) for t in ort_offline_optimize(conv, "all").graph.initializer
+                  if t.dims == [32, 32, 3, 3])
+    block = next(b for b in (4, 8, 16) if np.array_equal(relay(stored, b, 1), weight))  # 1: plain OIHW
+    other = 8 if block == 16 else 16
+
+    def other_width(model):
+        tensor = next(t for t in model.graph.initializer if len(t.dims) == 4)
+        tensor.CopyFrom(numpy_helper.from_array(relay(numpy_helper.to_array(tensor), block, other), tensor.name))
+
+    folder = copy_with_probe(cpu32, tmp_path / "export", change_model=other_width)
+    with pytest.raises(ProviderError, match="laid out for another CPU \\(it computes the layout probe differently"):
+        StableDiffusionPipeline.load(folder)
