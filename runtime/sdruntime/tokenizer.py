@@ -70,9 +70,16 @@ class PromptTokenizer:
         self.max_length = max_length
         self.pad_id = pad_id
         self.fix_text = fix_text or ftfy_fix_text()
+        added = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
+        self.added_tokens = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
 
     def clean(self, prompt: str) -> str:
-        return ftfy_cleanup(prompt, self.fix_text) if self.fix_text else basic_cleanup(prompt)
+        """The cleanup of each stretch of text between special tokens, which stay as they are (as in transformers)."""
+        pieces = self.added_tokens.split(prompt) if self.added_tokens else [prompt]
+        return " ".join(
+            piece if i % 2 else (ftfy_cleanup(piece, self.fix_text) if self.fix_text else basic_cleanup(piece))
+            for i, piece in enumerate(pieces)
+        )
 
     def ids(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(self.clean(prompt)).ids

@@ -20,6 +20,7 @@ PROMPTS = [
     "\u00a0nbsp\u00a0here and a\u200bzero width",
     "control\x07char and \ufffd replacement",
     "mojibake cafÃ©",
+    "a &amp; b <|endoftext|> c &amp; d<|startoftext|>e",  # special tokens: each stretch between them is cleaned
     "",
 ]
 
