@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -27,6 +28,7 @@ from sdruntime.manifest import (
 from .errors import SdexportError, ValidationFailed
 
 ATTENTION_FOR_TARGET = {"generic": "sdpa", "cpu": "sdpa", "cuda": "plain", "tensorrt": "sdpa"}
+LOCK_NAME = ".convert.lock"  # in a convert's temporary folder while it works
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
 
@@ -213,17 +215,18 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     except OSError as e:
         raise SdexportError(f"cannot write to {out.parent} ({e.strerror}): choose another -o") from e
     try:
-        src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
-        log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
-        if loras:
-            src.loras = fuse_loras(src.pipe, loras, log)
-        manifest = export_all(src, tmp, opts)
-        write_configs(src.pipe, src, tmp, opts.components)
-        write_manifest(tmp, manifest)
-        if opts.validate or opts.auto_fp32_fallback:
-            from .validate import validate_conversion
+        with folder_lock(tmp):
+            src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
+            log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+            if loras:
+                src.loras = fuse_loras(src.pipe, loras, log)
+            manifest = export_all(src, tmp, opts)
+            write_configs(src.pipe, src, tmp, opts.components)
+            write_manifest(tmp, manifest)
+            if opts.validate or opts.auto_fp32_fallback:
+                from .validate import validate_conversion
 
-            validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
+                validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
         replace_folder(tmp, out)
     except ValidationFailed:
         raise  # the export stays in its temporary folder, with the report, for inspection
@@ -234,22 +237,58 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """Hold a lock file in a convert's temporary folder while it works: process ids do not tell a
+    convert on another host or in another container (same shared folder) from a killed one."""
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path = folder / LOCK_NAME
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a convert, here or on another host, holds the folder's lock file."""
+    import fcntl
+
+    try:
+        with open(folder / LOCK_NAME, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
 def remove_stale_temporaries(out: Path, log: Callable[[str], None]) -> None:
     """Remove what converts to OUT left behind when killed: their `.OUT.tmp-PID` folders, and the
     `.OUT.old-PID` of an interrupted replace once OUT is there. A folder whose process still runs
-    stays, and so does a failed validation's export, which is kept with its report for inspection."""
+    or whose lock is held stays, and so does a failed validation's export, which is kept with its
+    report for inspection. POSIX only."""
     from .validate import REPORT_NAME
 
     if os.name != "posix" or not out.parent.is_dir():
         return
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
         kind, _, pid = path.name[len(out.name) + 2:].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir() or process_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir() or path.is_symlink():
+            continue
+        if process_alive(int(pid)) or in_use(path):
             continue
         if (kind == "tmp" and (path / REPORT_NAME).is_file()) or (kind == "old" and not out.exists()):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        log(f"removed {path}, left by an interrupted convert")
+        if not path.exists():
+            log(f"removed {path}, left by an interrupted convert")
 
 
 def process_alive(pid: int) -> bool:

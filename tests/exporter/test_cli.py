@@ -176,6 +176,7 @@ def test_convert_removes_what_a_killed_convert_left(capsys, tmp_path):
         path.mkdir()
         (path / "sdexport.json").write_text("{}")
     (left[f".out.tmp-{dead + 1000000}"] / "validation.json").write_text("{}")
+    (left[f".out.tmp-{dead}"] / ".convert.lock").write_text("")  # its lock went with its process
     out.mkdir()  # an earlier export: the interrupted replace's old folder is not the only copy
     code, out_text, err = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check",
                               "--overwrite", "-o", str(out))
@@ -196,3 +197,27 @@ def test_an_interrupted_replace_keeps_the_previous_export(capsys, tmp_path):
     code, _, err = run(capsys, *args, "--overwrite")
     assert code == 0, err
     assert not old.exists()  # OUT was there: the leftover goes
+
+
+def test_a_locked_temporary_folder_stays(capsys, tmp_path):
+    """A convert on another host or container holds its folder's lock while its process id means nothing here."""
+    import subprocess
+    import sys
+
+    busy = tmp_path / f".out.tmp-{dead_pid()}"
+    busy.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"handle = open({str(busy / '.convert.lock')!r}, 'w')\n"
+        "fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check", "-o", str(tmp_path / "out"))
+        assert code == 0, err
+        assert busy.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "out" / ".convert.lock").exists()  # the export never holds the lock file

@@ -180,6 +180,7 @@ def test_convert_validate_keeps_a_failed_export_aside(overflow_source, tmp_path)
     report = json.loads((kept[0] / REPORT_NAME).read_text())
     assert not report["ok"] and report["components"]["unet"]["first_bad_node"]["node"].startswith(OVERFLOW_BLOCK)
     read_manifest(kept[0]).verify()
+    assert not (kept[0] / ".convert.lock").exists()
 
 
 def test_convert_validate_passes(tmp_path):
