@@ -105,26 +105,23 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
 
     The basic level uses standard ops only; the extended level's fusions (FusedConv, ...) run on
     the CPU EP; the "all" level adds the NCHWc layout, which is specific to the CPU's vector width.
-    A graph over 2 GB is written with its weights in one external file, as ORT is asked to.
+    ORT writes the weights to one external file (a graph may grow past 2 GB as NCHWc pads channels),
+    read back here. A model over 2 GB is consumed: saving it moves its tensors out of the proto.
     """
     import onnxruntime as ort
     from sdruntime.session import LEVELS
 
-    large = is_large(model)
     with tempfile.TemporaryDirectory(prefix="sdexport-opt-") as tmp:
         source, optimized = Path(tmp) / "in" / "model.onnx", Path(tmp) / "out" / "model.onnx"
         save_model(model, source)
-        del model
         optimized.parent.mkdir()
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
         options.optimized_model_filepath = str(optimized)
-        options.log_severity_level = 3  # its warning that "all" is machine-specific: the probe handles that
-        if large:
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             EXTERNAL_DATA_NAME)
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                             "1024")
+        if level == "all":
+            options.log_severity_level = 3  # its warning that "all" is machine-specific: the layout probe handles that
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_NAME)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         del session
         return onnx.load(str(optimized), load_external_data=True)
