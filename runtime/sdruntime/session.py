@@ -169,7 +169,11 @@ def check_external_data(model_path: Path) -> None:
     from .onnx_proto import external_data_locations
 
     folder = model_path.parent.resolve()
-    for location in external_data_locations(model_path):
+    try:
+        locations = external_data_locations(model_path)
+    except (ValueError, IndexError) as e:
+        raise ExportError(f"{model_path} is not an ONNX model ({e}): run `sdexport convert` again") from e
+    for location in locations:
         target = (folder / location).resolve()
         if os.path.isabs(location) or folder not in target.parents:
             raise ExportError(

@@ -140,3 +140,19 @@ def test_reused_binding_refills_the_same_buffers(tiny32):
     assert second is first
     np.testing.assert_array_equal(second.run()["out_sample"], unet.session.run(None, other)[0])
     assert not np.array_equal(out_a, unet.session.run(None, other)[0])
+
+
+def test_a_model_that_fails_to_load_is_named(tiny32, tmp_path):
+    """Sessions are created side by side on the CPU EP; a failure in one still reaches the caller in one line."""
+    from sdruntime import StableDiffusionPipeline
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny32, folder)
+    (folder / "unet" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="unet/model.onnx is not an ONNX model .*: run `sdexport convert` again"):
+        StableDiffusionPipeline.load(folder, verify=False)
+    model = onnx.load(str(tiny32 / "vae_decoder" / "model.onnx"))
+    model.graph.node[0].op_type = "NoSuchOp"
+    onnx.save_model(model, str(folder / "unet" / "model.onnx"))
+    with pytest.raises(ExportError, match="unet/model.onnx could not be loaded by ONNX Runtime"):
+        StableDiffusionPipeline.load(folder, verify=False)
