@@ -604,7 +604,7 @@ def e2e_entry(mode: str, min_psnr: float, **values) -> dict[str, Any]:
 
 
 def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, name: str, config: dict,
-               min_psnr: float) -> dict[str, dict[str, Any]]:
+               min_psnr: float, size: tuple[int, int]) -> dict[str, dict[str, Any]]:
     """Text-to-image and image-to-image through sdruntime.StableDiffusionPipeline and diffusers."""
     from sdruntime.pipeline import StableDiffusionPipeline
 
@@ -616,7 +616,6 @@ def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, name: str, confi
         runtime = StableDiffusionPipeline.load(manifest.folder, provider=opts.provider, verify=False)
     except ExportError as e:
         return {m: e2e_entry(m, min_psnr, ok=False, problems=[f"the runtime cannot load it: {e}"]) for m in modes}
-    size = end_to_end_size(manifest, opts)
     results = {"text2img": compare_generation("text2img", pipe, runtime, name, config, opts, min_psnr, size)}
     if manifest.has("vae_encoder"):
         results["img2img"] = compare_generation("img2img", pipe, runtime, name, config, opts, min_psnr, size)
@@ -697,7 +696,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     check_options(opts)
     started = time.perf_counter()
     manifest = read_manifest(folder)
-    end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
+    height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
     src = source if isinstance(source, Source) else load_reference(source, manifest, opts)
     pipe = src.pipe
     check_matches(manifest, pipe, src.name)
@@ -716,10 +715,9 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     fp16 = any(e["dtype"] == "fp16" for e in manifest.components.values())
     min_psnr = opts.min_psnr if opts.min_psnr is not None else MIN_PSNR["fp16" if fp16 else "fp32"]
     if opts.end_to_end:
-        e2e = end_to_end(pipe, manifest, opts, name, config, min_psnr)
+        e2e = end_to_end(pipe, manifest, opts, name, config, min_psnr, (height, width))
     else:
         e2e = {m: e2e_entry(m, min_psnr, skipped="not asked for") for m in ("text2img", "img2img")}
-    height, width = end_to_end_size(manifest, opts)
     report = {
         "report_version": REPORT_VERSION, "ok": False, "source": src.name, "export": str(manifest.folder.resolve()),
         "dtype": manifest.dtype, "target": manifest.target, "provider": provider_name(providers),
