@@ -315,6 +315,17 @@ class DiscreteScheduler:
             raise RuntimeError("call set_timesteps() before step()")
 
 
+def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.floating) -> np.ndarray:
+    """Denoised sample from a model output, for the sigma (VE) parameterisation x_t = x_0 + sigma eps."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    if prediction_type in ("sample", "original_sample"):
+        return model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
+
+
 class SigmaScheduler(DiscreteScheduler):
     """A scheduler stepping in sigma space (x_t = x_0 + sigma noise): Euler, Euler ancestral, LMS.
 
@@ -340,6 +351,12 @@ class SigmaScheduler(DiscreteScheduler):
         ).astype(np.float32)
         train_sigmas = sigmas_of(self.alphas_cumprod)
         return timesteps, train_sigmas, np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+
+    def _denoised(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Start of every sigma scheduler's step: (the step index, the sample as float32, the denoised sample)."""
+        model_output, sample = as_f32(model_output), as_f32(sample)
+        i = self._init_step_index(timestep)
+        return i, sample, predict_x0(self.config["prediction_type"], model_output, sample, self.sigmas[i])
 
     @property
     def init_noise_sigma(self) -> float:  # type: ignore[override]

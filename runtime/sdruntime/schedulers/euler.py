@@ -15,7 +15,6 @@ import numpy as np
 from ._common import (
     BETA_DEFAULTS,
     SigmaScheduler,
-    as_f32,
     check_choice,
     convert_sigmas,
     sigma_kind,
@@ -23,17 +22,6 @@ from ._common import (
 )
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
-
-
-def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.floating) -> np.ndarray:
-    """Denoised sample from a model output, for the sigma (VE) parameterisation x_t = x_0 + sigma eps."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    if prediction_type in ("sample", "original_sample"):
-        return model_output
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
@@ -87,10 +75,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         noise: np.ndarray | None = None,
         eta: float = 0.0,
     ) -> np.ndarray:
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
+        i, sample, x0 = self._denoised(model_output, timestep, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
         derivative = (sample - x0) / sigma
         self._step_index += 1
         return sample + derivative * (sigma_next - sigma)

@@ -15,11 +15,9 @@ import numpy as np
 from ._common import (
     BETA_DEFAULTS,
     SigmaScheduler,
-    as_f32,
     check_choice,
     draw_noise,
 )
-from .euler import predict_x0
 
 
 def ancestral_sigmas(sigma_from: np.floating, sigma_to: np.floating) -> tuple[np.floating, np.floating]:
@@ -55,10 +53,8 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         noise: np.ndarray | None = None,
         eta: float = 0.0,
     ) -> np.ndarray:
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
+        i, sample, x0 = self._denoised(model_output, timestep, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
         prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
         self._step_index += 1

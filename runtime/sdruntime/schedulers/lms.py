@@ -16,13 +16,11 @@ from numpy.polynomial import Polynomial
 from ._common import (
     BETA_DEFAULTS,
     SigmaScheduler,
-    as_f32,
     check_choice,
     convert_sigmas,
     sigma_kind,
     sigma_to_t,
 )
-from .euler import predict_x0
 
 
 def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
@@ -82,11 +80,8 @@ class LMSDiscreteScheduler(SigmaScheduler):
         noise: np.ndarray | None = None,
         eta: float = 0.0,
     ) -> np.ndarray:
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
-        sigma = self.sigmas[i]
-        x0 = predict_x0(self.config["prediction_type"], model_output, sample, sigma)
-        self.derivatives = [*self.derivatives[-(self.max_order - 1) :], (sample - x0) / sigma]
+        i, sample, x0 = self._denoised(model_output, timestep, sample)
+        self.derivatives = [*self.derivatives[-(self.max_order - 1) :], (sample - x0) / self.sigmas[i]]
         # Order follows the step index, as in diffusers; after set_begin_index > 0 the first steps
         # then use the leading coefficients of a higher order formula.
         order = min(i + 1, self.max_order)
