@@ -12,7 +12,7 @@ from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, ExportError
 from sdruntime.pipeline import GenerationError
 from sdruntime.session import ProviderError
 
-from .errors import SdexportError, ValidationFailed
+from .errors import GraphCheckFailed, SdexportError, ValidationFailed
 from .presets import DEFAULT_PRESET
 
 
@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValidationFailed as e:
         click.echo(f"sdexport: {e}", err=True)
+        return 1
+    except GraphCheckFailed as e:
+        click.echo(f"sdexport: error: {e} (an exporter bug: please report it; nothing was written)", err=True)
         return 1
     except click.exceptions.Abort:
         click.echo("sdexport: aborted", err=True)

@@ -65,6 +65,13 @@ def checkable(target: str) -> bool:
     return CHECK_PROVIDER[target] in ort.get_available_providers()
 
 
+def check_written(component: str, path: Path, target: str) -> None:
+    """The written graph type-checks and, where this machine runs its target, loads (graph_check.py)."""
+    from .graph_check import check_written_graph
+
+    check_written_graph(component, path, CHECK_PROVIDER[target] if checkable(target) else None)
+
+
 def check_options(opts: ConvertOptions) -> None:
     """Refuse bad options before anything is loaded or written."""
     unknown = [c for c in opts.components if c not in COMPONENTS]
@@ -363,6 +370,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         files = save_model(model, path)
         laid_out = laid_out or uses_cpu_layout(model)
         del model
+        check_written(component, path, opts.target)
         result = None
         if check:
             result = compare_with_torch(component, pipe, path, 1 if not static else batch, latent,
@@ -374,6 +382,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
             "attention": attention,
             "fp32_nodes": kept,
             "export_max_abs_diff": result["max_abs_diff"] if result else None,
+            "export_relative_l2": result["relative_l2"] if result else None,
             **describe_io(component, dtype, dims, facts["num_hidden_states"]),
         }
         if component == "text_encoder":

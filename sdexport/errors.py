@@ -7,3 +7,7 @@ class SdexportError(Exception):
 
 class ValidationFailed(Exception):
     """The export does not match PyTorch within tolerance (exit code 1)."""
+
+
+class GraphCheckFailed(Exception):
+    """A graph the exporter wrote fails ONNX's type check or does not load: an exporter bug (exit code 1)."""

@@ -57,18 +57,56 @@ def fp32_nodes(component: str, model: onnx.ModelProto, upcast_attention: bool) -
 
 
 def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) -> onnx.ModelProto:
-    """Convert an fp32 model to fp16, keeping the given nodes and the fixed fp32 inputs in fp32."""
+    """Convert an fp32 model to fp16, keeping the given nodes and the fixed fp32 inputs in fp32.
+
+    The converter places its Casts by the types in `value_info`: every value's type is inferred
+    first, on a copy without the weights, so graphs over 2 GB get the same Casts as small ones.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from .export import is_large
-
+    inferred = infer_value_types(model)
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred)
     converted = convert_float_to_float16(
         model,
         keep_io_types=FP32_INPUTS.get(component, []),
         node_block_list=keep_fp32_nodes,
-        disable_shape_infer=is_large(model),
+        disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
     )
     return drop_fp16_round_trips(converted)
+
+
+# Initializers larger than this are replaced by a typed, shaped stub for inference; smaller ones
+# (shape vectors, axes, scalars) keep their values, which inference reads to propagate shapes.
+STUB_MIN_BYTES = 4096
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its large initializers reduced to name, type and dims (data marked external)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(graph, field).extend(getattr(model.graph, field))
+    for tensor in model.graph.initializer:
+        stub = graph.initializer.add()
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() < STUB_MIN_BYTES:
+            stub.CopyFrom(tensor)
+            continue
+        stub.name, stub.data_type = tensor.name, tensor.data_type
+        stub.dims.extend(tensor.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        stub.external_data.add(key="location", value="weights-not-loaded")
+    return light
+
+
+def infer_value_types(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Type and shape of every intermediate value, as ONNX's inference finds them (any model size)."""
+    inferred = onnx.shape_inference.infer_shapes(weightless_copy(model))
+    return list(inferred.graph.value_info)
 
 
 def _cast_to(node: onnx.NodeProto) -> int | None:

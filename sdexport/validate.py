@@ -831,7 +831,7 @@ def check_report(report: dict[str, Any], where: str = "") -> None:
 
 def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] | None, note: str) -> None:
     """Re-export one component with these nodes kept in fp32 (None: all of it) and update the manifest."""
-    from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, checkable
+    from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, check_written, checkable
     from .export import compare_with_torch, save_model
     from .optimize import finish_graph, uses_cpu_layout
 
@@ -848,6 +848,7 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
     if uses_cpu_layout(model):  # an fp16 cpu export's component now in fp32 and laid out
         add_cpu_layout_probe(folder, manifest.data)
     del model
+    check_written(component, path, target)
     _, latent, batch = trace_shapes(component, manifest)
     check = None
     if checkable(target):
@@ -858,6 +859,7 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
         "files": [file_entry(folder, f"{component}/{name}") for name in files] + others,
         "fp32_nodes": fp32_nodes or [],
         "export_max_abs_diff": check["max_abs_diff"] if check else None,
+        "export_relative_l2": check["relative_l2"] if check else None,
         "notes": [*entry.get("notes", []), note],
     })
     if fp32_nodes is None:
