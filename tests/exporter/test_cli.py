@@ -221,3 +221,13 @@ def test_a_locked_temporary_folder_stays(capsys, tmp_path):
         holder.kill()
         holder.wait()
     assert not (tmp_path / "out" / ".convert.lock").exists()  # the export never holds the lock file
+
+
+def test_importing_diffusers_through_sdexport_prints_nothing():
+    """diffusers' warning about two distributions of `optimum` (optimum-onnx installed) stays quiet."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sdexport.conversion; from diffusers import StableDiffusionPipeline"],
+                          capture_output=True, text=True, check=True)
+    assert "Multiple distributions" not in done.stderr, done.stderr
