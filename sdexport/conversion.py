@@ -168,7 +168,8 @@ def write_tokenizer(pipe, folder: Path) -> None:
 
 def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
     write_tokenizer(pipe, tmp / "tokenizer")
-    pipe.scheduler.save_config(tmp / "scheduler")
+    from .scheduler_config import write_scheduler_config  # only the keys the source set: swaps then match diffusers
+    write_scheduler_config(pipe.scheduler, tmp / "scheduler")
     configs = {
         "text_encoder": lambda d: pipe.text_encoder.config.save_pretrained(d),
         "unet": lambda d: pipe.unet.save_config(d),

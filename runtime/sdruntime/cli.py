@@ -62,6 +62,8 @@ def cli() -> None:
 @click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
 @click.option("--strength", default=0.8, show_default=True, type=float)
 @click.option("--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last.")
+@click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]), default=None,
+              help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own).")
 @click.option("-o", "--output", default="image.png", show_default=True, help="PNG path; several images get -0, -1, ...")
 def generate(folder, prompt, provider, threads, no_verify, seed, num_images, output, init_image, **kwargs):
     """Draw PROMPT with the export in FOLDER."""

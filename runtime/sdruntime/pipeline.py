@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +18,7 @@ from PIL import Image
 from .image import load_init_image, parameters_text, save_png, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
-from .schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
@@ -47,6 +47,19 @@ class GenerationResult:
             save_png(image, path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}"), text)
             for i, (image, text) in enumerate(zip(self.images, self.parameters))
         ]
+
+
+def read_scheduler_config(folder: str | Path) -> dict:
+    """An export's scheduler_config.json, as written: schedulers give the keys it lacks their own defaults.
+
+    Exports made before the exporter kept the source's form have every key; they run as they always did.
+    """
+    import json
+
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _as_list(value: str | Sequence[str], what: str) -> list[str]:
@@ -82,7 +95,7 @@ class StableDiffusionPipeline:
         self.tokenizer = PromptTokenizer(
             self.folder / "tokenizer" / "tokenizer.json", facts["tokenizer_max_length"], facts["pad_token_id"]
         )
-        self.scheduler_config = self._read_scheduler_config()
+        self.scheduler_config = read_scheduler_config(self.folder)
         self.default_scheduler = scheduler_name_for_class(facts["scheduler_class"], self.scheduler_config) or "pndm"
         self._components: dict[str, Component] = {}
         names = ("text_encoder", "unet", "vae_decoder")
@@ -99,14 +112,6 @@ class StableDiffusionPipeline:
              verify: bool = True) -> StableDiffusionPipeline:
         """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers."""
         return cls(Path(folder), provider, settings or SessionSettings(), verify)
-
-    def _read_scheduler_config(self) -> dict:
-        import json
-
-        path = self.folder / "scheduler" / "scheduler_config.json"
-        if not path.is_file():
-            raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
-        return json.loads(path.read_text(encoding="utf-8"))
 
     def component(self, name: str) -> Component:
         """A component's session, created on first use (the VAE encoder only for image-to-image)."""
@@ -247,11 +252,17 @@ class StableDiffusionPipeline:
         strength: float = 0.8,
         progress: bool = False,
         prompt_embeds: np.ndarray | None = None,
+        timestep_spacing: str | None = None,
+        scheduler_options: Mapping[str, object] | None = None,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines.
 
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
         the prompts (the negative prompts are still encoded), as in diffusers.
+
+        The scheduler is built from the export's scheduler config as `Cls.from_config(config)` builds it;
+        `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,
+        e.g. {"steps_offset": 1}) override it, as `Cls.from_config(config, **options)` does.
         """
         call_started = time.perf_counter()
         prompts = _as_list(prompt, "prompt")
@@ -269,6 +280,13 @@ class StableDiffusionPipeline:
         name = scheduler or self.default_scheduler
         if name not in SCHEDULERS:
             raise GenerationError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
+        options = dict(scheduler_options or {})
+        if timestep_spacing is not None:
+            if timestep_spacing not in TIMESTEP_SPACINGS:
+                raise GenerationError(
+                    f"unknown timestep_spacing '{timestep_spacing}': choose one of {', '.join(TIMESTEP_SPACINGS)}"
+                )
+            options["timestep_spacing"] = timestep_spacing
 
         facts = self.manifest.pipeline
         batch = len(prompts) * num_images
@@ -281,7 +299,7 @@ class StableDiffusionPipeline:
 
         seeds = self._seeds(seed, batch)
         generator = make_generator(seeds if isinstance(seed, (list, tuple)) else seeds[0])
-        sched = make_scheduler(name, self.scheduler_config)
+        sched = make_scheduler(name, self.scheduler_config, options)
         sched.set_timesteps(num_inference_steps)
         guided = guidance_scale > 1.0
         negatives = (negatives or [""] * len(prompts)) if guided else None

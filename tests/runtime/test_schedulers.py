@@ -120,6 +120,21 @@ def run_and_compare(
 ) -> int:
     """Denoise with both schedulers as the (img2img if `strength`) pipeline does; returns the step count."""
     ours, theirs = build(name, config)
+    return compare_schedulers(name, ours, theirs, steps, eta=eta, strength=strength, seed=seed, rtol=rtol)
+
+
+def compare_schedulers(
+    name: str,
+    ours,
+    theirs,
+    steps: int,
+    *,
+    eta: float = 0.0,
+    strength: float | None = None,
+    seed: int = 0,
+    rtol: float = 1e-5,
+) -> int:
+    """run_and_compare on schedulers built by the caller."""
     assert ours.order == theirs.order
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)

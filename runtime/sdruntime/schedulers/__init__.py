@@ -2,7 +2,10 @@
 
 Each scheduler is built from the contents of an exported ``scheduler_config.json`` (written by any diffusers
 scheduler class) exactly as ``XScheduler.from_config(config)`` would read it, and produces the same timesteps
-and samples as diffusers to float32 rounding. A denoising loop uses them as the diffusers pipelines do::
+and samples as diffusers to float32 rounding. Keys the config sets carry over; keys it lacks (or lists in
+``_use_default_values``) take the chosen class's own default, its ``DEFAULTS``: SD 1.5's config has no
+``timestep_spacing``, so ``pndm`` runs ``leading`` and ``euler`` ``linspace``, as in diffusers. A denoising
+loop uses them as the diffusers pipelines do::
 
     scheduler = make_scheduler("euler", config)
     scheduler.set_timesteps(steps)
@@ -15,7 +18,7 @@ and samples as diffusers to float32 rounding. A denoising loop uses them as the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -31,6 +34,7 @@ from .pndm import PNDMScheduler
 class Scheduler(Protocol):
     """What the pipeline relies on; mirrors the diffusers scheduler API it uses."""
 
+    DEFAULTS: ClassVar[dict[str, Any]]  # the diffusers class's `__init__` defaults: what a config lacks
     order: int
     init_noise_sigma: float
     timesteps: np.ndarray  # set by set_timesteps, the same values as diffusers' scheduler.timesteps
@@ -92,17 +96,34 @@ def scheduler_name_for_class(class_name: str, config: Mapping[str, Any] | None =
     return name
 
 
-def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
-    """Build scheduler `name` from a scheduler config dict (any diffusers scheduler's)."""
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+def make_scheduler(name: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Scheduler:
+    """Build scheduler `name` from a scheduler config dict (any diffusers scheduler's).
+
+    `overrides` replace config values as keyword arguments to diffusers' `from_config(config, **overrides)` do,
+    defaulted or not, e.g. {"timestep_spacing": "trailing"}; the variant's own setting (karras sigmas for
+    dpm++2m-karras) still wins.
+    """
     try:
         cls = SCHEDULERS[name]
     except KeyError:
         raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    if overrides:
+        unknown = sorted(set(overrides) - set(cls.DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"{name} has no setting {unknown[0]!r}: choose among {', '.join(sorted(cls.DEFAULTS))}"
+            )
+        defaulted = [k for k in config.get("_use_default_values") or () if k not in overrides]
+        config = {**config, **overrides, "_use_default_values": defaulted}
     return cls(config)
 
 
 __all__ = [
     "SCHEDULERS",
+    "TIMESTEP_SPACINGS",
     "DDIMScheduler",
     "DPMSolverMultistepKarrasScheduler",
     "DPMSolverMultistepScheduler",

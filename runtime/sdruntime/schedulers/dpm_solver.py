@@ -62,6 +62,8 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         "steps_offset": 0,
         "rescale_betas_zero_snr": False,
         "use_dynamic_shifting": False,
+        "time_shift_type": "exponential",  # this and flow_shift only matter with use_flow_sigmas (rejected)
+        "flow_shift": 1.0,
         # Not DPM-Solver arguments, but diffusers' sigma conversions read them when the config carries them.
         "sigma_min": None,
         "sigma_max": None,
