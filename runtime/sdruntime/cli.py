@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
+from . import __version__
 from .manifest import ExportError
 from .session import ProviderError
 
@@ -16,16 +20,53 @@ def _provider(value: str):
     return [p.strip() for p in value.split(",")] if "," in value else value
 
 
-def _load(folder: str, provider: str, threads: int, no_verify: bool):
+def _load(folder: str, provider: str, threads: int, no_verify: bool, verbose: bool, img2img: bool = False):
     from .pipeline import StableDiffusionPipeline
     from .session import SessionSettings
 
     pipe = StableDiffusionPipeline.load(
         folder, provider=_provider(provider), settings=SessionSettings(intra_op_threads=threads), verify=not no_verify
     )
-    for name, used in pipe.component_providers.items():
-        click.echo(f"{name}: {used}", err=True)
+    if img2img:
+        pipe.component("vae_encoder")  # now, so that an export without one is named before anything runs
+    if verbose:
+        used = ", ".join(f"{name} {ep}" for name, ep in pipe.component_providers.items())
+        click.echo(f"providers: {used}", err=True)
     return pipe
+
+
+def check_output_file(output: str) -> None:
+    """Refuse an image path that cannot be written before any model runs."""
+    from .image import IMAGE_FORMATS
+
+    path = Path(output)
+    if path.suffix.lower() not in IMAGE_FORMATS:
+        raise click.UsageError(f"-o {output}: end the name with {', '.join(IMAGE_FORMATS)} (it picks the format)")
+    _check_folder(output, path.parent)
+    if path.is_dir():
+        raise click.UsageError(f"-o {output} is a folder: name an image file in it")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise click.UsageError(f"-o {output} exists and is not writable: choose another name")
+
+
+def _check_folder(output: str, folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise click.UsageError(f"-o {output}: {folder} is not a folder")
+    if not folder.is_dir():
+        raise click.UsageError(f"-o {output}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.UsageError(f"-o {output}: the folder {folder} is not writable; choose another")
+
+
+def make_output_folder(output: str) -> Path:
+    """Create the frames' folder before any model runs; one line if it cannot be."""
+    folder = Path(output)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise click.UsageError(f"-o {output}: cannot create the folder ({e.strerror or e})") from None
+    _check_folder(output, folder)
+    return folder
 
 
 common = [
@@ -38,7 +79,29 @@ common = [
     click.option("--height", type=int),
     click.option("--width", type=int),
     click.option("--negative-prompt", default=None),
+    click.option("-v", "--verbose", is_flag=True, help="Print which execution provider runs each component."),
 ]
+
+
+def one_line_warnings(command):
+    """Run a command with each distinct warning printed once, as one line on stderr (`sdexport` too)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        prog_name = click.get_current_context().find_root().info_name or "sdruntime"
+        seen: set[str] = set()
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if str(message) not in seen:
+                seen.add(str(message))
+                click.echo(f"{prog_name}: warning: {message}", err=True)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            return command(*args, **kwargs)
+
+    return run
 
 
 def with_common(f):
@@ -48,6 +111,7 @@ def with_common(f):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", message="%(prog)s %(version)s")
 def cli() -> None:
     """Run Stable Diffusion exports with ONNX Runtime and NumPy."""
 
@@ -64,11 +128,19 @@ def cli() -> None:
 @click.option("--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last.")
 @click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]), default=None,
               help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own).")
-@click.option("-o", "--output", default="image.png", show_default=True, help="PNG path; several images get -0, -1, ...")
-def generate(folder, prompt, provider, threads, no_verify, seed, num_images, output, init_image, **kwargs):
+@click.option("-o", "--output", default="image.png", show_default=True,
+              help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...")
+@one_line_warnings
+def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_images, output, init_image, **kwargs):
     """Draw PROMPT with the export in FOLDER."""
-    pipe = _load(folder, provider, threads, no_verify)
+    check_output_file(output)
     seeds = list(seed)
+    if len(seeds) == 1 and num_images > 1:
+        # seed, seed + 1, ... as A1111 numbers a batch: each image's recorded seed draws it again alone
+        if seeds[0] + num_images > 2**32:
+            raise click.UsageError(f"--seed {seeds[0]} with -n {num_images} runs past 2**32 - 1: choose a smaller seed")
+        seeds = [seeds[0] + i for i in range(num_images)]
+    pipe = _load(folder, provider, threads, no_verify, verbose, img2img=init_image is not None)
     result = pipe(
         prompt, seed=seeds[0] if len(seeds) == 1 else (seeds or None), num_images=num_images,
         image=init_image, progress=True, **kwargs,
@@ -85,10 +157,11 @@ def generate(folder, prompt, provider, threads, no_verify, seed, num_images, out
 @click.option("--seed", default=0, show_default=True, type=int)
 @with_common
 @click.option("-o", "--output", default="interpolation", show_default=True, help="Folder for the frames and the sheet.")
-def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verify, output, **kwargs):
+@one_line_warnings
+def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verify, verbose, output, **kwargs):
     """Interpolate between prompts: slerp of the starting noise, lerp of the text embeddings."""
     from . import interpolate as walk
-    from .image import contact_sheet
+    from .image import contact_sheet, save_image
 
     if grid and len(prompts) != 4:
         raise click.UsageError(f"--grid needs four --prompt corners, got {len(prompts)}")
@@ -96,15 +169,14 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
         raise click.UsageError(f"pairwise interpolation needs two --prompt, got {len(prompts)} (or use --grid with four)")
     if (grid or frames) < 2:
         raise click.UsageError("--frames and --grid need at least 2")
-    pipe = _load(folder, provider, threads, no_verify)
+    out = make_output_folder(output)
+    pipe = _load(folder, provider, threads, no_verify, verbose)
     if grid:
         images, columns = walk.bilinear(pipe, list(prompts), grid, seed=seed, **kwargs), grid
     else:
         images, columns = walk.pairwise(pipe, prompts[0], prompts[1], frames, seed=seed, **kwargs), frames
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(out / f"frame-{i:03d}.png")
+        save_image(image, out / f"frame-{i:03d}.png", image.info["parameters"])
     contact_sheet(images, columns).save(out / "sheet.png")
     click.echo(out / "sheet.png")
 

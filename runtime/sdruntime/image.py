@@ -1,13 +1,21 @@
-"""Pixels in and out: decoded arrays to uint8 PIL images, PNGs with generation parameters, init images."""
+"""Pixels in and out: decoded arrays to uint8 PIL images, image files with generation parameters, init images."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .manifest import ExportError
+
+# Output extensions and the Pillow format each one is written in
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+UNICODE_PREFIX = b"UNICODE\0"
 
 
 def to_pil(decoded: np.ndarray) -> list[Image.Image]:
@@ -16,26 +24,83 @@ def to_pil(decoded: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
-def parameters_text(prompt: str, negative_prompt: str, steps: int, scheduler: str, guidance: float,
-                    seed: int | None, width: int, height: int, model: str) -> str:
-    """The `parameters` text chunk, in the form image tools (A1111, ComfyUI readers) parse."""
+def parameters_text(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
+    """The `parameters` text, in the form image tools (A1111, ComfyUI readers) parse: the prompt, the
+    negative prompt, then "Key: value" pairs in the order given (None values are left out)."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    fields = [f"Steps: {steps}", f"Sampler: {scheduler}", f"CFG scale: {guidance:g}"]
-    if seed is not None:
-        fields.append(f"Seed: {seed}")
-    fields += [f"Size: {width}x{height}", f"Model: {model}"]
-    lines.append(", ".join(fields))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items() if value is not None))
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+def _quote(value: object) -> str:
+    """A value as A1111 writes it: JSON-quoted when a comma, colon or newline would split the fields."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def image_format(path: str | Path) -> str:
+    """The Pillow format an output path's extension asks for."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(
+            f"cannot write {path}: name it with one of {', '.join(IMAGE_FORMATS)} (got {suffix or 'no extension'})"
+        )
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(image: Image.Image, path: str | Path, parameters: str) -> Path:
+    """Write PNG, JPEG or WebP by the path's extension, with `parameters` where readers look for it:
+    a PNG `parameters` text chunk, else the EXIF UserComment (UTF-16, as A1111 writes it)."""
     path = Path(path)
-    image.save(path, format="PNG", pnginfo=info)
+    fmt = image_format(path)
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        image.save(path, format=fmt, pnginfo=info)
+        return path
+    exif = Image.Exif()
+    exif.endian = ">"  # UserComment's UTF-16 follows the EXIF byte order; A1111 writes big-endian
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE_PREFIX + parameters.encode("utf-16-be")
+    image.save(path, format=fmt, exif=exif, quality=95)
     return path
+
+
+def read_parameters(path: str | Path) -> str | None:
+    """The generation parameters save_image wrote (PNG text chunk or EXIF UserComment), or None."""
+    with Image.open(path) as image:
+        if "parameters" in getattr(image, "text", {}):
+            return image.text["parameters"]
+        exif = image.getexif()
+        comment = exif.get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not comment:
+        return None
+    if comment.startswith(UNICODE_PREFIX):
+        return comment[len(UNICODE_PREFIX) :].decode("utf-16-be" if exif.endian == ">" else "utf-16-le")
+    if comment.startswith(b"ASCII\0\0\0"):
+        comment = comment[8:]
+    return comment.decode("utf-8", errors="replace")
+
+
+def short_hash(digest: str) -> str:
+    """The first 10 hex digits of a sha256, as A1111's "Model hash" shows it."""
+    return digest[:10]
+
+
+def init_image_hash(image) -> str:
+    """Short sha256 of an init image: of the file for a path, of the RGB pixels for a PIL image or array."""
+    digest = hashlib.sha256()
+    if isinstance(image, Image.Image):
+        digest.update(f"{image.width}x{image.height}".encode())
+        digest.update(image.convert("RGB").tobytes())
+    elif isinstance(image, np.ndarray):
+        digest.update(np.ascontiguousarray(image).tobytes())
+    else:
+        with open(image, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return short_hash(digest.hexdigest())
 
 
 def load_init_image(image, width: int, height: int) -> np.ndarray:

@@ -33,14 +33,18 @@ def _cond(pipe, prompt: str) -> np.ndarray:
     return pipe.encode_prompt([prompt], None, 1)
 
 
-def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, **kwargs) -> Image.Image:
-    """One image from given starting noise and prompt embeddings (noise is scaled by init_noise_sigma inside)."""
-    return pipe(label, latents=noise, prompt_embeds=embeds, num_images=1, **kwargs).images[0]
+def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, seed: int, walk: str, **kwargs) -> Image.Image:
+    """One image from given starting noise and prompt embeddings (noise is scaled by init_noise_sigma inside);
+    `seed` draws the noise the steps add (ancestral schedulers). The image's info["parameters"] says how it was made."""
+    result = pipe(label, latents=noise, prompt_embeds=embeds, num_images=1, seed=seed, **kwargs)
+    image = result.images[0]
+    image.info["parameters"] = f"{result.parameters[0]}, Interpolation: {walk}"
+    return image
 
 
 def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, height: int | None = None,
              width: int | None = None, **kwargs) -> list[Image.Image]:
-    """N frames from A to B; noise from `seed` (A) and `seed + 1` (B)."""
+    """N frames from A to B; starting noise from `seed` (A) and `seed + 1` (B), the steps' noise from `seed`."""
     height = height or pipe.manifest.pipeline["default_height"]
     width = width or pipe.manifest.pipeline["default_width"]
     noise_a, noise_b = _noise(pipe, seed, height, width), _noise(pipe, seed + 1, height, width)
@@ -49,7 +53,9 @@ def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, hei
     for t in np.linspace(0.0, 1.0, frames):
         embeds = (1 - t) * cond_a + t * cond_b
         label = f"{prompt_a} -> {prompt_b} ({t:.2f})"
-        images.append(_frame(pipe, slerp(t, noise_a, noise_b), embeds, label, height=height, width=width, **kwargs))
+        walk = f"pairwise t={t:.2f} of noise seeds {seed} and {seed + 1}"
+        images.append(_frame(pipe, slerp(t, noise_a, noise_b), embeds, label, seed, walk, height=height, width=width,
+                             **kwargs))
     return images
 
 
@@ -57,7 +63,8 @@ def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | N
              width: int | None = None, **kwargs) -> list[Image.Image]:
     """A size x size grid, row by row; corners are top-left, top-right, bottom-left, bottom-right.
 
-    Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns.
+    Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns. The steps'
+    noise comes from `seed`.
     """
     height = height or pipe.manifest.pipeline["default_height"]
     width = width or pipe.manifest.pipeline["default_width"]
@@ -71,5 +78,6 @@ def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | N
             embeds = ((1 - u) * (1 - v) * conds[0] + u * (1 - v) * conds[1]
                       + (1 - u) * v * conds[2] + u * v * conds[3])
             label = f"bilinear({u:.2f}, {v:.2f}) of {' | '.join(corners)}"
-            images.append(_frame(pipe, noise, embeds, label, height=height, width=width, **kwargs))
+            walk = f"bilinear u={u:.2f} v={v:.2f} of noise seeds {seed} to {seed + 3}"
+            images.append(_frame(pipe, noise, embeds, label, seed, walk, height=height, width=width, **kwargs))
     return images

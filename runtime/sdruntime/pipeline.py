@@ -4,6 +4,7 @@ StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ON
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 import warnings
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .image import load_init_image, parameters_text, save_png, to_pil
+from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class
@@ -39,12 +40,13 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> list[Path]:
-        """Write PNGs with their parameters; several images get numbered names (out-0.png, out-1.png)."""
+        """Write the images with their parameters, as PNG, JPEG or WebP by the extension; several images
+        get numbered names (out-0.png, out-1.png)."""
         path = Path(path)
         if len(self.images) == 1:
-            return [save_png(self.images[0], path, self.parameters[0])]
+            return [save_image(self.images[0], path, self.parameters[0])]
         return [
-            save_png(image, path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}"), text)
+            save_image(image, path.with_name(f"{path.stem}-{i}{path.suffix}"), text)
             for i, (image, text) in enumerate(zip(self.images, self.parameters))
         ]
 
@@ -97,6 +99,7 @@ class StableDiffusionPipeline:
         )
         self.scheduler_config = read_scheduler_config(self.folder)
         self.default_scheduler = scheduler_name_for_class(facts["scheduler_class"], self.scheduler_config) or "pndm"
+        self.model_hash = self._model_hash()
         self._components: dict[str, Component] = {}
         names = ("text_encoder", "unet", "vae_decoder")
         if first_provider(self.providers) == "CPUExecutionProvider":
@@ -123,6 +126,14 @@ class StableDiffusionPipeline:
         if not self.manifest.has(name):
             raise ExportError(f"{self.folder} has no {name}: export it with `sdexport convert --components ...,{name}`")
         return Component(self.manifest, name, self.providers, self.settings)
+
+    def _model_hash(self) -> str:
+        """Short sha256 over the manifest's hashes of the files that draw (text encoder, U-Net, VAE decoder)."""
+        digest = hashlib.sha256()
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            for entry in self.manifest.components[name]["files"]:
+                digest.update(f"{entry['path']} {entry['sha256']}\n".encode())
+        return short_hash(digest.hexdigest())
 
     @property
     def component_providers(self) -> dict[str, str]:
@@ -297,11 +308,20 @@ class StableDiffusionPipeline:
         width = size["width"] if width is None else width
         self.check_size(height, width)
 
+        # one generator per image for a list of seeds, and for a random batch: each image's seed draws it alone
+        per_image = isinstance(seed, (list, tuple)) or (seed is None and batch > 1)
         seeds = self._seeds(seed, batch)
-        generator = make_generator(seeds if isinstance(seed, (list, tuple)) else seeds[0])
+        generator = make_generator(seeds if per_image else seeds[0])
         sched = make_scheduler(name, self.scheduler_config, options)
         sched.set_timesteps(num_inference_steps)
         guided = guidance_scale > 1.0
+        if guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt):
+            warnings.warn(
+                f"guidance_scale {guidance_scale:g} <= 1 turns classifier-free guidance off, as in diffusers: the "
+                "prompt alone steers and the negative prompt is unused; use a value above 1 to guide", stacklevel=2,
+            )
+        if eta and name != "ddim":
+            warnings.warn(f"eta {eta:g} only applies to ddim: {name} ignores it", stacklevel=2)
         negatives = (negatives or [""] * len(prompts)) if guided else None
         if prompt_embeds is None:
             embeddings = self.encode_prompt(prompts, negatives, num_images, clip_skip)
@@ -341,13 +361,28 @@ class StableDiffusionPipeline:
                    "steps": float(len(timesteps))}
         images = to_pil(self.vae_decode(final))
         timings["total"] = time.perf_counter() - call_started
-        model = Path(self.manifest.data["source"]["name"]).name
-        texts = [
-            parameters_text(prompts[i // num_images], (negatives or [""] * len(prompts))[i // num_images],
-                            num_inference_steps, name, guidance_scale, seeds[i] if isinstance(seed, (list, tuple)) else seeds[0],
-                            width, height, model)
-            for i in range(batch)
-        ]
+        # A1111's fields first, in its order; then what only this runtime sets
+        method = {
+            "Steps": num_inference_steps, "Sampler": name, "Timestep spacing": sched.config.get("timestep_spacing"),
+            "CFG scale": f"{guidance_scale:g}",
+        }
+        settings = {
+            "Size": f"{width}x{height}", "Model hash": self.model_hash,
+            "Model": Path(self.manifest.data["source"]["name"]).name,
+            "Denoising strength": f"{strength:g}" if image is not None else None,
+            "Init image hash": init_image_hash(image) if image is not None else None,
+            "Clip skip": clip_skip or None, "Eta": f"{eta:g}" if name == "ddim" else None,
+            "Scheduler options": "; ".join(f"{k}={v}" for k, v in (scheduler_options or {}).items()) or None,
+            "Latents": "given" if latents is not None and image is None else None,
+            "Prompt embeds": "given" if prompt_embeds is not None else None,
+        }
+        texts = []
+        for i in range(batch):
+            # a shared generator draws the whole batch: its seed brings image i back only with the batch
+            batch_fields = {} if per_image or batch == 1 else {"Batch size": batch, "Batch pos": i}
+            fields = {**method, "Seed": seeds[i] if per_image else seeds[0], **settings, **batch_fields}
+            negative = (negatives or [""] * len(prompts))[i // num_images]
+            texts.append(parameters_text(prompts[i // num_images], negative, fields))
         return GenerationResult(images=images, latents=final, parameters=texts, seeds=seeds, timings=timings)
 
     def _init_image_size(self, image) -> tuple[int, int]:
@@ -360,7 +395,8 @@ class StableDiffusionPipeline:
     @staticmethod
     def _seeds(seed, batch: int) -> list[int]:
         if seed is None:
-            return [secrets.randbelow(2**32)]
+            start = secrets.randbelow(2**32 - batch + 1)
+            return list(range(start, start + batch))
         if isinstance(seed, (list, tuple)):
             if len(seed) != batch:
                 raise GenerationError(f"{len(seed)} seeds for {batch} images: give one seed or one per image")

@@ -87,6 +87,7 @@ def test_corrupted_model_file(capsys, copy32):
         (["--provider", "cuda"], "CUDAExecutionProvider is not installed"),
         (["--provider", "metal"], "unknown provider 'metal'"),
         (["--seed", str(2**32)], "seed"),
+        (["--seed", str(2**32 - 1), "-n", "2"], "runs past 2**32 - 1"),
     ],
 )
 def test_bad_generate_arguments(capsys, tiny32, tmp_path, args, says):
@@ -110,8 +111,87 @@ def test_nan_output_names_the_component(capsys, copy32):
 
 def test_provider_list_falls_back(capsys, tiny32, tmp_path):
     code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "1", "--provider",
-                    "CUDAExecutionProvider,CPUExecutionProvider", "-o", str(tmp_path / "p.png"))
-    assert code == 0 and "unet: CPUExecutionProvider" in err
+                    "CUDAExecutionProvider,CPUExecutionProvider", "--verbose", "-o", str(tmp_path / "p.png"))
+    assert code == 0 and "unet CPUExecutionProvider" in err
+
+
+def test_quiet_unless_verbose(capsys, tiny32, tmp_path):
+    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "1", "-o", str(tmp_path / "q.png"))
+    assert code == 0 and "ExecutionProvider" not in err
+    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "1", "--verbose", "-o", str(tmp_path / "v.png"))
+    lines = [line for line in err.splitlines() if "ExecutionProvider" in line]
+    assert code == 0 and lines == [
+        "providers: text_encoder CPUExecutionProvider, unet CPUExecutionProvider, vae_decoder CPUExecutionProvider"
+    ]
+
+
+def test_version(capsys):
+    from sdruntime import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"sdruntime {__version__}"
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fail the test if a model would be loaded."""
+    from sdruntime.pipeline import StableDiffusionPipeline
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the output path was checked")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load", load)
+
+
+@pytest.mark.parametrize(
+    ("output", "says"),
+    [
+        ("missing/dir/x.png", "the folder {tmp}/missing/dir does not exist; create it first"),
+        ("afile/x.png", "{tmp}/afile is not a folder"),
+        ("x.gif", "end the name with .png, .jpg, .jpeg, .webp"),
+        ("x", "end the name with .png"),
+        ("adir.png", "is a folder: name an image file in it"),
+    ],
+)
+def test_bad_output_path_fails_before_loading(capsys, tiny32, tmp_path, no_load, output, says):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.png").mkdir()
+    code, err = run(capsys, "generate", str(tiny32), "x", "-o", str(tmp_path / output))
+    assert code == 2 and says.format(tmp=tmp_path) in error_line(err)
+
+
+def test_unwritable_output_folder_fails_before_loading(capsys, tiny32, tmp_path, no_load, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root, chmod would not stop the write
+    code, err = run(capsys, "generate", str(tiny32), "x", "-o", str(tmp_path / "x.png"))
+    assert code == 2 and f"the folder {tmp_path} is not writable" in error_line(err)
+
+
+def test_interpolate_output_that_is_a_file_fails_before_loading(capsys, tiny32, tmp_path, no_load):
+    (tmp_path / "frames").write_text("")
+    code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "-o", str(tmp_path / "frames"))
+    assert code == 2 and "cannot create the folder" in error_line(err)
+
+
+def warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("sdruntime: warning:")]
+
+
+def test_ignored_settings_warn_once(capsys, tiny32, tmp_path):
+    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", "--guidance", "0.5", "--eta", "0.3",
+                    "--scheduler", "euler", "-n", "2", "-o", str(tmp_path / "w.png"))
+    assert code == 0 and warning_lines(err) == [
+        "sdruntime: warning: guidance_scale 0.5 <= 1 turns classifier-free guidance off, as in diffusers: the prompt "
+        "alone steers and the negative prompt is unused; use a value above 1 to guide",
+        "sdruntime: warning: eta 0.3 only applies to ddim: euler ignores it",
+    ]
+    code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "3", "--steps", "1",
+                    "--guidance", "1", "--negative-prompt", "blurry", "-o", str(tmp_path / "frames"))
+    assert code == 0 and len(warning_lines(err)) == 1 and "guidance_scale 1 <= 1" in err
+    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", "--eta", "0.3", "--scheduler", "ddim",
+                    "--guidance", "1", "-o", str(tmp_path / "d.png"))
+    assert code == 0 and warning_lines(err) == []  # eta applies to ddim; guidance 1 without a negative prompt is cfg's own
 
 
 def test_interpolate_pairwise_and_grid(tiny32, tmp_path):
