@@ -20,6 +20,7 @@ from sdruntime.manifest import (
     FINAL_LAYER_NORM,
     FORMAT_VERSION,
     TARGETS,
+    config_file_entries,
     describe_io,
     file_entry,
     write_manifest,
@@ -230,6 +231,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
                 src.loras = fuse_loras(src.pipe, loras, log)
             manifest = export_all(src, tmp, opts)
             write_configs(src.pipe, src, tmp, opts.components)
+            manifest["config_files"] = config_file_entries(tmp)
             write_manifest(tmp, manifest)
             if opts.validate or opts.auto_fp32_fallback:
                 from .validate import validate_conversion

@@ -134,6 +134,15 @@ def file_entry(folder: Path, relative: str) -> dict:
     return {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+# The files beside the graphs that change what the runtime computes: hashed into `config_files`.
+CONFIG_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "scheduler/scheduler_config.json")
+
+
+def config_file_entries(folder: Path) -> list[dict]:
+    return [file_entry(folder, name) for name in CONFIG_FILES if (folder / name).is_file()]
+
+
 def write_manifest(folder: Path, manifest: dict) -> Path:
     path = Path(folder) / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -189,11 +198,17 @@ class Manifest:
         """The cpu target's NCHWc layout probe: {"path", "files"}, or None."""
         return self.data.get("cpu_layout_probe")
 
+    @property
+    def config_files(self) -> list[dict[str, Any]]:
+        """The tokenizer and scheduler files with their sizes and sha256 (absent in older exports)."""
+        return self.data.get("config_files", [])
+
     def verify(self, components: list[str] | None = None, cache: HashCache | None = None) -> None:
-        """Check that every file a component (and the layout probe) names exists and still has its recorded sha256."""
+        """Check that every file a component, the layout probe and the configs name exists and still has its recorded sha256."""
         entries = [e for c in components or list(self.components) for e in self.components[c]["files"]]
         if self.cpu_layout_probe:
             entries += self.cpu_layout_probe["files"]
+        entries += self.config_files
         for entry in entries:
             path = self.folder / entry["path"]
             if not path.is_file():

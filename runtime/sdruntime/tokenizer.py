@@ -64,7 +64,11 @@ class PromptTokenizer:
     def __init__(self, path: Path, max_length: int, pad_id: int, fix_text: Callable[[str], str] | None = None):
         if not path.is_file():
             raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a file it cannot parse
+            reason = " ".join(str(e).split())[:200]
+            raise ExportError(f"{path} cannot be read ({reason}): run `sdexport convert` again to rewrite the export") from e
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = max_length
