@@ -8,11 +8,10 @@ import warnings
 
 import click
 from sdruntime.cli import generate, interpolate  # the same commands as `sdruntime`
-from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, ExportError
-from sdruntime.pipeline import GenerationError
-from sdruntime.session import ProviderError
+from sdruntime.errors import UserError
+from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS
 
-from .errors import GraphCheckFailed, SdexportError, ValidationFailed
+from .errors import GraphCheckFailed, ValidationFailed
 from .presets import DEFAULT_PRESET
 
 
@@ -119,7 +118,8 @@ def presets() -> None:
 @click.argument("folder")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def inspect_cmd(folder, as_json):
-    """Show the components, shapes, op counts and pipeline facts of an export."""
+    """Show the components, shapes, op counts and pipeline facts of an export, and for the cuda
+    target the fused nodes left as standard ops because their CUDA kernel refuses them."""
     from .inspection import format_report, inspect_export
 
     report = inspect_export(folder)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     try:
         cli.main(args=argv, prog_name="sdexport", standalone_mode=False)
-    except (SdexportError, ExportError, ProviderError, GenerationError, ValueError) as e:
+    except UserError as e:  # SdexportError and the runtime's ExportError, ProviderError, GenerationError
         click.echo(f"sdexport: error: {e}", err=True)
         return 2
     except click.exceptions.UsageError as e:

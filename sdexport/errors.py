@@ -1,7 +1,11 @@
-"""Errors a user can fix: the CLI prints their one-line message and exits with code 2."""
+"""The exporter's errors. SdexportError is a mistake the user can fix (a UserError, as the runtime's
+are): the CLI prints its one-line message and exits with code 2. Other exceptions are bugs and keep
+their tracebacks."""
+
+from sdruntime.errors import UserError
 
 
-class SdexportError(Exception):
+class SdexportError(UserError):
     """Bad input: the message names the problem and the fix, in one line."""
 
 

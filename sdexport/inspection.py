@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from sdruntime.manifest import read_manifest
+from sdruntime.manifest import ExportError, read_manifest
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -14,7 +14,10 @@ def op_counts(model_path: Path) -> tuple[Counter, list[str]]:
     """Op type counts, and each non-standard (contrib or fused) op type with its count."""
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends on a damaged file
+        raise ExportError(f"{model_path} is not a readable ONNX model ({e}): run `sdexport convert` again") from e
     counts = Counter(node.op_type for node in model.graph.node)
     fused = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS)
     return counts, [f"{op}:{n}" for op, n in sorted(fused.items())]

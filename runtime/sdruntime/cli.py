@@ -11,8 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .manifest import ExportError
-from .session import ProviderError
+from .errors import UserError
 
 
 def _provider(value: str):
@@ -182,12 +181,10 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
 
 
 def main(argv: list[str] | None = None, prog_name: str = "sdruntime") -> int:
-    """Entry point: bad input prints one line and exits 2."""
-    from .pipeline import GenerationError
-
+    """Entry point: a user's mistake prints one line and exits 2; anything else keeps its traceback."""
     try:
         cli.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except (ExportError, ProviderError, GenerationError, ValueError) as e:
+    except UserError as e:
         click.echo(f"{prog_name}: error: {e}", err=True)
         return 2
     except click.exceptions.UsageError as e:

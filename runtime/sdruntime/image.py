@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from .manifest import ExportError
+from .errors import InvalidArgument
 
 # Output extensions and the Pillow format each one is written in
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -44,7 +44,7 @@ def image_format(path: str | Path) -> str:
     """The Pillow format an output path's extension asks for."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_FORMATS:
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot write {path}: name it with one of {', '.join(IMAGE_FORMATS)} (got {suffix or 'no extension'})"
         )
     return IMAGE_FORMATS[suffix]
@@ -110,7 +110,7 @@ def load_init_image(image, width: int, height: int) -> np.ndarray:
             image = Image.open(image)
             image.load()
         except (OSError, UnidentifiedImageError) as e:
-            raise ExportError(f"cannot read the init image {image}: {e}; pass a PNG or JPEG file") from e
+            raise InvalidArgument(f"cannot read the init image {image}: {e}; pass a PNG or JPEG file") from e
     image = image.convert("RGB")
     image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 MANIFEST_NAME = "sdexport.json"
 FORMAT_VERSION = 1
 # Version 2 adds `cpu_layout_probe`: a runtime that reads version 1 only would load such graphs
@@ -26,7 +28,7 @@ TARGETS = ("generic", "cpu", "cuda", "tensorrt")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A folder that is not a usable export; the message is one line that says what to do."""
 
 

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import InvalidArgument
+
 _TWO_PI_F32 = np.float32(2.0 * np.pi)  # torch: _mm256_set1_ps(2.0f * pi)
 
 
@@ -65,7 +67,7 @@ class TorchGenerator:
         except TypeError:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
         if not 0 <= seed < 2**32:
-            raise ValueError(
+            raise InvalidArgument(
                 f"seed must satisfy 0 <= seed < 2**32, got {seed}; torch keeps only the "
                 f"low 32 bits of such seeds, so pass seed % 2**32 (= {seed % 2**32}) "
                 "to reproduce what torch does"
@@ -147,7 +149,7 @@ def randn_tensor(
         generator = generator[0]
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
-            raise ValueError(
+            raise InvalidArgument(
                 f"got a list of {len(generator)} generators for batch size {shape[0]}; "
                 "pass one generator per batch entry"
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import InvalidArgument
 from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
@@ -26,7 +27,7 @@ from .tokenizer import PromptTokenizer
 StepCallback = Callable[[int, float, np.ndarray], None]
 
 
-class GenerationError(ValueError):
+class GenerationError(InvalidArgument):
     """A request the pipeline cannot honour; the message says what to change."""
 
 
@@ -409,4 +410,4 @@ def load_init_image_size(path) -> Image.Image:
     try:
         return Image.open(path)
     except (OSError, ValueError) as e:
-        raise ExportError(f"cannot read the init image {path}: {e}; pass a PNG or JPEG file") from e
+        raise InvalidArgument(f"cannot read the init image {path}: {e}; pass a PNG or JPEG file") from e

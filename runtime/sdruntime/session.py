@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .errors import UserError
 from .manifest import ExportError, Manifest
 
 PROVIDER_NAMES = {
@@ -35,7 +36,7 @@ LEVELS = {
 }
 
 
-class ProviderError(Exception):
+class ProviderError(UserError):
     """The requested execution provider cannot run this export; the message says what can."""
 
 

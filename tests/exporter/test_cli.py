@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,14 @@ def test_importing_diffusers_through_sdexport_prints_nothing():
     done = subprocess.run([sys.executable, "-c", "import sdexport.conversion; from diffusers import StableDiffusionPipeline"],
                           capture_output=True, text=True, check=True)
     assert "Multiple distributions" not in done.stderr, done.stderr
+
+
+def test_inspect_of_a_corrupted_graph_is_one_line(tiny32, tmp_path, capsys):
+    out = Path(shutil.copytree(tiny32, tmp_path / "export"))
+    path = out / "unet" / "model.onnx"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    code = main(["inspect", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == f"sdexport: error: {path} is not a readable ONNX model (Error parsing message with type " \
+        "'onnx.ModelProto': Wire format was corrupt): run `sdexport convert` again"

@@ -218,3 +218,27 @@ def test_size_other_than_a_static_export(capsys, tmp_path):
                   check=False, log=lambda s: None)
     code, err = run(capsys, "generate", str(out), "x", "--height", "96", "--steps", "1")
     assert code == 2 and "this export is static at 64x64" in error_line(err)
+
+
+def test_a_bug_inside_the_pipeline_keeps_its_traceback(tiny32, tmp_path, monkeypatch):
+    """Only user mistakes (UserError) become one line: a plain ValueError from the code is a bug."""
+    from sdruntime.pipeline import StableDiffusionPipeline
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "denoise", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["generate", str(tiny32), "a cat", "--steps", "1", "-o", str(tmp_path / "a.png")])
+
+
+def test_an_unreadable_init_image_is_a_bad_argument_not_a_broken_export(tiny32, tmp_path):
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.errors import InvalidArgument
+    from sdruntime.manifest import ExportError
+
+    (tmp_path / "init.png").write_bytes(b"not a picture")
+    pipe = StableDiffusionPipeline.load(tiny32)
+    with pytest.raises(InvalidArgument, match="cannot read the init image") as caught:
+        pipe("a cat", image=tmp_path / "init.png", num_inference_steps=1)
+    assert not isinstance(caught.value, ExportError)

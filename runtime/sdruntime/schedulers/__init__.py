@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
@@ -109,11 +110,11 @@ def make_scheduler(name: str, config: Mapping[str, Any], overrides: Mapping[str,
     try:
         cls = SCHEDULERS[name]
     except KeyError:
-        raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+        raise InvalidArgument(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
     if overrides:
         unknown = sorted(set(overrides) - set(cls.DEFAULTS))
         if unknown:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{name} has no setting {unknown[0]!r}: choose among {', '.join(sorted(cls.DEFAULTS))}"
             )
         defaulted = [k for k in config.get("_use_default_values") or () if k not in overrides]

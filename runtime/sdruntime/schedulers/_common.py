@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 # The keys every diffusers discrete scheduler reads to build its betas.
 BETA_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -36,7 +38,7 @@ def resolve_config(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> di
 
 def check_choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...], scheduler: str) -> None:
     if cfg[key] not in choices:
-        raise ValueError(f"{key} {cfg[key]!r} is not supported by {scheduler}: choose one of {', '.join(choices)}")
+        raise InvalidArgument(f"{key} {cfg[key]!r} is not supported by {scheduler}: choose one of {', '.join(choices)}")
 
 
 # --- noise schedule -----------------------------------------------------------------------------
@@ -101,7 +103,7 @@ def sigmas_of(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 def check_num_steps(num_inference_steps: int, num_train_timesteps: int) -> None:
     if not 1 <= num_inference_steps <= num_train_timesteps:
-        raise ValueError(
+        raise InvalidArgument(
             f"num_inference_steps must be between 1 and num_train_timesteps ({num_train_timesteps}), "
             f"got {num_inference_steps}"
         )
@@ -121,7 +123,7 @@ def spaced_timesteps(
         return (np.arange(num_steps) * (num_train // num_steps))[::-1] + float(steps_offset)
     if spacing == "trailing":
         return np.round(np.arange(num_train, 0, -num_train / num_steps)) - 1.0
-    raise ValueError(f"timestep_spacing {spacing!r} is not supported: choose linspace, leading or trailing")
+    raise InvalidArgument(f"timestep_spacing {spacing!r} is not supported: choose linspace, leading or trailing")
 
 
 # --- sigma schedules (Euler, LMS, DPM-Solver) ---------------------------------------------------
@@ -131,7 +133,7 @@ def sigma_kind(cfg: Mapping[str, Any]) -> str | None:
     """Which of the karras / exponential / beta sigma schedules the config asks for, if any."""
     kinds = [k for k in ("karras", "exponential", "beta") if cfg.get(f"use_{k}_sigmas")]
     if len(kinds) > 1:
-        raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
+        raise InvalidArgument("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
     return kinds[0] if kinds else None
 
 
@@ -146,7 +148,7 @@ def convert_sigmas(kind: str, sigma_min: float, sigma_max: float, n: int) -> np.
     if kind == "beta":  # arXiv:2407.12173, alpha = beta = 0.6
         ppf = np.array([beta_ppf(q, 0.6, 0.6) for q in 1 - np.linspace(0, 1, n)])
         return sigma_min + ppf * (sigma_max - sigma_min)
-    raise ValueError(f"unknown sigma schedule {kind!r}")
+    raise InvalidArgument(f"unknown sigma schedule {kind!r}")
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
@@ -280,7 +282,7 @@ class DiscreteScheduler:
         schedule entered mid-way (img2img) does not skip a step."""
         matches = np.flatnonzero((self.timesteps if schedule is None else schedule) == timestep)
         if len(matches) == 0:
-            raise ValueError(f"timestep {timestep} is not in the scheduler's timesteps")
+            raise InvalidArgument(f"timestep {timestep} is not in the scheduler's timesteps")
         return int(matches[1] if len(matches) > 1 else matches[0])
 
     def _sigmas_for_noise(self, timesteps: np.ndarray) -> np.ndarray:
@@ -323,7 +325,7 @@ def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarra
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     if prediction_type in ("sample", "original_sample"):
         return model_output
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
+    raise InvalidArgument(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
 
 
 class SigmaScheduler(DiscreteScheduler):

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
@@ -35,7 +36,7 @@ def predict_x0_eps(
         return model_output, (sample - a * model_output) / b
     if prediction_type == "v_prediction":
         return a * sample - b * model_output, a * model_output + b * sample
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported: choose epsilon, sample or v_prediction")
+    raise InvalidArgument(f"prediction_type {prediction_type!r} is not supported: choose epsilon, sample or v_prediction")
 
 
 class DDIMScheduler(DiscreteScheduler):

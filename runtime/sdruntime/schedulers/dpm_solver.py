@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
@@ -74,7 +75,7 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         cfg = self.config
         if cfg["algorithm_type"] == "deis":  # diffusers' own substitutions
             if cfg["final_sigmas_type"] == "zero":
-                raise ValueError("final_sigmas_type 'zero' is not supported for algorithm_type 'deis'")
+                raise InvalidArgument("final_sigmas_type 'zero' is not supported for algorithm_type 'deis'")
             cfg["algorithm_type"] = "dpmsolver++"
         if cfg["solver_type"] in ("logrho", "bh1", "bh2"):
             cfg["solver_type"] = "midpoint"
@@ -83,9 +84,9 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         check_choice(cfg, "prediction_type", ("epsilon", "sample", "v_prediction"), "dpm++2m")
         check_choice(cfg, "final_sigmas_type", ("zero", "sigma_min"), "dpm++2m")
         if cfg["use_flow_sigmas"] or cfg["use_dynamic_shifting"]:
-            raise ValueError("dpm++2m does not support use_flow_sigmas / use_dynamic_shifting (flow-matching models)")
+            raise InvalidArgument("dpm++2m does not support use_flow_sigmas / use_dynamic_shifting (flow-matching models)")
         if cfg["solver_order"] not in (1, 2, 3):
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {cfg['solver_order']}")
+            raise InvalidArgument(f"solver_order must be 1, 2 or 3, got {cfg['solver_order']}")
         self.sigma_kind = sigma_kind(cfg)
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24  # keeps the terminal sigma finite

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
@@ -64,11 +65,11 @@ class LCMScheduler(DiscreteScheduler):
         n_train, original_steps = self.num_train_timesteps, self.config["original_inference_steps"]
         check_num_steps(num_inference_steps, n_train)
         if original_steps > n_train:
-            raise ValueError(
+            raise InvalidArgument(
                 f"original_inference_steps ({original_steps}) cannot be larger than num_train_timesteps ({n_train})"
             )
         if num_inference_steps > original_steps:
-            raise ValueError(
+            raise InvalidArgument(
                 f"num_inference_steps ({num_inference_steps}) cannot be larger than original_inference_steps "
                 f"({original_steps}): LCM picks its timesteps from that distillation schedule"
             )

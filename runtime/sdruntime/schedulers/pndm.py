@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..errors import InvalidArgument
 from ._common import BETA_DEFAULTS, DiscreteScheduler, as_f32, check_choice, check_num_steps, spaced_timesteps
 
 # Adams-Bashforth weights for 1..4 remembered model outputs, newest first.
@@ -46,7 +47,7 @@ class PNDMScheduler(DiscreteScheduler):
         cfg = self.config
         check_num_steps(num_inference_steps, n_train)
         if not cfg["skip_prk_steps"] and num_inference_steps < 4:  # diffusers fails too (numpy broadcasting)
-            raise ValueError("pndm with skip_prk_steps false needs num_inference_steps >= 4")
+            raise InvalidArgument("pndm with skip_prk_steps false needs num_inference_steps >= 4")
         self._reset(num_inference_steps)
         ascending = spaced_timesteps(
             cfg["timestep_spacing"], num_inference_steps, n_train, cfg["steps_offset"], round_linspace=True
@@ -99,7 +100,7 @@ class PNDMScheduler(DiscreteScheduler):
 
     def _step_plms(self, model_output: np.ndarray, timestep: int, sample: np.ndarray) -> np.ndarray:
         if not self.config["skip_prk_steps"] and len(self.ets) < 3:
-            raise ValueError("pndm can only run PLMS steps after 12 Runge-Kutta steps (skip_prk_steps is false)")
+            raise InvalidArgument("pndm can only run PLMS steps after 12 Runge-Kutta steps (skip_prk_steps is false)")
         step = self.num_train_timesteps // self.num_inference_steps
         prev_timestep = timestep - step
         if self.counter == 1:
