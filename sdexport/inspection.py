@@ -10,9 +10,13 @@ from sdruntime.manifest import ExportError, read_manifest
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-def op_counts(model_path: Path) -> tuple[Counter, list[str]]:
-    """Op type counts, and each non-standard (contrib or fused) op type with its count."""
+def op_counts(model_path: Path) -> tuple[Counter, list[str], list[dict] | None]:
+    """Op type counts, each non-standard (contrib or fused) op type with its count, and the fused
+    nodes the cuda target put back into standard ops because their CUDA kernel refuses them
+    (None for a graph without that record: every other target)."""
     import onnx
+
+    from .fusion_limits import unfused_record
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
@@ -20,7 +24,7 @@ def op_counts(model_path: Path) -> tuple[Counter, list[str]]:
         raise ExportError(f"{model_path} is not a readable ONNX model ({e}): run `sdexport convert` again") from e
     counts = Counter(node.op_type for node in model.graph.node)
     fused = Counter(f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS)
-    return counts, [f"{op}:{n}" for op, n in sorted(fused.items())]
+    return counts, [f"{op}:{n}" for op, n in sorted(fused.items())], unfused_record(model)
 
 
 def inspect_export(folder: str | Path) -> dict:
@@ -37,7 +41,7 @@ def inspect_export(folder: str | Path) -> dict:
         "components": {},
     }
     for name, entry in manifest.components.items():
-        counts, contrib = op_counts(manifest.model_path(name))
+        counts, contrib, unfused = op_counts(manifest.model_path(name))
         report["components"][name] = {
             "path": entry["path"],
             "bytes": sum(f["bytes"] for f in entry["files"]),
@@ -49,6 +53,7 @@ def inspect_export(folder: str | Path) -> dict:
             "op_counts": dict(counts.most_common()),
             "contrib_ops": contrib,
             "fp32_nodes": len(entry.get("fp32_nodes", [])),
+            "unfused": unfused,  # [{node, op, reason}] for the cuda target, else None
         }
     return report
 
@@ -78,4 +83,16 @@ def format_report(report: dict) -> str:
         if c["fp32_nodes"]:
             extra += f"; {c['fp32_nodes']} nodes kept in fp32"
         lines.append(f"{'':<13} {extra}")
+        lines.extend(_unfused_lines(c.get("unfused")))
     return "\n".join(lines)
+
+
+def _unfused_lines(unfused: list[dict] | None) -> list[str]:
+    """The nodes left unfused for the CUDA kernels' limits, one line each (nothing without a record)."""
+    if unfused is None:
+        return []
+    if not unfused:
+        return [f"{'':<13} left unfused for CUDA kernel limits: none"]
+    lines = [f"{'':<13} left unfused for CUDA kernel limits: {len(unfused)}"]
+    lines += [f"{'':<15} {u['op']} {u['node']}: {u['reason']}" for u in unfused]
+    return lines

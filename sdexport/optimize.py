@@ -57,9 +57,13 @@ def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp1
 
 
 def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.ModelProto:
-    """ORT's transformer-optimizer fusions for Stable Diffusion, as its optimize_pipeline applies them."""
+    """ORT's transformer-optimizer fusions for Stable Diffusion, as its optimize_pipeline applies them,
+    less the fused nodes whose CUDA kernel would refuse their widths (fusion_limits.py): those go back
+    to standard ops, and the model's metadata (fusion_limits.UNFUSED_KEY) lists them with the reason."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
+
+    from .fusion_limits import keep_within_limits
 
     model_type = FUSION_MODEL_TYPE[component]
     options = FusionOptions(model_type)
@@ -76,7 +80,8 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
         model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
         optimization_options=options, use_gpu=True,
     )
-    model = optimized.model
+    # the fusion scripts match patterns without the kernels' limits (BiasSplitGelu: 5 widths only)
+    model, _ = keep_within_limits(optimized.model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return model
