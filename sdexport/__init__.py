@@ -12,7 +12,7 @@ logging.getLogger("diffusers.utils.import_utils").addFilter(
 
 def convert(source: str, out, **options):
     """Export SOURCE (a diffusers folder, a preset or a hub id) to the folder OUT."""
-    from .conversion import convert as _convert
+    from .converter import convert as _convert
 
     return _convert(source, out, **options)
 

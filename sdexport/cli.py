@@ -56,7 +56,7 @@ def convert(source, out, components, dtype, keep_fp32, target, opset, static, ba
             no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
-    from .conversion import convert as run_convert
+    from .converter import convert as run_convert
 
     run_convert(
         source, out, components=_split(components), dtype=dtype, keep_fp32=_split(keep_fp32), target=target,

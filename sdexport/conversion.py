@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -20,16 +19,14 @@ from sdruntime.manifest import (
     FINAL_LAYER_NORM,
     FORMAT_VERSION,
     TARGETS,
-    config_file_entries,
     describe_io,
     file_entry,
-    write_manifest,
 )
 
-from .errors import SdexportError, ValidationFailed
+from .errors import SdexportError
+from .families import pipeline_family
 
 ATTENTION_FOR_TARGET = {"generic": "sdpa", "cpu": "sdpa", "cuda": "plain", "tensorrt": "sdpa"}
-LOCK_NAME = ".convert.lock"  # in a convert's temporary folder while it works
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
 
@@ -133,12 +130,6 @@ def pipeline_facts(pipe, family: str) -> dict:
     }
 
 
-def detect_family(pipe) -> str:
-    """sd2 for SD 2.x-shaped U-Nets (linear projections, per-block head dims), else sd1."""
-    config = pipe.unet.config
-    return "sd2" if config.get("use_linear_projection") or isinstance(config.attention_head_dim, (list, tuple)) else "sd1"
-
-
 def versions() -> dict:
     import diffusers
     import onnx
@@ -197,166 +188,104 @@ def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
                 shutil.copy2(source.folder / name, tmp / name)
 
 
-def convert(source: str, out: str | os.PathLike, **options) -> Path:
-    """Export SOURCE to OUT; see `sdexport convert --help` for the options."""
-    opts = ConvertOptions(**options)
-    check_options(opts)
-    if opts.validate or opts.auto_fp32_fallback:
-        from .validate import check_convert_options
+@dataclass
+class Traced:
+    """One component traced to an fp32 ONNX file, with the shapes it was traced at."""
 
-        check_convert_options(opts.dtype, opts.target, opts.auto_fp32_fallback)
-    from .lora import check_loras, fuse_loras
+    component: str
+    path: Path
+    dims: dict[str, int]  # the IO table's axes this export fixes (model dims, plus static ones)
+    latent: tuple[int, int]
+    batch: int
+    seconds: float
 
-    loras = check_loras(opts.loras)
-    out = Path(out)
-    check_output(out, opts.overwrite)
 
-    from .load import load_source
+def trace_shapes(component: str, facts: dict, static: dict | None) -> tuple[dict[str, int], tuple[int, int], int]:
+    """The fixed axes, latent size and batch a component is traced with (static exports fix them)."""
+    from .components import static_dims
 
-    log = opts.log
+    factor = facts["vae_scale_factor"]
+    if static:
+        fixed = static_dims(component, static["batch_size"], static["height"], static["width"], factor,
+                            facts["tokenizer_max_length"])
+        return fixed, (fixed["height"], fixed["width"]), fixed["batch"]
+    side = facts["default_height"] // factor
+    return {}, (side, side), 2
+
+
+def trace_component(component: str, pipe, folder: Path, facts: dict, static: dict | None, opset: int) -> Traced:
+    """Trace one component to `folder/.fp32/<component>/model.onnx`."""
+    from .components import model_dims
+    from .export import trace
+
     started = time.perf_counter()
-    remove_stale_temporaries(out, log)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise SdexportError(f"cannot write to {out.parent} ({e.strerror}): choose another -o") from e
-    try:
-        with folder_lock(tmp):
-            src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
-            log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
-            if loras:
-                src.loras = fuse_loras(src.pipe, loras, log)
-            manifest = export_all(src, tmp, opts)
-            write_configs(src.pipe, src, tmp, opts.components)
-            manifest["config_files"] = config_file_entries(tmp)
-            write_manifest(tmp, manifest)
-            if opts.validate or opts.auto_fp32_fallback:
-                from .validate import validate_conversion
-
-                validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
-        replace_folder(tmp, out)
-    except ValidationFailed:
-        raise  # the export stays in its temporary folder, with the report, for inspection
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
-    return out
+    fixed, latent, batch = trace_shapes(component, facts, static)
+    path = trace(component, pipe, opset, fixed, latent, batch, folder / ".fp32" / component / "model.onnx")
+    return Traced(component, path, {**model_dims(pipe), **fixed}, latent, batch, time.perf_counter() - started)
 
 
-@contextlib.contextmanager
-def folder_lock(folder: Path):
-    """Hold a lock file in a convert's temporary folder while it works: process ids do not tell a
-    convert on another host or in another container (same shared folder) from a killed one."""
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
+def finish_component(traced: Traced, folder: Path, target: str, fp16: bool, upcast_attention: bool,
+                     extra_fp32_nodes: Sequence[str] = (), compare_with=None) -> dict:
+    """Finish a traced graph for the target and dtype, write it, check it, and compare it with
+    PyTorch when `compare_with` (the pipeline) is given. Returns what the manifest records of it."""
+    from .export import compare_with_torch, save_model
+    from .optimize import finish_graph, uses_cpu_layout
 
-    path = folder / LOCK_NAME
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            path.unlink(missing_ok=True)
-
-
-def in_use(folder: Path) -> bool:
-    """Whether a convert, here or on another host, holds the folder's lock file."""
-    import fcntl
-
-    try:
-        with open(folder / LOCK_NAME, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return False
+    component = traced.component
+    model, kept = finish_graph(component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes)
+    shutil.rmtree(traced.path.parent)
+    with contextlib.suppress(OSError):
+        traced.path.parent.parent.rmdir()  # the .fp32 folder, once every traced graph is finished
+    path = folder / component / "model.onnx"
+    files = save_model(model, path)
+    laid_out = uses_cpu_layout(model)
+    del model
+    check_written(component, path, target)
+    result = None
+    if compare_with is not None:
+        result = compare_with_torch(component, compare_with, path, traced.batch if traced.dims.get("batch") else 1,
+                                    traced.latent, provider=CHECK_PROVIDER[target])
+    return {
+        "files": [file_entry(folder, f"{component}/{name}") for name in files],
+        "fp32_nodes": kept,
+        "compared": result,
+        "laid_out": laid_out,
+    }
 
 
-def remove_stale_temporaries(out: Path, log: Callable[[str], None]) -> None:
-    """Remove what converts to OUT left behind when killed: their `.OUT.tmp-PID` folders, and the
-    `.OUT.old-PID` of an interrupted replace once OUT is there. A folder whose process still runs
-    or whose lock is held stays, and so does a failed validation's export, which is kept with its
-    report for inspection. POSIX only."""
-    from .validate import REPORT_NAME
-
-    if os.name != "posix" or not out.parent.is_dir():
-        return
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir() or path.is_symlink():
-            continue
-        if process_alive(int(pid)) or in_use(path):
-            continue
-        if (kind == "tmp" and (path / REPORT_NAME).is_file()) or (kind == "old" and not out.exists()):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            log(f"removed {path}, left by an interrupted convert")
+def export_component(component: str, pipe, folder: Path, facts: dict, static: dict | None, opset: int, target: str,
+                     fp16: bool, extra_fp32_nodes: Sequence[str] = (), compare: bool = True) -> dict:
+    """Trace, finish, write and check one component: the path every export takes (finish_component)."""
+    traced = trace_component(component, pipe, folder, facts, static, opset)
+    return finish_component(traced, folder, target, fp16, facts["upcast_attention"], extra_fp32_nodes,
+                            pipe if compare and checkable(target) else None)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished export into place; an old OUT is removed only after the new one is there."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def static_shapes(opts: ConvertOptions, facts: dict, multiple: int) -> dict | None:
+    """The manifest's `static` entry of a static export (sizes checked against the size multiple)."""
+    if not opts.static:
+        return None
+    height = opts.height or facts["default_height"]
+    width = opts.width or facts["default_width"]
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise SdexportError(f"--{name} {value} is not a multiple of {multiple} (this model's size multiple)")
+    return {"batch_size": opts.batch_size, "height": height, "width": width}
 
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
-    from .components import final_layer_norm, model_dims, set_attention, size_multiple, static_dims, vae_scale_factor
-    from .export import compare_with_torch, release_weights, save_model, trace
-    from .optimize import finish_graph, uses_cpu_layout
+    """Every requested component, traced first (the graphs are then finished without torch), and the manifest."""
+    from .components import final_layer_norm, set_attention, size_multiple
+    from .export import release_weights
 
     pipe = src.pipe
-    family = detect_family(pipe)
-    facts = pipeline_facts(pipe, family)
+    facts = pipeline_facts(pipe, pipeline_family(pipe))
     multiple = size_multiple(pipe)
-    factor = vae_scale_factor(pipe)
-    static = None
-    if opts.static:
-        height = opts.height or facts["default_height"]
-        width = opts.width or facts["default_width"]
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple:
-                raise SdexportError(f"--{name} {value} is not a multiple of {multiple} (this model's size multiple)")
-        static = {"batch_size": opts.batch_size, "height": height, "width": width}
+    static = static_shapes(opts, facts, multiple)
     attention = ATTENTION_FOR_TARGET[opts.target]
     set_attention(pipe, attention)
-    plans = {}
-    for component in opts.components:  # trace everything first: the graphs are finished without torch
-        t0 = time.perf_counter()
-        dims = model_dims(pipe)
-        if static:
-            fixed = static_dims(component, static["batch_size"], static["height"], static["width"], factor, dims["max_length"])
-            batch, latent = fixed["batch"], (fixed["height"], fixed["width"])
-        else:
-            fixed = {}
-            default = facts["default_height"] // factor
-            batch, latent = 2, (default, default)
-        dims.update(fixed)
-        traced = trace(component, pipe, opts.opset, fixed, latent, batch, tmp / ".fp32" / component / "model.onnx")
-        plans[component] = (traced, dims, latent, batch, time.perf_counter() - t0)
-    if "text_encoder" in plans:
+    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in opts.components]
+    if "text_encoder" in opts.components:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
     check = opts.check and checkable(opts.target)
@@ -364,29 +293,23 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         release_weights(pipe)
     components = {}
     laid_out = False
-    for component, (traced, dims, latent, batch, traced_s) in plans.items():
-        t0 = time.perf_counter() - traced_s  # the logged time includes the component's tracing
+    for item in traced:
+        component = item.component
+        t0 = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
-        model, kept = finish_graph(component, traced, opts.target, dtype == "fp16", facts["upcast_attention"])
-        shutil.rmtree(traced.parent)
-        path = tmp / component / "model.onnx"
-        files = save_model(model, path)
-        laid_out = laid_out or uses_cpu_layout(model)
-        del model
-        check_written(component, path, opts.target)
-        result = None
-        if check:
-            result = compare_with_torch(component, pipe, path, 1 if not static else batch, latent,
-                                        provider=CHECK_PROVIDER[opts.target])
+        written = finish_component(item, tmp, opts.target, dtype == "fp16", facts["upcast_attention"],
+                                   compare_with=pipe if check else None)
+        result = written["compared"]
+        laid_out = laid_out or written["laid_out"]
         entry = {
             "path": f"{component}/model.onnx",
-            "files": [file_entry(tmp, f"{component}/{name}") for name in files],
+            "files": written["files"],
             "dtype": dtype,
             "attention": attention,
-            "fp32_nodes": kept,
+            "fp32_nodes": written["fp32_nodes"],
             "export_max_abs_diff": result["max_abs_diff"] if result else None,
             "export_relative_l2": result["relative_l2"] if result else None,
-            **describe_io(component, dtype, dims, facts["num_hidden_states"]),
+            **describe_io(component, dtype, item.dims, facts["num_hidden_states"]),
         }
         if component == "text_encoder":
             entry["files"].append(file_entry(tmp, FINAL_LAYER_NORM))
@@ -398,7 +321,6 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
             if not result["finite"]:
                 detail += ", NaN/Inf in the output"
         opts.log(f"exported {component} ({dtype}) in {time.perf_counter() - t0:.1f} s, {size:.1f} MB{detail}")
-    shutil.rmtree(tmp / ".fp32", ignore_errors=True)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": versions(),

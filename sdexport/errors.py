@@ -15,3 +15,9 @@ class ValidationFailed(Exception):
 
 class GraphCheckFailed(Exception):
     """A graph the exporter wrote fails ONNX's type check or does not load: an exporter bug (exit code 1)."""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line (its type's name when it has none), for one-line errors."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:limit]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SdexportError
+from .families import check_supported
 from .presets import available_presets, build_from_recipe
 
 REQUIRED_PARTS = {
@@ -17,9 +18,6 @@ REQUIRED_PARTS = {
     "tokenizer": "vocab.json",
     "scheduler": "scheduler_config.json",
 }
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
-
-
 @dataclass
 class Source:
     """A loaded pipeline and where it came from."""
@@ -36,28 +34,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise SdexportError(f"{path} is not readable JSON ({e}): is this a diffusers pipeline folder?") from e
-
-
-def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
-    """Refuse pipeline families the exporter does not handle yet, naming what was found."""
-    cls = model_index.get("_class_name", "")
-    if "XL" in cls or "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        raise SdexportError(f"{where} is an SDXL pipeline ({cls or 'text_time U-Net'}): SDXL is not supported yet")
-    if "controlnet" in model_index or "ControlNet" in cls:
-        raise SdexportError(f"{where} is a ControlNet pipeline ({cls}): ControlNet is not supported yet")
-    if unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls:
-        raise SdexportError(
-            f"{where} is an inpainting pipeline (9-channel U-Net): inpainting is not supported yet"
-        )
-    if unet_config.get("time_cond_proj_dim") is not None:
-        raise SdexportError(
-            f"{where} has an LCM U-Net with timestep_cond (time_cond_proj_dim="
-            f"{unet_config['time_cond_proj_dim']}): LCM-distilled U-Nets are not supported yet"
-        )
-    if cls and cls not in SUPPORTED_PIPELINES:
-        raise SdexportError(
-            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x text-to-image pipelines are supported"
-        )
 
 
 def check_pipeline_folder(folder: Path) -> None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from .errors import SdexportError
+from .errors import SdexportError, first_line
 
 # the key endings of a LoRA's "down" matrix, one per adapted module, in the formats diffusers reads
 DOWN_KEYS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight",
@@ -112,7 +112,7 @@ def _why_it_does_not_fit(error: BaseException, expected: int) -> str:
     if mismatch:
         name, theirs, ours = mismatch.groups()
         return f"does not fit this model: its {name} is {theirs}, this model's is {ours}"
-    return f"could not be applied to this model ({_first_line(error)})"
+    return f"could not be applied to this model ({first_line(error)})"
 
 
 def _adapted_modules(pipe, adapter: str) -> int:
@@ -122,8 +122,3 @@ def _adapted_modules(pipe, adapter: str) -> int:
         1 for component in (pipe.unet, pipe.text_encoder) for module in component.modules()
         if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {})
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]

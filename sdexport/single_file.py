@@ -14,7 +14,8 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
-from .errors import SdexportError
+from .errors import SdexportError, first_line
+from .families import check_supported
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -40,7 +41,7 @@ def read_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
             with safe_open(str(path), framework="pt") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise SdexportError(f"{path} is not a readable safetensors file ({_first_line(e)}): is it complete?") from e
+            raise SdexportError(f"{path} is not a readable safetensors file ({first_line(e)}): is it complete?") from e
     if suffix not in PICKLE_SUFFIXES:
         raise SdexportError(
             f"{path} is a file sdexport does not read: pass a .safetensors checkpoint (or a .ckpt with "
@@ -63,14 +64,14 @@ def load_pickle(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"an object of type {found.group(1)}" if found else _first_line(e)
+        what = f"an object of type {found.group(1)}" if found else first_line(e)
         raise SdexportError(
             f"{path} pickles more than tensors ({what}; often training callbacks), which torch.load(weights_only=True) "
             "refuses to run: in an environment you trust, load it with weights_only=False and save its state_dict "
             "with safetensors.torch.save_file, then convert the .safetensors file"
         ) from e
     except Exception as e:  # truncated or not a torch file: torch raises RuntimeError, EOFError, ...
-        raise SdexportError(f"{path} could not be read by torch.load ({_first_line(e)}): is the file complete?") from e
+        raise SdexportError(f"{path} could not be read by torch.load ({first_line(e)}): is the file complete?") from e
     while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # Lightning checkpoints keep the weights one level down
     if not isinstance(state, dict):
@@ -78,7 +79,7 @@ def load_pickle(path: Path) -> dict:
     return state
 
 
-def detect_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
+def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
     """sd1 or sd2 from the key names, or a one-line refusal that names what was found and expected."""
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
@@ -110,7 +111,6 @@ def detect_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
 
 def config_folder(family: str, config: str | None) -> Path:
     """The diffusers configs to build the pipeline from: --config DIR, or the ones shipped for the family."""
-    from .load import check_supported
     from .presets import models_dir
 
     if config is None:
@@ -153,7 +153,7 @@ def load_single_file(path: Path, config: str | None = None, prediction_type: str
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise SdexportError(f"unknown prediction type '{prediction_type}': choose epsilon or v_prediction")
     shapes = read_shapes(path, allow_pickle)
-    family = detect_family(shapes, str(path))
+    family = checkpoint_family(shapes, str(path))
     folder = config_folder(family, config)
     check_fits(shapes, family, folder, custom=config is not None)
     del shapes  # diffusers reads the file itself (a pickle again with torch.load(weights_only=True), mmapped)
@@ -185,7 +185,7 @@ def _from_single_file(path: Path, folder: Path, family: str, prediction_type: st
         if "meta tensor" in str(e):  # diffusers leaves the parameters it found no weights for on the meta device
             raise SdexportError(f"{path} lacks weights that the configs in {folder} call for: the checkpoint is "
                                 "incomplete or for another model; pass --config with its configs") from e
-        raise SdexportError(f"{path} could not be loaded with the configs in {folder} ({_first_line(e)}): "
+        raise SdexportError(f"{path} could not be loaded with the configs in {folder} ({first_line(e)}): "
                             "pass --config with this model's diffusers configs") from e
     finally:
         diffusers_logging.set_verbosity(verbosity)
@@ -230,8 +230,3 @@ def _summary(shapes: dict) -> str:
     counts = Counter(".".join(key.split(".")[:2]) if key.startswith(("model.", "cond_stage_model.")) else key.split(".")[0]
                      for key in shapes)
     return ", ".join(f"{prefix}.* ({n} key{'s' if n > 1 else ''})" for prefix, n in counts.most_common(3))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:200]

@@ -19,7 +19,6 @@ from sdruntime.manifest import (
     COMPONENT_IO,
     ExportError,
     Manifest,
-    file_entry,
     read_manifest,
     sha256_file,
     write_manifest,
@@ -27,10 +26,12 @@ from sdruntime.manifest import (
 from sdruntime.schedulers import SCHEDULERS, scheduler_name_for_class
 from sdruntime.session import NUMPY_DTYPES, SessionSettings, check_cpu_layout, resolve_providers, session_options
 
-from .errors import SdexportError, ValidationFailed
+from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, checkable, export_component, trace_component
+from .conversion import versions as export_versions
+from .errors import SdexportError, ValidationFailed, first_line
+from .staging import REPORT_NAME  # what `convert --validate` leaves in the export
 
 REPORT_VERSION = 1
-REPORT_NAME = "validation.json"  # what `convert --validate` leaves in the export
 SCHEMA_PATH = Path(__file__).with_name("validate_report.schema.json")
 
 FP32_MAX_ABS = {"small": 1e-4, "full": 1e-3}
@@ -290,10 +291,6 @@ def run_torch(component: str, pipe, inputs: dict[str, np.ndarray]) -> list[np.nd
     return torch_outputs(component, pipe, {k: torch.from_numpy(v) for k, v in inputs.items()})
 
 
-def first_line(error: Exception) -> str:
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
-
-
 def hash_problems(manifest: Manifest, component: str) -> list[str]:
     """Each file of the component that is missing or no longer has its recorded sha256."""
     problems = []
@@ -379,26 +376,13 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
 # -- the first fp16 node to leave tolerance -------------------------------------------------------
 
 
-def trace_shapes(component: str, manifest: Manifest) -> tuple[dict[str, int], tuple[int, int], int]:
-    """The fixed axes, latent size and batch `convert` traced this component with."""
-    from .components import static_dims
-
-    factor = manifest.pipeline["vae_scale_factor"]
-    static = manifest.static
-    if static:
-        fixed = static_dims(component, static["batch_size"], static["height"], static["width"], factor,
-                            manifest.pipeline["tokenizer_max_length"])
-        return fixed, (fixed["height"], fixed["width"]), fixed["batch"]
-    side = manifest.pipeline["default_height"] // factor
-    return {}, (side, side), 2
-
-
 def trace_fp32(component: str, pipe, manifest: Manifest):
     """A fresh fp32 export of the component, before any optimization: the graph `to_fp16` converts."""
-    from .export import export_fp32
+    import onnx
 
-    fixed, latent, batch = trace_shapes(component, manifest)
-    return export_fp32(component, pipe, int(manifest.data["opset"]), fixed, latent, batch)
+    with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
+        traced = trace_component(component, pipe, Path(tmp), manifest.pipeline, manifest.static, int(manifest.data["opset"]))
+        return onnx.load(str(traced.path), load_external_data=True)
 
 
 def all_tensor_values(model, feeds: dict[str, np.ndarray], folder: Path, manifest: Manifest,
@@ -649,7 +633,6 @@ def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
 def versions() -> dict[str, str]:
     import sdruntime
 
-    from .conversion import versions as export_versions
 
     return {**export_versions(), "sdexport-runtime": sdruntime.__version__, "numpy": np.__version__}
 
@@ -831,33 +814,17 @@ def check_report(report: dict[str, Any], where: str = "") -> None:
 
 def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] | None, note: str) -> None:
     """Re-export one component with these nodes kept in fp32 (None: all of it) and update the manifest."""
-    from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, check_written, checkable
-    from .export import compare_with_torch, save_model
-    from .optimize import finish_graph, uses_cpu_layout
-
     manifest = read_manifest(folder)
     entry, target = manifest.components[component], manifest.target
-    model = trace_fp32(component, pipe, manifest)
-    if fp32_nodes is None:
-        model, _ = finish_graph(component, model, target, False, manifest.pipeline.get("upcast_attention", False))
-    else:
-        model, fp32_nodes = finish_graph(component, model, target, True,
-                                         manifest.pipeline.get("upcast_attention", False), fp32_nodes)
-    path = manifest.model_path(component)
-    files = save_model(model, path)
-    if uses_cpu_layout(model):  # an fp16 cpu export's component now in fp32 and laid out
+    written = export_component(component, pipe, folder, manifest.pipeline, manifest.static, int(manifest.data["opset"]),
+                               target, fp16=fp32_nodes is not None, extra_fp32_nodes=fp32_nodes or ())
+    if written["laid_out"]:  # an fp16 cpu export's component now in fp32 and laid out
         add_cpu_layout_probe(folder, manifest.data)
-    del model
-    check_written(component, path, target)
-    _, latent, batch = trace_shapes(component, manifest)
-    check = None
-    if checkable(target):
-        check = compare_with_torch(component, pipe, path, batch if manifest.static else 1, latent,
-                                   provider=CHECK_PROVIDER[target])
+    check = written["compared"]
     others = [f for f in entry["files"] if not f["path"].startswith(f"{component}/model.onnx")]
     entry.update({
-        "files": [file_entry(folder, f"{component}/{name}") for name in files] + others,
-        "fp32_nodes": fp32_nodes or [],
+        "files": written["files"] + others,
+        "fp32_nodes": written["fp32_nodes"] if fp32_nodes is not None else [],
         "export_max_abs_diff": check["max_abs_diff"] if check else None,
         "export_relative_l2": check["relative_l2"] if check else None,
         "notes": [*entry.get("notes", []), note],
@@ -907,8 +874,6 @@ def apply_fp32_fallback(src, folder: Path, report: dict[str, Any], provider: str
 
 def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> None:
     """`convert --validate/--auto-fp32-fallback`: refuse what cannot work before anything is exported."""
-    from .conversion import CHECK_PROVIDER, checkable
-
     if auto_fp32_fallback and dtype != "fp16":
         raise SdexportError("--auto-fp32-fallback applies to fp16 exports: add --dtype fp16 or drop it")
     if not checkable(target):
@@ -921,8 +886,6 @@ def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> 
 def validate_conversion(src, folder: Path, out: Path, target: str, auto_fp32_fallback: bool,
                         log: Callable[[str], None]) -> None:
     """`convert --validate`: write the report into the export; raise ValidationFailed naming where it was kept."""
-    from .conversion import CHECK_PROVIDER
-
     provider = CHECK_PROVIDER[target]
     report = validate(src, folder, provider=provider, log=log)
     if auto_fp32_fallback:

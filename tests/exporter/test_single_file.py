@@ -15,7 +15,7 @@ from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest
 
 from sdexport import convert
 from sdexport.presets import models_dir
-from sdexport.single_file import detect_family
+from sdexport.single_file import checkpoint_family
 
 from .ldm_layout import clip_to_ldm, ldm_checkpoints, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from .test_cli import assert_refused, run
@@ -115,7 +115,7 @@ def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
         text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
     state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder(text)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    assert detect_family(shapes, "model") == family
+    assert checkpoint_family(shapes, "model") == family
     assert config_folder(family, None) == folder
     check_fits(shapes, family, folder, custom=False)
     converted = {
