@@ -1,8 +1,8 @@
 """Every graph `convert` writes is checked before the export is put in place.
 
-Two checks, both on the written file (so graphs over 2 GB are checked the same way):
-ONNX's shape inference with type checking in strict mode, which names the first node whose input
-types clash, and a session on the target's own provider where this machine has it (the CPU EP for
+Two checks, both on the written file (so graphs over 2 GB are checked the same way): ONNX's
+checker (structure, node order) and its shape inference with type checking in strict mode, which
+names the first node whose input types clash; and a session on the target's own provider where this machine has it (the CPU EP for
 generic, cpu and tensorrt graphs), which is what a user's runtime does first.
 """
 
@@ -38,12 +38,13 @@ def check_types(component: str, path: Path) -> None:
 
     with tempfile.TemporaryDirectory(prefix="sdexport-check-") as tmp:
         try:
+            onnx.checker.check_model(str(path))  # structure, node order and opsets; by path for any size
             onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
                                                    check_type=True, strict_mode=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
             node, reason = failing_node(str(e))
             raise GraphCheckFailed(
-                f"{component}/model.onnx fails ONNX's type check at node {node}: {one_line(reason)}"
+                f"{component}/model.onnx fails ONNX's checks at node {node}: {one_line(reason)}"
             ) from e
 
 

@@ -73,7 +73,12 @@ def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) 
         node_block_list=keep_fp32_nodes,
         disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
     )
-    return drop_fp16_round_trips(converted)
+    converted = drop_fp16_round_trips(converted)
+    # the converter appends some Casts after their readers (Resize's scales): ONNX wants producers first
+    nodes = list(converted.graph.node)
+    del converted.graph.node[:]
+    converted.graph.node.extend(topological_order(nodes, converted.graph))
+    return converted
 
 
 # Initializers larger than this are replaced by a typed, shaped stub for inference; smaller ones

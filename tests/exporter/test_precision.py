@@ -70,7 +70,7 @@ def test_a_graph_with_clashing_types_is_named_by_node(traced_unet, tmp_path):
     path = tmp_path / "unet" / "model.onnx"
     path.parent.mkdir()
     onnx.save(broken, str(path))
-    with pytest.raises(GraphCheckFailed, match=r"^unet/model.onnx fails ONNX's type check at node /unet/time_\w+/\S+: "):
+    with pytest.raises(GraphCheckFailed, match=r"^unet/model.onnx fails ONNX's checks at node /unet/time_\w+/\S+: "):
         check_written_graph("unet", path, "CPUExecutionProvider")
     with pytest.raises(Exception, match="/unet/time_"):  # and ORT refuses it in the same island
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -89,7 +89,7 @@ def test_convert_refuses_to_write_a_graph_that_does_not_load(tmp_path, monkeypat
     code = main(["convert", "tiny-sd", "--components", "unet", "--dtype", "fp16", "--no-check", "-o", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
-    assert "unet/model.onnx fails ONNX's type check at node /unet/time_" in err[-1]
+    assert "unet/model.onnx fails ONNX's checks at node /unet/time_" in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not out.exists() and not list(tmp_path.glob(".broken.*"))
 
