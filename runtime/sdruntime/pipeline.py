@@ -20,7 +20,7 @@ from .errors import InvalidArgument
 from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .noise import make_generator, randn_tensor
-from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class, step_options
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
@@ -201,6 +201,7 @@ class StableDiffusionPipeline:
             from tqdm.auto import tqdm
 
             steps = tqdm(timesteps, desc="denoising", unit="step")
+        options = step_options(scheduler, eta)
         for i, t in enumerate(steps):
             model_input = np.concatenate([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -214,7 +215,7 @@ class StableDiffusionPipeline:
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
                 noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, eta=eta)  # float32 already
+            latents = scheduler.step(noise_pred, t, latents, generator=generator, **options)  # float32 already
             if callback is not None:
                 callback(i, float(t), latents)
         return latents

@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers calls np.array(tensor), which NumPy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-from sdruntime.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class  # noqa: E402
+from sdruntime.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class, step_options  # noqa: E402
 
 # Stable Diffusion 1.x's scheduler_config.json.
 SD1_CONFIG = {
@@ -162,7 +162,7 @@ def compare_schedulers(
         in_theirs = theirs.scale_model_input(x_theirs, t_theirs)
         assert_close(in_ours, in_theirs, f"{name} scale_model_input at step {i}", rtol)
         noise = peek_randn(generator, SHAPE)
-        x_ours = ours.step(fake_model(in_ours, t_ours), t_ours, x_ours, noise=noise.numpy(), eta=eta)
+        x_ours = ours.step(fake_model(in_ours, t_ours), t_ours, x_ours, noise=noise.numpy(), **step_options(ours, eta))
         model_output = torch.from_numpy(fake_model(in_theirs.numpy(), float(t_theirs)))
         x_theirs = theirs.step(model_output, t_theirs, x_theirs, **kwargs).prev_sample
         assert_close(x_ours, x_theirs, f"{name} step {i} (t={t_theirs})", rtol)
@@ -472,7 +472,7 @@ def test_generator_noise_matches_torch(name: str, eta: float, options: dict) -> 
     for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
         m_ours = fake_model(ours.scale_model_input(x_ours, t_ours), t_ours)
         m_theirs = torch.from_numpy(fake_model(theirs.scale_model_input(x_theirs, t_theirs).numpy(), float(t_theirs)))
-        x_ours = ours.step(m_ours, t_ours, x_ours, generator=gen_ours, eta=eta)
+        x_ours = ours.step(m_ours, t_ours, x_ours, generator=gen_ours, **step_options(ours, eta))
         x_theirs = theirs.step(m_theirs, t_theirs, x_theirs, **step_kwargs(theirs, gen_theirs, eta)).prev_sample
         assert_close(x_ours, x_theirs, f"{name} with generator")
 
@@ -494,7 +494,7 @@ def test_noise_is_drawn_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> Non
         scheduler = make_scheduler(name, SD1_CONFIG)
         scheduler.set_timesteps(3)
         for t in scheduler.timesteps:
-            scheduler.step(x, t, scheduler.scale_model_input(x, t), generator="gen", eta=eta)
+            scheduler.step(x, t, scheduler.scale_model_input(x, t), generator="gen", **step_options(scheduler, eta))
         assert calls == [(SHAPE, "gen")] * expected_draws, name
 
 

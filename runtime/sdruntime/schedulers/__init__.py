@@ -17,6 +17,7 @@ loop uses them as the diffusers pipelines do::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -55,10 +56,9 @@ class Scheduler(Protocol):
         sample: np.ndarray,
         generator: Any = None,
         noise: np.ndarray | None = None,
-        eta: float = 0.0,
     ) -> np.ndarray:
         """One denoising step; returns the previous (less noisy) sample as float32. Schedulers that add
-        noise use `noise` if given, else draw it from `generator`; `eta` only matters for ddim."""
+        noise use `noise` if given, else draw it from `generator`. DDIM's also takes `eta` (step_options)."""
         ...
 
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray: ...
@@ -137,3 +137,9 @@ __all__ = [
     "make_scheduler",
     "scheduler_name_for_class",
 ]
+
+
+def step_options(scheduler: Scheduler, eta: float) -> dict[str, Any]:
+    """The extra keyword arguments of `scheduler.step`: `eta` where the step takes it (DDIM), as
+    diffusers' pipelines decide it from the step's signature."""
+    return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}

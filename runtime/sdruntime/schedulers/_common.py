@@ -307,6 +307,24 @@ class DiscreteScheduler:
             )
         return self._step_index
 
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """One denoising step; returns the previous (less noisy) sample as float32.
+
+        The step index is looked up on the first call (or taken from `set_begin_index`) and advanced
+        here, once per step; subclasses implement `_update` for step `i`. Schedulers that add noise
+        use `noise` if given, else draw it from `generator`.
+        """
+        self._require_timesteps()
+        i = self._init_step_index(timestep)
+        prev_sample = self._update(i, timestep, as_f32(model_output), as_f32(sample), generator, noise)
+        self._step_index = i + 1
+        return prev_sample
+
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
     def _reset(self, num_inference_steps: int) -> None:
         self.num_inference_steps = num_inference_steps
         self._step_index = None
@@ -354,11 +372,9 @@ class SigmaScheduler(DiscreteScheduler):
         train_sigmas = sigmas_of(self.alphas_cumprod)
         return timesteps, train_sigmas, np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
 
-    def _denoised(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-        """Start of every sigma scheduler's step: (the step index, the sample as float32, the denoised sample)."""
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
-        return i, sample, predict_x0(self.config["prediction_type"], model_output, sample, self.sigmas[i])
+    def _denoised(self, i: int, model_output: np.ndarray, sample: np.ndarray) -> np.ndarray:
+        """The denoised sample at step `i`, for the prediction type."""
+        return predict_x0(self.config["prediction_type"], model_output, sample, self.sigmas[i])
 
     @property
     def init_noise_sigma(self) -> float:  # type: ignore[override]

@@ -71,15 +71,10 @@ class DDIMScheduler(DiscreteScheduler):
             round_linspace=True,
         ).astype(np.int64)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
+             noise: np.ndarray | None = None, eta: float = 0.0) -> np.ndarray:
+        """DDIM finds the previous timestep from `timestep` (no step index). Only DDIM takes `eta`, as in
+        diffusers: 0 is deterministic DDIM, 1 DDPM's posterior variance."""
         self._require_timesteps()
         cfg = self.config
         model_output, sample = as_f32(model_output), as_f32(sample)

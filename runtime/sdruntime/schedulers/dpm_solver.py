@@ -148,19 +148,9 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         alpha_t, sigma_t, _ = alpha_sigma_lambda(expand(self._sigmas_for_noise(timesteps), x0.ndim))
         return alpha_t * x0 + sigma_t * as_f32(noise)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
-        self._require_timesteps()
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
         cfg = self.config
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
         n = len(self.timesteps)
         few_steps = cfg["lower_order_final"] and n < 15  # lower orders at the end stabilise short schedules
         final_first_order = i == n - 1 and (few_steps or cfg["euler_at_final"] or cfg["final_sigmas_type"] == "zero")
@@ -181,7 +171,6 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
             else:
                 prev_sample = self._third_order_update(sample, i, noise)
         self.lower_order_nums = min(self.lower_order_nums + 1, order)
-        self._step_index += 1
         return prev_sample.astype(np.float32, copy=False)
 
     def _data_prediction(self, model_output: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:

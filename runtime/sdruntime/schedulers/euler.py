@@ -66,17 +66,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
         else:
             self.timesteps = timesteps.astype(np.float32)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
-        i, sample, x0 = self._denoised(model_output, timestep, sample)
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
+        x0 = self._denoised(i, model_output, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         derivative = (sample - x0) / sigma
-        self._step_index += 1
         return sample + derivative * (sigma_next - sigma)

@@ -44,18 +44,10 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
         self.timesteps = timesteps
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
-        i, sample, x0 = self._denoised(model_output, timestep, sample)
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
+        x0 = self._denoised(i, model_output, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
         prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
-        self._step_index += 1
         return prev_sample + draw_noise(noise, model_output.shape, generator) * sigma_up

@@ -17,7 +17,6 @@ from ..errors import InvalidArgument
 from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
-    as_f32,
     check_choice,
     check_num_steps,
     draw_noise,
@@ -80,19 +79,9 @@ class LCMScheduler(DiscreteScheduler):
         self.timesteps = origin[indices].astype(np.int64)
         self._reset(num_inference_steps)
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
-        self._require_timesteps()
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
         cfg = self.config
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        i = self._init_step_index(timestep)
         t = int(timestep)
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
         a_t = self.alphas_cumprod[t]
@@ -106,7 +95,6 @@ class LCMScheduler(DiscreteScheduler):
         c_skip, c_out = boundary_condition_scalings(t, cfg["timestep_scaling"])
         denoised = c_out * x0 + c_skip * sample
 
-        self._step_index += 1
         if i == self.num_inference_steps - 1:
             return denoised.astype(np.float32, copy=False)
         noise = draw_noise(noise, model_output.shape, generator)

@@ -71,21 +71,13 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self.timesteps = timesteps.astype(np.float32)
         self.derivatives = []
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
-        i, sample, x0 = self._denoised(model_output, timestep, sample)
+    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
+                noise: np.ndarray | None) -> np.ndarray:
+        x0 = self._denoised(i, model_output, sample)
         self.derivatives = [*self.derivatives[-(self.max_order - 1) :], (sample - x0) / self.sigmas[i]]
         # Order follows the step index, as in diffusers; after set_begin_index > 0 the first steps
         # then use the leading coefficients of a higher order formula.
         order = min(i + 1, self.max_order)
         coeffs = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]
         prev_sample = sample + sum(c * d for c, d in zip(coeffs, reversed(self.derivatives)))
-        self._step_index += 1
         return prev_sample.astype(np.float32, copy=False)

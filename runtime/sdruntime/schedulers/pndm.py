@@ -65,15 +65,9 @@ class PNDMScheduler(DiscreteScheduler):
         self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
         self._reset_state()
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-        eta: float = 0.0,
-    ) -> np.ndarray:
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
+             noise: np.ndarray | None = None) -> np.ndarray:
+        """PNDM counts its own steps (Runge-Kutta then PLMS), as diffusers' does, instead of a step index."""
         self._require_timesteps()
         model_output, sample = as_f32(model_output), as_f32(sample)
         if self.counter < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
