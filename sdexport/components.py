@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
-from sdruntime.manifest import DYNAMIC_AXES, component_io
+from sdruntime.manifest import DYNAMIC_AXES, axis_sizes, component_io
 
 ATTENTION_FORMS = ("sdpa", "plain")
 
@@ -97,16 +99,10 @@ def model_dims(pipe) -> dict[str, int]:
 
 
 def static_dims(component: str, batch_size: int, height: int, width: int, factor: int, max_length: int) -> dict[str, int]:
-    """Concrete values of the dynamic axes for a static export of N images of H x W pixels."""
-    guided = component in ("text_encoder", "unet")  # prompt and negative prompt in one batch
-    return {
-        "batch": 2 * batch_size if guided else batch_size,
-        "sequence": max_length,
-        "height": height // factor,
-        "width": width // factor,
-        "image_height": height,
-        "image_width": width,
-    }
+    """Concrete values of the dynamic axes for a static export of N images of H x W pixels
+    (sdruntime.manifest.axis_sizes, for a VAE factor and tokenizer length not yet in a manifest)."""
+    return axis_sizes(SimpleNamespace(vae_scale_factor=factor, tokenizer_max_length=max_length),
+                      component, batch_size, height, width)
 
 
 def num_hidden_states(pipe) -> int:

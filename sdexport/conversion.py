@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,16 @@ from sdruntime.manifest import (
     FINAL_LAYER_NORM,
     FORMAT_VERSION,
     TARGETS,
+    TARGETS_TABLE,
+    ComponentEntry,
+    ExportSource,
+    FileEntry,
+    LayoutProbe,
+    LoraEntry,
+    Manifest,
+    PipelineFacts,
+    StaticShapes,
+    axis_sizes,
     describe_io,
     file_entry,
 )
@@ -26,7 +36,6 @@ from sdruntime.manifest import (
 from .errors import SdexportError
 from .families import pipeline_family
 
-ATTENTION_FOR_TARGET = {"generic": "sdpa", "cpu": "sdpa", "cuda": "plain", "tensorrt": "sdpa"}
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
 
@@ -52,22 +61,18 @@ class ConvertOptions:
     auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
 
 
-CHECK_PROVIDER = {"generic": "CPUExecutionProvider", "cpu": "CPUExecutionProvider",
-                  "tensorrt": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
 def checkable(target: str) -> bool:
     """Whether this machine can run the target's graphs to compare them with PyTorch."""
     import onnxruntime as ort
 
-    return CHECK_PROVIDER[target] in ort.get_available_providers()
+    return TARGETS_TABLE[target].check_provider in ort.get_available_providers()
 
 
 def check_written(component: str, path: Path, target: str) -> None:
     """The written graph type-checks and, where this machine runs its target, loads (graph_check.py)."""
     from .graph_check import check_written_graph
 
-    check_written_graph(component, path, CHECK_PROVIDER[target] if checkable(target) else None)
+    check_written_graph(component, path, TARGETS_TABLE[target].check_provider if checkable(target) else None)
 
 
 def check_options(opts: ConvertOptions) -> None:
@@ -109,25 +114,25 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise SdexportError(f"{parent} is not writable: choose another -o")
 
 
-def pipeline_facts(pipe, family: str) -> dict:
+def pipeline_facts(pipe, family: str) -> PipelineFacts:
     from .components import num_hidden_states, vae_scale_factor
 
     factor = vae_scale_factor(pipe)
     tokenizer = pipe.tokenizer
-    return {
-        "family": family,
-        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
-        "vae_scale_factor": factor,
-        "latent_channels": int(pipe.unet.config.in_channels),
-        "default_height": int(pipe.unet.config.sample_size) * factor,
-        "default_width": int(pipe.unet.config.sample_size) * factor,
-        "tokenizer_max_length": int(tokenizer.model_max_length),
-        "pad_token_id": int(tokenizer.pad_token_id),
-        "scheduler_class": pipe.scheduler.__class__.__name__,
-        "upcast_attention": bool(pipe.unet.config.get("upcast_attention", False)),
-        "num_hidden_states": num_hidden_states(pipe),
-    }
+    return PipelineFacts(
+        family=family,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=factor,
+        latent_channels=int(pipe.unet.config.in_channels),
+        default_height=int(pipe.unet.config.sample_size) * factor,
+        default_width=int(pipe.unet.config.sample_size) * factor,
+        tokenizer_max_length=int(tokenizer.model_max_length),
+        pad_token_id=int(tokenizer.pad_token_id),
+        scheduler_class=pipe.scheduler.__class__.__name__,
+        upcast_attention=bool(pipe.unet.config.get("upcast_attention", False)),
+        num_hidden_states=num_hidden_states(pipe),
+    )
 
 
 def versions() -> dict:
@@ -189,6 +194,17 @@ def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
 
 
 @dataclass
+class Written:
+    """What finish_component wrote of one component: its files, the nodes kept in fp32, the
+    comparison with PyTorch (None when not compared) and whether ORT laid it out in NCHWc blocks."""
+
+    files: tuple[FileEntry, ...]
+    fp32_nodes: tuple[str, ...]
+    compared: dict | None
+    laid_out: bool
+
+
+@dataclass
 class Traced:
     """One component traced to an fp32 ONNX file, with the shapes it was traced at."""
 
@@ -200,20 +216,19 @@ class Traced:
     seconds: float
 
 
-def trace_shapes(component: str, facts: dict, static: dict | None) -> tuple[dict[str, int], tuple[int, int], int]:
-    """The fixed axes, latent size and batch a component is traced with (static exports fix them)."""
-    from .components import static_dims
-
-    factor = facts["vae_scale_factor"]
+def trace_shapes(component: str, facts: PipelineFacts,
+                 static: StaticShapes | None) -> tuple[dict[str, int], tuple[int, int], int]:
+    """The fixed axes, latent size and batch a component is traced with (static exports fix them;
+    dynamic ones are traced at the default height, square, with a batch of 2)."""
     if static:
-        fixed = static_dims(component, static["batch_size"], static["height"], static["width"], factor,
-                            facts["tokenizer_max_length"])
+        fixed = axis_sizes(facts, component, static.batch_size, static.height, static.width)
         return fixed, (fixed["height"], fixed["width"]), fixed["batch"]
-    side = facts["default_height"] // factor
-    return {}, (side, side), 2
+    sizes = axis_sizes(facts, component, 1, facts.default_height, facts.default_height)
+    return {}, (sizes["height"], sizes["width"]), 2
 
 
-def trace_component(component: str, pipe, folder: Path, facts: dict, static: dict | None, opset: int) -> Traced:
+def trace_component(component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None,
+                    opset: int) -> Traced:
     """Trace one component to `folder/.fp32/<component>/model.onnx`."""
     from .components import model_dims
     from .export import trace
@@ -225,7 +240,7 @@ def trace_component(component: str, pipe, folder: Path, facts: dict, static: dic
 
 
 def finish_component(traced: Traced, folder: Path, target: str, fp16: bool, upcast_attention: bool,
-                     extra_fp32_nodes: Sequence[str] = (), compare_with=None) -> dict:
+                     extra_fp32_nodes: Sequence[str] = (), compare_with=None) -> Written:
     """Finish a traced graph for the target and dtype, write it, check it, and compare it with
     PyTorch when `compare_with` (the pipeline) is given. Returns what the manifest records of it."""
     from .export import compare_with_torch, save_model
@@ -244,36 +259,32 @@ def finish_component(traced: Traced, folder: Path, target: str, fp16: bool, upca
     result = None
     if compare_with is not None:
         result = compare_with_torch(component, compare_with, path, traced.batch if traced.dims.get("batch") else 1,
-                                    traced.latent, provider=CHECK_PROVIDER[target])
-    return {
-        "files": [file_entry(folder, f"{component}/{name}") for name in files],
-        "fp32_nodes": kept,
-        "compared": result,
-        "laid_out": laid_out,
-    }
+                                    traced.latent, provider=TARGETS_TABLE[target].check_provider)
+    return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
 
 
-def export_component(component: str, pipe, folder: Path, facts: dict, static: dict | None, opset: int, target: str,
-                     fp16: bool, extra_fp32_nodes: Sequence[str] = (), compare: bool = True) -> dict:
+def export_component(component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None,
+                     opset: int, target: str, fp16: bool, extra_fp32_nodes: Sequence[str] = (),
+                     compare: bool = True) -> Written:
     """Trace, finish, write and check one component: the path every export takes (finish_component)."""
     traced = trace_component(component, pipe, folder, facts, static, opset)
-    return finish_component(traced, folder, target, fp16, facts["upcast_attention"], extra_fp32_nodes,
+    return finish_component(traced, folder, target, fp16, bool(facts.upcast_attention), extra_fp32_nodes,
                             pipe if compare and checkable(target) else None)
 
 
-def static_shapes(opts: ConvertOptions, facts: dict, multiple: int) -> dict | None:
+def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> StaticShapes | None:
     """The manifest's `static` entry of a static export (sizes checked against the size multiple)."""
     if not opts.static:
         return None
-    height = opts.height or facts["default_height"]
-    width = opts.width or facts["default_width"]
+    height = opts.height or facts.default_height
+    width = opts.width or facts.default_width
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             raise SdexportError(f"--{name} {value} is not a multiple of {multiple} (this model's size multiple)")
-    return {"batch_size": opts.batch_size, "height": height, "width": width}
+    return StaticShapes(opts.batch_size, height, width)
 
 
-def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
+def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     """Every requested component, traced first (the graphs are then finished without torch), and the manifest."""
     from .components import final_layer_norm, set_attention, size_multiple
     from .export import release_weights
@@ -282,7 +293,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
     facts = pipeline_facts(pipe, pipeline_family(pipe))
     multiple = size_multiple(pipe)
     static = static_shapes(opts, facts, multiple)
-    attention = ATTENTION_FOR_TARGET[opts.target]
+    attention = TARGETS_TABLE[opts.target].attention
     set_attention(pipe, attention)
     traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in opts.components]
     if "text_encoder" in opts.components:
@@ -297,55 +308,54 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> dict:
         component = item.component
         t0 = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
         dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
-        written = finish_component(item, tmp, opts.target, dtype == "fp16", facts["upcast_attention"],
+        written = finish_component(item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention),
                                    compare_with=pipe if check else None)
-        result = written["compared"]
-        laid_out = laid_out or written["laid_out"]
-        entry = {
-            "path": f"{component}/model.onnx",
-            "files": written["files"],
-            "dtype": dtype,
-            "attention": attention,
-            "fp32_nodes": written["fp32_nodes"],
-            "export_max_abs_diff": result["max_abs_diff"] if result else None,
-            "export_relative_l2": result["relative_l2"] if result else None,
-            **describe_io(component, dtype, item.dims, facts["num_hidden_states"]),
-        }
-        if component == "text_encoder":
-            entry["files"].append(file_entry(tmp, FINAL_LAYER_NORM))
+        result = written.compared
+        laid_out = laid_out or written.laid_out
+        files = written.files + ((file_entry(tmp, FINAL_LAYER_NORM),) if component == "text_encoder" else ())
+        inputs, outputs = describe_io(component, dtype, item.dims, facts.num_hidden_states or 0)
+        entry = ComponentEntry(
+            path=f"{component}/model.onnx",
+            files=files,
+            dtype=dtype,
+            attention=attention,
+            fp32_nodes=written.fp32_nodes,
+            export_max_abs_diff=result["max_abs_diff"] if result else None,
+            export_relative_l2=result["relative_l2"] if result else None,
+            inputs=inputs,
+            outputs=outputs,
+        )
         components[component] = entry
-        size = sum(f["bytes"] for f in entry["files"]) / 1e6
+        size = sum(f.bytes for f in entry.files) / 1e6
         detail = "" if result or not opts.check else ", not compared with PyTorch (the cuda target runs on the CUDA EP only)"
         if result:
             detail = f", max abs diff vs PyTorch {result['max_abs_diff']:.2e} (relative L2 {result['relative_l2']:.1e})"
             if not result["finite"]:
                 detail += ", NaN/Inf in the output"
         opts.log(f"exported {component} ({dtype}) in {time.perf_counter() - t0:.1f} s, {size:.1f} MB{detail}")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_by": versions(),
-        "source": {"kind": src.kind, "name": src.name, "loras": src.loras},
-        "dtype": opts.dtype,
-        "target": opts.target,
-        "opset": opts.opset,
-        "pipeline": facts,
-        "size_multiple": multiple,
-        "static": static,
-        "components": components,
-    }
-    if laid_out:
-        add_cpu_layout_probe(tmp, manifest)
-    return manifest
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        created_by=versions(),
+        source=ExportSource(src.kind, src.name, tuple(LoraEntry.from_json(x) for x in src.loras)),
+        dtype=opts.dtype,
+        target=opts.target,
+        opset=opts.opset,
+        pipeline=facts,
+        size_multiple=multiple,
+        static=static,
+        components=components,
+        folder=tmp,
+    )
+    return with_cpu_layout_probe(tmp, manifest) if laid_out else manifest
 
 
-def add_cpu_layout_probe(folder: Path, manifest: dict) -> None:
-    """Record the probe that tells the runtime whether this CPU reads the graphs' NCHWc layout."""
+def with_cpu_layout_probe(folder: Path, manifest: Manifest) -> Manifest:
+    """The manifest with the probe that tells the runtime whether this CPU reads the graphs' NCHWc layout."""
     from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
 
-    if "cpu_layout_probe" not in manifest:
-        files = write_cpu_layout_probe(folder)
-        manifest["cpu_layout_probe"] = {
-            "path": f"{CPU_LAYOUT_PROBE}/model.onnx",
-            "files": [file_entry(folder, name) for name in files],
-        }
-        manifest["format_version"] = CPU_LAYOUT_FORMAT_VERSION  # runtimes that skip the probe refuse it
+    if manifest.cpu_layout_probe is not None:
+        return manifest
+    files = write_cpu_layout_probe(folder)
+    probe = LayoutProbe(f"{CPU_LAYOUT_PROBE}/model.onnx", tuple(file_entry(folder, name) for name in files))
+    # runtimes that skip the probe refuse the format version
+    return replace(manifest, cpu_layout_probe=probe, format_version=CPU_LAYOUT_FORMAT_VERSION)

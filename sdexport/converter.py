@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sdruntime.manifest import config_file_entries, write_manifest
@@ -37,8 +38,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
             src.loras = fuse_loras(src.pipe, loras, log)
         manifest = export_all(src, tmp, opts)
         write_configs(src.pipe, src, tmp, opts.components)
-        manifest["config_files"] = config_file_entries(tmp)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
         if validating:
             validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")

@@ -33,26 +33,26 @@ def inspect_export(folder: str | Path) -> dict:
         "folder": str(Path(folder).resolve()),
         "dtype": manifest.dtype,
         "target": manifest.target,
-        "opset": manifest.data["opset"],
-        "source": manifest.data["source"],
+        "opset": manifest.opset,
+        "source": manifest.source.to_json(),
         "size_multiple": manifest.size_multiple,
-        "static": manifest.static,
-        "pipeline": manifest.pipeline,
+        "static": manifest.static.to_json() if manifest.static else None,
+        "pipeline": manifest.pipeline.to_json(),
         "components": {},
     }
     for name, entry in manifest.components.items():
         counts, contrib, unfused = op_counts(manifest.model_path(name))
         report["components"][name] = {
-            "path": entry["path"],
-            "bytes": sum(f["bytes"] for f in entry["files"]),
-            "dtype": entry["dtype"],
-            "attention": entry["attention"],
-            "inputs": entry["inputs"],
-            "outputs": entry["outputs"],
+            "path": entry.path,
+            "bytes": sum(f.bytes for f in entry.files),
+            "dtype": entry.dtype,
+            "attention": entry.attention,
+            "inputs": [t.to_json() for t in entry.inputs],
+            "outputs": [t.to_json() for t in entry.outputs],
             "nodes": sum(counts.values()),
             "op_counts": dict(counts.most_common()),
             "contrib_ops": contrib,
-            "fp32_nodes": len(entry.get("fp32_nodes", [])),
+            "fp32_nodes": len(entry.fp32_nodes),
             "unfused": unfused,  # [{node, op, reason}] for the cuda target, else None
         }
     return report

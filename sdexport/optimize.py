@@ -1,14 +1,8 @@
-"""Per-target graph work after tracing (DESIGN.md's target table), fp16 conversion included.
+"""Per-target graph work after tracing, fp16 conversion included.
 
-generic   ORT's basic, provider-independent cleanup; runs on every provider.
-cpu       ORT's "all" level saved with the graph: the extended CPU fusions and the NCHWc layout of
-          the convolutions, so loading does not pay them again. The layout depends on the CPU's
-          vector width: the export carries a probe that the runtime checks (cpu_layout_probe).
-cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
-          QKV/KV, BiasAdd) on the fp32 graph, each kept only where its CUDA kernel accepts it
-          (fusion_limits.py), then fp16 with ORT's rules; CUDA EP only.
-tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
-          TensorRT builds fp16 engines itself (trt_fp16_enable).
+What each target means (its offline level, whether it holds the cuda fusions, which providers run
+it) is the target table in sdruntime/manifest.py (TARGETS_TABLE and that module's docstring). The
+cuda fusions are kept only where their CUDA kernels accept them (fusion_limits.py).
 """
 
 from __future__ import annotations
@@ -19,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+from sdruntime.manifest import TARGETS_TABLE
 
 from .export import EXTERNAL_DATA_NAME, is_large, save_model
 from .precision import fp32_nodes, to_fp16
 
-OFFLINE_LEVEL = {"generic": "basic", "cpu": "all", "tensorrt": "basic"}
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CPU_LAYOUT_PROBE = "cpu_layout_probe"
 # ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
@@ -39,14 +33,15 @@ def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp1
     of a traced file, which lets the cuda fusions read its weights lazily. Returns the graph and
     the nodes an fp16 graph keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
     """
+    spec = TARGETS_TABLE[target]
     if isinstance(model, Path):
-        model = cuda_fusions_from_file(component, model, fp16) if target == "cuda" else \
+        model = cuda_fusions_from_file(component, model, fp16) if spec.fused_ops else \
             onnx.load(str(model), load_external_data=True)
-    elif target == "cuda":
+    elif spec.fused_ops:
         model = cuda_fusions(component, model, fp16)
-    if target in OFFLINE_LEVEL:
+    if spec.offline_level:
         # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
-        level = "extended" if target == "cpu" and fp16 else OFFLINE_LEVEL[target]
+        level = "extended" if spec.offline_level == "all" and fp16 else spec.offline_level
         model = ort_offline_optimize(model, level)
     kept: list[str] = []
     if fp16:

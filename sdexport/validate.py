@@ -1,6 +1,6 @@
 """`sdexport validate`: an export against its PyTorch source, per component and end to end.
 
-The reference is always diffusers/PyTorch in fp32. Tolerances are DESIGN.md's (overridable); the
+The reference is always diffusers/PyTorch in fp32. Tolerances are the constants below (overridable); the
 report's JSON schema is `validate_report.schema.json` beside this file (docs/validate-report.md).
 """
 
@@ -10,15 +10,18 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sdruntime.manifest import (
     COMPONENT_IO,
+    TARGETS_TABLE,
     ExportError,
     Manifest,
+    TensorEntry,
+    latent_shape,
     read_manifest,
     sha256_file,
     write_manifest,
@@ -26,7 +29,7 @@ from sdruntime.manifest import (
 from sdruntime.schedulers import SCHEDULERS, scheduler_name_for_class
 from sdruntime.session import NUMPY_DTYPES, SessionSettings, check_cpu_layout, resolve_providers, session_options
 
-from .conversion import CHECK_PROVIDER, add_cpu_layout_probe, checkable, export_component, trace_component
+from .conversion import checkable, export_component, trace_component, with_cpu_layout_probe
 from .conversion import versions as export_versions
 from .errors import SdexportError, ValidationFailed, first_line
 from .staging import REPORT_NAME  # what `convert --validate` leaves in the export
@@ -184,16 +187,16 @@ def limit_problems(metrics: dict[str, Any], limits: dict[str, float | None]) -> 
 def image_sizes(manifest: Manifest) -> list[tuple[int, int]]:
     """Two valid (height, width) in pixels: the default size and a non-square one (the static size only)."""
     if manifest.static:
-        return [(manifest.static["height"], manifest.static["width"])]
+        return [(manifest.static.height, manifest.static.width)]
     m = manifest.size_multiple
-    height, width = manifest.pipeline["default_height"], manifest.pipeline["default_width"]
+    height, width = manifest.pipeline.default_height, manifest.pipeline.default_width
     second = max(m, height // 2 // m * m)
     return [(height, width), (second if second != height else height + m, width)]
 
 
 def batch_sizes(manifest: Manifest, component: str) -> list[int]:
     """1 and 2, or the batch a static export fixes."""
-    first = manifest.components[component]["inputs"][0]["shape"][0]
+    first = manifest.components[component].inputs[0].shape[0]
     return [first] if isinstance(first, int) else [1, 2]
 
 
@@ -241,15 +244,13 @@ def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[fl
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    factor = manifest.pipeline["vae_scale_factor"]
-    channels = manifest.pipeline["latent_channels"]
     cases = []
     for batch in batch_sizes(manifest, component):
         if component == "text_encoder":
             cases.append(Case(f"b{batch} prompts", {"input_ids": token_ids(pipe, prompts_for(batch, False))}, batch))
             continue
         for height, width in image_sizes(manifest):
-            latent = (batch, channels, height // factor, width // factor)
+            latent = latent_shape(manifest.pipeline, batch, height, width)
             size = f"b{batch} {height}x{width}"
             if component == "unet":
                 embeddings = text_embeddings(pipe, prompts_for(batch, True))
@@ -261,7 +262,7 @@ def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[fl
                     }
                     cases.append(Case(f"{size} t={t:g}", inputs, batch, height, width, t))
             elif component == "vae_decoder":
-                scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline["vae_scaling_factor"]
+                scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline.vae_scaling_factor
                 cases.append(Case(size, {"latent_sample": scaled.astype(np.float32)}, batch, height, width))
             else:
                 cases.append(Case(size, {"sample": image_batch(height, width, batch)}, batch, height, width))
@@ -280,7 +281,7 @@ def open_session(path: Path, manifest: Manifest, providers: list, component: str
 
 def feeds_for(manifest: Manifest, component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs cast to the dtypes the manifest records (fp16 for an fp16 component's float inputs)."""
-    return {k: v.astype(NUMPY_DTYPES[manifest.input_spec(component, k)["dtype"]]) for k, v in inputs.items()}
+    return {k: v.astype(NUMPY_DTYPES[manifest.input_spec(component, k).dtype]) for k, v in inputs.items()}
 
 
 def run_torch(component: str, pipe, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -294,12 +295,12 @@ def run_torch(component: str, pipe, inputs: dict[str, np.ndarray]) -> list[np.nd
 def hash_problems(manifest: Manifest, component: str) -> list[str]:
     """Each file of the component that is missing or no longer has its recorded sha256."""
     problems = []
-    for entry in manifest.components[component]["files"]:
-        path = manifest.folder / entry["path"]
+    for entry in manifest.components[component].files:
+        path = manifest.folder / entry.path
         if not path.is_file():
-            problems.append(f"{entry['path']} is missing")
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['path']} does not match its sha256 in sdexport.json (changed since export)")
+            problems.append(f"{entry.path} is missing")
+        elif sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.path} does not match its sha256 in sdexport.json (changed since export)")
     return problems
 
 
@@ -339,9 +340,9 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
                     timesteps: list[float], providers: list) -> dict[str, Any]:
     """Every case through PyTorch and ONNX Runtime; for a failing fp16 component, the first node to blame."""
     entry = manifest.components[component]
-    limits = component_limits(entry["dtype"], full_size, opts)
+    limits = component_limits(entry.dtype, full_size, opts)
     hashes = hash_problems(manifest, component)
-    names = [o["name"] for o in entry["outputs"]]
+    names = [o.name for o in entry.outputs]
     all_cases = component_cases(component, pipe, manifest, timesteps, opts.seed)
     checked, problems, provider = [], list(hashes), None
     try:
@@ -361,12 +362,12 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
     problems += [f"{c['label']}: {p}" for c in cases for p in c["problems"]]
     no_numbers = {"max_abs": None, "mean_abs": None, "relative_l2": None, "finite": False}
     result = {
-        "dtype": entry["dtype"], "provider": provider, "limits": limits, "sha256_ok": not hashes,
+        "dtype": entry.dtype, "provider": provider, "limits": limits, "sha256_ok": not hashes,
         "cases": cases, **(worst(cases) if cases else no_numbers), "ok": not problems, "problems": problems,
         "first_bad_node": None,
     }
     failing = [case for case, outcome in checked if not outcome["ok"]]
-    if failing and entry["dtype"] == "fp16" and opts.locate:
+    if failing and entry.dtype == "fp16" and opts.locate:
         smallest = min(failing, key=lambda c: sum(v.size for v in c.inputs.values()))
         rtol = limits["relative_l2"] or FP16_RELATIVE_L2
         result["first_bad_node"] = locate_fp16_failure(component, pipe, manifest, smallest, rtol, providers)
@@ -381,7 +382,7 @@ def trace_fp32(component: str, pipe, manifest: Manifest):
     import onnx
 
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
-        traced = trace_component(component, pipe, Path(tmp), manifest.pipeline, manifest.static, int(manifest.data["opset"]))
+        traced = trace_component(component, pipe, Path(tmp), manifest.pipeline, manifest.static, int(manifest.opset))
         return onnx.load(str(traced.path), load_external_data=True)
 
 
@@ -469,7 +470,7 @@ def locate_fp16_failure(component: str, pipe, manifest: Manifest, case: Case, rt
     fp16_node, tensor = found
     producer = next((n for n in fp32.graph.node if tensor in n.output), None)
     peak = float(np.abs(reference[tensor]).max()) if reference[tensor].size else 0.0
-    kept = set(manifest.components[component].get("fp32_nodes") or [])
+    kept = set(manifest.components[component].fp32_nodes)
     region = [n for n in out_of_fp16_range(fp32, reference) if n not in kept]
     own = [producer.name] if producer is not None and producer.name not in kept else []
     result.update({
@@ -620,7 +621,7 @@ def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
     dims = model_dims(pipe)
     for component, entry in manifest.components.items():
         io = COMPONENT_IO[component]
-        recorded = {t["name"]: t["shape"] for t in entry["inputs"] + entry["outputs"]}
+        recorded = {t.name: t.shape for t in entry.inputs + entry.outputs}
         for spec in io.inputs + io.outputs:
             for axis, size in zip(spec.shape, recorded.get(spec.name, ())):
                 if axis not in DYNAMIC_AXES and size != dims[axis]:
@@ -663,7 +664,7 @@ def load_reference(source: str, manifest: Manifest, opts: ValidateOptions):
     from .load import load_source
     from .lora import check_loras, fuse_loras
 
-    loras = check_loras(f"{lora['path']}:{lora['scale']}" for lora in manifest.data["source"].get("loras", []))
+    loras = check_loras(f"{lora.path}:{lora.scale}" for lora in manifest.source.loras)
     src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
     if loras:
         src.loras = fuse_loras(src.pipe, loras, opts.log)
@@ -685,7 +686,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     check_matches(manifest, pipe, src.name)
     providers = resolve_providers(opts.provider, manifest.target)
     check_cpu_layout(manifest)
-    set_attention(pipe, next(iter(manifest.components.values())).get("attention", "sdpa"))
+    set_attention(pipe, next(iter(manifest.components.values())).attention)
     name, config = chosen_scheduler(manifest.folder, opts)
     timesteps = reference_timesteps(name, config, opts.steps)
     unet_parameters = sum(p.numel() for p in pipe.unet.parameters())
@@ -695,7 +696,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
         t0 = time.perf_counter()
         components[component] = check_component(component, pipe, manifest, opts, full_size, timesteps, providers)
         opts.log(f"checked {component} in {time.perf_counter() - t0:.1f} s")
-    fp16 = any(e["dtype"] == "fp16" for e in manifest.components.values())
+    fp16 = any(e.dtype == "fp16" for e in manifest.components.values())
     min_psnr = opts.min_psnr if opts.min_psnr is not None else MIN_PSNR["fp16" if fp16 else "fp32"]
     if opts.end_to_end:
         e2e = end_to_end(pipe, manifest, opts, name, config, min_psnr, (height, width))
@@ -704,7 +705,7 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     report = {
         "report_version": REPORT_VERSION, "ok": False, "source": src.name, "export": str(manifest.folder.resolve()),
         "dtype": manifest.dtype, "target": manifest.target, "provider": provider_name(providers),
-        "versions": versions(), "export_created_by": manifest.data.get("created_by", {}),
+        "versions": versions(), "export_created_by": dict(manifest.created_by),
         "settings": {"scheduler": name, "steps": opts.steps, "seed": opts.seed, "guidance_scale": opts.guidance_scale,
                      "strength": opts.strength, "prompt": opts.prompt, "negative_prompt": opts.negative_prompt,
                      "height": height, "width": width, "timesteps": timesteps},
@@ -816,24 +817,28 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
     """Re-export one component with these nodes kept in fp32 (None: all of it) and update the manifest."""
     manifest = read_manifest(folder)
     entry, target = manifest.components[component], manifest.target
-    written = export_component(component, pipe, folder, manifest.pipeline, manifest.static, int(manifest.data["opset"]),
+    written = export_component(component, pipe, folder, manifest.pipeline, manifest.static, int(manifest.opset),
                                target, fp16=fp32_nodes is not None, extra_fp32_nodes=fp32_nodes or ())
-    if written["laid_out"]:  # an fp16 cpu export's component now in fp32 and laid out
-        add_cpu_layout_probe(folder, manifest.data)
-    check = written["compared"]
-    others = [f for f in entry["files"] if not f["path"].startswith(f"{component}/model.onnx")]
-    entry.update({
-        "files": written["files"] + others,
-        "fp32_nodes": written["fp32_nodes"] if fp32_nodes is not None else [],
-        "export_max_abs_diff": check["max_abs_diff"] if check else None,
-        "export_relative_l2": check["relative_l2"] if check else None,
-        "notes": [*entry.get("notes", []), note],
-    })
+    if written.laid_out:  # an fp16 cpu export's component now in fp32 and laid out
+        manifest = with_cpu_layout_probe(folder, manifest)
+    check = written.compared
+    others = tuple(f for f in entry.files if not f.path.startswith(f"{component}/model.onnx"))
+    entry = replace(
+        entry,
+        files=written.files + others,
+        fp32_nodes=written.fp32_nodes if fp32_nodes is not None else (),
+        export_max_abs_diff=check["max_abs_diff"] if check else None,
+        export_relative_l2=check["relative_l2"] if check else None,
+        notes=(*entry.notes, note),
+    )
     if fp32_nodes is None:
-        entry["dtype"] = "fp32"
-        for tensor in entry["inputs"] + entry["outputs"]:
-            tensor["dtype"] = "float32" if tensor["dtype"] == "float16" else tensor["dtype"]
-    write_manifest(folder, manifest.data)
+        entry = replace(entry, dtype="fp32", inputs=tuple(map(_as_fp32, entry.inputs)),
+                        outputs=tuple(map(_as_fp32, entry.outputs)))
+    write_manifest(folder, replace(manifest, components={**manifest.components, component: entry}))
+
+
+def _as_fp32(tensor: TensorEntry) -> TensorEntry:
+    return replace(tensor, dtype="float32") if tensor.dtype == "float16" else tensor
 
 
 def fixable(report: dict[str, Any]) -> dict[str, list[str]]:
@@ -853,7 +858,7 @@ def apply_fp32_fallback(src, folder: Path, report: dict[str, Any], provider: str
         if not fixes:
             break
         for component, nodes in fixes.items():
-            kept = list(dict.fromkeys(read_manifest(folder).components[component]["fp32_nodes"] + nodes))
+            kept = list(dict.fromkeys([*read_manifest(folder).components[component].fp32_nodes, *nodes]))
             note = f"--auto-fp32-fallback kept {len(nodes)} more node(s) in fp32: {', '.join(nodes)}"
             log(f"{component}: {note}")
             rebuild_component(component, src.pipe, folder, kept, note)
@@ -878,7 +883,7 @@ def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> 
         raise SdexportError("--auto-fp32-fallback applies to fp16 exports: add --dtype fp16 or drop it")
     if not checkable(target):
         raise SdexportError(
-            f"--validate runs the '{target}' export on {CHECK_PROVIDER[target]}, which this onnxruntime lacks: "
+            f"--validate runs the '{target}' export on {TARGETS_TABLE[target].check_provider}, which this onnxruntime lacks: "
             "drop --validate, or install onnxruntime-gpu"
         )
 
@@ -886,7 +891,7 @@ def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> 
 def validate_conversion(src, folder: Path, out: Path, target: str, auto_fp32_fallback: bool,
                         log: Callable[[str], None]) -> None:
     """`convert --validate`: write the report into the export; raise ValidationFailed naming where it was kept."""
-    provider = CHECK_PROVIDER[target]
+    provider = TARGETS_TABLE[target].check_provider
     report = validate(src, folder, provider=provider, log=log)
     if auto_fp32_fallback:
         report = apply_fp32_fallback(src, folder, report, provider, log)

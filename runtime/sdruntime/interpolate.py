@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .manifest import latent_shape
 from .noise import TorchGenerator
 
 
@@ -24,9 +25,7 @@ def slerp(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 0.9995)
 
 
 def _noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
-    facts = pipe.manifest.pipeline
-    f = facts["vae_scale_factor"]
-    return TorchGenerator(seed).randn((1, facts["latent_channels"], height // f, width // f))
+    return TorchGenerator(seed).randn(latent_shape(pipe.manifest.pipeline, 1, height, width))
 
 
 def _cond(pipe, prompt: str) -> np.ndarray:
@@ -45,8 +44,8 @@ def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, seed: int, w
 def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, height: int | None = None,
              width: int | None = None, **kwargs) -> list[Image.Image]:
     """N frames from A to B; starting noise from `seed` (A) and `seed + 1` (B), the steps' noise from `seed`."""
-    height = height or pipe.manifest.pipeline["default_height"]
-    width = width or pipe.manifest.pipeline["default_width"]
+    height = height or pipe.manifest.pipeline.default_height
+    width = width or pipe.manifest.pipeline.default_width
     noise_a, noise_b = _noise(pipe, seed, height, width), _noise(pipe, seed + 1, height, width)
     cond_a, cond_b = _cond(pipe, prompt_a), _cond(pipe, prompt_b)
     images = []
@@ -66,8 +65,8 @@ def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | N
     Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns. The steps'
     noise comes from `seed`.
     """
-    height = height or pipe.manifest.pipeline["default_height"]
-    width = width or pipe.manifest.pipeline["default_width"]
+    height = height or pipe.manifest.pipeline.default_height
+    width = width or pipe.manifest.pipeline.default_width
     noises = [_noise(pipe, seed + k, height, width) for k in range(4)]
     conds = [_cond(pipe, p) for p in corners]
     images = []

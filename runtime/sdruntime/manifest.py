@@ -1,7 +1,36 @@
-"""The exported folder's contract: the component IO table and the manifest `sdexport.json`.
+"""The exported folder's contract: the component IO table, the target table, the axis sizes and
+the manifest `sdexport.json`.
 
 The exporter writes what this module describes and the runtime reads it back; neither repeats the
-IO table. Torch-free: only the standard library and NumPy-free JSON handling.
+IO table. The manifest is read and written here only (`Manifest.from_json` / `to_json`,
+`read_manifest` / `write_manifest`), as frozen dataclasses whose fields are its JSON keys; the JSON
+Schema beside this file (manifest.schema.json) is tested against them. Torch-free: only the
+standard library.
+
+The target table (TARGETS_TABLE), what each `--target` means from export to session:
+
+target    providers that run it    checked on  attention  offline level  CPU EP load level  fused ops  CUDA graphs
+generic   any                      CPU EP      sdpa       basic          per component      no         yes
+cpu       CPU EP                   CPU EP      sdpa       all (NCHWc)    basic              no         no
+cuda      CUDA EP                  CUDA EP     plain      none           per component      yes        yes
+tensorrt  TensorRT, CUDA, CPU EPs  CPU EP      sdpa       basic          per component      no         yes
+
+"checked on": the provider convert runs the written graphs on to compare them with PyTorch. The
+load level is the session's optimization level on the CPU EP (GPU providers load at "all"); "per
+component" is "all" for the VAE and "basic" for the U-Net and text encoder (session.default_level).
+An fp16 cpu export is optimized offline at "extended" (an fp16 graph cannot follow the NCHWc layout)
+and loads per component.
+
+generic   ORT's basic, provider-independent cleanup; runs on every provider.
+cpu       ORT's "all" level saved with the graph: the extended CPU fusions and the NCHWc layout of
+          the convolutions, so loading does not pay them again ("basic" loads them as they are).
+          The layout depends on the CPU's vector width: the export carries a probe that the
+          runtime checks (cpu_layout_probe).
+cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
+          QKV/KV, BiasAdd) on the fp32 graph, each kept only where its CUDA kernel accepts it,
+          then fp16 with ORT's rules; CUDA EP only.
+tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
+          TensorRT builds fp16 engines itself (trt_fp16_enable).
 """
 
 from __future__ import annotations
@@ -9,7 +38,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +54,33 @@ READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, CPU_LAYOUT_FORMAT_VERSION)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 DTYPES = ("fp32", "fp16")
-TARGETS = ("generic", "cpu", "cuda", "tensorrt")
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+GUIDED_COMPONENTS = ("text_encoder", "unet")  # they see the prompts and the negative prompts in one batch
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one `--target` means, from export to session (the table in this module's docstring)."""
+
+    name: str
+    providers: frozenset[str] | None  # the ORT providers that may run its graphs; None: any
+    check_provider: str  # the provider convert runs the written graphs on to compare them with PyTorch
+    attention: str  # the attention form traced: "sdpa" or "plain"
+    offline_level: str | None  # ORT's level applied once at export and saved; None: no offline pass
+    load_level: str | None  # the CPU EP's session level for graphs laid out at export; None: per component
+    fused_ops: bool  # its graphs hold ORT's Stable Diffusion fusions (contrib ops of the CUDA EP)
+    cuda_graphs: bool  # a static U-Net on the CUDA EP may be captured in a CUDA graph
+
+
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+TARGETS_TABLE: dict[str, Target] = {
+    "generic": Target("generic", None, CPU, "sdpa", "basic", None, fused_ops=False, cuda_graphs=True),
+    "cpu": Target("cpu", frozenset({CPU}), CPU, "sdpa", "all", "basic", fused_ops=False, cuda_graphs=False),
+    "cuda": Target("cuda", frozenset({CUDA}), CUDA, "plain", None, None, fused_ops=True, cuda_graphs=True),
+    "tensorrt": Target("tensorrt", frozenset({TENSORRT, CUDA, CPU}), CPU, "sdpa", "basic", None,
+                       fused_ops=False, cuda_graphs=True),
+}
+TARGETS = tuple(TARGETS_TABLE)
 
 
 class ExportError(UserError):
@@ -109,18 +164,15 @@ def component_io(component: str, num_hidden_states: int = 0) -> ComponentIO:
     return ComponentIO(io.inputs, io.outputs + hidden)
 
 
-def describe_io(component: str, export_dtype: str, dims: dict[str, int], num_hidden_states: int = 0) -> dict[str, list[dict]]:
-    """The manifest's `inputs` and `outputs` entries of one component."""
+def describe_io(component: str, export_dtype: str, dims: dict[str, int],
+                num_hidden_states: int = 0) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+    """The manifest's `inputs` and `outputs` of one component."""
     io = component_io(component, num_hidden_states)
 
-    def entry(spec: TensorSpec) -> dict:
-        return {
-            "name": spec.name,
-            "dtype": resolve_dtype(spec.dtype, export_dtype),
-            "shape": resolve_shape(spec.shape, dims),
-        }
+    def entry(spec: TensorSpec) -> TensorEntry:
+        return TensorEntry(spec.name, resolve_dtype(spec.dtype, export_dtype), tuple(resolve_shape(spec.shape, dims)))
 
-    return {"inputs": [entry(s) for s in io.inputs], "outputs": [entry(s) for s in io.outputs]}
+    return tuple(entry(s) for s in io.inputs), tuple(entry(s) for s in io.outputs)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -131,9 +183,171 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def file_entry(folder: Path, relative: str) -> dict:
+# -- the manifest, as dataclasses whose fields are its JSON keys --------------------------------
+# Fields listed in a class's OMITTED_WHEN_EMPTY are left out of the JSON when None or empty, as the
+# exporter always did for them (older exports lack them); every other field is always written.
+
+
+def _to_json(value: Any) -> Any:
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+class _JsonFields:
+    OMITTED_WHEN_EMPTY: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name in self.OMITTED_WHEN_EMPTY and (value is None or value == ()):
+                continue
+            out[name] = _to_json(value)
+        return out
+
+
+@dataclass(frozen=True)
+class TensorEntry(_JsonFields):
+    """One input or output as exported: its ONNX element type and shape (numbers where fixed)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> TensorEntry:
+        return cls(data["name"], data["dtype"], tuple(data["shape"]))
+
+
+@dataclass(frozen=True)
+class FileEntry(_JsonFields):
+    """A file of the export, relative to its folder, with its size and sha256."""
+
+    path: str
+    bytes: int
+    sha256: str
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> FileEntry:
+        return cls(data["path"], data["bytes"], data["sha256"])
+
+
+def _files(items) -> tuple[FileEntry, ...]:
+    return tuple(FileEntry.from_json(f) for f in items)
+
+
+@dataclass(frozen=True)
+class PipelineFacts(_JsonFields):
+    """What the runtime needs to know of the source pipeline beside the graphs."""
+
+    family: str
+    prediction_type: str
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    latent_channels: int
+    default_height: int
+    default_width: int
+    tokenizer_max_length: int
+    pad_token_id: int
+    scheduler_class: str
+    upcast_attention: bool | None = None  # None: an export that predates the fact
+    num_hidden_states: int | None = None  # the text encoder's hidden-state outputs (clip_skip); None: none
+
+    OMITTED_WHEN_EMPTY = ("upcast_attention", "num_hidden_states")
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> PipelineFacts:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class StaticShapes(_JsonFields):
+    """The images per call and the pixel size a static export is fixed at."""
+
+    batch_size: int
+    height: int
+    width: int
+
+    @classmethod
+    def from_json(cls, data: Mapping | None) -> StaticShapes | None:
+        return None if data is None else cls(data["batch_size"], data["height"], data["width"])
+
+
+@dataclass(frozen=True)
+class LoraEntry(_JsonFields):
+    path: str
+    scale: float
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> LoraEntry:
+        return cls(data["path"], data["scale"])
+
+
+@dataclass(frozen=True)
+class ExportSource(_JsonFields):
+    """What the export was made from: a folder, a preset, a single file or a hub id, and the LoRAs fused in."""
+
+    kind: str
+    name: str
+    loras: tuple[LoraEntry, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ExportSource:
+        return cls(data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())))
+
+
+@dataclass(frozen=True)
+class LayoutProbe(_JsonFields):
+    """The cpu target's NCHWc layout probe: a laid-out convolution and its input and output (io.npz)."""
+
+    path: str
+    files: tuple[FileEntry, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping | None) -> LayoutProbe | None:
+        return None if data is None else cls(data["path"], _files(data["files"]))
+
+
+@dataclass(frozen=True)
+class ComponentEntry(_JsonFields):
+    """One exported component: its graph, its files, its dtype and the target-related facts, its IO."""
+
+    path: str
+    files: tuple[FileEntry, ...]
+    dtype: str
+    attention: str
+    fp32_nodes: tuple[str, ...] = ()  # fp16 exports: the nodes kept in fp32
+    export_max_abs_diff: float | None = None  # vs PyTorch fp32 right after export; None: not compared
+    export_relative_l2: float | None = None
+    inputs: tuple[TensorEntry, ...] = ()
+    outputs: tuple[TensorEntry, ...] = ()
+    notes: tuple[str, ...] = ()  # what validation changed, e.g. nodes or the whole component kept in fp32
+
+    OMITTED_WHEN_EMPTY = ("notes",)
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ComponentEntry:
+        return cls(
+            path=data["path"], files=_files(data["files"]), dtype=data["dtype"], attention=data["attention"],
+            fp32_nodes=tuple(data.get("fp32_nodes") or ()), export_max_abs_diff=data.get("export_max_abs_diff"),
+            export_relative_l2=data.get("export_relative_l2"),
+            inputs=tuple(TensorEntry.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorEntry.from_json(t) for t in data["outputs"]),
+            notes=tuple(data.get("notes", ())),
+        )
+
+    def input(self, name: str) -> TensorEntry:
+        return next(i for i in self.inputs if i.name == name)
+
+
+def file_entry(folder: Path, relative: str) -> FileEntry:
     path = folder / relative
-    return {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return FileEntry(relative, path.stat().st_size, sha256_file(path))
 
 
 # The files beside the graphs that change what the runtime computes: hashed into `config_files`.
@@ -141,93 +355,118 @@ CONFIG_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/m
                 "scheduler/scheduler_config.json")
 
 
-def config_file_entries(folder: Path) -> list[dict]:
-    return [file_entry(folder, name) for name in CONFIG_FILES if (folder / name).is_file()]
-
-
-def write_manifest(folder: Path, manifest: dict) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    return path
+def config_file_entries(folder: Path) -> tuple[FileEntry, ...]:
+    return tuple(file_entry(folder, name) for name in CONFIG_FILES if (folder / name).is_file())
 
 
 def load_schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
 
 
-@dataclass
-class Manifest:
-    """A parsed `sdexport.json` and the folder it describes."""
+@dataclass(frozen=True)
+class Manifest(_JsonFields):
+    """A parsed `sdexport.json` and the folder it describes (`folder` is not written)."""
 
-    folder: Path
-    data: dict[str, Any]
+    format_version: int
+    created_by: Mapping[str, str | None]
+    source: ExportSource
+    dtype: str
+    target: str
+    opset: int
+    pipeline: PipelineFacts
+    size_multiple: int
+    static: StaticShapes | None
+    components: Mapping[str, ComponentEntry]
+    cpu_layout_probe: LayoutProbe | None = None  # cpu exports laid out in NCHWc blocks (format version 2)
+    config_files: tuple[FileEntry, ...] = ()  # the tokenizer and scheduler files (absent in older exports)
+    folder: Path = field(default=Path("."), compare=False)
 
-    @property
-    def dtype(self) -> str:
-        return self.data["dtype"]
+    OMITTED_WHEN_EMPTY = ("cpu_layout_probe", "config_files")
 
-    @property
-    def target(self) -> str:
-        return self.data["target"]
+    @classmethod
+    def from_json(cls, data: Mapping, folder: Path = Path(".")) -> Manifest:
+        return cls(
+            format_version=data["format_version"], created_by=dict(data.get("created_by", {})),
+            source=ExportSource.from_json(data.get("source", {"kind": "folder", "name": ""})),
+            dtype=data["dtype"], target=data["target"], opset=data.get("opset"),
+            pipeline=PipelineFacts.from_json(data["pipeline"]), size_multiple=int(data["size_multiple"]),
+            static=StaticShapes.from_json(data.get("static")),
+            components={name: ComponentEntry.from_json(entry) for name, entry in data["components"].items()},
+            cpu_layout_probe=LayoutProbe.from_json(data.get("cpu_layout_probe")),
+            config_files=_files(data.get("config_files", ())), folder=Path(folder),
+        )
 
-    @property
-    def pipeline(self) -> dict[str, Any]:
-        return self.data["pipeline"]
-
-    @property
-    def size_multiple(self) -> int:
-        return int(self.data["size_multiple"])
-
-    @property
-    def static(self) -> dict[str, int] | None:
-        return self.data.get("static")
-
-    @property
-    def components(self) -> dict[str, dict[str, Any]]:
-        return self.data["components"]
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        del out["folder"]
+        return out
 
     def has(self, component: str) -> bool:
         return component in self.components
 
     def model_path(self, component: str) -> Path:
-        return self.folder / self.components[component]["path"]
+        return self.folder / self.components[component].path
 
-    def input_spec(self, component: str, name: str) -> dict[str, Any]:
-        return next(i for i in self.components[component]["inputs"] if i["name"] == name)
+    def input_spec(self, component: str, name: str) -> TensorEntry:
+        return self.components[component].input(name)
 
-    @property
-    def cpu_layout_probe(self) -> dict[str, Any] | None:
-        """The cpu target's NCHWc layout probe: {"path", "files"}, or None."""
-        return self.data.get("cpu_layout_probe")
-
-    @property
-    def config_files(self) -> list[dict[str, Any]]:
-        """The tokenizer and scheduler files with their sizes and sha256 (absent in older exports)."""
-        return self.data.get("config_files", [])
+    def axis_sizes(self, component: str, images: int, height: int, width: int, guidance: bool = True) -> dict[str, int]:
+        return axis_sizes(self.pipeline, component, images, height, width, guidance)
 
     def verify(self, components: list[str] | None = None, cache: HashCache | None = None) -> None:
         """Check that every file a component, the layout probe and the configs name exists and still has its recorded sha256."""
-        entries = [e for c in components or list(self.components) for e in self.components[c]["files"]]
+        entries = [e for c in components or list(self.components) for e in self.components[c].files]
         if self.cpu_layout_probe:
-            entries += self.cpu_layout_probe["files"]
+            entries += self.cpu_layout_probe.files
         entries += self.config_files
         for entry in entries:
-            path = self.folder / entry["path"]
+            path = self.folder / entry.path
             if not path.is_file():
                 raise ExportError(
                     f"{path} is missing: run `sdexport convert` again to rewrite the export"
                 )
-            if path.stat().st_size != entry["bytes"]:
+            if path.stat().st_size != entry.bytes:
                 raise ExportError(
                     f"{path} has {path.stat().st_size} bytes but the manifest records "
-                    f"{entry['bytes']}: the file is corrupted; run `sdexport convert` again"
+                    f"{entry.bytes}: the file is corrupted; run `sdexport convert` again"
                 )
             digest = cache.sha256(path) if cache else sha256_file(path)
-            if digest != entry["sha256"]:
+            if digest != entry.sha256:
                 raise ExportError(
                     f"{path} does not match the sha256 in {MANIFEST_NAME}: the file is "
                     "corrupted or was changed; run `sdexport convert` again"
                 )
+
+
+def axis_sizes(facts: PipelineFacts, component: str, images: int, height: int, width: int,
+               guidance: bool = True) -> dict[str, int]:
+    """The sizes of the IO table's dynamic axes for `images` images of height x width pixels.
+
+    Latents are the pixels divided by the VAE factor; with guidance the text encoder and the U-Net
+    see the negative and the positive prompts in one batch, twice the images.
+    """
+    factor = int(facts.vae_scale_factor)
+    return {
+        "batch": 2 * images if guidance and component in GUIDED_COMPONENTS else images,
+        "sequence": int(facts.tokenizer_max_length),
+        "height": height // factor,
+        "width": width // factor,
+        "image_height": height,
+        "image_width": width,
+    }
+
+
+def latent_shape(facts: PipelineFacts, images: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The latents of `images` images of height x width pixels, before guidance doubles them."""
+    sizes = axis_sizes(facts, "unet", images, height, width, guidance=False)
+    return (sizes["batch"], int(facts.latent_channels), sizes["height"], sizes["width"])
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write `sdexport.json`: the one place the manifest is written."""
+    path = Path(folder) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
 
 
 def read_manifest(folder: str | os.PathLike) -> Manifest:
@@ -255,7 +494,11 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     missing = [k for k in ("dtype", "target", "pipeline", "size_multiple", "components") if k not in data]
     if missing:
         raise ExportError(f"{path} lacks {', '.join(missing)}: run `sdexport convert` again")
-    return Manifest(folder=folder, data=data)
+    try:
+        return Manifest.from_json(data, folder)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise ExportError(f"{path} {what}: run `sdexport convert` again") from e
 
 
 class HashCache:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .errors import InvalidArgument
 from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
-from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
+from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, latent_shape, read_manifest
 from .noise import make_generator, randn_tensor
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class, step_options
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
@@ -96,10 +96,10 @@ class StableDiffusionPipeline:
         self.settings = settings
         facts = self.manifest.pipeline
         self.tokenizer = PromptTokenizer(
-            self.folder / "tokenizer" / "tokenizer.json", facts["tokenizer_max_length"], facts["pad_token_id"]
+            self.folder / "tokenizer" / "tokenizer.json", facts.tokenizer_max_length, facts.pad_token_id
         )
         self.scheduler_config = read_scheduler_config(self.folder)
-        self.default_scheduler = scheduler_name_for_class(facts["scheduler_class"], self.scheduler_config) or "pndm"
+        self.default_scheduler = scheduler_name_for_class(facts.scheduler_class, self.scheduler_config) or "pndm"
         self.model_hash = self._model_hash()
         self._components: dict[str, Component] = {}
         names = ("text_encoder", "unet", "vae_decoder")
@@ -132,8 +132,8 @@ class StableDiffusionPipeline:
         """Short sha256 over the manifest's hashes of the files that draw (text encoder, U-Net, VAE decoder)."""
         digest = hashlib.sha256()
         for name in ("text_encoder", "unet", "vae_decoder"):
-            for entry in self.manifest.components[name]["files"]:
-                digest.update(f"{entry['path']} {entry['sha256']}\n".encode())
+            for entry in self.manifest.components[name].files:
+                digest.update(f"{entry.path} {entry.sha256}\n".encode())
         return short_hash(digest.hexdigest())
 
     @property
@@ -161,7 +161,7 @@ class StableDiffusionPipeline:
         return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
 
     def skipped_hidden_state(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
-        count = int(self.manifest.pipeline.get("num_hidden_states") or 0)
+        count = int(self.manifest.pipeline.num_hidden_states or 0)
         if not count:
             raise GenerationError("clip_skip needs the text encoder's hidden states, which this export lacks: re-export it")
         if not 1 <= clip_skip < count:
@@ -178,9 +178,9 @@ class StableDiffusionPipeline:
             if value <= 0 or value % multiple:
                 raise GenerationError(f"{name} {value} is not a positive multiple of {multiple}, this export's size multiple")
         static = self.manifest.static
-        if static and (height, width) != (static["height"], static["width"]):
+        if static and (height, width) != (static.height, static.width):
             raise GenerationError(
-                f"this export is static at {static['height']}x{static['width']}: ask for that size or re-export"
+                f"this export is static at {static.height}x{static.width}: ask for that size or re-export"
             )
 
     def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler, timesteps: np.ndarray,
@@ -221,7 +221,7 @@ class StableDiffusionPipeline:
         return latents
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
-        scaled = latents / np.float32(self.manifest.pipeline["vae_scaling_factor"])
+        scaled = latents / np.float32(self.manifest.pipeline.vae_scaling_factor)
         return self.component("vae_decoder")(latent_sample=scaled)["sample"]
 
     def vae_encode(self, image: np.ndarray, generator) -> np.ndarray:
@@ -230,7 +230,7 @@ class StableDiffusionPipeline:
         mean, logvar = np.split(parameters, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
         sample = mean + std * randn_tensor(mean.shape, generator)
-        return sample * np.float32(self.manifest.pipeline["vae_scaling_factor"])
+        return sample * np.float32(self.manifest.pipeline.vae_scaling_factor)
 
     def image_latents(self, image: np.ndarray, batch: int, generator, scheduler, timestep) -> np.ndarray:
         """Noised latents of an init image at the first timestep (StableDiffusionImg2ImgPipeline.prepare_latents)."""
@@ -305,9 +305,10 @@ class StableDiffusionPipeline:
         batch = len(prompts) * num_images
         if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
             height, width = self._init_image_size(image)
-        size = self.manifest.static or {"height": facts["default_height"], "width": facts["default_width"]}
-        height = size["height"] if height is None else height
-        width = size["width"] if width is None else width
+        static = self.manifest.static
+        default = (static.height, static.width) if static else (facts.default_height, facts.default_width)
+        height = default[0] if height is None else height
+        width = default[1] if width is None else width
         self.check_size(height, width)
 
         # one generator per image for a list of seeds, and for a random batch: each image's seed draws it alone
@@ -333,8 +334,7 @@ class StableDiffusionPipeline:
                 uncond = self.encode_prompt(negatives, None, num_images)
                 embeddings = np.concatenate([uncond, embeddings])
 
-        factor = facts["vae_scale_factor"]
-        shape = (batch, facts["latent_channels"], height // factor, width // factor)
+        shape = latent_shape(facts, batch, height, width)
         timesteps = sched.timesteps
         if image is not None:
             init = load_init_image(image, width, height)
@@ -370,7 +370,7 @@ class StableDiffusionPipeline:
         }
         settings = {
             "Size": f"{width}x{height}", "Model hash": self.model_hash,
-            "Model": Path(self.manifest.data["source"]["name"]).name,
+            "Model": Path(self.manifest.source.name).name,
             "Denoising strength": f"{strength:g}" if image is not None else None,
             "Init image hash": init_image_hash(image) if image is not None else None,
             "Clip skip": clip_skip or None, "Eta": f"{eta:g}" if name == "ddim" else None,

@@ -7,25 +7,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .manifest import ExportError, Manifest
+from .manifest import TARGETS_TABLE, ExportError, Manifest, TensorEntry
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
-}
-# Which providers can run each target's graphs (DESIGN.md's target table).
-TARGET_PROVIDERS = {
-    "generic": None,  # any
-    "cpu": {"CPUExecutionProvider"},
-    "cuda": {"CUDAExecutionProvider"},
-    "tensorrt": {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"},
 }
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 LEVELS = {
@@ -66,7 +58,8 @@ def resolve_providers(provider: str | Sequence, target: str) -> list:
     (names or (name, options) pairs) falls back in order among those installed that the target supports.
     """
     available = ort.get_available_providers()
-    supported = TARGET_PROVIDERS.get(target)
+    known = TARGETS_TABLE.get(target)  # which providers may run the target's graphs (manifest.py's target table)
+    supported = known.providers if known else None
     if isinstance(provider, str):
         if provider not in PROVIDER_NAMES and provider not in PROVIDER_NAMES.values():
             raise ProviderError(f"unknown provider '{provider}': choose cpu, cuda, tensorrt or a list of ORT providers")
@@ -112,8 +105,9 @@ def default_level(target: str, providers: list, component: str = "", laid_out: b
     """
     if first_provider(providers) != "CPUExecutionProvider":
         return "all"
-    if laid_out:
-        return "basic"
+    known = TARGETS_TABLE.get(target)
+    if laid_out and known and known.load_level:
+        return known.load_level
     return "all" if component in ("vae_decoder", "vae_encoder") else "basic"
 
 
@@ -126,7 +120,7 @@ def check_cpu_layout(manifest: Manifest) -> None:
     probe = manifest.cpu_layout_probe
     if probe is None:
         return
-    model = manifest.folder / probe["path"]
+    model = manifest.folder / probe.path
     io_path = model.with_name("io.npz")  # its input and expected output, beside it
     for path in (model, io_path):
         if not path.is_file():
@@ -183,27 +177,23 @@ def check_external_data(model_path: Path) -> None:
             )
 
 
-def shape_of(spec: Sequence[Any], known: dict[str, int]) -> tuple[int, ...]:
+def shape_of(spec: Sequence[int | str], known: dict[str, int]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) else known[d] for d in spec)
 
 
 def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -> dict[str, str]:
     """TensorRT's min/opt/max shape profile for a component, from the requested images and sizes."""
-    facts = manifest.pipeline
     static = manifest.static
-    sizes = settings.trt_sizes or (facts["default_height"],) * 3
+    sizes = settings.trt_sizes or (manifest.pipeline.default_height,) * 3
     if static:
-        images, sizes = (static["batch_size"],) * 3, (static["height"],) * 3
+        images, sizes = (static.batch_size,) * 3, (static.height,) * 3
     else:
         images = settings.trt_images
-    guided = 2 if component in ("text_encoder", "unet") else 1
-    f = int(facts["vae_scale_factor"])
     profile = {}
     for key, n, side in zip(("min", "opt", "max"), images, sizes):
-        known = {"batch": guided * n, "sequence": int(facts["tokenizer_max_length"]), "height": side // f,
-                 "width": side // f, "image_height": side, "image_width": side}
-        shapes = [f"{i['name']}:{'x'.join(str(d) for d in shape_of(i['shape'], known))}"
-                  for i in manifest.components[component]["inputs"]]
+        known = manifest.axis_sizes(component, n, side, side)
+        shapes = [f"{i.name}:{'x'.join(str(d) for d in shape_of(i.shape, known))}"
+                  for i in manifest.components[component].inputs]
         profile[f"trt_profile_{key}_shapes"] = ",".join(shapes)
     return profile
 
@@ -230,7 +220,9 @@ def provider_options(providers: list, manifest: Manifest, component: str, settin
 
 
 def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSettings) -> bool:
-    return settings.cuda_graph and component == "unet" and manifest.static is not None
+    known = TARGETS_TABLE.get(manifest.target)
+    return (settings.cuda_graph and component == "unet" and manifest.static is not None
+            and (known is None or known.cuda_graphs))
 
 
 class Component:
@@ -241,9 +233,9 @@ class Component:
         self.name = name
         self.path = manifest.model_path(name)
         check_external_data(self.path)
-        self.inputs = {i["name"]: i for i in entry["inputs"]}
-        self.outputs = {o["name"]: o for o in entry["outputs"]}
-        self.vae_scale_factor = int(manifest.pipeline["vae_scale_factor"])
+        self.inputs: dict[str, TensorEntry] = {i.name: i for i in entry.inputs}
+        self.outputs: dict[str, TensorEntry] = {o.name: o for o in entry.outputs}
+        self.manifest = manifest
         # a CUDA graph replays fixed device addresses: keep one binding per shape for the session's life
         self.reuse_bindings = uses_cuda_graph(manifest, name, settings) and "CUDAExecutionProvider" in str(providers)
         self._bindings: dict[tuple, Binding] = {}
@@ -260,27 +252,26 @@ class Component:
         self.provider = used[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         self.static_batch = next(
-            (s["shape"][0] for s in entry["inputs"] if s["shape"] and isinstance(s["shape"][0], int)), None
+            (s.shape[0] for s in entry.inputs if s.shape and isinstance(s.shape[0], int)), None
         )
 
     def input_dtype(self, name: str):
-        return NUMPY_DTYPES[self.inputs[name]["dtype"]]
+        return NUMPY_DTYPES[self.inputs[name].dtype]
 
     def output_shapes(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
         """Output shapes from the inputs' shapes, via the IO table's symbolic axis names."""
         known: dict[str, int] = {}
         for name, value in feeds.items():
-            for axis, size in zip(self.inputs[name]["shape"], value.shape):
+            for axis, size in zip(self.inputs[name].shape, value.shape):
                 if isinstance(axis, str):
                     known[axis] = size
-        f = self.vae_scale_factor
-        if "height" in known:
-            known.setdefault("image_height", known["height"] * f)
-            known.setdefault("image_width", known["width"] * f)
-        if "image_height" in known:
-            known.setdefault("height", known["image_height"] // f)
-            known.setdefault("width", known["image_width"] // f)
-        return {name: shape_of(o["shape"], known) for name, o in self.outputs.items()}
+        f = int(self.manifest.pipeline.vae_scale_factor)
+        pixels = ((known["image_height"], known["image_width"]) if "image_height" in known
+                  else (known["height"] * f, known["width"] * f) if "height" in known else None)
+        if pixels is not None:  # the other spatial axes follow from the pixels (latents: pixels // f)
+            sizes = self.manifest.axis_sizes(self.name, known.get("batch", 1), *pixels, guidance=False)
+            known = {**sizes, **known}
+        return {name: shape_of(o.shape, known) for name, o in self.outputs.items()}
 
     def bind(self, feeds: dict[str, np.ndarray]) -> Binding:
         """Bind inputs and preallocated outputs; with `reuse_bindings`, refill the same buffers."""
@@ -329,7 +320,7 @@ class Binding:
             self.io.bind_ortvalue_input(name, self.values[name])
         self.outputs: dict[str, ort.OrtValue] = {}
         for name, shape in component.output_shapes(feeds).items():
-            dtype = NUMPY_DTYPES[component.outputs[name]["dtype"]]
+            dtype = NUMPY_DTYPES[component.outputs[name].dtype]
             self.outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
             self.io.bind_ortvalue_output(name, self.outputs[name])
 

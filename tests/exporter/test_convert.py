@@ -66,15 +66,15 @@ def test_other_layout_manifest_facts(sd2_case):
     folder, pipe, out = sd2_case
     manifest = read_manifest(out)
     facts = manifest.pipeline
-    assert facts["family"] == "sd2"
-    assert facts["prediction_type"] == pipe.scheduler.config.prediction_type
-    assert facts["pad_token_id"] == 0  # "!" as SD 2.x pads
-    assert facts["vae_scale_factor"] == 4
-    assert facts["upcast_attention"] is True
+    assert facts.family == "sd2"
+    assert facts.prediction_type == pipe.scheduler.config.prediction_type
+    assert facts.pad_token_id == 0  # "!" as SD 2.x pads
+    assert facts.vae_scale_factor == 4
+    assert facts.upcast_attention is True
     assert manifest.size_multiple == 16  # 4x VAE, two U-Net upsamplers
-    assert manifest.data["source"] == {"kind": "folder", "name": str(folder.resolve()), "loras": []}
+    assert manifest.source.to_json() == {"kind": "folder", "name": str(folder.resolve()), "loras": []}
     saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == facts["prediction_type"]
+    assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == facts.prediction_type
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -88,12 +88,12 @@ def test_fp16_runs_and_stays_close(tiny_pipe, tiny16, component):
 def test_fp16_io_types_and_fp32_timestep_path(tiny16):
     manifest = read_manifest(tiny16)
     unet = manifest.components["unet"]
-    dtypes = {t["name"]: t["dtype"] for t in unet["inputs"] + unet["outputs"]}
+    dtypes = {t.name: t.dtype for t in unet.inputs + unet.outputs}
     assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16", "out_sample": "float16"}
     model = onnx.load(str(tiny16 / "unet" / "model.onnx"))
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     assert inputs["timestep"] == onnx.TensorProto.FLOAT and inputs["sample"] == onnx.TensorProto.FLOAT16
-    kept = set(unet["fp32_nodes"])
+    kept = set(unet.fp32_nodes)
     sin_cos = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
     assert sin_cos and all(n.name in kept for n in sin_cos)
     # the Sin/Cos outputs really are float32 in the converted graph
@@ -119,7 +119,7 @@ def test_upcast_attention_keeps_softmax_in_fp32(sd2_case, tmp_path):
 
     out = convert(str(folder), tmp_path / "fp16", dtype="fp16", components=["unet"], log=lambda s: None)
     model = onnx.load(str(out / "unet" / "model.onnx"))
-    kept = set(read_manifest(out).components["unet"]["fp32_nodes"])
+    kept = set(read_manifest(out).components["unet"].fp32_nodes)
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
     assert softmax and all(n.name in kept for n in softmax)
 
@@ -130,9 +130,9 @@ def test_keep_fp32_component(tmp_path):
     out = convert("tiny-sd", tmp_path / "mixed", dtype="fp16", keep_fp32=["vae_decoder"],
                   components=["unet", "vae_decoder"], log=lambda s: None)
     components = read_manifest(out).components
-    assert components["unet"]["dtype"] == "fp16"
-    assert components["vae_decoder"]["dtype"] == "fp32"
-    assert components["vae_decoder"]["inputs"][0]["dtype"] == "float32"
+    assert components["unet"].dtype == "fp16"
+    assert components["vae_decoder"].dtype == "fp32"
+    assert components["vae_decoder"].inputs[0].dtype == "float32"
 
 
 def test_manifest_matches_schema_and_files(tiny32, tiny16, sd2_case):
@@ -140,12 +140,12 @@ def test_manifest_matches_schema_and_files(tiny32, tiny16, sd2_case):
     schema = load_schema()
     for folder in (tiny32, tiny16, sd2_case[2]):
         manifest = read_manifest(folder)
-        jsonschema.validate(manifest.data, schema)
+        jsonschema.validate(manifest.to_json(), schema)
         for entry in manifest.components.values():
-            for file in entry["files"]:
-                path = folder / file["path"]
-                assert path.stat().st_size == file["bytes"]
-                assert sha256_file(path) == file["sha256"]
+            for file in entry.files:
+                path = folder / file.path
+                assert path.stat().st_size == file.bytes
+                assert sha256_file(path) == file.sha256
         manifest.verify()
 
 
@@ -166,10 +166,10 @@ def test_static_export_records_and_runs_its_shapes(tmp_path):
 
     out = convert("tiny-sd", tmp_path / "static", static=True, batch_size=1, height=96, width=64, log=lambda s: None)
     manifest = read_manifest(out)
-    assert manifest.static == {"batch_size": 1, "height": 96, "width": 64}
-    unet_inputs = {i["name"]: i["shape"] for i in manifest.components["unet"]["inputs"]}
+    assert manifest.static.to_json() == {"batch_size": 1, "height": 96, "width": 64}
+    unet_inputs = {i.name: list(i.shape) for i in manifest.components["unet"].inputs}
     assert unet_inputs["sample"] == [2, 4, 12, 8]  # guidance doubles the U-Net batch
-    assert manifest.components["vae_decoder"]["outputs"][0]["shape"] == [1, 3, 96, 64]
+    assert list(manifest.components["vae_decoder"].outputs[0].shape) == [1, 3, 96, 64]
     model = onnx.load(str(out / "unet" / "model.onnx"))
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 4, 12, 8]

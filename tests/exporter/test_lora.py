@@ -109,7 +109,7 @@ def test_sd1_two_loras_diffusers_and_kohya(checkpoints, loras, tmp_path):
     case, a, b = checkpoints["sd1"], loras["sd1-a"], loras["sd1-b"]
     out = convert_with(case["file"], tmp_path / "out", case["configs"], [f"{a['diffusers']}:0.7", str(b["kohya"])])
     assert_matches_fused(case["pipe"], fused_by_hand(case["pipe"], [(a, 0.7), (b, 1.0)]), out)
-    assert read_manifest(out).data["source"]["loras"] == [
+    assert read_manifest(out).source.to_json()["loras"] == [
         {"path": str(a["diffusers"].resolve()), "scale": 0.7}, {"path": str(b["kohya"].resolve()), "scale": 1.0},
     ]
 
@@ -119,8 +119,8 @@ def test_sd2_v_prediction_with_kohya_lora(checkpoints, loras, tmp_path):
     out = convert_with(case["file"], tmp_path / "out", case["configs"], [(lora["kohya"], 0.5)])
     assert_matches_fused(case["pipe"], fused_by_hand(case["pipe"], [(lora, 0.5)]), out)
     manifest = read_manifest(out)
-    assert manifest.pipeline["prediction_type"] == "v_prediction"
-    assert manifest.data["source"]["loras"] == [{"path": str(lora["kohya"].resolve()), "scale": 0.5}]
+    assert manifest.pipeline.prediction_type == "v_prediction"
+    assert manifest.source.to_json()["loras"] == [{"path": str(lora["kohya"].resolve()), "scale": 0.5}]
 
 
 def test_kohya_and_diffusers_files_fuse_the_same(checkpoints, loras):

@@ -57,7 +57,7 @@ def test_fp16_of_a_graph_over_2gb_loads_and_matches(tiny_pipe, tmp_path, monkeyp
     assert float(((expected[0] - got[0]) ** 2).sum() ** 0.5 / (expected[0] ** 2).sum() ** 0.5) <= 1e-2
     # the timestep's Sin/Cos island stays fp32 with Casts at its edges only
     model = onnx.load(str(path), load_external_data=False)
-    kept = set(read_manifest(out).components["unet"]["fp32_nodes"])
+    kept = set(read_manifest(out).components["unet"].fp32_nodes)
     assert {n.name for n in model.graph.node if n.op_type in ("Sin", "Cos")} <= kept
 
 
@@ -107,12 +107,12 @@ def test_sd15_fp16_generic_unet_loads_and_matches_pytorch(tmp_path_factory, sd15
     convert("sd15-random", out, components=["unet"], dtype="fp16", log=sd15_log.append)
     unet = read_manifest(out).components["unet"]
     path = out / "unet" / "model.onnx"
-    assert unet["dtype"] == "fp16"  # 1.7 GB: its fp32 graph (3.4 GB) went through the conversion over 2 GB
+    assert unet.dtype == "fp16"  # 1.7 GB: its fp32 graph (3.4 GB) went through the conversion over 2 GB
     onnx.shape_inference.infer_shapes_path(str(path), str(out / "inferred.onnx"), check_type=True, strict_mode=True)
     # convert compared it with PyTorch fp32 on the CPU EP right after writing it
-    assert unet["export_relative_l2"] is not None and unet["export_relative_l2"] <= 2e-2, sd15_log
+    assert unet.export_relative_l2 is not None and unet.export_relative_l2 <= 2e-2, sd15_log
     model = onnx.load(str(path), load_external_data=False)
-    assert {n.name for n in model.graph.node if n.op_type in ("Sin", "Cos")} <= set(unet["fp32_nodes"])
+    assert {n.name for n in model.graph.node if n.op_type in ("Sin", "Cos")} <= set(unet.fp32_nodes)
 
 
 def test_sd15_fp16_cuda_unet_type_checks(tmp_path_factory):

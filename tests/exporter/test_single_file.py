@@ -61,13 +61,13 @@ def test_export_matches_pytorch(single_file_export, component):
 def test_manifest_records_the_file_and_family(single_file_export):
     family, case, out = single_file_export
     manifest = read_manifest(out)
-    assert manifest.data["source"] == {"kind": "single_file", "name": str(case["file"].resolve()), "loras": []}
+    assert manifest.source.to_json() == {"kind": "single_file", "name": str(case["file"].resolve()), "loras": []}
     facts = manifest.pipeline
-    assert facts["family"] == family
-    assert facts["prediction_type"] == {"sd1": "epsilon", "sd2": "v_prediction"}[family]
-    assert facts["pad_token_id"] == {"sd1": 49407, "sd2": 0}[family]  # <|endoftext|> vs "!"
+    assert facts.family == family
+    assert facts.prediction_type == {"sd1": "epsilon", "sd2": "v_prediction"}[family]
+    assert facts.pad_token_id == {"sd1": 49407, "sd2": 0}[family]  # <|endoftext|> vs "!"
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(manifest.data, load_schema())
+    jsonschema.validate(manifest.to_json(), load_schema())
 
 
 def test_prediction_type_override(capsys, checkpoints, tmp_path):
@@ -75,7 +75,7 @@ def test_prediction_type_override(capsys, checkpoints, tmp_path):
     code, _, err = run(capsys, "convert", str(case["file"]), "--config", str(case["configs"]), "--prediction-type",
                        "epsilon", "--components", "text_encoder", "--no-check", "-o", str(tmp_path / "out"))
     assert code == 0, err
-    assert read_manifest(tmp_path / "out").pipeline["prediction_type"] == "epsilon"
+    assert read_manifest(tmp_path / "out").pipeline.prediction_type == "epsilon"
     saved = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == "epsilon" and saved["_class_name"] == "DDIMScheduler"
 

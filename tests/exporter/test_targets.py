@@ -56,8 +56,8 @@ def test_cuda_graphs_hold_the_fused_ops(cuda16):
     vae = op_types(cuda16 / "vae_decoder" / "model.onnx")
     assert {"GroupNorm", "NhwcConv"} <= vae.get("com.microsoft", set())
     manifest = read_manifest(cuda16)
-    assert manifest.target == "cuda" and manifest.components["unet"]["attention"] == "plain"
-    assert manifest.components["unet"]["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
+    assert manifest.target == "cuda" and manifest.components["unet"].attention == "plain"
+    assert manifest.components["unet"].inputs[1].to_json() == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -119,7 +119,7 @@ def test_cpu_graphs_carry_the_nchwc_layout_and_its_probe(tiny_pipe, cpu32):
 
     jsonschema = pytest.importorskip("jsonschema")
     manifest = read_manifest(cpu32)
-    jsonschema.validate(manifest.data, load_schema())
+    jsonschema.validate(manifest.to_json(), load_schema())
     for component in ("unet", "vae_decoder", "vae_encoder"):
         assert "Conv" in op_types(cpu32 / component / "model.onnx").get("com.microsoft.nchwc", set()), component
     for component in COMPONENTS:
@@ -128,8 +128,8 @@ def test_cpu_graphs_carry_the_nchwc_layout_and_its_probe(tiny_pipe, cpu32):
             for e, g in zip(expected, got):
                 assert np.max(np.abs(e - g)) <= 1e-4, component
     probe = manifest.cpu_layout_probe
-    assert [f["path"] for f in probe["files"]] == ["cpu_layout_probe/model.onnx", "cpu_layout_probe/io.npz"]
-    assert "Conv" in op_types(cpu32 / probe["path"])["com.microsoft.nchwc"]
+    assert [f.path for f in probe.files] == ["cpu_layout_probe/model.onnx", "cpu_layout_probe/io.npz"]
+    assert "Conv" in op_types(cpu32 / probe.path)["com.microsoft.nchwc"]
 
 
 def test_cpu_export_draws_the_generic_picture(cpu32, tiny32):
@@ -156,7 +156,7 @@ def copy_with_probe(source: Path, folder: Path, change_model=None, change_output
         io["y"] = change_output(io["y"])
         np.savez(probe / "io.npz", **io)
     data = json.loads((folder / MANIFEST_NAME).read_text())
-    data["cpu_layout_probe"]["files"] = [file_entry(folder, f["path"]) for f in data["cpu_layout_probe"]["files"]]
+    data["cpu_layout_probe"]["files"] = [file_entry(folder, f["path"]).to_json() for f in data["cpu_layout_probe"]["files"]]
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     return folder
 
@@ -224,8 +224,8 @@ def test_format_version_marks_the_probe(cpu32, tiny32, tmp_path):
     """Runtimes that read version 1 only would skip the probe: cpu exports with one are version 2."""
     from sdruntime.manifest import MANIFEST_NAME, ExportError
 
-    assert read_manifest(cpu32).data["format_version"] == 2
-    assert read_manifest(tiny32).data["format_version"] == 1
+    assert read_manifest(cpu32).format_version == 2
+    assert read_manifest(tiny32).format_version == 1
     folder = tmp_path / "export"
     shutil.copytree(tiny32, folder)
     data = json.loads((folder / MANIFEST_NAME).read_text())

@@ -1,4 +1,4 @@
-"""`sdexport validate` and `convert --validate`: exit codes, DESIGN.md's tolerances, the fp16 blame, the report schema."""
+"""`sdexport validate` and `convert --validate`: exit codes, validate.py's tolerances, the fp16 blame, the report schema."""
 
 from __future__ import annotations
 
@@ -199,14 +199,14 @@ def test_auto_fp32_fallback(overflow_source, tmp_path):
                            "--auto-fp32-fallback", "-o", out)
     assert code == 0, err
     unet = read_manifest(out).components["unet"]
-    notes = unet["notes"]
+    notes = list(unet.notes)
     assert notes[0].startswith("--auto-fp32-fallback kept") and f"{OVERFLOW_BLOCK}conv2/Conv" in notes[0]
     # node by node while precision.to_fp16 casts tensors between kept nodes to fp16; else the whole U-Net
-    assert f"{OVERFLOW_BLOCK}conv2/Conv" in unet["fp32_nodes"] or unet["dtype"] == "fp32"
+    assert f"{OVERFLOW_BLOCK}conv2/Conv" in unet.fp32_nodes or unet.dtype == "fp32"
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["ok"] and report["fp32_fallback"]["unet"] == notes
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(read_manifest(out).data, load_schema())
+    jsonschema.validate(read_manifest(out).to_json(), load_schema())
     read_manifest(out).verify()
 
 

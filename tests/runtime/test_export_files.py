@@ -23,10 +23,10 @@ def generate(capsys, folder: Path, *extra: str) -> tuple[int, list[str]]:
 
 
 def test_manifest_hashes_the_tokenizer_and_scheduler_files(tiny32):
-    recorded = {f["path"]: f for f in read_manifest(tiny32).config_files}
+    recorded = {f.path: f for f in read_manifest(tiny32).config_files}
     assert set(recorded) == set(CONFIG_FILES)
     for name, entry in recorded.items():
-        assert entry["sha256"] == sha256_file(tiny32 / name)
+        assert entry.sha256 == sha256_file(tiny32 / name)
 
 
 @pytest.mark.parametrize("no_verify", [False, True])

@@ -110,12 +110,14 @@ def test_tensorrt_options_caches_fp16_and_profile(tiny32):
 
 
 def test_cuda_graph_only_for_a_static_unet(tiny32):
-    from sdruntime.manifest import read_manifest
+    from dataclasses import replace
+
+    from sdruntime.manifest import StaticShapes, read_manifest
     from sdruntime.session import SessionSettings, provider_options
 
     manifest = read_manifest(tiny32)
     assert provider_options(["CUDAExecutionProvider"], manifest, "unet", SessionSettings()) == ["CUDAExecutionProvider"]
-    manifest.data["static"] = {"batch_size": 1, "height": 64, "width": 64}
+    manifest = replace(manifest, static=StaticShapes(batch_size=1, height=64, width=64))
     assert provider_options(["CUDAExecutionProvider"], manifest, "unet", SessionSettings()) == [
         ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
     ]
