@@ -11,7 +11,7 @@ from PIL import Image
 from sdruntime import StableDiffusionPipeline
 from sdruntime.image import load_init_image
 
-pytest.importorskip("ftfy")  # the reference tokenizer must read prompts as CLIP does (DESIGN.md)
+pytest.importorskip("ftfy")  # the reference tokenizer must read prompts as CLIP does (sdruntime/tokenizer.py)
 diffusers = pytest.importorskip("diffusers")
 
 SCHEDULER_CLASSES = {
