@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from .components import dynamic_axes, example_inputs, io_of, wrap
+from .components import dynamic_axes, example_inputs, io_of, model_dims, wrap
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
@@ -20,7 +20,16 @@ EXTERNAL_DATA_NAME = "model.onnx_data"
 
 def trace(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int,
           path: Path) -> Path:
-    """Trace one component to an fp32 ONNX file (torch writes tensors of > 2 GB models beside it)."""
+    """Trace one component to an fp32 ONNX file (torch writes tensors of > 2 GB models beside it).
+
+    Static exports are traced with symbolic axes too, at their static sizes, and get those sizes
+    written into the file afterwards (fix_axes). Traced with constant shapes, torch turns tensors
+    made from shapes alone into constants while it converts each op, and its per-op shape
+    inference fails on a constant of 1 GiB or more (torch 2.11 and 2.13 alike): it counts the
+    tensor twice against protobuf's 2 GiB limit and has no file to put it in. The cuda target's
+    plain attention makes one, baddbmm's empty [2 * batch * heads, tokens, tokens] input: 1 GiB
+    for one SD 1.5 image at 512x512.
+    """
     module = wrap(component, pipe)
     inputs = example_inputs(component, pipe, batch, *latent_size)
     io = io_of(component, pipe)
@@ -34,12 +43,32 @@ def trace(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: 
             str(path),
             input_names=[s.name for s in io.inputs],
             output_names=[s.name for s in io.outputs],
-            dynamic_axes=dynamic_axes(component, fixed, pipe),
+            dynamic_axes=dynamic_axes(component, {}, pipe),
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
         )
+    if fixed:
+        sizes = {**model_dims(pipe), **fixed}
+        fix_axes(path, {spec.name: [sizes.get(axis) for axis in spec.shape] for spec in io.inputs + io.outputs}, fixed)
     return path
+
+
+def fix_axes(path: Path, io_shapes: dict[str, list[int | None]], fixed: dict[str, int]) -> None:
+    """Make a traced file static, in place: the symbolic axes of its inputs and outputs get the
+    sizes of `io_shapes` (None: left as traced), those of its intermediate values the sizes of the
+    axes `fixed` names. Tensors (a > 2 GB model's external data) stay where torch wrote them.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim, size in zip(value.type.tensor_type.shape.dim, io_shapes.get(value.name, [])):
+            if size is not None and dim.HasField("dim_param"):
+                dim.dim_value = size  # clears dim_param (one of the two)
+    for value in model.graph.value_info:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in fixed:
+                dim.dim_value = fixed[dim.dim_param]
+    onnx.save_model(model, str(path))
 
 
 def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int) -> onnx.ModelProto:
