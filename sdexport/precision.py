@@ -25,7 +25,7 @@ def timestep_path(graph: onnx.GraphProto, input_name: str = "timestep") -> list[
         if node.op_type in TIMESTEP_PATH_STOPS or not frontier.intersection(node.input):
             continue
         blocked.append(node.name)
-        frontier.update(node.output)
+        frontier.update(name for name in node.output if name)  # "" is an omitted output, not a tensor
     return blocked
 
 
@@ -154,11 +154,12 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
 def topological_order(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """Nodes sorted so each comes after its inputs' producers (the converter appends its Casts);
     Kahn's algorithm, keeping the given order among nodes that are ready together."""
-    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    # "" names an omitted optional input or output (Resize's roi, SkipLayerNormalization's mean): no edge
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output if out}
     waiting = [0] * len(nodes)
     consumers: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        for name in set(node.input):
+        for name in set(node.input) - {""}:
             if name in producer and producer[name] != i:
                 waiting[i] += 1
                 consumers.setdefault(producer[name], []).append(i)

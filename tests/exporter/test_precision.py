@@ -125,3 +125,21 @@ def test_sd15_fp16_cuda_unet_type_checks(tmp_path_factory):
     assert inputs == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
                       "encoder_hidden_states": onnx.TensorProto.FLOAT16}
     assert any(n.domain == "com.microsoft" for n in model.graph.node)
+
+
+def test_omitted_optional_names_are_not_edges():
+    """"" names an omitted optional input or output: fused graphs have many (SkipLayerNormalization's
+    unused outputs, Resize's roi); taking them for one tensor made false cycles and left graphs unsorted."""
+    from onnx import TensorProto, helper
+
+    from sdexport.precision import topological_order
+
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize"),  # reads ""
+        helper.make_node("Constant", [], ["scales"], name="scales",
+                         value=helper.make_tensor("s", TensorProto.FLOAT, [4], [1, 1, 2, 2])),
+        helper.make_node("Dropout", ["y"], ["z", ""], name="later"),  # writes "" after the reader
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    assert [n.name for n in topological_order(nodes, graph)] == ["scales", "resize", "later"]
