@@ -34,10 +34,11 @@ def _cond(pipe, prompt: str) -> np.ndarray:
 
 def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, seed: int, walk: str, **kwargs) -> Image.Image:
     """One image from given starting noise and prompt embeddings (noise is scaled by init_noise_sigma inside);
-    `seed` draws the noise the steps add (ancestral schedulers). The image's info["parameters"] says how it was made."""
-    result = pipe(label, latents=noise, prompt_embeds=embeds, num_images=1, seed=seed, **kwargs)
+    `seed` draws the noise the steps add (ancestral schedulers). The image's info["parameters"] says how it was
+    made: `label` (which prompts, at which weights) stands where a prompt would."""
+    result = pipe(None, latents=noise, prompt_embeds=embeds, num_images=1, seed=seed, **kwargs)
     image = result.images[0]
-    image.info["parameters"] = f"{result.parameters[0]}, Interpolation: {walk}"
+    image.info["parameters"] = f"{label}{result.parameters[0]}, Interpolation: {walk}"
     return image
 
 

@@ -248,7 +248,7 @@ class StableDiffusionPipeline:
 
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 7.5,
@@ -271,14 +271,18 @@ class StableDiffusionPipeline:
         """Draw images; arguments mean what they mean in diffusers' pipelines.
 
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
-        the prompts (the negative prompts are still encoded), as in diffusers.
+        the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be None.
 
         The scheduler is built from the export's scheduler config as `Cls.from_config(config)` builds it;
         `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,
         e.g. {"steps_offset": 1}) override it, as `Cls.from_config(config, **options)` does.
         """
         call_started = time.perf_counter()
-        prompts = _as_list(prompt, "prompt")
+        if prompt is None and prompt_embeds is None:
+            raise GenerationError("give a prompt, or prompt_embeds")
+        prompts = [""] * len(prompt_embeds) if prompt is None else _as_list(prompt, "prompt")
+        if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
+            raise GenerationError(f"{len(prompt_embeds)} prompt embeddings for {len(prompts)} prompts: give one per prompt")
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from sdruntime import StableDiffusionPipeline
 from sdruntime.image import load_init_image
+from sdruntime.pipeline import GenerationError
 
 pytest.importorskip("ftfy")  # the reference tokenizer must read prompts as CLIP does (sdruntime/tokenizer.py)
 diffusers = pytest.importorskip("diffusers")
@@ -202,7 +203,20 @@ def test_clip_skip_matches_diffusers(tiny_pipe, tiny32, ours, clip_skip):
 
 
 def test_clip_skip_out_of_range(ours):
-    from sdruntime.pipeline import GenerationError
 
     with pytest.raises(GenerationError, match="clip_skip must be between 1 and 5"):
         ours(PROMPT, clip_skip=6, num_inference_steps=1)
+
+
+def test_prompt_embeds_stand_for_the_prompt(ours):
+    """As in diffusers, prompt_embeds may replace the prompt altogether (interpolate passes no prompt)."""
+    embeds = ours.encode_prompt(["a red circle"], None, 1)
+    args = dict(num_inference_steps=2, seed=3, scheduler="euler-a")
+    with_text = ours("a red circle", **args)
+    without = ours(None, prompt_embeds=embeds, **args)
+    np.testing.assert_array_equal(with_text.latents, without.latents)
+    assert without.parameters[0].splitlines()[0] == "" and "Prompt embeds: given" in without.parameters[0]
+    with pytest.raises(GenerationError, match="give a prompt, or prompt_embeds"):
+        ours(None, num_inference_steps=1)
+    with pytest.raises(GenerationError, match="2 prompt embeddings for 1 prompts"):
+        ours("a", prompt_embeds=np.concatenate([embeds, embeds]), num_inference_steps=1)
