@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .schedulers import TIMESTEP_SPACINGS
 
 
 def _provider(value: str):
@@ -78,6 +79,8 @@ common = [
     click.option("--height", type=int),
     click.option("--width", type=int),
     click.option("--negative-prompt", default=None),
+    click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=None,
+                 help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own)."),
     click.option("-v", "--verbose", is_flag=True, help="Print which execution provider runs each component."),
 ]
 
@@ -125,8 +128,6 @@ def cli() -> None:
 @click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
 @click.option("--strength", default=0.8, show_default=True, type=float)
 @click.option("--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last.")
-@click.option("--timestep-spacing", type=click.Choice(["leading", "linspace", "trailing"]), default=None,
-              help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own).")
 @click.option("-o", "--output", default="image.png", show_default=True,
               help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...")
 @one_line_warnings

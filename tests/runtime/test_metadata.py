@@ -138,3 +138,10 @@ def test_interpolate_grid_frames_carry_metadata(tiny32, tmp_path):
     assert main(args) == 0
     last = read_parameters(tmp_path / "grid" / "frame-003.png")
     assert fields(last)["Interpolation"] == "bilinear u=1.00 v=1.00 of noise seeds 0 to 3"
+
+
+def test_interpolate_takes_the_timestep_spacing(tiny32, tmp_path):
+    args = ["interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "2", "--steps", "2",
+            "--scheduler", "euler", "--timestep-spacing", "trailing", "-o", str(tmp_path / "walk")]
+    assert main(args) == 0
+    assert fields(read_parameters(tmp_path / "walk" / "frame-001.png"))["Timestep spacing"] == "trailing"
