@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from PIL import Image
 from sdruntime.manifest import load_schema, read_manifest
 
+from sdexport import convert
 from sdexport.cli import main
 from sdexport.validate import REPORT_NAME, load_report_schema, psnr
 
@@ -263,3 +264,22 @@ def test_psnr_is_capped_at_100_db():
     other = image.copy()
     other[0, 0, 0] += 1
     assert 40 < psnr(image, other) < 100
+
+
+@pytest.mark.parametrize("target", ["generic", "cuda"])
+def test_fallback_rebuild_writes_the_graph_convert_writes(tmp_path, target):
+    """validate's fp32 fallback and convert share one export path: same options, byte-identical graph."""
+    import hashlib
+
+    from sdruntime.manifest import TARGETS_TABLE
+
+    from sdexport.components import set_attention
+    from sdexport.load import load_source
+    from sdexport.validate import rebuild_component
+
+    out = convert("tiny-sd", tmp_path / "export", dtype="fp16", target=target, components=["unet"], log=lambda s: None)
+    before = hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest()
+    src = load_source("tiny-sd")
+    set_attention(src.pipe, TARGETS_TABLE[target].attention)
+    rebuild_component("unet", src.pipe, out, [], "rebuilt with no extra fp32 nodes")
+    assert hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest() == before
