@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from sdruntime.manifest import CPU, read_manifest
+from sdruntime.session import LEVELS, default_level
 
 MULTIPLY_ADD_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
 
@@ -89,13 +91,10 @@ def feeds_for(component: str, latent: int, hidden: int, seed: int = 0) -> dict[s
             "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32)}
 
 
-def profile(export: Path, component: str, feeds: dict[str, np.ndarray], threads: int, runs: int) -> dict:
-    manifest = json.loads((export / "sdexport.json").read_text())
-    level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # cpu exports were optimized when written
-    if manifest["target"] != "cpu" and component == "vae_decoder":
-        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the runtime creates it
+def profile(model: Path, level: str, feeds: dict[str, np.ndarray], threads: int, runs: int) -> dict:
+    """Time a graph at an ORT level ("basic", "all", ...) and count its multiply-adds from ORT's profile."""
     with tempfile.TemporaryDirectory() as tmp:
-        s = session(str(export / manifest["components"][component]["path"]), threads, level, profile=f"{tmp}/p")
+        s = session(str(model), threads, LEVELS[level], profile=f"{tmp}/p")
         s.run(None, feeds)  # warm-up, not counted
         seconds = [timed(lambda: s.run(None, feeds)) for _ in range(runs)]
         events = json.loads(Path(s.end_profiling()).read_text())
@@ -154,8 +153,11 @@ def main() -> None:
     print(f"peak fp32: {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())} GFLOP/s")
     result: dict = {"peak_gflops": peaks}
     bounds = {}
+    manifest = read_manifest(args.export)
     for component in ("unet", "vae_decoder"):
-        result[component] = profile(args.export, component, feeds_for(component, args.latent, hidden),
+        # the level the runtime creates the session at (cpu exports were optimized when written)
+        level = default_level(manifest.target, [CPU], component, laid_out=manifest.cpu_layout_probe is not None)
+        result[component] = profile(manifest.model_path(component), level, feeds_for(component, args.latent, hidden),
                                     args.threads, args.runs)
         bounds[component] = report(component, result[component], peak)
     image_bound = args.unet_calls * bounds["unet"] + bounds["vae_decoder"]

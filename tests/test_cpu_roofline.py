@@ -29,9 +29,8 @@ def test_multiply_adds_are_counted_from_the_profiled_shapes(tmp_path):
          numpy_helper.from_array(rng.standard_normal((64, 5), dtype=np.float32), "m")])
     (tmp_path / "unet").mkdir()
     save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "unet" / "model.onnx"))
-    (tmp_path / "sdexport.json").write_text(json.dumps({"target": "generic", "components": {"unet": {"path": "unet/model.onnx"}}}))
     feeds = {"sample": rng.standard_normal((2, 8, 8, 8), dtype=np.float32)}
-    result = cpu_roofline.profile(tmp_path, "unet", feeds, threads=1, runs=2)
+    result = cpu_roofline.profile(tmp_path / "unet" / "model.onnx", "basic", feeds, threads=1, runs=2)
     assert result["macs"]["Conv"] == 2 * 16 * 8 * 8 * (8 * 3 * 3)
     assert result["macs"]["MatMul"] == 2 * 16 * 5 * 64
     assert result["seconds"] > 0
