@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .image import IMAGE_FORMATS, contact_sheet, save_image
 from .schedulers import TIMESTEP_SPACINGS
 
 
@@ -21,6 +22,7 @@ def _provider(value: str):
 
 
 def _load(folder: str, provider: str, threads: int, no_verify: bool, verbose: bool, img2img: bool = False):
+    # lazy: ONNX Runtime takes most of a second to import, which `--help` and argument errors need not wait for
     from .pipeline import StableDiffusionPipeline
     from .session import SessionSettings
 
@@ -37,8 +39,6 @@ def _load(folder: str, provider: str, threads: int, no_verify: bool, verbose: bo
 
 def check_output_file(output: str) -> None:
     """Refuse an image path that cannot be written before any model runs."""
-    from .image import IMAGE_FORMATS
-
     path = Path(output)
     if path.suffix.lower() not in IMAGE_FORMATS:
         raise click.UsageError(f"-o {output}: end the name with {', '.join(IMAGE_FORMATS)} (it picks the format)")
@@ -160,8 +160,7 @@ def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_im
 @one_line_warnings
 def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verify, verbose, output, **kwargs):
     """Interpolate between prompts: slerp of the starting noise, lerp of the text embeddings."""
-    from . import interpolate as walk
-    from .image import contact_sheet, save_image
+    from . import interpolate as walk  # lazy, as in _load: it imports ONNX Runtime
 
     if grid and len(prompts) != 4:
         raise click.UsageError(f"--grid needs four --prompt corners, got {len(prompts)}")

@@ -5,6 +5,7 @@ StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ON
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 import warnings
@@ -15,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import InvalidArgument
 from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, latent_shape, read_manifest
 from .noise import make_generator, randn_tensor
-from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS, make_scheduler, scheduler_name_for_class, step_options
+from .schedulers import (
+    SCHEDULERS,
+    TIMESTEP_SPACINGS,
+    Scheduler,
+    img2img_begin_index,
+    make_scheduler,
+    scheduler_name_for_class,
+)
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
@@ -57,8 +66,6 @@ def read_scheduler_config(folder: str | Path) -> dict:
 
     Exports made before the exporter kept the source's form have every key; they run as they always did.
     """
-    import json
-
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
@@ -183,9 +190,10 @@ class StableDiffusionPipeline:
                 f"this export is static at {static.height}x{static.width}: ask for that size or re-export"
             )
 
-    def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler, timesteps: np.ndarray,
-                guidance_scale: float, generator, eta: float, callback: StepCallback | None, progress: bool) -> np.ndarray:
-        """The classifier-free-guidance loop; the U-Net's inputs stay bound across steps."""
+    def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler: Scheduler, guidance_scale: float,
+                generator, callback: StepCallback | None, progress: bool) -> np.ndarray:
+        """The classifier-free-guidance loop over the scheduler's steps; the U-Net's inputs stay bound across
+        steps, and the noise a step adds is drawn here, from the run's generator."""
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         unet = self.component("unet")
         batch = embeddings.shape[0]
@@ -196,15 +204,13 @@ class StableDiffusionPipeline:
             "encoder_hidden_states": embeddings,
         }
         binding = unet.bind(feeds) if unet.static_batch in (None, batch) else None
-        steps = timesteps
+        steps = scheduler.step_indices
         if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(timesteps, desc="denoising", unit="step")
-        options = step_options(scheduler, eta)
-        for i, t in enumerate(steps):
+            steps = tqdm(steps, desc="denoising", unit="step")
+        for n, i in enumerate(steps):
+            t = scheduler.timesteps[i]
             model_input = np.concatenate([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, t)
+            model_input = scheduler.scale_model_input(model_input, i)
             timestep = np.full(batch, t, np.float32)
             if binding is not None:
                 binding.update("sample", model_input)
@@ -215,9 +221,10 @@ class StableDiffusionPipeline:
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
                 noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, generator=generator, **options)  # float32 already
+            noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
+            latents = scheduler.step(i, noise_pred, latents, noise)  # float32 already
             if callback is not None:
-                callback(i, float(t), latents)
+                callback(n, float(t), latents)
         return latents
 
     def vae_decode(self, latents: np.ndarray) -> np.ndarray:
@@ -232,8 +239,9 @@ class StableDiffusionPipeline:
         sample = mean + std * randn_tensor(mean.shape, generator)
         return sample * np.float32(self.manifest.pipeline.vae_scaling_factor)
 
-    def image_latents(self, image: np.ndarray, batch: int, generator, scheduler, timestep) -> np.ndarray:
-        """Noised latents of an init image at the first timestep (StableDiffusionImg2ImgPipeline.prepare_latents)."""
+    def image_latents(self, image: np.ndarray, batch: int, generator, scheduler: Scheduler) -> np.ndarray:
+        """Noised latents of an init image at the first step's noise level
+        (StableDiffusionImg2ImgPipeline.prepare_latents)."""
         if isinstance(generator, list):
             images = np.concatenate([image] * batch)
             init = np.concatenate([self.vae_encode(images[i : i + 1], generator[i]) for i in range(batch)])
@@ -242,7 +250,7 @@ class StableDiffusionPipeline:
             if batch > init.shape[0]:
                 init = np.concatenate([init] * (batch // init.shape[0]))
         noise = randn_tensor(init.shape, generator)
-        return scheduler.add_noise(init, noise, np.full(batch, timestep)).astype(np.float32)
+        return scheduler.add_noise(init, noise, scheduler.begin_index).astype(np.float32)
 
     # -- the call ------------------------------------------------------------------------------
 
@@ -319,8 +327,8 @@ class StableDiffusionPipeline:
         per_image = isinstance(seed, (list, tuple)) or (seed is None and batch > 1)
         seeds = self._seeds(seed, batch)
         generator = make_generator(seeds if per_image else seeds[0])
-        sched = make_scheduler(name, self.scheduler_config, options)
-        sched.set_timesteps(num_inference_steps)
+        sched = make_scheduler(name, self.scheduler_config, num_inference_steps, options,
+                               eta=eta if name == "ddim" else 0.0)
         guided = guidance_scale > 1.0
         if guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt):
             warnings.warn(
@@ -339,18 +347,15 @@ class StableDiffusionPipeline:
                 embeddings = np.concatenate([uncond, embeddings])
 
         shape = latent_shape(facts, batch, height, width)
-        timesteps = sched.timesteps
         if image is not None:
             init = load_init_image(image, width, height)
-            init_steps = min(int(num_inference_steps * strength), num_inference_steps)
-            start = max(num_inference_steps - init_steps, 0)
-            timesteps = sched.timesteps[start * sched.order :]
-            sched.set_begin_index(start * sched.order)
-            if len(timesteps) == 0:
+            begin = img2img_begin_index(num_inference_steps, strength, sched.order)
+            if begin >= len(sched.timesteps):
                 raise GenerationError(
                     f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either"
                 )
-            start_latents = self.image_latents(init, batch, generator, sched, timesteps[0])
+            sched = sched.starting_at(begin)
+            start_latents = self.image_latents(init, batch, generator, sched)
         else:
             if latents is not None:
                 if tuple(latents.shape) != shape:
@@ -362,9 +367,9 @@ class StableDiffusionPipeline:
 
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(start_latents, embeddings, sched, timesteps, guidance_scale, generator, eta, callback, progress)
+        final = self.denoise(start_latents, embeddings, sched, guidance_scale, generator, callback, progress)
         timings = {"denoise": time.perf_counter() - loop_started, "unet": unet.run_seconds - unet_before,
-                   "steps": float(len(timesteps))}
+                   "steps": float(len(sched.step_indices))}
         images = to_pil(self.vae_decode(final))
         timings["total"] = time.perf_counter() - call_started
         # A1111's fields first, in its order; then what only this runtime sets

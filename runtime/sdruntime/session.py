@@ -13,6 +13,7 @@ import onnxruntime as ort
 
 from .errors import UserError
 from .manifest import TARGETS_TABLE, ExportError, Manifest, TensorEntry
+from .onnx_proto import external_data_locations
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -161,8 +162,6 @@ def session_options(settings: SessionSettings, manifest: Manifest, providers: li
 
 def check_external_data(model_path: Path) -> None:
     """Refuse models whose external-data locations leave the model's folder (ORT >= 1.32 refuses too)."""
-    from .onnx_proto import external_data_locations
-
     folder = model_path.parent.resolve()
     try:
         locations = external_data_locations(model_path)

@@ -25,7 +25,14 @@ from sdruntime.cli import main  # noqa: E402
 from sdruntime.pipeline import GenerationError, read_scheduler_config  # noqa: E402
 from sdruntime.schedulers import SCHEDULERS, make_scheduler  # noqa: E402
 
-from .test_schedulers import DIFFUSERS_CLASS, NAMES, SPACINGS, assert_same_timesteps, compare_schedulers  # noqa: E402
+from .test_schedulers import (  # noqa: E402
+    DIFFUSERS_CLASS,
+    NAMES,
+    SPACINGS,
+    assert_same_timesteps,
+    compare_schedulers,
+    ours_from,
+)
 
 # stable-diffusion-v1-5's scheduler/scheduler_config.json, key for key.
 HUB_SD15 = {
@@ -87,28 +94,26 @@ def assert_same_sigmas(ours, theirs) -> None:
 @pytest.mark.parametrize("steps", [3, 4, 25])
 @pytest.mark.parametrize("name", NAMES)
 def test_swap_on_hub_config_matches_diffusers(name, steps, source, exported):
-    ours = make_scheduler(name, read_scheduler_config(exported))
+    ours = make_scheduler(name, read_scheduler_config(exported), steps)
     theirs = swapped(name, source.config)
-    ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
     assert_same_timesteps(ours.timesteps, theirs.timesteps)
     assert_same_sigmas(ours, theirs)
-    compare_schedulers(name, ours, theirs, steps)  # timesteps again, then every step's input and output
+    compare_schedulers(name, ours_from(name, read_scheduler_config(exported)), theirs, steps)  # timesteps again, then every step's input and output
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_in_memory_config_with_use_default_values(name, source):
     # A config dict as diffusers holds it, `_use_default_values` and all.
     assert set(source.config["_use_default_values"]) == {"timestep_spacing", "prediction_type"}
-    compare_schedulers(name, make_scheduler(name, dict(source.config)), swapped(name, source.config), 4)
+    compare_schedulers(name, ours_from(name, dict(source.config)), swapped(name, source.config), 4)
 
 
 def test_spacing_follows_the_class_as_in_diffusers(exported):
     config = read_scheduler_config(exported)
     first = {}
     for name in NAMES:
-        scheduler = make_scheduler(name, config)
-        scheduler.set_timesteps(4)
+        scheduler = make_scheduler(name, config, 4)
         first[name] = float(scheduler.timesteps[0])
     # PNDM and DDIM keep `leading` (+ steps_offset 1), the sigma schedulers take `linspace`.
     assert first == {"pndm": 751, "ddim": 751, "euler": 999, "euler-a": 999, "dpm++2m": 999,
@@ -148,16 +153,15 @@ def test_changed_after_loading_is_written(tiny_pipe, tmp_path):
     written = read_scheduler_config(out)
     assert written["clip_sample"] is False and "timestep_spacing" not in written
     assert diffusers.DDIMScheduler.from_pretrained(out, subfolder="scheduler").config["clip_sample"] is False
-    assert make_scheduler("ddim", written).config["clip_sample"] is False
+    assert make_scheduler("ddim", written, 4).config["clip_sample"] is False
 
 
 def test_export_of_every_key_keeps_todays_behaviour():
     # Exports written before keep every key: `leading` carries over to Euler, as from_config of that file.
     full = {**HUB_SD15, "prediction_type": "epsilon", "timestep_spacing": "leading"}
     for name in ("euler", "dpm++2m", "lms"):
-        compare_schedulers(name, make_scheduler(name, full), swapped(name, full), 4)
-    euler = make_scheduler("euler", full)
-    euler.set_timesteps(4)
+        compare_schedulers(name, ours_from(name, full), swapped(name, full), 4)
+    euler = make_scheduler("euler", full, 4)
     assert float(euler.timesteps[0]) == 751
 
 
@@ -177,20 +181,20 @@ def test_defaults_are_the_diffusers_class_defaults(name):
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("name", NAMES)
 def test_spacing_override_matches_from_config_kwargs(name, spacing, source, exported):
-    ours = make_scheduler(name, read_scheduler_config(exported), {"timestep_spacing": spacing})
+    ours = ours_from(name, read_scheduler_config(exported), {"timestep_spacing": spacing})
     compare_schedulers(name, ours, swapped(name, source.config, timestep_spacing=spacing), 4)
 
 
 def test_override_of_a_defaulted_key(source):
-    ours = make_scheduler("euler", dict(source.config), {"timestep_spacing": "leading", "steps_offset": 0})
+    overrides = {"timestep_spacing": "leading", "steps_offset": 0}
     theirs = swapped("euler", source.config, timestep_spacing="leading", steps_offset=0)
-    compare_schedulers("euler", ours, theirs, 4)
-    assert float(ours.timesteps[0]) == 750
+    compare_schedulers("euler", ours_from("euler", dict(source.config), overrides), theirs, 4)
+    assert float(make_scheduler("euler", dict(source.config), 4, overrides).timesteps[0]) == 750
 
 
 def test_unknown_override_is_refused(exported):
     with pytest.raises(ValueError, match="euler has no setting 'timestep_spacng'"):
-        make_scheduler("euler", read_scheduler_config(exported), {"timestep_spacng": "trailing"})
+        make_scheduler("euler", read_scheduler_config(exported), 4, {"timestep_spacng": "trailing"})
 
 
 # --- through a real export and the pipeline ----------------------------------------------------------
@@ -234,9 +238,9 @@ def test_cli_timestep_spacing(tiny32, tmp_path, monkeypatch, capsys):
 
     made = []
 
-    def recording(name, config, overrides=None):
+    def recording(name, config, steps, overrides=None, **kwargs):
         made.append((name, dict(overrides or {})))
-        return make_scheduler(name, config, overrides)
+        return make_scheduler(name, config, steps, overrides, **kwargs)
 
     monkeypatch.setattr(sdruntime.pipeline, "make_scheduler", recording)
     args = ["generate", str(tiny32), "x", "--steps", "2", "--scheduler", "euler", "-o", str(tmp_path / "a.png")]

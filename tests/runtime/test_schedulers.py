@@ -2,13 +2,12 @@
 
 Both sides are built from the same config dict (diffusers via `Cls.from_config(config)`), driven by the
 same fake model, each fed its own previous sample, with identical noise where a scheduler draws noise.
+Ours is built for its step count and stepped by index; diffusers' is stepped by timestep, as its pipelines do.
 """
 
 from __future__ import annotations
 
 import inspect
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ diffusers = pytest.importorskip("diffusers")
 # diffusers calls np.array(tensor), which NumPy 2 flags; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-from sdruntime.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class, step_options  # noqa: E402
+from sdruntime.schedulers import SCHEDULERS, make_scheduler, scheduler_name_for_class  # noqa: E402
 
 # Stable Diffusion 1.x's scheduler_config.json.
 SD1_CONFIG = {
@@ -62,8 +61,17 @@ def fake_model(sample: np.ndarray, t: float) -> np.ndarray:
     return (sample * (t / (t + 1)) + 0.1 * np.cos(t / 150.0) * FIXED).astype(np.float32)
 
 
+def ours_from(name: str, config: dict, overrides: dict | None = None):
+    """Our scheduler `name` from `config`, built for a step count (eta for DDIM)."""
+
+    def make(steps: int, eta: float = 0.0):
+        return make_scheduler(name, config, steps, overrides, **({"eta": eta} if eta else {}))
+
+    return make
+
+
 def build(name: str, config: dict) -> tuple:
-    ours = make_scheduler(name, config)
+    ours = ours_from(name, config)
     forced = {"use_karras_sigmas": True} if name == "dpm++2m-karras" else {}
     theirs = DIFFUSERS_CLASS[name].from_config({**config, **forced})
     return ours, theirs
@@ -125,7 +133,7 @@ def run_and_compare(
 
 def compare_schedulers(
     name: str,
-    ours,
+    make_ours,
     theirs,
     steps: int,
     *,
@@ -133,13 +141,17 @@ def compare_schedulers(
     strength: float | None = None,
     seed: int = 0,
     rtol: float = 1e-5,
+    theirs_from_index_0: bool = False,
 ) -> int:
-    """run_and_compare on schedulers built by the caller."""
+    """run_and_compare on schedulers made by the caller (ours: `make_ours(steps, eta)`, see ours_from).
+    `theirs_from_index_0` sets diffusers' begin index to 0 instead of its lookup of the first timestep."""
+    ours = make_ours(steps, eta)
     assert ours.order == theirs.order
-    ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
+    if theirs_from_index_0:
+        theirs.set_begin_index(0)
     assert_same_timesteps(ours.timesteps, theirs.timesteps)
-    ts_ours, ts_theirs = ours.timesteps, theirs.timesteps
+    ts_theirs = theirs.timesteps
 
     if strength is None:
         assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
@@ -147,26 +159,28 @@ def compare_schedulers(
         x_theirs = torch.from_numpy(INIT_NOISE) * theirs.init_noise_sigma
     else:  # StableDiffusionImg2ImgPipeline.get_timesteps + prepare_latents
         t_start = max(steps - min(int(steps * strength), steps), 0) * theirs.order
-        ts_ours, ts_theirs = ts_ours[t_start:], ts_theirs[t_start:]
-        ours.set_begin_index(t_start)
+        ts_theirs = ts_theirs[t_start:]
+        ours = ours.starting_at(t_start)
         if hasattr(theirs, "set_begin_index"):
             theirs.set_begin_index(t_start)
-        x_ours = ours.add_noise(IMAGE_LATENTS, INIT_NOISE, ts_ours[:1])
+        x_ours = ours.add_noise(IMAGE_LATENTS, INIT_NOISE, t_start)
         x_theirs = theirs.add_noise(torch.from_numpy(IMAGE_LATENTS), torch.from_numpy(INIT_NOISE), ts_theirs[:1])
         assert_close(x_ours, x_theirs, f"{name} add_noise", rtol)
 
     generator = torch.Generator().manual_seed(seed)
     kwargs = step_kwargs(theirs, generator, eta)
-    for i, (t_ours, t_theirs) in enumerate(zip(ts_ours, ts_theirs)):
-        in_ours = ours.scale_model_input(x_ours, t_ours)
+    assert len(ours.step_indices) == len(ts_theirs)
+    for i, t_theirs in zip(ours.step_indices, ts_theirs):
+        t_ours = ours.timesteps[i]
+        in_ours = ours.scale_model_input(x_ours, i)
         in_theirs = theirs.scale_model_input(x_theirs, t_theirs)
         assert_close(in_ours, in_theirs, f"{name} scale_model_input at step {i}", rtol)
-        noise = peek_randn(generator, SHAPE)
-        x_ours = ours.step(fake_model(in_ours, t_ours), t_ours, x_ours, noise=noise.numpy(), **step_options(ours, eta))
+        noise = peek_randn(generator, SHAPE).numpy() if ours.needs_noise(i) else None
+        x_ours = ours.step(i, fake_model(in_ours, t_ours), x_ours, noise)
         model_output = torch.from_numpy(fake_model(in_theirs.numpy(), float(t_theirs)))
         x_theirs = theirs.step(model_output, t_theirs, x_theirs, **kwargs).prev_sample
         assert_close(x_ours, x_theirs, f"{name} step {i} (t={t_theirs})", rtol)
-    return len(ts_ours)
+    return len(ours.step_indices)
 
 
 # --- the main matrix ----------------------------------------------------------------------------
@@ -250,7 +264,7 @@ def test_sample_prediction_unsupported_like_diffusers(name: str) -> None:
     with pytest.raises((ValueError, NotImplementedError)):
         theirs.step(x, t, theirs.scale_model_input(x, t))
     with pytest.raises(ValueError, match="prediction_type"):
-        make_scheduler(name, config)
+        make_scheduler(name, config, 2)
 
 
 # --- beta schedules -----------------------------------------------------------------------------
@@ -261,16 +275,17 @@ def test_sample_prediction_unsupported_like_diffusers(name: str) -> None:
 def test_beta_schedules(name: str, beta_schedule: str) -> None:
     config = config_with(beta_schedule=beta_schedule, beta_start=0.0001, beta_end=0.02)
     if name == "dpm++2m-karras" and beta_schedule == "squaredcos_cap_v2":
-        # Unrounded karras timesteps start 998, 998, ...: the first lookup takes the second 998, so
-        # diffusers runs off the end of its sigmas at the last step. We fail the same way.
-        with pytest.raises(IndexError):
-            run_and_compare(name, config, 10)
+        # Unrounded karras timesteps start 998, 998, ...: diffusers' first lookup takes the second 998, so
+        # it runs off the end of its sigmas at the last step. Stepping by index, ours runs the schedule from
+        # its start, as diffusers does when told to begin at index 0.
         theirs = DIFFUSERS_CLASS[name].from_config({**config, "use_karras_sigmas": True})
         theirs.set_timesteps(10)
         x = torch.from_numpy(INIT_NOISE)
         with pytest.raises(IndexError):
             for t in theirs.timesteps:
                 x = theirs.step(x, t, x).prev_sample
+        theirs = DIFFUSERS_CLASS[name].from_config({**config, "use_karras_sigmas": True})
+        compare_schedulers(name, ours_from(name, config), theirs, 10, theirs_from_index_0=True)
         return
     run_and_compare(name, config, 10)
 
@@ -301,7 +316,7 @@ def test_pndm_with_runge_kutta_steps(spacing: str, steps: int) -> None:
         with pytest.raises(ValueError):
             DIFFUSERS_CLASS["pndm"].from_config(config).set_timesteps(steps)
         with pytest.raises(ValueError, match="skip_prk_steps"):
-            make_scheduler("pndm", config).set_timesteps(steps)
+            make_scheduler("pndm", config, steps)
         return
     run_and_compare("pndm", config, steps)
 
@@ -376,7 +391,7 @@ def test_lms_sigma_options(options: dict, spacing: str) -> None:
 def test_dpm_solver_options(name: str, options: dict, steps: int) -> None:
     if name == "dpm++2m-karras" and any(k in options for k in ("use_exponential_sigmas", "use_beta_sigmas")):
         with pytest.raises(ValueError, match="Only one of"):
-            make_scheduler(name, config_with(**options))
+            make_scheduler(name, config_with(**options), steps)
         return
     run_and_compare(name, config_with(timestep_spacing="trailing", **options), steps, seed=steps)
 
@@ -393,7 +408,7 @@ def test_dpm_solver_options(name: str, options: dict, steps: int) -> None:
 )
 def test_dpm_solver_rejected_options(options: dict) -> None:
     with pytest.raises(ValueError):
-        make_scheduler("dpm++2m", config_with(**options))
+        make_scheduler("dpm++2m", config_with(**options), 10)
 
 
 @pytest.mark.parametrize("options", [{"original_inference_steps": 20}, {"timestep_scaling": 5.0}])
@@ -406,24 +421,26 @@ def test_lcm_step_limit_like_diffusers() -> None:
     with pytest.raises(ValueError):
         DIFFUSERS_CLASS["lcm"].from_config(config).set_timesteps(21)
     with pytest.raises(ValueError, match="original_inference_steps"):
-        make_scheduler("lcm", config).set_timesteps(21)
+        make_scheduler("lcm", config, 21)
 
 
 def test_dpm_karras_duplicate_timesteps_use_second_match() -> None:
     # Rounded karras timesteps repeat at the low-noise end; entering the schedule at a repeated
-    # timestep without set_begin_index must pick the same (second) index as diffusers.
+    # timestep without set_begin_index, diffusers picks the second index: ours looks up the same one.
     config = config_with(use_karras_sigmas=True)
-    ours, theirs = build("dpm++2m", config)
-    ours.set_timesteps(200)
+    make_ours, theirs = build("dpm++2m", config)
+    ours = make_ours(200)
     theirs.set_timesteps(200)
     assert_same_timesteps(ours.timesteps, theirs.timesteps)
     values, counts = np.unique(ours.timesteps, return_counts=True)
     repeated = values[counts > 1]
     assert len(repeated), "expected repeated timesteps in this schedule"
     t = repeated[-1]
-    assert ours.index_for_timestep(t) == theirs.index_for_timestep(torch.tensor(t))
+    i = ours.index_for_timestep(t)
+    assert i == theirs.index_for_timestep(torch.tensor(t))
     x = INIT_NOISE
-    assert_close(ours.step(x, t, x), theirs.step(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(x))[0], "dup")
+    theirs_out = theirs.step(torch.from_numpy(x), torch.tensor(t), torch.from_numpy(x))[0]
+    assert_close(ours.starting_at(i).step(i, x, x), theirs_out, "dup")
 
 
 # --- img2img ------------------------------------------------------------------------------------
@@ -438,14 +455,13 @@ def test_img2img_partial_schedule(name: str, spacing: str, strength: float) -> N
 
 @pytest.mark.parametrize("name", NAMES)
 def test_add_noise_per_sample_timesteps(name: str) -> None:
-    ours, theirs = build(name, SD1_CONFIG)
-    ours.set_timesteps(10)
+    make_ours, theirs = build(name, SD1_CONFIG)
+    ours = make_ours(10)
     theirs.set_timesteps(10)
     x0 = np.concatenate([IMAGE_LATENTS, -IMAGE_LATENTS])
     noise = np.concatenate([INIT_NOISE, FIXED])
-    ts_ours, ts_theirs = ours.timesteps[[1, 4]], theirs.timesteps[[1, 4]]
-    expected = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ts_theirs)
-    assert_close(ours.add_noise(x0, noise, ts_ours), expected, f"{name} add_noise")
+    expected = theirs.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), theirs.timesteps[[1, 4]])
+    assert_close(ours.add_noise(x0, noise, np.array([1, 4])), expected, f"{name} add_noise")
 
 
 # --- noise drawing ------------------------------------------------------------------------------
@@ -461,41 +477,90 @@ def test_add_noise_per_sample_timesteps(name: str) -> None:
     ],
 )
 def test_generator_noise_matches_torch(name: str, eta: float, options: dict) -> None:
-    """With no `noise`, steps draw from sdruntime.noise like diffusers draws from a torch generator."""
+    """The loop's draws from sdruntime.noise, where needs_noise says so, are diffusers' torch draws."""
     noise_module = pytest.importorskip("sdruntime.noise")
-    ours, theirs = build(name, config_with(**options))
-    ours.set_timesteps(6)
+    make_ours, theirs = build(name, config_with(**options))
+    ours = make_ours(6, eta)
     theirs.set_timesteps(6)
     gen_ours, gen_theirs = noise_module.TorchGenerator(7), torch.Generator().manual_seed(7)
     x_ours = INIT_NOISE * np.float32(ours.init_noise_sigma)
     x_theirs = torch.from_numpy(INIT_NOISE) * theirs.init_noise_sigma
-    for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
-        m_ours = fake_model(ours.scale_model_input(x_ours, t_ours), t_ours)
+    for i, t_theirs in zip(ours.step_indices, theirs.timesteps):
+        t_ours = ours.timesteps[i]
+        m_ours = fake_model(ours.scale_model_input(x_ours, i), t_ours)
         m_theirs = torch.from_numpy(fake_model(theirs.scale_model_input(x_theirs, t_theirs).numpy(), float(t_theirs)))
-        x_ours = ours.step(m_ours, t_ours, x_ours, generator=gen_ours, **step_options(ours, eta))
+        noise = noise_module.randn_tensor(x_ours.shape, gen_ours) if ours.needs_noise(i) else None
+        x_ours = ours.step(i, m_ours, x_ours, noise)
         x_theirs = theirs.step(m_theirs, t_theirs, x_theirs, **step_kwargs(theirs, gen_theirs, eta)).prev_sample
         assert_close(x_ours, x_theirs, f"{name} with generator")
 
 
-def test_noise_is_drawn_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
+NOISE_CASES = [(name, 0.0, {}) for name in NAMES] + [
+    ("ddim", 0.5, {}),
+    ("dpm++2m", 0.0, {"algorithm_type": "sde-dpmsolver++"}),
+]
 
-    def fake_randn(shape, generator, dtype=np.float32):
-        calls.append((tuple(shape), generator))
-        return np.ones(shape, dtype=dtype)
 
-    fake = types.ModuleType("sdruntime.noise")
-    fake.randn_tensor = fake_randn
-    monkeypatch.setitem(sys.modules, "sdruntime.noise", fake)
-    monkeypatch.setattr(sys.modules["sdruntime"], "noise", fake, raising=False)
-    x = INIT_NOISE
-    for name, eta, expected_draws in [("lcm", 0.0, 2), ("euler-a", 0.0, 3), ("ddim", 0.0, 0), ("ddim", 0.5, 3)]:
-        calls.clear()
-        scheduler = make_scheduler(name, SD1_CONFIG)
-        scheduler.set_timesteps(3)
-        for t in scheduler.timesteps:
-            scheduler.step(x, t, scheduler.scale_model_input(x, t), generator="gen", **step_options(scheduler, eta))
-        assert calls == [(SHAPE, "gen")] * expected_draws, name
+@pytest.mark.parametrize(("name", "eta", "options"), NOISE_CASES)
+def test_noise_is_drawn_only_when_needed(name: str, eta: float, options: dict) -> None:
+    """needs_noise(i) is true exactly at the steps where diffusers' step draws from its generator."""
+    make_ours, theirs = build(name, config_with(**options))
+    ours = make_ours(3, eta)
+    theirs.set_timesteps(3)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.from_numpy(INIT_NOISE)
+    drew = []
+    for t in theirs.timesteps:
+        before = generator.get_state()
+        theirs.step(x, t, theirs.scale_model_input(x, t), **step_kwargs(theirs, generator, eta))
+        drew.append(not torch.equal(before, generator.get_state()))
+    assert [ours.needs_noise(i) for i in ours.step_indices] == drew
+    expected_draws = {"lcm": 2, "euler-a": 3, "ddim": 3 if eta else 0}.get(name, 3 if options else 0)
+    assert sum(drew) == expected_draws
+
+
+def test_noise_is_required_where_a_step_adds_it() -> None:
+    scheduler = make_scheduler("euler-a", SD1_CONFIG, 3)
+    with pytest.raises(ValueError, match="adds noise"):
+        scheduler.step(0, INIT_NOISE, INIT_NOISE)
+
+
+# --- the step loop ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_steps_run_in_order_and_a_run_restarts_at_its_begin(name: str) -> None:
+    scheduler = make_scheduler(name, SD1_CONFIG, 6)
+
+    def run() -> np.ndarray:
+        x = INIT_NOISE * np.float32(scheduler.init_noise_sigma)
+        for i in scheduler.step_indices:
+            eps = fake_model(scheduler.scale_model_input(x, i), scheduler.timesteps[i])
+            x = scheduler.step(i, eps, x, FIXED if scheduler.needs_noise(i) else None)
+        return x
+
+    first = run()
+    np.testing.assert_array_equal(run(), first)  # the multistep history starts afresh
+    scheduler.step(0, INIT_NOISE, INIT_NOISE, FIXED)
+    with pytest.raises(ValueError, match="expected step index 1, got 2"):
+        scheduler.step(2, INIT_NOISE, INIT_NOISE, FIXED)
+    with pytest.raises(IndexError):
+        scheduler.step(len(scheduler.timesteps), INIT_NOISE, INIT_NOISE, FIXED)
+
+
+def test_starting_at_leaves_the_full_run_alone() -> None:
+    full = make_scheduler("dpm++2m", SD1_CONFIG, 10)
+    later = full.starting_at(4)
+    assert (full.begin_index, later.begin_index) == (0, 4)
+    assert list(later.step_indices) == list(range(4, 10))
+    with pytest.raises(ValueError, match="begin_index 10 is outside the 10-step schedule"):
+        full.starting_at(10)
+
+
+def test_eta_is_ddim_only() -> None:
+    assert make_scheduler("ddim", SD1_CONFIG, 4, eta=0.5).needs_noise(0)
+    with pytest.raises(ValueError, match="eta applies only to ddim, not euler"):
+        make_scheduler("euler", SD1_CONFIG, 4, eta=0.5)
 
 
 # --- interface ----------------------------------------------------------------------------------
@@ -507,15 +572,14 @@ def test_registry_names() -> None:
 
 def test_unknown_name() -> None:
     with pytest.raises(ValueError, match=r"unknown scheduler 'x': choose one of pndm, ddim, euler, euler-a"):
-        make_scheduler("x", SD1_CONFIG)
+        make_scheduler("x", SD1_CONFIG, 10)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 1001])
 @pytest.mark.parametrize("name", NAMES)
 def test_bad_step_count(name: str, steps: int) -> None:
-    scheduler = make_scheduler(name, SD1_CONFIG)
     with pytest.raises(ValueError, match="num_inference_steps"):
-        scheduler.set_timesteps(steps)
+        make_scheduler(name, SD1_CONFIG, steps)
 
 
 def test_scheduler_name_for_class() -> None:
@@ -540,16 +604,14 @@ def test_config_from_another_class_and_use_default_values() -> None:
         "clip_sample": False,
         "_use_default_values": ["clip_sample", "timestep_spacing"],
     }
-    ours = make_scheduler("ddim", config)
+    ours = make_scheduler("ddim", config, 10)
     assert ours.config["clip_sample"] is True and ours.config["timestep_spacing"] == "leading"
     run_and_compare("ddim", config, 10)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_half_precision_inputs_give_float32(name: str) -> None:
-    scheduler = make_scheduler(name, SD1_CONFIG)
-    scheduler.set_timesteps(4)
-    t = scheduler.timesteps[0]
+    scheduler = make_scheduler(name, SD1_CONFIG, 4)
     x = INIT_NOISE.astype(np.float16)
-    out = scheduler.step(x, t, scheduler.scale_model_input(x, t), noise=INIT_NOISE)
+    out = scheduler.step(0, x, scheduler.scale_model_input(x, 0), INIT_NOISE)
     assert out.dtype == np.float32 and out.shape == SHAPE

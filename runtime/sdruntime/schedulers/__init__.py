@@ -4,26 +4,30 @@ Each scheduler is built from the contents of an exported ``scheduler_config.json
 scheduler class) exactly as ``XScheduler.from_config(config)`` would read it, and produces the same timesteps
 and samples as diffusers to float32 rounding. Keys the config sets carry over; keys it lacks (or lists in
 ``_use_default_values``) take the chosen class's own default, its ``DEFAULTS``: SD 1.5's config has no
-``timestep_spacing``, so ``pndm`` runs ``leading`` and ``euler`` ``linspace``, as in diffusers. A denoising
-loop uses them as the diffusers pipelines do::
+``timestep_spacing``, so ``pndm`` runs ``leading`` and ``euler`` ``linspace``, as in diffusers.
 
-    scheduler = make_scheduler("euler", config)
-    scheduler.set_timesteps(steps)
+The schedule is fixed when a scheduler is built, and the loop passes the step index, as k-diffusion's
+samplers and Apple's Core ML schedulers do. Noise that a step adds (ancestral, SDE and LCM steps, DDIM with
+eta > 0) is drawn by the loop, from its own generator, only where ``needs_noise(i)`` says so: the same draws
+diffusers' schedulers make from a torch generator::
+
+    scheduler = make_scheduler("euler", config, steps)
     latents = noise * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        eps = unet(scheduler.scale_model_input(latents, t), t)
-        latents = scheduler.step(eps, t, latents, generator=generator)
+    for i in scheduler.step_indices:
+        eps = unet(scheduler.scale_model_input(latents, i), scheduler.timesteps[i])
+        step_noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
+        latents = scheduler.step(i, eps, latents, step_noise)
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from ..errors import InvalidArgument
+from ._common import DiscreteScheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
@@ -34,37 +38,32 @@ from .pndm import PNDMScheduler
 
 
 class Scheduler(Protocol):
-    """What the pipeline relies on; mirrors the diffusers scheduler API it uses."""
+    """What the denoising loop relies on (the base class is `_common.DiscreteScheduler`)."""
 
     DEFAULTS: ClassVar[dict[str, Any]]  # the diffusers class's `__init__` defaults: what a config lacks
+    config: dict[str, Any]  # the resolved config
     order: int
     init_noise_sigma: float
-    timesteps: np.ndarray  # set by set_timesteps, the same values as diffusers' scheduler.timesteps
+    timesteps: np.ndarray  # the whole schedule, the same values as diffusers' scheduler.timesteps
+    begin_index: int  # where the loop starts (img2img)
 
-    def __init__(self, config: Mapping[str, Any]) -> None: ...
+    @property
+    def step_indices(self) -> range: ...
 
-    def set_timesteps(self, num_inference_steps: int) -> None: ...
+    def starting_at(self, begin_index: int) -> Scheduler: ...
 
-    def set_begin_index(self, begin_index: int = 0) -> None: ...
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray: ...
 
-    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray: ...
+    def needs_noise(self, i: int) -> bool: ...
 
-    def step(
-        self,
-        model_output: np.ndarray,
-        timestep: Any,
-        sample: np.ndarray,
-        generator: Any = None,
-        noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """One denoising step; returns the previous (less noisy) sample as float32. Schedulers that add
-        noise use `noise` if given, else draw it from `generator`. DDIM's also takes `eta` (step_options)."""
+    def step(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Step `i`; returns the previous (less noisy) sample as float32."""
         ...
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray: ...
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray: ...
 
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
+SCHEDULERS: dict[str, type[DiscreteScheduler]] = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
@@ -100,12 +99,28 @@ def scheduler_name_for_class(class_name: str, config: Mapping[str, Any] | None =
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
 
-def make_scheduler(name: str, config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Scheduler:
-    """Build scheduler `name` from a scheduler config dict (any diffusers scheduler's).
+def img2img_begin_index(num_inference_steps: int, strength: float, order: int = 1) -> int:
+    """Where an img2img run enters the schedule: StableDiffusionImg2ImgPipeline.get_timesteps's t_start.
+    At strength 0 it is past the end: no step is left to run."""
+    init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+    return max(num_inference_steps - init_steps, 0) * order
+
+
+def make_scheduler(
+    name: str,
+    config: Mapping[str, Any],
+    num_inference_steps: int,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    begin_index: int = 0,
+    eta: float = 0.0,
+) -> Scheduler:
+    """Build scheduler `name` for `num_inference_steps` steps from a scheduler config dict (any diffusers
+    scheduler's).
 
     `overrides` replace config values as keyword arguments to diffusers' `from_config(config, **overrides)` do,
     defaulted or not, e.g. {"timestep_spacing": "trailing"}; the variant's own setting (karras sigmas for
-    dpm++2m-karras) still wins.
+    dpm++2m-karras) still wins. `begin_index` starts the loop part-way in (img2img); `eta` is DDIM's only.
     """
     try:
         cls = SCHEDULERS[name]
@@ -119,7 +134,11 @@ def make_scheduler(name: str, config: Mapping[str, Any], overrides: Mapping[str,
             )
         defaulted = [k for k in config.get("_use_default_values") or () if k not in overrides]
         config = {**config, **overrides, "_use_default_values": defaulted}
-    return cls(config)
+    if cls is DDIMScheduler:
+        return DDIMScheduler(config, num_inference_steps, begin_index, eta=eta)
+    if eta:
+        raise InvalidArgument(f"eta applies only to ddim, not {name}")
+    return cls(config, num_inference_steps, begin_index)
 
 
 __all__ = [
@@ -134,12 +153,8 @@ __all__ = [
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Scheduler",
+    "img2img_begin_index",
     "make_scheduler",
     "scheduler_name_for_class",
 ]
 
-
-def step_options(scheduler: Scheduler, eta: float) -> dict[str, Any]:
-    """The extra keyword arguments of `scheduler.step`: `eta` where the step takes it (DDIM), as
-    diffusers' pipelines decide it from the step's signature."""
-    return {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}

@@ -1,5 +1,5 @@
 """Building blocks shared by the schedulers: config resolution, noise schedules, timestep spacing,
-step bookkeeping and the two `add_noise` flavours.
+the step loop's contract and the two `add_noise` flavours.
 
 Schedules are float32 where diffusers keeps them in float32 (betas, alphas_cumprod, sigmas), so the per-step
 arithmetic rounds the way diffusers' does. Their values agree with diffusers' to a few float32 ulps, not bit
@@ -8,6 +8,7 @@ for bit: torch's float32 linspace and sqrt round differently from NumPy's.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -212,15 +213,6 @@ def as_f32(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def draw_noise(noise: np.ndarray | None, shape: tuple[int, ...], generator: Any) -> np.ndarray:
-    """The caller's `noise` if given, else a torch-compatible draw from `generator`."""
-    if noise is not None:
-        return as_f32(noise)
-    from ..noise import randn_tensor  # lazy: the schedulers work without sdruntime.noise when noise is given
-
-    return randn_tensor(shape, generator, dtype=np.float32)
-
-
 def threshold_sample(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
     """Dynamic thresholding (Imagen, arXiv:2205.11487): clip x0 to its `ratio` quantile s and divide by s."""
     flat = x0.reshape(x0.shape[0], -1)
@@ -238,9 +230,21 @@ def expand(values: np.ndarray, ndim: int) -> np.ndarray:
 
 
 class DiscreteScheduler:
-    """Config, betas and the step/begin-index bookkeeping of a diffusers discrete-time scheduler.
+    """A diffusers discrete-time scheduler with its schedule fixed when built (as k-diffusion's samplers take
+    their sigmas, and Apple's Core ML schedulers their step count), stepped by index from the loop::
 
-    Subclasses set `DEFAULTS` (their diffusers `__init__` defaults) and implement `set_timesteps` and `step`.
+        scheduler = make_scheduler("euler", config, num_inference_steps)
+        latents = noise * scheduler.init_noise_sigma
+        for i in scheduler.step_indices:
+            t = scheduler.timesteps[i]
+            eps = unet(scheduler.scale_model_input(latents, i), t)
+            noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
+            latents = scheduler.step(i, eps, latents, noise)
+
+    `begin_index` starts the loop part-way into the schedule (img2img, diffusers' `set_begin_index`).
+    Subclasses set `DEFAULTS` (their diffusers `__init__` defaults), check their config in `_setup`, build
+    the schedule in `_make_schedule` and implement `_update`; the multistep ones keep the past model outputs
+    of the current run, which `_reset_history` clears when a run starts at `begin_index`.
     """
 
     DEFAULTS: ClassVar[dict[str, Any]] = BETA_DEFAULTS
@@ -249,90 +253,96 @@ class DiscreteScheduler:
     init_noise_sigma: float = 1.0
     timesteps: np.ndarray
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any], num_inference_steps: int, begin_index: int = 0):
         self.config = {**resolve_config(config, self.DEFAULTS), **self.OVERRIDES}
         self.num_train_timesteps: int = self.config["num_train_timesteps"]
         self.betas = make_betas(self.config)
         self.alphas_cumprod = alphas_cumprod_of(self.betas)
         self.sigmas = np.zeros(0, dtype=np.float32)  # filled by the sigma-based schedulers
-        self.timesteps = np.arange(self.num_train_timesteps, dtype=np.int64)[::-1].copy()
-        self.num_inference_steps: int | None = None
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
+        self._setup()
+        check_num_steps(num_inference_steps, self.num_train_timesteps)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = self._make_schedule(num_inference_steps)
+        self._start(begin_index)
+
+    def starting_at(self, begin_index: int) -> DiscreteScheduler:
+        """The same scheduler, its loop starting at step `begin_index` (img2img; diffusers' `set_begin_index`)."""
+        other = copy.copy(self)
+        other._start(begin_index)
+        return other
+
+    def _start(self, begin_index: int) -> None:
+        if not 0 <= begin_index < len(self.timesteps):
+            raise InvalidArgument(
+                f"begin_index {begin_index} is outside the {len(self.timesteps)}-step schedule: choose 0 to "
+                f"{len(self.timesteps) - 1}"
+            )
+        self.begin_index = begin_index
+        self._next_index = begin_index
+        self._reset_history()
+
+    def _setup(self) -> None:
+        """Check the config and derive what the schedule needs; runs before `_make_schedule`."""
+
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
+        """The timesteps of `num_inference_steps` steps (and `self.sigmas` where the scheduler has them)."""
+        raise NotImplementedError
+
+    def _reset_history(self) -> None:
+        """Forget the past steps of a run (multistep schedulers)."""
 
     @property
-    def step_index(self) -> int | None:
-        return self._step_index
+    def step_indices(self) -> range:
+        """The indices the loop steps through: `begin_index` to the end of the schedule."""
+        return range(self.begin_index, len(self.timesteps))
 
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start stepping at `timesteps[begin_index]` (img2img), instead of looking the first timestep up."""
-        self._begin_index = begin_index
-
-    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
+        """The U-Net's input at step `i`."""
         return sample
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """Forward diffusion q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, a_t = alphas_cumprod[t]."""
+    def needs_noise(self, i: int) -> bool:
+        """Whether step `i` adds fresh noise, which the loop then draws and passes to `step`."""
+        return False
+
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray:
+        """Forward diffusion to the noise level of step `i` (one index, or one per sample):
+        q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) noise, a_t = alphas_cumprod[timesteps[i]]."""
         x0 = as_f32(original_samples)
-        ac = self.alphas_cumprod[np.asarray(timesteps, dtype=np.int64)]
+        ac = self.alphas_cumprod[self.timesteps[np.asarray(i)].astype(np.int64)]
         return expand(ac**0.5, x0.ndim) * x0 + expand((1 - ac) ** 0.5, x0.ndim) * as_f32(noise)
 
-    def index_for_timestep(self, timestep: Any, schedule: np.ndarray | None = None) -> int:
-        """Index of `timestep` in the schedule. When it occurs twice the second one is taken, so that a
-        schedule entered mid-way (img2img) does not skip a step."""
-        matches = np.flatnonzero((self.timesteps if schedule is None else schedule) == timestep)
+    def index_for_timestep(self, timestep: Any) -> int:
+        """The step index of `timestep`, as diffusers looks it up when no begin index is set: when it occurs
+        twice the second one is taken, so that a schedule entered mid-way does not skip a step."""
+        matches = np.flatnonzero(self.timesteps == timestep)
         if len(matches) == 0:
             raise InvalidArgument(f"timestep {timestep} is not in the scheduler's timesteps")
         return int(matches[1] if len(matches) > 1 else matches[0])
 
-    def _sigmas_for_noise(self, timesteps: np.ndarray) -> np.ndarray:
-        """`self.sigmas` at `timesteps` for `add_noise`; after `set_begin_index` all at the current step."""
-        timesteps = np.atleast_1d(np.asarray(timesteps))
-        if self._begin_index is None:
-            indices = [self.index_for_timestep(t) for t in timesteps]
-        else:
-            indices = [self._step_index if self._step_index is not None else self._begin_index] * len(timesteps)
-        return self.sigmas[indices]
+    def step(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """Step `i`: the previous (less noisy) sample as float32, from the model's output at `timesteps[i]`.
 
-    def _init_step_index(self, timestep: Any) -> int:
-        """The current step index, looked up from `timestep` (or the begin index) on the first call."""
-        if self._step_index is None:
-            begin = self._begin_index
-            self._step_index = begin if begin is not None else self.index_for_timestep(timestep)
-        if self._step_index >= len(self.timesteps):
-            # diffusers fails here too (IndexError), e.g. when the schedule starts with a repeated timestep
-            # and the lookup above picked its second occurrence.
-            raise IndexError(
-                f"step index {self._step_index} is past the end of the {len(self.timesteps)}-step schedule"
-            )
-        return self._step_index
-
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
-             noise: np.ndarray | None = None) -> np.ndarray:
-        """One denoising step; returns the previous (less noisy) sample as float32.
-
-        The step index is looked up on the first call (or taken from `set_begin_index`) and advanced
-        here, once per step; subclasses implement `_update` for step `i`. Schedulers that add noise
-        use `noise` if given, else draw it from `generator`.
+        Steps run in order from `begin_index`; calling `begin_index` again starts a new run. `noise` is
+        required where `needs_noise(i)`, and ignored elsewhere.
         """
-        self._require_timesteps()
-        i = self._init_step_index(timestep)
-        prev_sample = self._update(i, timestep, as_f32(model_output), as_f32(sample), generator, noise)
-        self._step_index = i + 1
+        if not self.begin_index <= i < len(self.timesteps):
+            raise IndexError(f"step index {i} is outside steps {self.begin_index} to {len(self.timesteps) - 1}")
+        if i == self.begin_index:
+            self._reset_history()
+        elif i != self._next_index:
+            raise ValueError(f"steps run in order: expected step index {self._next_index}, got {i}")
+        if self.needs_noise(i):
+            if noise is None:
+                raise ValueError(f"step {i} of {type(self).__name__} adds noise: pass the loop's draw as noise")
+            noise = as_f32(noise)
+        else:
+            noise = None
+        prev_sample = self._update(i, as_f32(model_output), as_f32(sample), noise)
+        self._next_index = i + 1
         return prev_sample
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
-
-    def _reset(self, num_inference_steps: int) -> None:
-        self.num_inference_steps = num_inference_steps
-        self._step_index = None
-        self._begin_index = None
-
-    def _require_timesteps(self) -> None:
-        if self.num_inference_steps is None:
-            raise RuntimeError("call set_timesteps() before step()")
 
 
 def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarray, sigma: np.floating) -> np.ndarray:
@@ -352,19 +362,14 @@ class SigmaScheduler(DiscreteScheduler):
     Subclasses fill `self.sigmas` (float32, one more than timesteps, last one the final sigma).
     """
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
         if self.config.get("rescale_betas_zero_snr"):
             self.alphas_cumprod[-1] = 2**-24  # keeps the terminal sigma finite
-        self.sigmas = np.concatenate([sigmas_of(self.alphas_cumprod)[::-1], [0.0]]).astype(np.float32)
-        self.timesteps = np.linspace(0, self.num_train_timesteps - 1, self.num_train_timesteps)[::-1].astype(np.float32)
 
     def _spaced_sigmas(self, num_inference_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Start of every sigma scheduler's set_timesteps: (float32 timesteps, the training sigmas,
-        the sigmas interpolated at those timesteps), after checking the step count."""
+        """Start of every sigma scheduler's schedule: (float32 timesteps, the training sigmas, the sigmas
+        interpolated at those timesteps)."""
         cfg = self.config
-        check_num_steps(num_inference_steps, self.num_train_timesteps)
-        self._reset(num_inference_steps)
         timesteps = spaced_timesteps(
             cfg["timestep_spacing"], num_inference_steps, self.num_train_timesteps, cfg["steps_offset"],
             round_linspace=False,
@@ -383,12 +388,12 @@ class SigmaScheduler(DiscreteScheduler):
             return float(sigma_max)
         return float((sigma_max**2 + 1) ** 0.5)
 
-    def scale_model_input(self, sample: np.ndarray, timestep: Any = None) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         """Divide by sqrt(sigma^2 + 1), the std of x_t, so the model sees unit-variance input."""
-        sigma = self.sigmas[self._init_step_index(timestep)]
+        sigma = self.sigmas[i]
         return as_f32(sample) / ((sigma**2 + 1) ** 0.5)
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x_t = x_0 + sigma noise, at each timestep's sigma (or the current/begin index once one is set)."""
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray:
+        """x_t = x_0 + sigma noise at the sigma of step `i` (one index, or one per sample)."""
         x0 = as_f32(original_samples)
-        return x0 + as_f32(noise) * expand(self._sigmas_for_noise(timesteps), x0.ndim)
+        return x0 + as_f32(noise) * expand(self.sigmas[np.asarray(i)], x0.ndim)

@@ -1,6 +1,6 @@
 """DDIM matching diffusers' `DDIMScheduler`, including eta > 0, clipping, dynamic thresholding and zero
 terminal SNR; it differs in not offering `use_clipped_model_output` (the Stable Diffusion pipelines never
-pass it) and in having a set_begin_index, which does nothing as DDIM keeps no step index.
+pass it) and in taking `eta` when built rather than at each step.
 
 Denoising diffusion implicit models, arXiv:2010.02502, eq. (12).
 """
@@ -16,10 +16,7 @@ from ..errors import InvalidArgument
 from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
-    as_f32,
     check_choice,
-    check_num_steps,
-    draw_noise,
     spaced_timesteps,
     threshold_sample,
 )
@@ -54,16 +51,20 @@ class DDIMScheduler(DiscreteScheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any], num_inference_steps: int, begin_index: int = 0, eta: float = 0.0):
+        """`eta` (DDIM only, as in diffusers): 0 is deterministic DDIM, 1 DDPM's posterior variance."""
+        if eta < 0:
+            raise InvalidArgument(f"eta must be >= 0, got {eta}")
+        self.eta = float(eta)
+        super().__init__(config, num_inference_steps, begin_index)
+
+    def _setup(self) -> None:
         check_choice(self.config, "prediction_type", ("epsilon", "sample", "v_prediction"), "ddim")
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         cfg = self.config
-        check_num_steps(num_inference_steps, self.num_train_timesteps)
-        self._reset(num_inference_steps)
-        self.timesteps = spaced_timesteps(
+        return spaced_timesteps(
             cfg["timestep_spacing"],
             num_inference_steps,
             self.num_train_timesteps,
@@ -71,14 +72,13 @@ class DDIMScheduler(DiscreteScheduler):
             round_linspace=True,
         ).astype(np.int64)
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
-             noise: np.ndarray | None = None, eta: float = 0.0) -> np.ndarray:
-        """DDIM finds the previous timestep from `timestep` (no step index). Only DDIM takes `eta`, as in
-        diffusers: 0 is deterministic DDIM, 1 DDPM's posterior variance."""
-        self._require_timesteps()
+    def needs_noise(self, i: int) -> bool:
+        return self.eta > 0
+
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """The previous timestep is one stride down from this one, as diffusers takes it."""
         cfg = self.config
-        model_output, sample = as_f32(model_output), as_f32(sample)
-        t = int(timestep)
+        t = int(self.timesteps[i])
         t_prev = t - self.num_train_timesteps // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
@@ -91,8 +91,8 @@ class DDIMScheduler(DiscreteScheduler):
 
         # sigma_t of eq. (16): eta = 0 is deterministic DDIM, eta = 1 is DDPM's posterior variance.
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)
-        std_dev = eta * variance**0.5
+        std_dev = self.eta * variance**0.5
         prev_sample = a_prev**0.5 * x0 + (1 - a_prev - std_dev**2) ** 0.5 * eps
-        if eta > 0:
-            prev_sample = prev_sample + std_dev * draw_noise(noise, model_output.shape, generator)
+        if noise is not None:
+            prev_sample = prev_sample + std_dev * noise
         return prev_sample.astype(np.float32, copy=False)

@@ -8,7 +8,6 @@ DPM-Solver++, arXiv:2211.01095: multistep updates in lambda = log(alpha_t / sigm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,9 +18,7 @@ from ._common import (
     DiscreteScheduler,
     as_f32,
     check_choice,
-    check_num_steps,
     convert_sigmas,
-    draw_noise,
     expand,
     sigma_kind,
     sigma_to_t,
@@ -70,8 +67,7 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         "sigma_max": None,
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
         cfg = self.config
         if cfg["algorithm_type"] == "deis":  # diffusers' own substitutions
             if cfg["final_sigmas_type"] == "zero":
@@ -90,17 +86,14 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         self.sigma_kind = sigma_kind(cfg)
         if cfg["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24  # keeps the terminal sigma finite
-        self.sigmas = sigmas_of(self.alphas_cumprod)
-        self._reset_history()
 
     def _reset_history(self) -> None:
         self.model_outputs: list[np.ndarray | None] = [None] * self.config["solver_order"]
         self.lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         cfg = self.config
         n, n_train = num_inference_steps, self.num_train_timesteps
-        check_num_steps(n, n_train)
         train_sigmas = sigmas_of(self.alphas_cumprod)
         log_sigmas = np.log(train_sigmas)
         # lambda_min_clipped cuts off the noisiest timesteps (the ones with lambda below it).
@@ -131,25 +124,24 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
 
         final_sigma = 0.0 if cfg["final_sigmas_type"] == "zero" else train_sigmas[0]
         self.sigmas = np.append(sigmas, final_sigma).astype(np.float32)
-        self.timesteps = timesteps.astype(np.int64)
-        self._reset(len(self.timesteps))
-        self._reset_history()
+        return timesteps.astype(np.int64)
 
-    def index_for_timestep(self, timestep: Any, schedule: np.ndarray | None = None) -> int:
+    def index_for_timestep(self, timestep: Any) -> int:
         """As the base class, but a timestep not in the schedule maps to the last step (diffusers' rule)."""
-        schedule = self.timesteps if schedule is None else schedule
-        if not np.any(schedule == timestep):
+        if not np.any(self.timesteps == timestep):
             return len(self.timesteps) - 1
-        return super().index_for_timestep(timestep, schedule)
+        return super().index_for_timestep(timestep)
 
-    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
-        """x_t = alpha_t x_0 + sigma_t noise at each timestep's noise level."""
+    def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray:
+        """x_t = alpha_t x_0 + sigma_t noise at the noise level of step `i` (one index, or one per sample)."""
         x0 = as_f32(original_samples)
-        alpha_t, sigma_t, _ = alpha_sigma_lambda(expand(self._sigmas_for_noise(timesteps), x0.ndim))
+        alpha_t, sigma_t, _ = alpha_sigma_lambda(expand(self.sigmas[np.asarray(i)], x0.ndim))
         return alpha_t * x0 + sigma_t * as_f32(noise)
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def needs_noise(self, i: int) -> bool:
+        return self.config["algorithm_type"] == "sde-dpmsolver++"
+
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         cfg = self.config
         n = len(self.timesteps)
         few_steps = cfg["lower_order_final"] and n < 15  # lower orders at the end stabilise short schedules
@@ -157,10 +149,6 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         final_second_order = i == n - 2 and few_steps
 
         self.model_outputs = [*self.model_outputs[1:], self._data_prediction(model_output, sample, i)]
-        if cfg["algorithm_type"] == "sde-dpmsolver++":
-            noise = draw_noise(noise, model_output.shape, generator)
-        else:
-            noise = None
 
         order = cfg["solver_order"]
         with np.errstate(divide="ignore"):  # h = 0 between repeated sigmas: r = inf, D1 = 0, as in torch

@@ -7,7 +7,6 @@ Algorithm 2 of Karras et al., arXiv:2206.00364, with the churn switched off.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -41,14 +40,14 @@ class EulerDiscreteScheduler(SigmaScheduler):
         "final_sigmas_type": "zero",
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
+        super()._setup()
         check_choice(self.config, "prediction_type", PREDICTION_TYPES, "euler")
         check_choice(self.config, "interpolation_type", ("linear", "log_linear"), "euler")
         check_choice(self.config, "final_sigmas_type", ("zero", "sigma_min"), "euler")
         self.sigma_kind = sigma_kind(self.config)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         cfg = self.config
         timesteps, train_sigmas, sigmas = self._spaced_sigmas(num_inference_steps)
         log_sigmas = np.log(train_sigmas)
@@ -62,12 +61,10 @@ class EulerDiscreteScheduler(SigmaScheduler):
         final_sigma = 0.0 if cfg["final_sigmas_type"] == "zero" else train_sigmas[0]
         self.sigmas = np.append(sigmas, final_sigma).astype(np.float32)
         if cfg["timestep_type"] == "continuous" and cfg["prediction_type"] == "v_prediction":
-            self.timesteps = (0.25 * np.log(self.sigmas[:-1])).astype(np.float32)
-        else:
-            self.timesteps = timesteps.astype(np.float32)
+            return (0.25 * np.log(self.sigmas[:-1])).astype(np.float32)
+        return timesteps.astype(np.float32)
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         x0 = self._denoised(i, model_output, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         derivative = (sample - x0) / sigma

@@ -7,7 +7,6 @@ sigma_down^2 + sigma_up^2 = sigma_next^2 (k-diffusion's `sample_euler_ancestral`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,7 +15,6 @@ from ._common import (
     BETA_DEFAULTS,
     SigmaScheduler,
     check_choice,
-    draw_noise,
 )
 
 
@@ -35,19 +33,21 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
+        super()._setup()
         check_choice(self.config, "prediction_type", ("epsilon", "v_prediction"), "euler-a")
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         timesteps, _, sigmas = self._spaced_sigmas(num_inference_steps)
         self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
-        self.timesteps = timesteps
+        return timesteps
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def needs_noise(self, i: int) -> bool:
+        return True  # every step, the last one included (sigma_up = 0 there), as diffusers draws
+
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         x0 = self._denoised(i, model_output, sample)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
         prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
-        return prev_sample + draw_noise(noise, model_output.shape, generator) * sigma_up
+        return prev_sample + noise * sigma_up

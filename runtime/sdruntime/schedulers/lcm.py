@@ -1,6 +1,6 @@
 """LCM matching diffusers' `LCMScheduler` (step returns prev_sample, which is the denoised sample on the
 last step); it differs in offering no custom timesteps and no `strength` argument to set_timesteps (img2img
-uses set_begin_index, as StableDiffusionImg2ImgPipeline does).
+starts at a begin_index, as StableDiffusionImg2ImgPipeline's set_begin_index does).
 
 Latent consistency models, arXiv:2310.04378: each step jumps to the consistency-model estimate of x_0,
 then re-noises it to the next timestep. Like diffusers, `timestep_spacing` and `steps_offset` are ignored.
@@ -8,7 +8,6 @@ then re-noises it to the next timestep. Like diffusers, `timestep_spacing` and `
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,8 +17,6 @@ from ._common import (
     BETA_DEFAULTS,
     DiscreteScheduler,
     check_choice,
-    check_num_steps,
-    draw_noise,
     threshold_sample,
 )
 from .ddim import predict_x0_eps
@@ -55,14 +52,12 @@ class LCMScheduler(DiscreteScheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
         check_choice(self.config, "prediction_type", ("epsilon", "sample", "v_prediction"), "lcm")
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         n_train, original_steps = self.num_train_timesteps, self.config["original_inference_steps"]
-        check_num_steps(num_inference_steps, n_train)
         if original_steps > n_train:
             raise InvalidArgument(
                 f"original_inference_steps ({original_steps}) cannot be larger than num_train_timesteps ({n_train})"
@@ -76,13 +71,14 @@ class LCMScheduler(DiscreteScheduler):
         k = n_train // original_steps
         origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
         indices = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
-        self.timesteps = origin[indices].astype(np.int64)
-        self._reset(num_inference_steps)
+        return origin[indices].astype(np.int64)
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def needs_noise(self, i: int) -> bool:
+        return i < len(self.timesteps) - 1  # every step but the last re-noises, as diffusers draws
+
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         cfg = self.config
-        t = int(timestep)
+        t = int(self.timesteps[i])
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
@@ -95,7 +91,6 @@ class LCMScheduler(DiscreteScheduler):
         c_skip, c_out = boundary_condition_scalings(t, cfg["timestep_scaling"])
         denoised = c_out * x0 + c_skip * sample
 
-        if i == self.num_inference_steps - 1:
+        if noise is None:  # the last step
             return denoised.astype(np.float32, copy=False)
-        noise = draw_noise(noise, model_output.shape, generator)
         return (a_prev**0.5 * denoised + (1 - a_prev) ** 0.5 * noise).astype(np.float32, copy=False)

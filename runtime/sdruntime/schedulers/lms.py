@@ -7,7 +7,6 @@ Linear multistep in sigma space of up to 4th order (k-diffusion's `sample_lms`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -51,13 +50,15 @@ class LMSDiscreteScheduler(SigmaScheduler):
     }
     max_order = 4  # diffusers' `step(order=4)` default, which the pipelines use
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
+        super()._setup()
         check_choice(self.config, "prediction_type", ("epsilon", "v_prediction", "sample"), "lms")
         self.sigma_kind = sigma_kind(self.config)
+
+    def _reset_history(self) -> None:
         self.derivatives: list[np.ndarray] = []
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         cfg = self.config
         timesteps, train_sigmas, sigmas = self._spaced_sigmas(num_inference_steps)
         if self.sigma_kind is not None:
@@ -68,14 +69,12 @@ class LMSDiscreteScheduler(SigmaScheduler):
             sigmas = convert_sigmas(self.sigma_kind, sigma_min, sigma_max, num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train_sigmas))
         self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
-        self.timesteps = timesteps.astype(np.float32)
-        self.derivatives = []
+        return timesteps.astype(np.float32)
 
-    def _update(self, i: int, timestep: Any, model_output: np.ndarray, sample: np.ndarray, generator: Any,
-                noise: np.ndarray | None) -> np.ndarray:
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         x0 = self._denoised(i, model_output, sample)
         self.derivatives = [*self.derivatives[-(self.max_order - 1) :], (sample - x0) / self.sigmas[i]]
-        # Order follows the step index, as in diffusers; after set_begin_index > 0 the first steps
+        # Order follows the step index, as in diffusers; after a begin_index > 0 the first steps
         # then use the leading coefficients of a higher order formula.
         order = min(i + 1, self.max_order)
         coeffs = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]

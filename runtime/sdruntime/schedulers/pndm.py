@@ -1,19 +1,18 @@
 """PNDM matching diffusers' `PNDMScheduler` in all its options, PLMS (`skip_prk_steps`) and F-PNDM's
 Runge-Kutta warm-up alike; it differs only in rejecting prediction_type `sample` when built (diffusers fails
-at the first step) and in having a set_begin_index, which does nothing as PNDM keeps no step index.
+at the first step). PNDM keeps no step index: a run entered at a begin_index counts its steps from 0.
 
 Pseudo numerical methods for diffusion models, arXiv:2202.09778.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import InvalidArgument
-from ._common import BETA_DEFAULTS, DiscreteScheduler, as_f32, check_choice, check_num_steps, spaced_timesteps
+from ._common import BETA_DEFAULTS, DiscreteScheduler, check_choice, spaced_timesteps
 
 # Adams-Bashforth weights for 1..4 remembered model outputs, newest first.
 _PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -29,26 +28,21 @@ class PNDMScheduler(DiscreteScheduler):
         "steps_offset": 0,
     }
 
-    def __init__(self, config: Mapping[str, Any]):
-        super().__init__(config)
+    def _setup(self) -> None:
         check_choice(self.config, "prediction_type", ("epsilon", "v_prediction"), "pndm")
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
-        self.prk_timesteps = np.array([], dtype=np.int64)
-        self._reset_state()
 
-    def _reset_state(self) -> None:
-        self.counter = 0
+    def _reset_history(self) -> None:
+        self.counter = 0  # steps taken in this run: PNDM's phases follow it, not the step index
         self.ets: list[np.ndarray] = []  # past model outputs, oldest first
         self.cur_model_output: np.ndarray | float = 0.0
         self.cur_sample: np.ndarray | None = None
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def _make_schedule(self, num_inference_steps: int) -> np.ndarray:
         n_train = self.num_train_timesteps
         cfg = self.config
-        check_num_steps(num_inference_steps, n_train)
         if not cfg["skip_prk_steps"] and num_inference_steps < 4:  # diffusers fails too (numpy broadcasting)
             raise InvalidArgument("pndm with skip_prk_steps false needs num_inference_steps >= 4")
-        self._reset(num_inference_steps)
         ascending = spaced_timesteps(
             cfg["timestep_spacing"], num_inference_steps, n_train, cfg["steps_offset"], round_linspace=True
         )[::-1].astype(np.int64)
@@ -62,14 +56,11 @@ class PNDMScheduler(DiscreteScheduler):
             prk = ascending[-4:].repeat(2) + np.tile([0, half], 4)
             self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].copy()
             plms = ascending[:-3][::-1]
-        self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
-        self._reset_state()
+        return np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
 
-    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray, generator: Any = None,
-             noise: np.ndarray | None = None) -> np.ndarray:
-        """PNDM counts its own steps (Runge-Kutta then PLMS), as diffusers' does, instead of a step index."""
-        self._require_timesteps()
-        model_output, sample = as_f32(model_output), as_f32(sample)
+    def _update(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """Runge-Kutta then PLMS steps by the run's own step count, as diffusers' PNDM counts them."""
+        timestep = self.timesteps[i]
         if self.counter < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
             return self._step_prk(model_output, int(timestep), sample)
         return self._step_plms(model_output, int(timestep), sample)
