@@ -54,8 +54,10 @@ READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, CPU_LAYOUT_FORMAT_VERSION)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 DTYPES = ("fp32", "fp16")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-GUIDED_COMPONENTS = ("text_encoder", "unet")  # they see the prompts and the negative prompts in one batch
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL only
+# they see the prompts and the negative prompts in one batch
+GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,15 @@ COMPONENT_IO: dict[str, ComponentIO] = {
             TensorSpec("pooler_output", "float", ("batch", "text_hidden_size")),
         ),
     ),
+    # SDXL's CLIPTextModelWithProjection: the projected pooled output first, as optimum orders it
+    # (diffusers takes output[0] as the pooled embedding when it is 2-D)
+    "text_encoder_2": ComponentIO(
+        inputs=(TensorSpec("input_ids", "int64", ("batch", "max_length_2")),),
+        outputs=(
+            TensorSpec("text_embeds", "float", ("batch", "text_embeds_dim")),
+            TensorSpec("last_hidden_state", "float", ("batch", "max_length_2", "text_hidden_size_2")),
+        ),
+    ),
     "unet": ComponentIO(
         inputs=(
             TensorSpec("sample", "float", ("batch", "latent_channels", "height", "width")),
@@ -150,24 +161,51 @@ def resolve_shape(shape: tuple[str, ...], dims: dict[str, int]) -> list[int | st
     return [dims.get(axis, axis) for axis in shape]
 
 
+# The U-Net's optional inputs, in optimum's order (after sample, timestep, encoder_hidden_states):
+# timestep_cond for LCM-distilled U-Nets (time_cond_proj_dim), text_embeds and time_ids for SDXL's
+# "text_time" U-Nets (diffusers passes those two in added_cond_kwargs).
+UNET_OPTIONAL_INPUTS: dict[str, TensorSpec] = {
+    "timestep_cond": TensorSpec("timestep_cond", "float", ("batch", "time_cond_proj_dim")),
+    "text_embeds": TensorSpec("text_embeds", "float", ("batch", "text_embeds_dim")),
+    # float32 in every export, like timestep: its Sin/Cos embedding stays fp32, as diffusers computes it
+    "time_ids": TensorSpec("time_ids", "float32", ("batch", "time_ids_dim")),
+}
+
 FINAL_LAYER_NORM = "text_encoder/final_layer_norm.npz"
+TEXT_ENCODER_HIDDEN = {"text_encoder": ("max_length", "text_hidden_size"),
+                       "text_encoder_2": ("max_length_2", "text_hidden_size_2")}
 
 
-def component_io(component: str, num_hidden_states: int = 0) -> ComponentIO:
-    """The IO table's entry; the text encoder also outputs `hidden_states.{i}` (optimum's names)
-    for i < num_hidden_states: the embeddings and each layer's output, for clip_skip."""
+def component_io(component: str, num_hidden_states: int = 0, text_time: bool = False,
+                 timestep_cond: bool = False) -> ComponentIO:
+    """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
+    i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
+    layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
+    `time_ids` when `text_time` (SDXL)."""
     io = COMPONENT_IO[component]
-    if component != "text_encoder" or not num_hidden_states:
-        return io
-    shape = ("batch", "max_length", "text_hidden_size")
-    hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
-    return ComponentIO(io.inputs, io.outputs + hidden)
+    if component in TEXT_ENCODER_HIDDEN and num_hidden_states:
+        shape = ("batch", *TEXT_ENCODER_HIDDEN[component])
+        hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
+        return ComponentIO(io.inputs, io.outputs + hidden)
+    if component == "unet":
+        wanted = {"timestep_cond": timestep_cond, "text_embeds": text_time, "time_ids": text_time}
+        extra = tuple(spec for name, spec in UNET_OPTIONAL_INPUTS.items() if wanted[name])
+        return ComponentIO(io.inputs + extra, io.outputs)
+    return io
 
 
-def describe_io(component: str, export_dtype: str, dims: dict[str, int],
-                num_hidden_states: int = 0) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
-    """The manifest's `inputs` and `outputs` of one component."""
-    io = component_io(component, num_hidden_states)
+def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
+    """The IO of one component of an export with these pipeline facts."""
+    hidden = facts.num_hidden_states_2 if component == "text_encoder_2" else facts.num_hidden_states
+    return component_io(component, int(hidden or 0), text_time=facts.family == "sdxl",
+                        timestep_cond=facts.time_cond_proj_dim is not None)
+
+
+def describe_io(component: str, export_dtype: str, dims: dict[str, int], num_hidden_states: int = 0,
+                io: ComponentIO | None = None) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+    """The manifest's `inputs` and `outputs` of one component (of `io`, else of the IO table's entry
+    with `num_hidden_states` hidden states)."""
+    io = io or component_io(component, num_hidden_states)
 
     def entry(spec: TensorSpec) -> TensorEntry:
         return TensorEntry(spec.name, resolve_dtype(spec.dtype, export_dtype), tuple(resolve_shape(spec.shape, dims)))
@@ -257,8 +295,36 @@ class PipelineFacts(_JsonFields):
     scheduler_class: str
     upcast_attention: bool | None = None  # None: an export that predates the fact
     num_hidden_states: int | None = None  # the text encoder's hidden-state outputs (clip_skip); None: none
+    # SDXL (family "sdxl"); None in SD 1.x/2.x exports and in exports that predate SDXL.
+    # text_encoder_2 and tokenizer_2: the second text encoder (CLIPTextModelWithProjection) and its
+    # tokenizer, which pads with "!" (id 0) where tokenizer 1 pads with <|endoftext|>
+    num_hidden_states_2: int | None = None
+    text_encoder_2_hidden_size: int | None = None
+    text_encoder_2_projection_dim: int | None = None  # the pooled `text_embeds` width
+    tokenizer_2_max_length: int | None = None
+    tokenizer_2_pad_token_id: int | None = None
+    force_zeros_for_empty_prompt: bool | None = None  # no negative prompt: zero negative embeddings
+    requires_aesthetics_score: bool | None = None  # refiners: time_ids end with an aesthetic score
+    addition_time_embed_dim: int | None = None  # the U-Net's embedding width per time id
+    projection_class_embeddings_input_dim: int | None = None  # text_embeds_dim + time ids x addition_time_embed_dim
+    # LCM-distilled U-Nets (SD or SDXL): the width of `timestep_cond`, the guidance-scale embedding
+    time_cond_proj_dim: int | None = None
+    vae_force_upcast: bool | None = None  # the VAE config's force_upcast (SDXL's VAE overflows in fp16)
 
-    OMITTED_WHEN_EMPTY = ("upcast_attention", "num_hidden_states")
+    OMITTED_WHEN_EMPTY = ("upcast_attention", "num_hidden_states", "num_hidden_states_2",
+                          "text_encoder_2_hidden_size", "text_encoder_2_projection_dim", "tokenizer_2_max_length",
+                          "tokenizer_2_pad_token_id", "force_zeros_for_empty_prompt", "requires_aesthetics_score",
+                          "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_cond_proj_dim",
+                          "vae_force_upcast")
+
+    @property
+    def num_time_ids(self) -> int | None:
+        """How many numbers `time_ids` holds per image: 6 (original size, crop, target size), or 5
+        (original size, crop, aesthetic score) with requires_aesthetics_score."""
+        if not self.addition_time_embed_dim or self.projection_class_embeddings_input_dim is None:
+            return None
+        pooled = int(self.text_encoder_2_projection_dim or 0)
+        return (int(self.projection_class_embeddings_input_dim) - pooled) // int(self.addition_time_embed_dim)
 
     @classmethod
     def from_json(cls, data: Mapping) -> PipelineFacts:
@@ -295,10 +361,14 @@ class ExportSource(_JsonFields):
     kind: str
     name: str
     loras: tuple[LoraEntry, ...] = ()
+    vae: str | None = None  # "pipeline", or the AutoencoderKL folder `--vae` put in its place; None: older exports
+
+    OMITTED_WHEN_EMPTY = ("vae",)
 
     @classmethod
     def from_json(cls, data: Mapping) -> ExportSource:
-        return cls(data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())))
+        return cls(data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())),
+                   data.get("vae"))
 
 
 @dataclass(frozen=True)
@@ -352,6 +422,7 @@ def file_entry(folder: Path, relative: str) -> FileEntry:
 
 # The files beside the graphs that change what the runtime computes: hashed into `config_files`.
 CONFIG_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
                 "scheduler/scheduler_config.json")
 
 

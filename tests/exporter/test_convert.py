@@ -13,7 +13,7 @@ from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest, sha256_
 
 from sdexport.components import example_inputs, size_multiple, vae_scale_factor, wrap
 
-COMPONENTS = list(COMPONENT_IO)
+COMPONENTS = [c for c in COMPONENT_IO if c != "text_encoder_2"]  # SDXL only (tests/exporter/test_sdxl_export.py)
 
 
 def run_both(pipe, folder, component, batch, latent_hw):
@@ -72,7 +72,7 @@ def test_other_layout_manifest_facts(sd2_case):
     assert facts.vae_scale_factor == 4
     assert facts.upcast_attention is True
     assert manifest.size_multiple == 16  # 4x VAE, two U-Net upsamplers
-    assert manifest.source.to_json() == {"kind": "folder", "name": str(folder.resolve()), "loras": []}
+    assert manifest.source.to_json() == {"kind": "folder", "name": str(folder.resolve()), "loras": [], "vae": "pipeline"}
     saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == facts.prediction_type
 
