@@ -52,8 +52,10 @@ def cli() -> None:
               help="Run `sdexport validate`'s checks before OUT is put in place; on failure keep it aside and exit 1.")
 @click.option("--auto-fp32-fallback", is_flag=True,
               help="fp16: keep the nodes validation blames in fp32 and check again (implies --validate).")
+@click.option("--vae", "vae", metavar="FOLDER",
+              help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.")
 def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite,
-            no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback):
+            no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback, vae):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
     from .converter import convert as run_convert
@@ -63,7 +65,7 @@ def convert(source, out, components, dtype, keep_fp32, target, opset, static, ba
         opset=opset, static=static, batch_size=batch_size, height=height, width=width, overwrite=overwrite,
         check=not no_check, log=lambda line: click.echo(line, err=True), loras=loras, config=config_dir,
         prediction_type=prediction_type, allow_pickle=allow_pickle, validate=validate_export,
-        auto_fp32_fallback=auto_fp32_fallback,
+        auto_fp32_fallback=auto_fp32_fallback, vae=vae,
     )
     click.echo(out)
 

@@ -30,6 +30,7 @@ from sdruntime.manifest import (
     StaticShapes,
     axis_sizes,
     describe_io,
+    facts_io,
     file_entry,
 )
 
@@ -59,6 +60,7 @@ class ConvertOptions:
     allow_pickle: bool = False  # single-file checkpoints: read a .ckpt with torch.load(weights_only=True)
     validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
     auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
+    vae: str | None = None  # a diffusers AutoencoderKL folder that replaces the pipeline's VAE before export
 
 
 def checkable(target: str) -> bool:
@@ -115,10 +117,13 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def pipeline_facts(pipe, family: str) -> PipelineFacts:
-    from .components import num_hidden_states, vae_scale_factor
+    from .components import first_tokenizer, num_hidden_states, vae_scale_factor
 
     factor = vae_scale_factor(pipe)
-    tokenizer = pipe.tokenizer
+    tokenizer = first_tokenizer(pipe)
+    unet = pipe.unet.config
+    sdxl = sdxl_facts(pipe) if family == "sdxl" else {}
+    time_cond = unet.get("time_cond_proj_dim")
     return PipelineFacts(
         family=family,
         prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -131,8 +136,38 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
         pad_token_id=int(tokenizer.pad_token_id),
         scheduler_class=pipe.scheduler.__class__.__name__,
         upcast_attention=bool(pipe.unet.config.get("upcast_attention", False)),
-        num_hidden_states=num_hidden_states(pipe),
+        num_hidden_states=num_hidden_states(pipe) or None,
+        time_cond_proj_dim=int(time_cond) if time_cond is not None else None,
+        vae_force_upcast=bool(pipe.vae.config.get("force_upcast", True)) if family == "sdxl" else None,
+        **sdxl,
     )
+
+
+def sdxl_facts(pipe) -> dict:
+    """The SDXL pipeline facts: the second text encoder and tokenizer, the U-Net's added
+    conditioning and the pipeline's config flags (refused when the widths do not add up)."""
+    from .components import num_hidden_states, num_time_ids
+
+    unet = pipe.unet.config
+    encoder = pipe.text_encoder_2.config
+    passed = unet.addition_time_embed_dim * num_time_ids(pipe) + encoder.projection_dim
+    if passed != unet.projection_class_embeddings_input_dim:
+        raise SdexportError(
+            f"the U-Net's projection_class_embeddings_input_dim is {unet.projection_class_embeddings_input_dim}, but "
+            f"{num_time_ids(pipe)} time ids x addition_time_embed_dim {unet.addition_time_embed_dim} + text_encoder_2's "
+            f"projection_dim {encoder.projection_dim} make {passed}: check requires_aesthetics_score in model_index.json"
+        )
+    return {
+        "num_hidden_states_2": num_hidden_states(pipe, "text_encoder_2"),
+        "text_encoder_2_hidden_size": int(encoder.hidden_size),
+        "text_encoder_2_projection_dim": int(encoder.projection_dim),
+        "tokenizer_2_max_length": int(pipe.tokenizer_2.model_max_length),
+        "tokenizer_2_pad_token_id": int(pipe.tokenizer_2.pad_token_id),
+        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False)),
+        "addition_time_embed_dim": int(unet.addition_time_embed_dim),
+        "projection_class_embeddings_input_dim": int(unet.projection_class_embeddings_input_dim),
+    }
 
 
 def versions() -> dict:
@@ -150,43 +185,57 @@ def versions() -> dict:
     }
 
 
-def write_tokenizer(pipe, folder: Path) -> None:
+def write_tokenizer(tokenizer, folder: Path) -> None:
     """vocab.json, merges.txt and a tokenizer.json whose padding and truncation are set."""
     from transformers import CLIPTokenizerFast
 
-    pipe.tokenizer.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     fast = CLIPTokenizerFast.from_pretrained(folder)
     backend = fast.backend_tokenizer
-    length = pipe.tokenizer.model_max_length
-    backend.enable_padding(pad_id=pipe.tokenizer.pad_token_id, pad_token=pipe.tokenizer.pad_token, length=length)
+    length = tokenizer.model_max_length
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=length)
     backend.enable_truncation(max_length=length)
     backend.save(str(folder / "tokenizer.json"))
 
 
+# model_index.json's entries kept from the source pipeline, and the optimum class each family loads with
+INDEX_KEYS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+              "force_zeros_for_empty_prompt", "requires_aesthetics_score")
+ORT_CLASSES = {"StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline",
+               "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline"}
+
+
+def model_index(pipe) -> dict:
+    """optimum's model_index.json: the source's entries, the VAE as two parts, the ORT class."""
+    index = {k: v for k, v in dict(pipe.config).items() if k in INDEX_KEYS}
+    index.update({
+        "_class_name": ORT_CLASSES.get(type(pipe).__name__, "ORTStableDiffusionPipeline"),
+        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+        "vae_decoder": ["diffusers", "AutoencoderKL"],
+        "vae_encoder": ["diffusers", "AutoencoderKL"],
+        "feature_extractor": [None, None],
+    })
+    if "text_encoder_2" not in index:
+        index.update({"safety_checker": [None, None], "requires_safety_checker": False})
+    return index
+
+
 def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
-    write_tokenizer(pipe, tmp / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            write_tokenizer(getattr(pipe, name), tmp / name)
     from .scheduler_config import write_scheduler_config  # only the keys the source set: swaps then match diffusers
     write_scheduler_config(pipe.scheduler, tmp / "scheduler")
     configs = {
         "text_encoder": lambda d: pipe.text_encoder.config.save_pretrained(d),
+        "text_encoder_2": lambda d: pipe.text_encoder_2.config.save_pretrained(d),
         "unet": lambda d: pipe.unet.save_config(d),
         "vae_decoder": lambda d: pipe.vae.save_config(d),
         "vae_encoder": lambda d: pipe.vae.save_config(d),
     }
     for component in components:
         configs[component](tmp / component)
-    index = {k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}
-    index = {k: v for k, v in index.items() if k in ("text_encoder", "tokenizer", "unet", "scheduler")}
-    index.update({
-        "_class_name": "ORTStableDiffusionPipeline",
-        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-        "vae_decoder": ["diffusers", "AutoencoderKL"],
-        "vae_encoder": ["diffusers", "AutoencoderKL"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    })
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(model_index(pipe), indent=2) + "\n")
     if source.folder is not None:
         for name in SOURCE_DOCS:
             if (source.folder / name).is_file():
@@ -284,6 +333,30 @@ def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> 
     return StaticShapes(opts.batch_size, height, width)
 
 
+def export_components(pipe, requested: Sequence[str]) -> list[str]:
+    """The requested components this pipeline has, in the IO table's order. The default request
+    (every component) means all the pipeline has; a component named on purpose must exist."""
+    from .components import pipeline_components
+
+    present = pipeline_components(pipe)
+    missing = [c for c in requested if c not in present]
+    if missing and tuple(requested) != COMPONENTS:
+        raise SdexportError(
+            f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}"
+        )
+    return [c for c in COMPONENTS if c in requested and c in present]
+
+
+def component_dtype(component: str, opts: ConvertOptions, facts: PipelineFacts) -> str:
+    """fp16 unless the component is kept in fp32: by --keep-fp32, or SDXL's VAE whose config says
+    force_upcast (it overflows in fp16, so diffusers decodes in fp32 too)."""
+    if opts.dtype != "fp16" or component in opts.keep_fp32:
+        return "fp32"
+    if component.startswith("vae_") and facts.vae_force_upcast:
+        return "fp32"
+    return "fp16"
+
+
 def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     """Every requested component, traced first (the graphs are then finished without torch), and the manifest."""
     from .components import final_layer_norm, set_attention, size_multiple
@@ -295,8 +368,14 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     static = static_shapes(opts, facts, multiple)
     attention = TARGETS_TABLE[opts.target].attention
     set_attention(pipe, attention)
-    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in opts.components]
-    if "text_encoder" in opts.components:
+    wanted = export_components(pipe, opts.components)
+    kept = [c for c in wanted if c.startswith("vae_") and opts.dtype == "fp16" and c not in opts.keep_fp32
+            and component_dtype(c, opts, facts) == "fp32"]
+    if kept:
+        opts.log(f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
+                 "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16")
+    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in wanted]
+    if "text_encoder" in wanted:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
     check = opts.check and checkable(opts.target)
@@ -307,13 +386,14 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     for item in traced:
         component = item.component
         t0 = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
-        dtype = "fp16" if opts.dtype == "fp16" and component not in opts.keep_fp32 else "fp32"
+        dtype = component_dtype(component, opts, facts)
         written = finish_component(item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention),
                                    compare_with=pipe if check else None)
         result = written.compared
         laid_out = laid_out or written.laid_out
         files = written.files + ((file_entry(tmp, FINAL_LAYER_NORM),) if component == "text_encoder" else ())
-        inputs, outputs = describe_io(component, dtype, item.dims, facts.num_hidden_states or 0)
+        io = facts_io(facts, component)
+        inputs, outputs = describe_io(component, dtype, item.dims, io=io)
         entry = ComponentEntry(
             path=f"{component}/model.onnx",
             files=files,
@@ -336,7 +416,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         created_by=versions(),
-        source=ExportSource(src.kind, src.name, tuple(LoraEntry.from_json(x) for x in src.loras)),
+        source=ExportSource(src.kind, src.name, tuple(LoraEntry.from_json(x) for x in src.loras), src.vae),
         dtype=opts.dtype,
         target=opts.target,
         opset=opts.opset,

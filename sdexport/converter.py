@@ -11,8 +11,9 @@ from pathlib import Path
 from sdruntime.manifest import config_file_entries, write_manifest
 
 from .conversion import ConvertOptions, check_options, check_output, export_all, write_configs
-from .errors import ValidationFailed
-from .load import load_source
+from .errors import SdexportError, ValidationFailed
+from .families import pipeline_family
+from .load import load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .staging import staged_folder
 from .validate import check_convert_options, validate_conversion
@@ -34,10 +35,15 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     with staged_folder(out, log, keep=(ValidationFailed,)) as tmp:
         src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+        if validating and pipeline_family(src.pipe) == "sdxl":
+            raise SdexportError("--validate does not handle SDXL exports yet: drop --validate")
+        if opts.vae:
+            replace_vae(src, opts.vae)
+            log(f"replaced the pipeline's VAE with {src.vae}")
         if loras:
             src.loras = fuse_loras(src.pipe, loras, log)
         manifest = export_all(src, tmp, opts)
-        write_configs(src.pipe, src, tmp, opts.components)
+        write_configs(src.pipe, src, tmp, list(manifest.components))
         write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
         if validating:
             validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)

@@ -81,7 +81,9 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
 def release_weights(pipe) -> None:
     """Free the PyTorch weights once every graph is traced and none will be compared: ORT's
     fusions of an SD 1.5 U-Net need most of a 24 GB machine on their own."""
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    from .components import text_encoders
+
+    for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
         module.to("meta")
     gc.collect()
 

@@ -4,32 +4,55 @@ from __future__ import annotations
 
 from .errors import SdexportError
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "OnnxStableDiffusionPipeline"}
+SD_PIPELINES = {
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "OnnxStableDiffusionPipeline",
+    "LatentConsistencyModelPipeline",
+}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES
+
+
+def is_sdxl_index(model_index: dict, unet_config: dict) -> bool:
+    cls = model_index.get("_class_name", "")
+    return "XL" in cls or "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time"
 
 
 def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
     """Refuse pipeline families the exporter does not handle yet, naming what was found."""
     cls = model_index.get("_class_name", "")
-    if "XL" in cls or "text_encoder_2" in model_index or unet_config.get("addition_embed_type") == "text_time":
-        raise SdexportError(f"{where} is an SDXL pipeline ({cls or 'text_time U-Net'}): SDXL is not supported yet")
     if "controlnet" in model_index or "ControlNet" in cls:
         raise SdexportError(f"{where} is a ControlNet pipeline ({cls}): ControlNet is not supported yet")
     if unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls:
         raise SdexportError(
-            f"{where} is an inpainting pipeline (9-channel U-Net): inpainting is not supported yet"
+            f"{where} is an inpainting pipeline ({cls or '9-channel U-Net'}): inpainting is not supported yet"
         )
-    if unet_config.get("time_cond_proj_dim") is not None:
+    embed = unet_config.get("addition_embed_type")
+    if embed not in (None, "text_time"):
         raise SdexportError(
-            f"{where} has an LCM U-Net with timestep_cond (time_cond_proj_dim="
-            f"{unet_config['time_cond_proj_dim']}): LCM-distilled U-Nets are not supported yet"
+            f"{where} has a U-Net with addition_embed_type '{embed}': only SDXL's 'text_time' is supported"
+        )
+    if unet_config.get("class_embed_type") is not None:
+        raise SdexportError(
+            f"{where} has a U-Net with class_embed_type '{unet_config['class_embed_type']}' "
+            "(an upscaler or unCLIP): not supported"
         )
     if cls and cls not in SUPPORTED_PIPELINES:
         raise SdexportError(
-            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x text-to-image pipelines are supported"
+            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x and SDXL text-to-image and image-to-image "
+            "pipelines are supported"
         )
+    if is_sdxl_index(model_index, unet_config) and embed != "text_time" and unet_config:
+        raise SdexportError(f"{where} is an SDXL pipeline whose U-Net lacks addition_embed_type 'text_time'")
 
 
 def pipeline_family(pipe) -> str:
-    """sd2 for SD 2.x-shaped U-Nets (linear projections, per-block head dims), else sd1."""
+    """sdxl for SDXL's text_time U-Nets; sd2 for SD 2.x-shaped U-Nets (linear projections,
+    per-block head dims), else sd1."""
     config = pipe.unet.config
-    return "sd2" if config.get("use_linear_projection") or isinstance(config.attention_head_dim, (list, tuple)) else "sd1"
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return (
+        "sd2" if config.get("use_linear_projection") or isinstance(config.attention_head_dim, (list, tuple)) else "sd1"
+    )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SdexportError
-from .families import check_supported
+from .families import check_supported, is_sdxl_index
 from .presets import available_presets, build_from_recipe
 
 REQUIRED_PARTS = {
@@ -18,6 +18,8 @@ REQUIRED_PARTS = {
     "tokenizer": "vocab.json",
     "scheduler": "scheduler_config.json",
 }
+# SDXL: both text encoders; a refiner has text_encoder_2 only (model_index.json names text_encoder null)
+SDXL_PARTS = {**REQUIRED_PARTS, "text_encoder_2": "config.json", "tokenizer_2": "vocab.json"}
 @dataclass
 class Source:
     """A loaded pipeline and where it came from."""
@@ -27,6 +29,7 @@ class Source:
     pipe: object
     folder: Path | None = None
     loras: list[dict] = field(default_factory=list)
+    vae: str = "pipeline"  # or the AutoencoderKL folder that replaced the pipeline's VAE (replace_vae)
 
 
 def _read_json(path: Path) -> dict:
@@ -47,7 +50,9 @@ def check_pipeline_folder(folder: Path) -> None:
     unet_config_path = folder / "unet" / "config.json"
     unet_config = _read_json(unet_config_path) if unet_config_path.is_file() else {}
     check_supported(model_index, unet_config, str(folder))
-    for part, marker in REQUIRED_PARTS.items():
+    parts = SDXL_PARTS if is_sdxl_index(model_index, unet_config) else REQUIRED_PARTS
+    absent = {name for name, value in model_index.items() if isinstance(value, list) and value[:1] == [None]}
+    for part, marker in ((p, m) for p, m in parts.items() if p not in absent):
         if not (folder / part / marker).is_file():
             raise SdexportError(
                 f"{folder} is missing its {part} ({part}/{marker} not found): the pipeline folder is "
@@ -60,8 +65,14 @@ def check_pipeline_folder(folder: Path) -> None:
 
 def _load_folder(folder: Path):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
+    model_index = _read_json(folder / "model_index.json")
+    if is_sdxl_index(model_index, {}):
+        cls = model_index.get("_class_name", "")
+        refiner = "Img2Img" in cls or model_index.get("text_encoder", [None])[0] is None
+        sdxl = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+        return sdxl.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     return StableDiffusionPipeline.from_pretrained(
         folder, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, local_files_only=True,
@@ -121,3 +132,31 @@ def _load_hub(repo_id: str) -> Source:
         ) from e
     check_pipeline_folder(folder)
     return Source(kind="hub", name=repo_id, pipe=_load_folder(folder), folder=folder)
+
+
+def replace_vae(src: Source, vae: str) -> None:
+    """Put the diffusers AutoencoderKL in folder `vae` (or in its vae/ subfolder) in place of the
+    pipeline's VAE, e.g. an fp16-safe SDXL VAE; its latent space must match the U-Net's."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    folder = Path(vae).expanduser()
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise SdexportError(f"--vae {vae}: no config.json there; pass a diffusers AutoencoderKL folder")
+    config = _read_json(folder / "config.json")
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise SdexportError(f"--vae {vae} is a {config['_class_name']}: pass a diffusers AutoencoderKL folder")
+    latent = src.pipe.unet.config.in_channels
+    if config.get("latent_channels", 4) != latent:
+        raise SdexportError(
+            f"--vae {vae} has {config.get('latent_channels', 4)} latent channels, the U-Net {latent}: "
+            "choose a VAE made for this model family"
+        )
+    try:
+        src.pipe.vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SdexportError(f"--vae {vae} could not be loaded ({type(e).__name__}: {e})") from e
+    src.pipe.register_modules(vae=src.pipe.vae)
+    src.vae = str(folder.resolve())

@@ -6,8 +6,9 @@ import heapq
 
 import onnx
 
-# Inputs that stay float32 in every export (the IO table's fixed "float32" entries).
-FP32_INPUTS = {"unet": ["timestep"]}
+# Inputs that stay float32 in every export (the IO table's fixed "float32" entries); SDXL's time_ids
+# (sizes and crop corners) get a Sin/Cos embedding like the timestep's.
+FP32_INPUTS = {"unet": ["timestep", "time_ids"]}
 
 # The timestep embedding (Sin/Cos of up to 999 * frequencies) stays fp32 up to the first of these,
 # as diffusers computes it; the projection after it runs in fp16.
@@ -50,7 +51,10 @@ def fp32_nodes(component: str, model: onnx.ModelProto, upcast_attention: bool) -
     """The nodes an fp16 export keeps in fp32, by the rules above."""
     nodes = []
     if component == "unet":
-        nodes += timestep_path(model.graph)
+        inputs = {i.name for i in model.graph.input}
+        for name in FP32_INPUTS["unet"]:
+            if name in inputs:
+                nodes += timestep_path(model.graph, name)
         if upcast_attention:
             nodes += attention_score_nodes(model.graph)
     return list(dict.fromkeys(nodes))
@@ -67,9 +71,10 @@ def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) 
     inferred = infer_value_types(model)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred)
+    inputs = {i.name for i in model.graph.input}
     converted = convert_float_to_float16(
         model,
-        keep_io_types=FP32_INPUTS.get(component, []),
+        keep_io_types=[name for name in FP32_INPUTS.get(component, []) if name in inputs],
         node_block_list=keep_fp32_nodes,
         disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
     )

@@ -37,46 +37,88 @@ def preset_description(folder: Path) -> str:
 
 
 def build_from_recipe(folder: Path):
-    """Build a diffusers StableDiffusionPipeline with seeded random weights from `recipe.json`."""
-    import diffusers
+    """Build a diffusers pipeline with seeded random weights from `recipe.json`: a
+    StableDiffusionPipeline, or for family "sdxl" a StableDiffusionXLPipeline (an
+    StableDiffusionXLImg2ImgPipeline refiner when the recipe has no text_encoder)."""
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     recipe = json.loads((folder / "recipe.json").read_text())
+    family = recipe.get("family", "sd1")
     configs = recipe_configs(folder, recipe)
-    tokenizer_dir = (folder / recipe["tokenizer"]).resolve()
-    # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
-    pad = {"pad_token": "!"} if recipe.get("family", "sd1") == "sd2" else {}
-    tokenizer = CLIPTokenizer(
-        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-        model_max_length=configs["text_encoder"]["max_position_embeddings"], **pad,
-    )
     seed = int(recipe.get("seed", 0))
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(configs["unet"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL.from_config(configs["vae"])
+    scheduler = _scheduler(configs["scheduler"])
+    if family == "sdxl":
+        return _build_sdxl(folder, recipe, configs, seed, unet, vae, scheduler)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
-    scheduler_config = dict(configs["scheduler"])
-    scheduler_cls = getattr(diffusers, scheduler_config.pop("_class_name"))
-    scheduler = scheduler_cls.from_config(scheduler_config)
-    pipe = StableDiffusionPipeline(
+    text_encoder = _text_encoder(configs["text_encoder"])
+    # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
+    tokenizer = _tokenizer(folder / recipe["tokenizer"], configs["text_encoder"], pad_with_bang=family == "sd2")
+    return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    return pipe
+
+
+def _build_sdxl(folder: Path, recipe: dict, configs: dict, seed: int, unet, vae, scheduler):
+    """SDXL: tokenizer 1 pads with <|endoftext|>, tokenizer_2 with "!" (id 0), as SDXL base's do."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    parts = {"vae": vae, "unet": unet, "scheduler": scheduler}
+    if "text_encoder" in configs:
+        torch.manual_seed(seed + 2)
+        parts["text_encoder"] = _text_encoder(configs["text_encoder"])
+        parts["tokenizer"] = _tokenizer(folder / recipe["tokenizer"], configs["text_encoder"], pad_with_bang=False)
+    torch.manual_seed(seed + 3)
+    parts["text_encoder_2"] = _text_encoder(configs["text_encoder_2"], projection=True)
+    parts["tokenizer_2"] = _tokenizer(folder / recipe["tokenizer_2"], configs["text_encoder_2"], pad_with_bang=True)
+    flags = {"force_zeros_for_empty_prompt": bool(recipe.get("force_zeros_for_empty_prompt", True)),
+             "add_watermarker": False}
+    if "text_encoder" not in configs or recipe.get("requires_aesthetics_score"):
+        return StableDiffusionXLImg2ImgPipeline(
+            text_encoder=parts.pop("text_encoder", None), tokenizer=parts.pop("tokenizer", None), **parts, **flags,
+            requires_aesthetics_score=bool(recipe.get("requires_aesthetics_score", False)),
+        )
+    return StableDiffusionXLPipeline(**parts, **flags)
+
+
+def _text_encoder(config: dict, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+
+
+def _tokenizer(tokenizer_dir: Path, text_config: dict, pad_with_bang: bool):
+    from transformers import CLIPTokenizer
+
+    tokenizer_dir = tokenizer_dir.resolve()
+    pad = {"pad_token": "!"} if pad_with_bang else {}
+    return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                         model_max_length=text_config["max_position_embeddings"], **pad)
+
+
+def _scheduler(config: dict):
+    import diffusers
+
+    config = dict(config)
+    return getattr(diffusers, config.pop("_class_name")).from_config(config)
 
 
 def recipe_configs(folder: Path, recipe: dict) -> dict[str, dict]:
     """Component configs: inline in the recipe, or read from a diffusers config folder ("configs")."""
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
     if "configs" not in recipe:
-        return {k: recipe[k] for k in ("unet", "vae", "text_encoder", "scheduler")}
+        return {k: recipe[k] for k in parts if k in recipe}
     root = (folder / recipe["configs"]).resolve()
     files = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
-             "scheduler": "scheduler/scheduler_config.json"}
-    return {k: json.loads((root / f).read_text()) for k, f in files.items()}
+             "text_encoder_2": "text_encoder_2/config.json", "scheduler": "scheduler/scheduler_config.json"}
+    return {k: json.loads((root / f).read_text()) for k, f in files.items() if (root / f).is_file()}
 
 
 def resolve_preset(name: str) -> Path:

@@ -85,7 +85,10 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
         return any(key.startswith(prefix) for key in shapes)
 
     if has("conditioner.embedders."):
-        raise SdexportError(f"{where} is an SDXL checkpoint (conditioner.embedders.* keys): SDXL is not supported yet")
+        raise SdexportError(
+            f"{where} is an SDXL checkpoint (conditioner.embedders.* keys): SDXL single files are not supported yet; "
+            "save it as a diffusers folder (StableDiffusionXLPipeline.from_single_file, then save_pretrained) and convert that"
+        )
     if has("control_model.") or has("controlnet_cond_embedding.") or has("input_hint_block."):
         raise SdexportError(f"{where} is a ControlNet checkpoint (control_model.* keys): ControlNet is not supported yet")
     if has("lora_unet_") or has("lora_te_") or any(".lora_" in key or ".lora." in key for key in shapes):

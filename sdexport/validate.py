@@ -661,13 +661,15 @@ def chosen_scheduler(folder: Path, opts: ValidateOptions) -> tuple[str, dict]:
 def load_reference(source: str, manifest: Manifest, opts: ValidateOptions):
     """Load SOURCE as the export was made from it: the same single-file options and the LoRAs
     the manifest records, fused at their scales."""
-    from .load import load_source
+    from .load import load_source, replace_vae
     from .lora import check_loras, fuse_loras
 
     loras = check_loras(f"{lora.path}:{lora.scale}" for lora in manifest.source.loras)
     src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
     if loras:
         src.loras = fuse_loras(src.pipe, loras, opts.log)
+    if manifest.source.vae not in (None, "pipeline"):
+        replace_vae(src, manifest.source.vae)
     return src
 
 
@@ -680,6 +682,8 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     check_options(opts)
     started = time.perf_counter()
     manifest = read_manifest(folder)
+    if manifest.pipeline.family == "sdxl":
+        raise SdexportError(f"{folder} is an SDXL export: `sdexport validate` does not handle SDXL yet")
     height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
     src = source if isinstance(source, Source) else load_reference(source, manifest, opts)
     pipe = src.pipe

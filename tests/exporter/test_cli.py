@@ -60,9 +60,10 @@ def test_folder_missing_a_component(capsys, tmp_path, sd2_case):
 @pytest.mark.parametrize(
     ("class_name", "unet", "extra", "says"),
     [
-        ("StableDiffusionXLPipeline", {"addition_embed_type": "text_time"}, {"text_encoder_2": ["transformers", "X"]}, "SDXL is not supported yet"),
+        ("StableDiffusionXLInpaintPipeline", {"addition_embed_type": "text_time", "in_channels": 9},
+         {"text_encoder_2": ["transformers", "X"]}, "inpainting is not supported yet"),
         ("StableDiffusionInpaintPipeline", {"in_channels": 9}, None, "inpainting is not supported yet"),
-        ("StableDiffusionPipeline", {"time_cond_proj_dim": 256}, None, "LCM-distilled U-Nets are not supported yet"),
+        ("StableDiffusionUpscalePipeline", {"class_embed_type": "timestep"}, None, "(an upscaler or unCLIP): not supported"),
         ("StableDiffusionControlNetPipeline", {}, {"controlnet": ["diffusers", "ControlNetModel"]}, "ControlNet is not supported yet"),
     ],
 )
@@ -153,7 +154,7 @@ def test_default_source_is_the_shapes_preset_and_parents_are_created(capsys, tmp
     code, _, err = run(capsys, "convert", "--components", "vae_decoder", "--no-check", "-o", str(out))
     assert code == 0, err
     manifest = json.loads((out / "sdexport.json").read_text())
-    assert manifest["source"] == {"kind": "preset", "name": "shapes", "loras": []}
+    assert manifest["source"] == {"kind": "preset", "name": "shapes", "loras": [], "vae": "pipeline"}
 
 
 def dead_pid() -> int:

@@ -61,7 +61,8 @@ def test_export_matches_pytorch(single_file_export, component):
 def test_manifest_records_the_file_and_family(single_file_export):
     family, case, out = single_file_export
     manifest = read_manifest(out)
-    assert manifest.source.to_json() == {"kind": "single_file", "name": str(case["file"].resolve()), "loras": []}
+    assert manifest.source.to_json() == {"kind": "single_file", "name": str(case["file"].resolve()), "loras": [],
+                                       "vae": "pipeline"}
     facts = manifest.pipeline
     assert facts.family == family
     assert facts.prediction_type == {"sd1": "epsilon", "sd2": "v_prediction"}[family]
@@ -142,7 +143,7 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
     ("keys", "says"),
     [
         ({**tensors(conditioner__embedders__0__transformer__text_model__embeddings__position_embedding__weight=(77, 8)),
-          CONV_IN: torch.zeros(8, 4, 3, 3)}, "SDXL is not supported yet"),
+          CONV_IN: torch.zeros(8, 4, 3, 3)}, "SDXL single files are not supported yet"),
         ({CONV_IN: torch.zeros(8, 9, 3, 3), **SD_VAE, **SD1_TEXT}, "inpainting is not supported yet"),
         ({CONV_IN: torch.zeros(8, 8, 3, 3), **SD_VAE, **SD1_TEXT}, "8 input channels"),
         ({"control_model.time_embed.0.weight": torch.zeros(8, 4), "control_model.input_hint_block.0.weight": torch.zeros(4)},

@@ -1,0 +1,390 @@
+"""SDXL and LCM exports: graphs against PyTorch, the IO names and manifest facts, optimum's
+ORTStableDiffusionXL pipelines against diffusers, fp16 with an fp32 VAE, --vae, refused families."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from sdruntime.manifest import facts_io, load_schema, read_manifest
+
+from sdexport.errors import SdexportError
+from sdexport.families import check_supported
+
+from ..conftest import REPO, _quiet_convert
+from .test_convert import latent_sizes, run_both
+
+SDXL_COMPONENTS = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+TINY_SD = json.loads((REPO / "models" / "tiny-sd" / "recipe.json").read_text())
+TINY_SDXL = json.loads((REPO / "models" / "sdxl-tiny" / "recipe.json").read_text())
+TOKENIZER = str(REPO / "models" / "clip-tokenizer")
+
+
+def build(recipe: dict, folder: Path):
+    """A pipeline from a recipe written to `folder` (tokenizers by absolute path)."""
+    from sdexport.presets import build_from_recipe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {**recipe, "tokenizer": TOKENIZER, "tokenizer_2": TOKENIZER}
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_from_recipe(folder)
+
+
+def saved(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from sdexport.presets import build_from_recipe, resolve_preset
+
+    return build_from_recipe(resolve_preset("sdxl-tiny"))
+
+
+@pytest.fixture(scope="session")
+def sdxl32(tmp_path_factory) -> Path:
+    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def sdxl16(tmp_path_factory) -> Path:
+    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp16", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
+def refiner_case(tmp_path_factory):
+    """A tiny SDXL refiner saved as a diffusers folder: text_encoder_2 only, aesthetic-score time ids
+    (5 x 8 + 32 = 72 added-embedding inputs), cross-attention on text_encoder_2's 32 widths."""
+    root = tmp_path_factory.mktemp("refiner")
+    unet = {**TINY_SDXL["unet"], "projection_class_embeddings_input_dim": 72, "cross_attention_dim": 32}
+    recipe = {k: v for k, v in TINY_SDXL.items() if k != "text_encoder"}
+    pipe = build(
+        {**recipe, "unet": unet, "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+        root / "recipe",
+    )
+    folder = saved(pipe, root / "pipeline")
+    return folder, pipe, _quiet_convert(folder, root / "export")
+
+
+@pytest.fixture(scope="session")
+def lcm_case(tmp_path_factory):
+    """tiny-sd with an LCM-distilled U-Net (time_cond_proj_dim), saved as a diffusers folder."""
+    root = tmp_path_factory.mktemp("lcm")
+    pipe = build({**TINY_SD, "unet": {**TINY_SD["unet"], "time_cond_proj_dim": 32}}, root / "recipe")
+    folder = saved(pipe, root / "pipeline")
+    return folder, pipe, _quiet_convert(folder, root / "export")
+
+
+def max_abs(expected, got) -> float:
+    return max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
+
+
+@pytest.mark.parametrize("component", SDXL_COMPONENTS)
+def test_sdxl_graphs_match_pytorch(sdxl_pipe, sdxl32, component):
+    for batch in (1, 2):
+        for hw in latent_sizes(sdxl_pipe):
+            expected, got = run_both(sdxl_pipe, sdxl32, component, batch, hw)
+            assert [e.shape for e in expected] == [g.shape for g in got]
+            assert max_abs(expected, got) <= 1e-4
+
+
+def test_sdxl_io_names_follow_optimum(sdxl32):
+    manifest = read_manifest(sdxl32)
+    assert list(manifest.components) == SDXL_COMPONENTS
+
+    def names(entries):
+        return [t.name for t in entries]
+
+    hidden = [f"hidden_states.{i}" for i in range(6)]  # embeddings + 5 layers
+    te2 = manifest.components["text_encoder_2"]
+    assert names(te2.inputs) == ["input_ids"]
+    assert names(te2.outputs) == ["text_embeds", "last_hidden_state", *hidden]
+    assert names(manifest.components["text_encoder"].outputs) == ["last_hidden_state", "pooler_output", *hidden]
+    unet = manifest.components["unet"]
+    assert names(unet.inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    shapes = {t.name: t.shape for t in unet.inputs}
+    assert shapes["text_embeds"] == ("batch", 32) and shapes["time_ids"] == ("batch", 6)
+    assert shapes["encoder_hidden_states"] == ("batch", "sequence", 64)  # both encoders' widths, concatenated
+    for component, entry in manifest.components.items():
+        graph = onnx.load(str(sdxl32 / entry.path)).graph
+        assert [i.name for i in graph.input] == names(entry.inputs), component
+        assert [o.name for o in graph.output] == names(entry.outputs), component
+        io = facts_io(manifest.pipeline, component)
+        assert [s.name for s in io.inputs + io.outputs] == names(entry.inputs + entry.outputs), component
+
+
+def test_sdxl_manifest_facts_and_folder(sdxl32):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = json.loads((sdxl32 / "sdexport.json").read_text())
+    jsonschema.validate(data, load_schema())
+    facts = read_manifest(sdxl32).pipeline
+    assert facts.family == "sdxl"
+    assert (facts.pad_token_id, facts.tokenizer_2_pad_token_id) == (49407, 0)  # <|endoftext|> and "!"
+    assert facts.tokenizer_max_length == facts.tokenizer_2_max_length == 77
+    assert facts.force_zeros_for_empty_prompt is True and facts.requires_aesthetics_score is False
+    assert (facts.addition_time_embed_dim, facts.projection_class_embeddings_input_dim) == (8, 80)
+    assert facts.num_time_ids == 6 and facts.text_encoder_2_projection_dim == 32
+    assert (facts.num_hidden_states, facts.num_hidden_states_2, facts.text_encoder_2_hidden_size) == (6, 6, 32)
+    assert facts.vae_scaling_factor == pytest.approx(0.13025) and facts.vae_force_upcast is True
+    assert facts.time_cond_proj_dim is None
+    assert read_manifest(sdxl32).source.vae == "pipeline"
+    index = json.loads((sdxl32 / "model_index.json").read_text())
+    assert index["_class_name"] == "ORTStableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert index["tokenizer_2"] == ["transformers", "CLIPTokenizer"]
+    for part in ("tokenizer", "tokenizer_2"):
+        assert (sdxl32 / part / "tokenizer.json").is_file()
+    padding = json.loads((sdxl32 / "tokenizer_2" / "tokenizer.json").read_text())["padding"]
+    assert padding["pad_id"] == 0 and padding["pad_token"] == "!"
+    hashed = {f["path"] for f in data["config_files"]}
+    assert {"tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json"} <= hashed
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def generate_both(reference, ort_pipe, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.set_progress_bar_config(disable=True)
+        ort_pipe.set_progress_bar_config(disable=True)
+        a = reference(generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+        b = ort_pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"negative_prompt": None}, {"negative_prompt": "blurry", "prompt_2": "oil painting"}, {"clip_skip": 1}],
+    ids=["zeroed-negative", "negative-and-prompt-2", "clip-skip"],
+)
+def test_optimum_sdxl_pipeline_matches_diffusers(sdxl_pipe, sdxl32, options):
+    from optimum.onnxruntime import ORTStableDiffusionXLPipeline
+
+    ort_pipe = ORTStableDiffusionXLPipeline.from_pretrained(sdxl32)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    expected, got = generate_both(
+        sdxl_pipe,
+        ort_pipe,
+        prompt="a red panda",
+        latents=latents,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        **options,
+    )
+    assert expected.shape == got.shape == (1, 32, 32, 3)
+    assert np.max(np.abs(expected - got)) <= 1e-4 and psnr(expected, got) >= 45
+
+
+def test_fp16_keeps_the_sdxl_vae_fp32(sdxl_pipe, sdxl16):
+    manifest = read_manifest(sdxl16)
+    dtypes = {name: entry.dtype for name, entry in manifest.components.items()}
+    assert dtypes == {
+        "text_encoder": "fp16",
+        "text_encoder_2": "fp16",
+        "unet": "fp16",
+        "vae_decoder": "fp32",
+        "vae_encoder": "fp32",
+    }
+    for component in ("vae_decoder", "vae_encoder"):
+        graph = onnx.load(str(sdxl16 / component / "model.onnx")).graph
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in graph.input)
+    unet = manifest.components["unet"]
+    assert {t.name: t.dtype for t in unet.inputs} == {
+        "sample": "float16",
+        "timestep": "float32",
+        "encoder_hidden_states": "float16",
+        "text_embeds": "float16",
+        "time_ids": "float32",
+    }
+    model = onnx.load(str(sdxl16 / "unet" / "model.onnx"))
+    sin_cos = [n.name for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    assert len(sin_cos) == 4 and set(sin_cos) <= set(unet.fp32_nodes)  # timestep's and time_ids' embeddings
+    for component in ("text_encoder_2", "unet"):
+        expected, got = run_both(sdxl_pipe, sdxl16, component, 2, latent_sizes(sdxl_pipe)[0])
+        for e, g in zip(expected, got):
+            assert np.isfinite(g).all() and np.linalg.norm(e - g) / np.linalg.norm(e) <= 1e-2
+
+
+def test_refiner_exports_with_text_encoder_2_only(refiner_case):
+    _, pipe, out = refiner_case
+    manifest = read_manifest(out)
+    assert list(manifest.components) == ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    assert not (out / "text_encoder").exists() and not (out / "tokenizer").exists()
+    facts = manifest.pipeline
+    assert facts.requires_aesthetics_score is True and facts.force_zeros_for_empty_prompt is False
+    assert facts.num_time_ids == 5 and facts.num_hidden_states is None
+    assert (facts.tokenizer_max_length, facts.pad_token_id) == (77, 0)  # tokenizer_2's: there is no first one
+    assert {t.name: t.shape for t in manifest.components["unet"].inputs}["time_ids"] == ("batch", 5)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "ORTStableDiffusionXLImg2ImgPipeline"
+    assert index["requires_aesthetics_score"] is True and index["text_encoder"] == [None, None]
+    for component in manifest.components:
+        for hw in latent_sizes(pipe):
+            expected, got = run_both(pipe, out, component, 2, hw)
+            assert max_abs(expected, got) <= 1e-4, component
+
+
+def test_optimum_refiner_matches_diffusers(refiner_case):
+    from optimum.onnxruntime import ORTStableDiffusionXLImg2ImgPipeline
+
+    _, pipe, out = refiner_case
+    ort_pipe = ORTStableDiffusionXLImg2ImgPipeline.from_pretrained(out)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    expected, got = generate_both(
+        pipe,
+        ort_pipe,
+        prompt="a red panda",
+        image=image,
+        strength=0.6,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        aesthetic_score=6.0,
+        negative_aesthetic_score=2.5,
+    )
+    assert expected.shape == got.shape
+    assert np.max(np.abs(expected - got)) <= 1e-4 and psnr(expected, got) >= 45
+
+
+def test_lcm_unet_exports_with_timestep_cond(lcm_case):
+    _, pipe, out = lcm_case
+    manifest = read_manifest(out)
+    assert manifest.pipeline.family == "sd1" and manifest.pipeline.time_cond_proj_dim == 32
+    unet = manifest.components["unet"]
+    assert [(t.name, t.dtype, t.shape) for t in unet.inputs][3:] == [("timestep_cond", "float32", ("batch", 32))]
+    for batch in (1, 2):
+        expected, got = run_both(pipe, out, "unet", batch, latent_sizes(pipe)[0])
+        assert max_abs(expected, got) <= 1e-4
+    # timestep_cond reaches the output: the guidance-scale embedding is not traced away
+    from sdexport.components import example_inputs
+
+    feeds = {k: v.numpy() for k, v in example_inputs("unet", pipe, 1, 8, 8).items()}
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
+    changed = dict(feeds, timestep_cond=feeds["timestep_cond"] + 1.0)
+    assert np.max(np.abs(session.run(None, feeds)[0] - session.run(None, changed)[0])) > 1e-4
+
+
+def test_vae_option_replaces_the_vae(tmp_path, sdxl_pipe):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(11)
+    fixed = AutoencoderKL.from_config({**dict(sdxl_pipe.vae.config), "force_upcast": False})
+    fixed.save_pretrained(tmp_path / "fp16-fix-vae")
+    out = _quiet_convert(
+        "sdxl-tiny", tmp_path / "out", dtype="fp16", components=["vae_decoder"], vae=str(tmp_path / "fp16-fix-vae")
+    )
+    manifest = read_manifest(out)
+    assert manifest.source.vae == str((tmp_path / "fp16-fix-vae").resolve())
+    assert manifest.components["vae_decoder"].dtype == "fp16"  # this VAE does not ask for an upcast
+    assert manifest.pipeline.vae_force_upcast is False
+    assert json.loads((out / "vae_decoder" / "config.json").read_text())["force_upcast"] is False
+    import onnxruntime as ort
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = fixed.decode(latents).sample.numpy()
+    session = ort.InferenceSession(str(out / "vae_decoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"latent_sample": latents.numpy().astype(np.float16)})[0].astype(np.float32)
+    assert np.linalg.norm(expected - got) / np.linalg.norm(expected) <= 1e-2
+
+
+def test_vae_option_refuses_what_is_not_a_vae(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SdexportError, match="no config.json there") as info:
+        _quiet_convert("tiny-sd", tmp_path / "out", components=["vae_decoder"], vae=str(tmp_path / "empty"))
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_a_component_the_pipeline_lacks_is_refused(tmp_path):
+    with pytest.raises(SdexportError, match="this pipeline has no text_encoder_2: choose --components from"):
+        _quiet_convert("tiny-sd", tmp_path / "out", components=["text_encoder_2", "unet"])
+
+
+def test_validate_refuses_sdxl_in_one_line(sdxl32, tmp_path):
+    from sdexport.validate import validate
+
+    with pytest.raises(SdexportError, match="SDXL export: `sdexport validate` does not handle SDXL yet"):
+        validate("sdxl-tiny", sdxl32)
+    with pytest.raises(SdexportError, match="--validate does not handle SDXL exports yet"):
+        _quiet_convert("sdxl-tiny", tmp_path / "out", validate=True)
+
+
+@pytest.mark.parametrize(
+    ("class_name", "unet", "extra", "says"),
+    [
+        (
+            "StableDiffusionXLInpaintPipeline",
+            {"addition_embed_type": "text_time", "in_channels": 9},
+            {},
+            "inpainting is not supported yet",
+        ),
+        (
+            "StableDiffusionXLControlNetPipeline",
+            {"addition_embed_type": "text_time"},
+            {"controlnet": ["diffusers", "ControlNetModel"]},
+            "ControlNet is not supported yet",
+        ),
+        (
+            "KandinskyV22Pipeline",
+            {"addition_embed_type": "image"},
+            {},
+            "addition_embed_type 'image': only SDXL's 'text_time' is supported",
+        ),
+        ("StableDiffusionUpscalePipeline", {"class_embed_type": "timestep"}, {}, "(an upscaler or unCLIP)"),
+        ("StableDiffusion3Pipeline", {}, {}, "only Stable Diffusion 1.x/2.x and SDXL"),
+        (
+            "StableDiffusionXLPipeline",
+            {"cross_attention_dim": 2048},
+            {"text_encoder_2": ["transformers", "X"]},
+            "lacks addition_embed_type 'text_time'",
+        ),
+    ],
+)
+def test_families_refuse_what_is_unsupported(class_name, unet, extra, says):
+    with pytest.raises(SdexportError, match=None) as info:
+        check_supported({"_class_name": class_name, **extra}, unet, "/models/x")
+    assert says in str(info.value) and "\n" not in str(info.value) and "/models/x" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("class_name", "unet"),
+    [
+        ("StableDiffusionXLPipeline", {"addition_embed_type": "text_time"}),
+        ("StableDiffusionXLImg2ImgPipeline", {"addition_embed_type": "text_time"}),
+        ("StableDiffusionPipeline", {"time_cond_proj_dim": 256}),
+        ("LatentConsistencyModelPipeline", {"time_cond_proj_dim": 256}),
+        ("StableDiffusionXLPipeline", {"addition_embed_type": "text_time", "time_cond_proj_dim": 256}),
+    ],
+)
+def test_families_accept_sdxl_and_lcm(class_name, unet):
+    check_supported({"_class_name": class_name}, unet, "/models/x")
+
+
+def test_sdxl_random_preset_has_sdxl_base_sizes():
+    """Built from configs only; its U-Net is counted on the meta device, never exported here."""
+    from diffusers import UNet2DConditionModel
+
+    from sdexport.presets import available_presets, recipe_configs
+
+    folder = available_presets()["sdxl-random"]
+    configs = recipe_configs(folder, json.loads((folder / "recipe.json").read_text()))
+    assert set(configs) == {"unet", "vae", "text_encoder", "text_encoder_2", "scheduler"}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+    assert 2.5e9 < sum(p.numel() for p in unet.parameters()) < 2.7e9
+    te2 = configs["text_encoder_2"]
+    assert configs["unet"]["projection_class_embeddings_input_dim"] == 6 * 256 + te2["projection_dim"]
+    assert configs["unet"]["cross_attention_dim"] == configs["text_encoder"]["hidden_size"] + te2["hidden_size"]
