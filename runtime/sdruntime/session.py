@@ -314,7 +314,8 @@ class Binding:
         self.values: dict[str, ort.OrtValue] = {}
         device = component.device
         for name, value in feeds.items():
-            array = np.ascontiguousarray(value, dtype=component.input_dtype(name))
+            # a copy: on the CPU the OrtValue wraps the array's memory, which update() then overwrites
+            array = np.array(value, dtype=component.input_dtype(name), order="C", copy=True)
             self.values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
             self.io.bind_ortvalue_input(name, self.values[name])
         self.outputs: dict[str, ort.OrtValue] = {}

@@ -96,11 +96,13 @@ def test_two_images_match_diffusers(tiny_pipe, tiny32, ours, init_image, seed, i
     assert psnr(mine.images[0], mine.images[1]) < 45.0  # two different pictures
 
 
-def test_two_prompts_and_no_guidance(tiny_pipe, tiny32, ours):
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_two_prompts_and_no_guidance(tiny_pipe, tiny32, ours, scheduler):
+    # euler scales the U-Net's input: unguided, the bound input buffer must not be the latents themselves
     prompts = [PROMPT, "a green star"]
-    theirs = reference(tiny_pipe, tiny32, "ddim", prompt=prompts, num_inference_steps=6, guidance_scale=1.0,
+    theirs = reference(tiny_pipe, tiny32, scheduler, prompt=prompts, num_inference_steps=6, guidance_scale=1.0,
                        generator=torch.Generator("cpu").manual_seed(2))
-    mine = ours(prompts, num_inference_steps=6, guidance_scale=1.0, scheduler="ddim", seed=2)
+    mine = ours(prompts, num_inference_steps=6, guidance_scale=1.0, scheduler=scheduler, seed=2)
     for a, b in zip(theirs.images, mine.images):
         assert psnr(a, b) >= 45.0
 
