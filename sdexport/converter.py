@@ -37,6 +37,9 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
         if validating and pipeline_family(src.pipe) == "sdxl":
             raise SdexportError("--validate does not handle SDXL exports yet: drop --validate")
+        if loras and pipeline_family(src.pipe) == "sdxl":
+            raise SdexportError("--lora does not handle SDXL pipelines yet (their second text encoder): "
+                                "fuse the LoRA with diffusers and save_pretrained the pipeline, then convert that")
         if opts.vae:
             replace_vae(src, opts.vae)
             log(f"replaced the pipeline's VAE with {src.vae}")

@@ -21,7 +21,8 @@ from .precision import fp32_nodes, to_fp16
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CPU_LAYOUT_PROBE = "cpu_layout_probe"
 # ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
-FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
+                     "text_encoder_2": "clip"}
 
 
 def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp16: bool, upcast_attention: bool,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest
+from sdruntime.manifest import load_schema, read_manifest
 
 from sdexport import convert
 from sdexport.presets import models_dir
@@ -19,7 +19,7 @@ from sdexport.single_file import checkpoint_family
 
 from .ldm_layout import clip_to_ldm, ldm_checkpoints, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 from .test_cli import assert_refused, run
-from .test_convert import latent_sizes, run_both
+from .test_convert import COMPONENTS, latent_sizes, run_both
 
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
@@ -47,7 +47,7 @@ def single_file_export(request, checkpoints, tmp_path_factory):
     return request.param, case, out
 
 
-@pytest.mark.parametrize("component", list(COMPONENT_IO))
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_export_matches_pytorch(single_file_export, component):
     _, case, out = single_file_export
     pipe = case["pipe"]
