@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -85,3 +86,81 @@ def sd2_case(request, tmp_path_factory):
     pipe.save_pretrained(root / "pipeline")
     out = _quiet_convert(root / "pipeline", root / "export")
     return root / "pipeline", pipe, out
+
+
+# -- SDXL and LCM ------------------------------------------------------------------------------------
+
+
+def recipe_of(preset: str) -> dict:
+    return json.loads((REPO / "models" / preset / "recipe.json").read_text())
+
+
+def build(recipe: dict, folder: Path):
+    """A pipeline from a recipe written to `folder` (tokenizers by absolute path)."""
+    from sdexport.presets import build_from_recipe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = {**recipe, "tokenizer": str(TOKENIZER), "tokenizer_2": str(TOKENIZER)}
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build_from_recipe(folder)
+
+
+def saved(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe():
+    from sdexport.presets import build_from_recipe, resolve_preset
+
+    return build_from_recipe(resolve_preset("sdxl-tiny"))
+
+
+@pytest.fixture(scope="session")
+def sdxl32(tmp_path_factory) -> Path:
+    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def sdxl16(tmp_path_factory) -> Path:
+    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp16", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
+def refiner_case(tmp_path_factory):
+    """(folder, pipeline, export) of a tiny SDXL refiner saved as a diffusers folder: text_encoder_2
+    only, aesthetic-score time ids (5 x 8 + 32 = 72 added-embedding inputs), cross-attention on
+    text_encoder_2's 32 widths."""
+    root = tmp_path_factory.mktemp("refiner")
+    tiny = recipe_of("sdxl-tiny")
+    unet = {**tiny["unet"], "projection_class_embeddings_input_dim": 72, "cross_attention_dim": 32}
+    recipe = {k: v for k, v in tiny.items() if k != "text_encoder"}
+    pipe = build(
+        {**recipe, "unet": unet, "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
+        root / "recipe",
+    )
+    folder = saved(pipe, root / "pipeline")
+    return folder, pipe, _quiet_convert(folder, root / "export")
+
+
+@pytest.fixture(scope="session")
+def turbo_case(tmp_path_factory):
+    """(pipeline, export) of sdxl-tiny with SDXL-Turbo's scheduler: Euler ancestral, trailing spacing."""
+    root = tmp_path_factory.mktemp("turbo")
+    tiny = recipe_of("sdxl-tiny")
+    scheduler = {**tiny["scheduler"], "_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}
+    pipe = build({**tiny, "scheduler": scheduler}, root / "recipe")
+    return pipe, _quiet_convert(saved(pipe, root / "pipeline"), root / "export")
+
+
+@pytest.fixture(scope="session")
+def lcm_case(tmp_path_factory):
+    """(folder, pipeline, export) of tiny-sd with an LCM-distilled U-Net (time_cond_proj_dim)."""
+    root = tmp_path_factory.mktemp("lcm")
+    tiny = recipe_of("tiny-sd")
+    pipe = build({**tiny, "unet": {**tiny["unet"], "time_cond_proj_dim": 32}}, root / "recipe")
+    folder = saved(pipe, root / "pipeline")
+    return folder, pipe, _quiet_convert(folder, root / "export")

@@ -74,7 +74,8 @@ common = [
     click.option("--threads", default=0, type=int, help="Intra-op threads (0: ORT's default)."),
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
     click.option("--steps", "num_inference_steps", default=25, show_default=True, type=int),
-    click.option("--guidance", "guidance_scale", default=7.5, show_default=True, type=float),
+    click.option("--guidance", "guidance_scale", type=float,
+                 help="Classifier-free guidance scale; 1 or less turns it off.  [default: 7.5, SDXL 5.0]"),
     click.option("--scheduler", default=None, help="pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lms, lcm"),
     click.option("--height", type=int),
     click.option("--width", type=int),
@@ -126,7 +127,7 @@ def cli() -> None:
 @click.option("-n", "--num-images", default=1, show_default=True, type=int)
 @click.option("--eta", default=0.0, type=float, help="DDIM's eta.")
 @click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
-@click.option("--strength", default=0.8, show_default=True, type=float)
+@click.option("--strength", type=float, help="How far to noise the init image (0-1].  [default: 0.8, SDXL 0.3]")
 @click.option("--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last.")
 @click.option("-o", "--output", default="image.png", show_default=True,
               help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...")

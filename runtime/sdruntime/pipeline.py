@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .conditioning import MicroConditioning, guidance_scale_embedding, img2img_time_ids, txt2img_time_ids
 from .errors import InvalidArgument
 from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, latent_shape, read_manifest
@@ -34,6 +35,7 @@ from .session import Component, SessionSettings, check_cpu_layout, first_provide
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class GenerationError(InvalidArgument):
@@ -72,6 +74,13 @@ def read_scheduler_config(folder: str | Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def final_layer_norm(hidden: np.ndarray, norm) -> np.ndarray:
+    """CLIP's final LayerNorm (weights from FINAL_LAYER_NORM) over the last axis."""
+    mean = hidden.mean(axis=-1, keepdims=True)
+    var = np.square(hidden - mean).mean(axis=-1, keepdims=True)
+    return ((hidden - mean) / np.sqrt(var + norm["eps"]) * norm["weight"] + norm["bias"]).astype(np.float32)
+
+
 def _as_list(value: str | Sequence[str], what: str) -> list[str]:
     if isinstance(value, str):
         return [value]
@@ -86,7 +95,11 @@ class StableDiffusionPipeline:
     def __init__(self, folder: Path, provider, settings: SessionSettings, verify: bool):
         self.manifest = read_manifest(folder)
         self.folder = Path(folder)
-        for needed in ("text_encoder", "unet", "vae_decoder"):
+        facts = self.manifest.pipeline
+        self.xl = facts.family == "sdxl"
+        # SDXL's text encoders: both (base), or the second alone (refiner); SD 1.x/2.x: the one
+        self.encoders = tuple(n for n in TEXT_ENCODERS if self.manifest.has(n)) if self.xl else ("text_encoder",)
+        for needed in (*(self.encoders or ("text_encoder_2",)), "unet", "vae_decoder"):
             if not self.manifest.has(needed):
                 raise ExportError(
                     f"{folder} has no {needed}: export it with `sdexport convert` (all components are needed to draw)"
@@ -101,15 +114,20 @@ class StableDiffusionPipeline:
                 "most ops); export fp32 for CPU", stacklevel=3,
             )
         self.settings = settings
-        facts = self.manifest.pipeline
-        self.tokenizer = PromptTokenizer(
-            self.folder / "tokenizer" / "tokenizer.json", facts.tokenizer_max_length, facts.pad_token_id
-        )
+        self.tokenizers = {
+            name: PromptTokenizer(self.folder / folder / "tokenizer.json", max_length, pad_id)
+            for name, (folder, max_length, pad_id) in {
+                "text_encoder": ("tokenizer", facts.tokenizer_max_length, facts.pad_token_id),
+                "text_encoder_2": ("tokenizer_2", facts.tokenizer_2_max_length, facts.tokenizer_2_pad_token_id),
+            }.items()
+            if name in self.encoders
+        }
+        self.tokenizer = self.tokenizers[self.encoders[0]]
         self.scheduler_config = read_scheduler_config(self.folder)
         self.default_scheduler = scheduler_name_for_class(facts.scheduler_class, self.scheduler_config) or "pndm"
         self.model_hash = self._model_hash()
         self._components: dict[str, Component] = {}
-        names = ("text_encoder", "unet", "vae_decoder")
+        names = (*self.encoders, "unet", "vae_decoder")
         if first_provider(self.providers) == "CPUExecutionProvider":
             # ORT lets go of the GIL while it loads a model: for SD 1.5 on 2 cores the three sessions
             # were created in 1.5-1.9 s side by side against 2.8-3.2 s one after another
@@ -136,9 +154,9 @@ class StableDiffusionPipeline:
         return Component(self.manifest, name, self.providers, self.settings)
 
     def _model_hash(self) -> str:
-        """Short sha256 over the manifest's hashes of the files that draw (text encoder, U-Net, VAE decoder)."""
+        """Short sha256 over the manifest's hashes of the files that draw (text encoders, U-Net, VAE decoder)."""
         digest = hashlib.sha256()
-        for name in ("text_encoder", "unet", "vae_decoder"):
+        for name in (*self.encoders, "unet", "vae_decoder"):
             for entry in self.manifest.components[name].files:
                 digest.update(f"{entry.path} {entry.sha256}\n".encode())
         return short_hash(digest.hexdigest())
@@ -174,10 +192,46 @@ class StableDiffusionPipeline:
         if not 1 <= clip_skip < count:
             raise GenerationError(f"clip_skip must be between 1 and {count - 1} for this text encoder, got {clip_skip}")
         hidden = outputs[f"hidden_states.{count - 1 - clip_skip}"]
-        norm = np.load(self.folder / FINAL_LAYER_NORM)
-        mean = hidden.mean(axis=-1, keepdims=True)
-        var = np.square(hidden - mean).mean(axis=-1, keepdims=True)
-        return ((hidden - mean) / np.sqrt(var + norm["eps"]) * norm["weight"] + norm["bias"]).astype(np.float32)
+        return final_layer_norm(hidden, np.load(self.folder / FINAL_LAYER_NORM))
+
+    def encode_prompt_xl(self, prompts: list[str], negative: list[str] | None, num_images: int,
+                         clip_skip: int | None = None, zero_negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's (embeddings, pooled embeddings), [uncond..., cond...] (or cond only), each prompt repeated
+        num_images times, as StableDiffusionXLPipeline.encode_prompt builds them.
+
+        The embeddings are each encoder's penultimate hidden state (clip_skip layers further back for the
+        prompts, never for the negative prompts, as in diffusers), joined along the last axis; the pooled
+        ones are the second encoder's projected `text_embeds`. `zero_negative` (no negative prompt with
+        force_zeros_for_empty_prompt) makes the unconditional half zeros instead of encoding "".
+        """
+        facts = self.manifest.pipeline
+        texts = prompts if negative is None or zero_negative else negative + prompts
+        n = len(prompts)
+        hidden, pooled = [], None
+        for name in self.encoders:
+            count = int((facts.num_hidden_states_2 if name == "text_encoder_2" else facts.num_hidden_states) or 0)
+            if clip_skip and not 1 <= clip_skip <= count - 2:
+                raise GenerationError(f"clip_skip must be between 1 and {count - 2} for this text encoder, got {clip_skip}")
+            outputs = self.component(name)(input_ids=self.tokenizers[name](texts))
+            states = outputs[f"hidden_states.{count - 2}"]
+            if clip_skip:
+                states[-n:] = outputs[f"hidden_states.{count - 2 - clip_skip}"][-n:]
+            hidden.append(states)
+            if pooled is None and "text_embeds" in outputs:
+                pooled = outputs["text_embeds"]
+        embeddings = np.concatenate(hidden, axis=-1)
+        if negative is not None and zero_negative:
+            embeddings = np.concatenate([np.zeros_like(embeddings), embeddings])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        if negative is None:
+            return np.repeat(embeddings, num_images, axis=0), np.repeat(pooled, num_images, axis=0)
+
+        def halves(x: np.ndarray) -> np.ndarray:
+            uncond, cond = np.split(x, 2)
+            return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
+
+        return halves(embeddings), halves(pooled)
+
 
     def check_size(self, height: int, width: int) -> None:
         multiple = self.manifest.size_multiple
@@ -191,9 +245,12 @@ class StableDiffusionPipeline:
             )
 
     def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler: Scheduler, guidance_scale: float,
-                generator, callback: StepCallback | None, progress: bool) -> np.ndarray:
+                generator, callback: StepCallback | None, progress: bool,
+                conditioning: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """The classifier-free-guidance loop over the scheduler's steps; the U-Net's inputs stay bound across
-        steps, and the noise a step adds is drawn here, from the run's generator."""
+        steps, and the noise a step adds is drawn here, from the run's generator. `conditioning` holds the
+        U-Net's further inputs that stay the same at every step (SDXL's text_embeds and time_ids, an LCM
+        U-Net's timestep_cond)."""
         guided = embeddings.shape[0] == 2 * latents.shape[0]
         unet = self.component("unet")
         batch = embeddings.shape[0]
@@ -202,6 +259,7 @@ class StableDiffusionPipeline:
             "sample": sample,
             "timestep": np.zeros(batch, np.float32),
             "encoder_hidden_states": embeddings,
+            **(conditioning or {}),
         }
         binding = unet.bind(feeds) if unet.static_batch in (None, batch) else None
         steps = scheduler.step_indices
@@ -217,7 +275,7 @@ class StableDiffusionPipeline:
                 binding.update("timestep", timestep)
                 noise_pred = binding.run()["out_sample"]
             else:  # a static export whose batch differs: pad through the plain call
-                noise_pred = unet(sample=model_input, timestep=timestep, encoder_hidden_states=embeddings)["out_sample"]
+                noise_pred = unet(**{**feeds, "sample": model_input, "timestep": timestep})["out_sample"]
             if guided:
                 uncond, cond = np.split(noise_pred, 2)
                 noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
@@ -259,7 +317,7 @@ class StableDiffusionPipeline:
         prompt: str | Sequence[str] | None,
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         scheduler: str | None = None,
         seed: int | Sequence[int] | None = None,
         height: int | None = None,
@@ -270,13 +328,24 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback: StepCallback | None = None,
         image: str | Path | Image.Image | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         progress: bool = False,
         prompt_embeds: np.ndarray | None = None,
         timestep_spacing: str | None = None,
         scheduler_options: Mapping[str, object] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
     ) -> GenerationResult:
-        """Draw images; arguments mean what they mean in diffusers' pipelines.
+        """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
+        StableDiffusionImg2ImgPipeline, or their XL forms for an SDXL export). `guidance_scale` and
+        `strength` default to diffusers' 7.5 and 0.8, or 5.0 and 0.3 for SDXL. The sizes, crops and aesthetic scores are SDXL's
+        micro-conditioning; sizes are (height, width), None meaning the generated size.
 
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
         the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be None.
@@ -300,6 +369,18 @@ class StableDiffusionPipeline:
             raise GenerationError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}")
+        micro = MicroConditioning(original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
+                                  tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
+                                  negative_aesthetic_score)
+        if not self.xl and micro != MicroConditioning():
+            raise GenerationError("sizes, crops and aesthetic scores condition SDXL exports only; this one is not SDXL")
+        if self.xl and prompt_embeds is not None:
+            raise GenerationError("prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: "
+                                  "pass prompts")
+        if strength is None:
+            strength = 0.3 if self.xl else 0.8
+        if guidance_scale is None:
+            guidance_scale = 5.0 if self.xl else 7.5
         if image is not None and not 0.0 < strength <= 1.0:
             raise GenerationError(f"strength must be in (0, 1], got {strength}")
         name = scheduler or self.default_scheduler
@@ -329,16 +410,31 @@ class StableDiffusionPipeline:
         generator = make_generator(seeds if per_image else seeds[0])
         sched = make_scheduler(name, self.scheduler_config, num_inference_steps, options,
                                eta=eta if name == "ddim" else 0.0)
-        guided = guidance_scale > 1.0
-        if guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt):
+        # an LCM U-Net takes the guidance scale as an embedding (timestep_cond) instead of a second batch
+        lcm_dim = facts.time_cond_proj_dim
+        guided = guidance_scale > 1.0 and lcm_dim is None
+        if lcm_dim is None and (guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt)):
             warnings.warn(
                 f"guidance_scale {guidance_scale:g} <= 1 turns classifier-free guidance off, as in diffusers: the "
                 "prompt alone steers and the negative prompt is unused; use a value above 1 to guide", stacklevel=2,
             )
         if eta and name != "ddim":
             warnings.warn(f"eta {eta:g} only applies to ddim: {name} ignores it", stacklevel=2)
+        zero_negative = bool(self.xl and negatives is None and facts.force_zeros_for_empty_prompt)
         negatives = (negatives or [""] * len(prompts)) if guided else None
-        if prompt_embeds is None:
+        conditioning: dict[str, np.ndarray] = {}
+        if lcm_dim is not None:
+            conditioning["timestep_cond"] = guidance_scale_embedding([guidance_scale - 1.0] * batch, lcm_dim)
+        if self.xl:
+            embeddings, pooled = self.encode_prompt_xl(prompts, negatives, num_images, clip_skip, zero_negative)
+            conditioning["text_embeds"] = pooled
+            size = (height, width)
+            if image is None:
+                conditioning["time_ids"] = txt2img_time_ids(micro, size, batch, guided)
+            else:
+                aesthetic = bool(facts.requires_aesthetics_score)
+                conditioning["time_ids"] = img2img_time_ids(micro, size, batch, guided, aesthetic)
+        elif prompt_embeds is None:
             embeddings = self.encode_prompt(prompts, negatives, num_images, clip_skip)
         else:
             embeddings = np.repeat(np.asarray(prompt_embeds, np.float32), num_images, axis=0)
@@ -367,7 +463,8 @@ class StableDiffusionPipeline:
 
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(start_latents, embeddings, sched, guidance_scale, generator, callback, progress)
+        final = self.denoise(start_latents, embeddings, sched, guidance_scale, generator, callback, progress,
+                             conditioning)
         timings = {"denoise": time.perf_counter() - loop_started, "unet": unet.run_seconds - unet_before,
                    "steps": float(len(sched.step_indices))}
         images = to_pil(self.vae_decode(final))
