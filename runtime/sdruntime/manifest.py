@@ -422,12 +422,14 @@ def file_entry(folder: Path, relative: str) -> FileEntry:
 
 # The files beside the graphs that change what the runtime computes: hashed into `config_files`.
 CONFIG_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-                "tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
                 "scheduler/scheduler_config.json")
+SDXL_CONFIG_FILES = ("tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
 
 
 def config_file_entries(folder: Path) -> tuple[FileEntry, ...]:
-    return tuple(file_entry(folder, name) for name in CONFIG_FILES if (folder / name).is_file())
+    """The config files the export has (an SDXL refiner has no tokenizer/, SD exports no tokenizer_2/)."""
+    names = CONFIG_FILES + SDXL_CONFIG_FILES
+    return tuple(file_entry(folder, name) for name in names if (folder / name).is_file())
 
 
 def load_schema() -> dict:
