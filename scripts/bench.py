@@ -35,12 +35,22 @@ def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[fl
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     unet_time = timed_method(pipe.unet, "forward")
-    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
-                                        generator=torch.Generator("cpu").manual_seed(i)), unet_time, args)
+    return generate_loop(
+        lambda i: pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator("cpu").manual_seed(i),
+        ),
+        unet_time,
+        args,
+    )
 
 
 def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[float]]:
@@ -50,8 +60,17 @@ def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[floa
     pipe = ORTStableDiffusionPipeline.from_pretrained(str(export))
     pipe.set_progress_bar_config(disable=True)
     unet_time = timed_method(pipe.unet.session, "run")
-    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
-                                        generator=torch.Generator("cpu").manual_seed(i)), unet_time, args)
+    return generate_loop(
+        lambda i: pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator("cpu").manual_seed(i),
+        ),
+        unet_time,
+        args,
+    )
 
 
 def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]:
@@ -65,8 +84,12 @@ def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]
         spent, before[0] = unet.run_seconds - before[0], unet.run_seconds
         return spent
 
-    return generate_loop(lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size,
-                                        seed=i), unet_seconds, args, denoise_of=lambda r: r.timings["denoise"])
+    return generate_loop(
+        lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size, seed=i),
+        unet_seconds,
+        args,
+        denoise_of=lambda r: r.timings["denoise"],
+    )
 
 
 def timed_method(obj, name: str):
@@ -112,10 +135,18 @@ def args_steps_run(args) -> int:
 def child(args) -> None:
     arms = {"diffusers": arm_diffusers, "optimum": arm_optimum, "ours": arm_ours}
     image_s, unet_step_s, overhead = arms[args.arm](Path(args.path), args)
-    print("RESULT " + json.dumps({
-        "image_s": image_s, "unet_step_s": unet_step_s, "overhead": overhead,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-    }), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "image_s": image_s,
+                "unet_step_s": unet_step_s,
+                "overhead": overhead,
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            }
+        ),
+        flush=True,
+    )
 
 
 # -- the parent: prepare once, then paired rounds ----------------------------------------------------
@@ -146,9 +177,24 @@ def prepare(model: str, cache: Path, targets: list[str]) -> dict[str, Path]:
 
 
 def run_arm(arm: str, path: Path, args) -> dict:
-    cmd = [sys.executable, __file__, "--arm", arm, "--path", str(path), "--steps", str(args.steps),
-           "--size", str(args.size), "--images", str(args.images), "--threads", str(args.threads),
-           "--unet-calls", str(args.unet_calls)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--arm",
+        arm,
+        "--path",
+        str(path),
+        "--steps",
+        str(args.steps),
+        "--size",
+        str(args.size),
+        "--images",
+        str(args.images),
+        "--threads",
+        str(args.threads),
+        "--unet-calls",
+        str(args.unet_calls),
+    ]
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -202,7 +248,9 @@ def bench_model(model: str, args) -> dict:
         summary[name] = {
             "image_s": median([median(steady(x["image_s"])) for x in runs]),
             "unet_step_s": median([median(steady(x["unet_step_s"])) for x in runs]),
-            "overhead_pct": 100 * median([median(steady(x["overhead"])) for x in runs]) if runs[0]["overhead"] else None,
+            "overhead_pct": 100 * median([median(steady(x["overhead"])) for x in runs])
+            if runs[0]["overhead"]
+            else None,
             "cold_start_s": median([x["cold_start_s"] for x in runs]),
             "peak_rss_gb": max(x["peak_rss_gb"] for x in runs),
             "rounds": runs,
@@ -214,19 +262,26 @@ def bench_model(model: str, args) -> dict:
         for peer in ("diffusers", "optimum"):
             if peer in summary:
                 ratios[f"{name}/{peer}"] = {
-                    "image": median([median(steady(rd[name]["image_s"])) / median(steady(rd[peer]["image_s"]))
-                                     for rd in rounds]),
+                    "image": median(
+                        [median(steady(rd[name]["image_s"])) / median(steady(rd[peer]["image_s"])) for rd in rounds]
+                    ),
                     "cold_start": median([rd[name]["cold_start_s"] / rd[peer]["cold_start_s"] for rd in rounds]),
                 }
     return {"arms": summary, "ratios": ratios}
 
 
 def print_table(model: str, result: dict, args) -> None:
-    print(f"\n{model}: {args.size}x{args.size}, {args.steps} steps, guidance 7.5, {args.images} images x {args.rounds} rounds")
-    print(f"{'arm':<14} {'s/image':>8} {'s/U-Net step':>13} {'loop overhead':>14} {'cold start s':>13} {'peak RSS GB':>12}")
+    print(
+        f"\n{model}: {args.size}x{args.size}, {args.steps} steps, guidance 7.5, {args.images} images x {args.rounds} rounds"
+    )
+    print(
+        f"{'arm':<14} {'s/image':>8} {'s/U-Net step':>13} {'loop overhead':>14} {'cold start s':>13} {'peak RSS GB':>12}"
+    )
     for name, a in result["arms"].items():
         overhead = f"{a['overhead_pct']:.2f}%" if a["overhead_pct"] is not None else "-"
-        print(f"{name:<14} {a['image_s']:>8.2f} {a['unet_step_s']:>13.3f} {overhead:>14} {a['cold_start_s']:>13.1f} {a['peak_rss_gb']:>12.2f}")
+        print(
+            f"{name:<14} {a['image_s']:>8.2f} {a['unet_step_s']:>13.3f} {overhead:>14} {a['cold_start_s']:>13.1f} {a['peak_rss_gb']:>12.2f}"
+        )
     for key, ratio in result["ratios"].items():
         print(f"{key:<24} time per image {ratio['image']:.2f}x, cold start {ratio['cold_start']:.2f}x")
 
@@ -239,7 +294,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2, help="images per arm process (the first includes warm-up)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="0: each library's default")
-    parser.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdexport-bench")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdexport-bench"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--prepare-only", action="store_true", help="save and export the models, time nothing")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
@@ -257,12 +314,18 @@ def main() -> None:
     load = os.getloadavg()[0]
     if load > 0.5 * (os.cpu_count() or 1):
         # torch's OpenMP threads slow down many times over when other processes hold the cores
-        print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes will skew the timings",
-              flush=True)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
-              "cpus": os.cpu_count(), "load_average_at_start": load,
-              "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
-              "models": {}}
+        print(
+            f"warning: load average {load:.1f} on {os.cpu_count()} CPUs: other processes will skew the timings",
+            flush=True,
+        )
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": load,
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
+        "models": {},
+    }
     for model in args.models.split(","):
         report["models"][model] = bench_model(model, args)
         print_table(model, report["models"][model], args)

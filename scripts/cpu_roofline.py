@@ -61,21 +61,30 @@ def peak_gflops(threads: int, repeats: int = 8) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n = 2048
     weight = rng.standard_normal((n, n), dtype=np.float32)
-    matmul = helper.make_model(helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "peak",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
-        [numpy_helper.from_array(weight, "b")]), opset_imports=[helper.make_opsetid("", 17)])
+    matmul = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])],
+            "peak",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+            [numpy_helper.from_array(weight, "b")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     a = rng.standard_normal((n, n), dtype=np.float32)
     s = session(matmul, threads)
     rates = {"matmul": best_rate(lambda: s.run(None, {"a": a}), 2.0 * n**3, repeats)}
     c, hw = 256, 64
-    conv = helper.make_model(helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "peak",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])],
-        [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3), dtype=np.float32), "w")]),
-        opset_imports=[helper.make_opsetid("", 17)])
+    conv = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+            "peak",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, hw, hw])],
+            [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3), dtype=np.float32), "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     x = rng.standard_normal((1, c, hw, hw), dtype=np.float32)
     s = session(conv, threads)
     rates["conv3x3_nchwc"] = best_rate(lambda: s.run(None, {"x": x}), 2.0 * c * c * 9 * hw * hw, repeats)
@@ -86,9 +95,11 @@ def feeds_for(component: str, latent: int, hidden: int, seed: int = 0) -> dict[s
     rng = np.random.default_rng(seed)
     if component == "vae_decoder":
         return {"latent_sample": rng.standard_normal((1, 4, latent, latent), dtype=np.float32)}
-    return {"sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
-            "timestep": np.array([500.0, 500.0], dtype=np.float32),
-            "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32)}
+    return {
+        "sample": rng.standard_normal((2, 4, latent, latent), dtype=np.float32),
+        "timestep": np.array([500.0, 500.0], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
+    }
 
 
 def profile(model: Path, level: str, feeds: dict[str, np.ndarray], threads: int, runs: int) -> dict:
@@ -116,8 +127,10 @@ def profile(model: Path, level: str, feeds: dict[str, np.ndarray], threads: int,
 def report(name: str, result: dict, peak: float) -> float:
     flops = 2 * sum(result["macs"].values())
     bound = flops / (peak * 1e9)
-    print(f"{name}: {result['seconds']:.3f} s ({flops / 1e9:.0f} GFLOP in Conv/MatMul/Gemm, "
-          f"{flops / result['seconds'] / 1e9:.0f} GFLOP/s); at peak {bound:.3f} s")
+    print(
+        f"{name}: {result['seconds']:.3f} s ({flops / 1e9:.0f} GFLOP in Conv/MatMul/Gemm, "
+        f"{flops / result['seconds'] / 1e9:.0f} GFLOP/s); at peak {bound:.3f} s"
+    )
     for op, s in sorted(result["op_seconds"].items(), key=lambda kv: -kv[1])[:6]:
         rate = f", {2 * result['macs'][op] / s / 1e9:.0f} GFLOP/s" if op in result["macs"] else ""
         print(f"  {op:22s} {s:.3f} s{rate}")
@@ -157,8 +170,9 @@ def main() -> None:
     for component in ("unet", "vae_decoder"):
         # the level the runtime creates the session at (cpu exports were optimized when written)
         level = default_level(manifest.target, [CPU], component, laid_out=manifest.cpu_layout_probe is not None)
-        result[component] = profile(manifest.model_path(component), level, feeds_for(component, args.latent, hidden),
-                                    args.threads, args.runs)
+        result[component] = profile(
+            manifest.model_path(component), level, feeds_for(component, args.latent, hidden), args.threads, args.runs
+        )
         bounds[component] = report(component, result[component], peak)
     image_bound = args.unet_calls * bounds["unet"] + bounds["vae_decoder"]
     ours = args.unet_calls * result["unet"]["seconds"] + result["vae_decoder"]["seconds"]
@@ -167,13 +181,17 @@ def main() -> None:
     if args.torch:
         step = torch_step(args.torch, feeds_for("unet", args.latent, hidden), args.runs)
         result["torch_unet_s"] = step
-        print(f"PyTorch U-Net: {step:.3f} s; ours / PyTorch {result['unet']['seconds'] / step:.2f}x, "
-              f"at peak / PyTorch {bounds['unet'] / step:.2f}x")
+        print(
+            f"PyTorch U-Net: {step:.3f} s; ours / PyTorch {result['unet']['seconds'] / step:.2f}x, "
+            f"at peak / PyTorch {bounds['unet'] / step:.2f}x"
+        )
     if args.bench:
         arms = next(iter(json.loads(args.bench.read_text())["models"].values()))["arms"]
         theirs = arms["diffusers"]["image_s"]
         result["diffusers_image_s"] = theirs
-        print(f"diffusers per image ({args.bench}): {theirs:.2f} s; the lower bound is {image_bound / theirs:.2f}x of it")
+        print(
+            f"diffusers per image ({args.bench}): {theirs:.2f} s; the lower bound is {image_bound / theirs:.2f}x of it"
+        )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=float) + "\n")
 

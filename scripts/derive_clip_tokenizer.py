@@ -1,7 +1,7 @@
 """Derive CLIP's vocab.json and merges.txt from open_clip's BPE file (no model hub needed).
 
-    pip download --no-deps open-clip-torch -d /tmp/oc && unzip -o /tmp/oc/*.whl 'open_clip/*.gz' -d /tmp/oc
-    python scripts/derive_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz models/clip-tokenizer
+pip download --no-deps open-clip-torch -d /tmp/oc && unzip -o /tmp/oc/*.whl 'open_clip/*.gz' -d /tmp/oc
+python scripts/derive_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz models/clip-tokenizer
 """
 
 import gzip

@@ -89,8 +89,13 @@ class Judge:
         background, foreground, mask = self.colours(np.asarray(image)[..., :3])
         shape, iou, (cx, cy) = self.shape(mask)
         position = min(shapes.POSITIONS, key=lambda p: math.dist(shapes.POSITIONS[p], (cx, cy)))
-        return {"background": background, "colour": foreground, "shape": shape, "iou": round(iou, 3),
-                "position": position}
+        return {
+            "background": background,
+            "colour": foreground,
+            "shape": shape,
+            "iou": round(iou, 3),
+            "position": position,
+        }
 
 
 def score(judged: list[dict], truth: list[dict]) -> dict:
@@ -135,7 +140,10 @@ def generate_torch(folder: Path, prompts: list[str], steps: int, guidance: float
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False,
+        folder,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        requires_safety_checker=False,
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -183,15 +191,19 @@ def main() -> None:
         results["runtime_seconds"] = round(seconds, 1)
         report(f"runtime, {args.steps} steps, guidance {args.guidance}", results["runtime"], len(images))
         save_grid(images, args.out / "runtime.png")
-        (args.out / "judged.json").write_text(json.dumps(
-            [{"prompt": p, "seed": i, **j} for i, (p, j) in enumerate(zip(prompts, judged))], indent=1))
+        (args.out / "judged.json").write_text(
+            json.dumps([{"prompt": p, "seed": i, **j} for i, (p, j) in enumerate(zip(prompts, judged))], indent=1)
+        )
         if args.torch:
             k = min(args.psnr, len(prompts))
             reference = generate_torch(args.torch, prompts[:k], args.steps, args.guidance)
             values = [psnr(a, b) for a, b in zip(reference, images[:k])]
             results["psnr_db"] = {"min": min(values), "mean": float(np.mean(np.minimum(values, 100))), "n": k}
-            print(f"PSNR runtime vs diffusers over {k} images: min {min(values):.1f} dB, "
-                  f"mean {results['psnr_db']['mean']:.1f} dB (inf counted as 100)", flush=True)
+            print(
+                f"PSNR runtime vs diffusers over {k} images: min {min(values):.1f} dB, "
+                f"mean {results['psnr_db']['mean']:.1f} dB (inf counted as 100)",
+                flush=True,
+            )
             save_grid(reference, args.out / "diffusers.png")
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -42,7 +42,18 @@ def convert_in_subprocess(source: str, out: Path, *options: str) -> dict:
     if (out / "sdexport.json").is_file():
         return {"name": out.name, "seconds": 0.0, "cached": True}
     started = time.perf_counter()
-    command = [sys.executable, "-m", "sdexport.cli", "convert", source, "-o", str(out), "--overwrite", "--no-check", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "sdexport.cli",
+        "convert",
+        source,
+        "-o",
+        str(out),
+        "--overwrite",
+        "--no-check",
+        *options,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"export {out.name} failed ({' '.join(command[2:])}):\n{done.stderr[-2000:]}")
@@ -52,18 +63,39 @@ def convert_in_subprocess(source: str, out: Path, *options: str) -> dict:
 def export_everything(args, have_trt: bool) -> dict[str, Path]:
     static = ["--static", "--batch-size", "1", "--height", str(args.size), "--width", str(args.size)]
     jobs = {
-        "generic-fp16": (args.preset, ["--dtype", "fp16", "--keep-fp32", "vae_decoder",
-                                       "--components", "text_encoder,unet,vae_decoder"]),
-        "cuda-fp16-static": (args.preset, ["--target", "cuda", "--dtype", "fp16", "--keep-fp32", "vae_decoder",
-                                           "--components", "text_encoder,unet,vae_decoder", *static]),
+        "generic-fp16": (
+            args.preset,
+            ["--dtype", "fp16", "--keep-fp32", "vae_decoder", "--components", "text_encoder,unet,vae_decoder"],
+        ),
+        "cuda-fp16-static": (
+            args.preset,
+            [
+                "--target",
+                "cuda",
+                "--dtype",
+                "fp16",
+                "--keep-fp32",
+                "vae_decoder",
+                "--components",
+                "text_encoder,unet,vae_decoder",
+                *static,
+            ],
+        ),
         "shapes-fp32": ("shapes", ["--components", "text_encoder,unet,vae_decoder"]),
-        "shapes-cuda-fp16": ("shapes", ["--target", "cuda", "--dtype", "fp16",
-                                        "--components", "text_encoder,unet,vae_decoder"]),
+        "shapes-cuda-fp16": (
+            "shapes",
+            ["--target", "cuda", "--dtype", "fp16", "--components", "text_encoder,unet,vae_decoder"],
+        ),
     }
     if have_trt:
-        jobs["tensorrt-static"] = (args.preset, ["--target", "tensorrt", "--components", "text_encoder,unet,vae_decoder", *static])
+        jobs["tensorrt-static"] = (
+            args.preset,
+            ["--target", "tensorrt", "--components", "text_encoder,unet,vae_decoder", *static],
+        )
     with ThreadPoolExecutor(max_workers=args.parallel_exports) as pool:
-        done = list(pool.map(lambda item: convert_in_subprocess(item[1][0], args.out / item[0], *item[1][1]), jobs.items()))
+        done = list(
+            pool.map(lambda item: convert_in_subprocess(item[1][0], args.out / item[0], *item[1][1]), jobs.items())
+        )
     for d in done:
         print(f"export {d['name']}: {'cached' if d['cached'] else str(d['seconds']) + ' s'}", flush=True)
     return {name: args.out / name for name in jobs}
@@ -131,8 +163,11 @@ def torch_fp32_unet(pipe, device: str, size: int) -> tuple[np.ndarray, tuple]:
     unet = pipe.unet.to(device, torch.float32)
     latents, embeddings = unet_inputs(unet.config, size, pipe.text_encoder.config.hidden_size)
     with torch.no_grad():
-        out = unet(torch.from_numpy(latents).to(device), torch.full((2,), 501.0, device=device),
-                   torch.from_numpy(embeddings).to(device)).sample
+        out = unet(
+            torch.from_numpy(latents).to(device),
+            torch.full((2,), 501.0, device=device),
+            torch.from_numpy(embeddings).to(device),
+        ).sample
     return out.float().cpu().numpy(), (latents, embeddings)
 
 
@@ -152,21 +187,33 @@ def time_ours(folder: Path, provider: str, size: int, steps: int, runs: int, **s
     from sdruntime import SessionSettings, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.load(folder, provider=provider, settings=SessionSettings(**settings))
-    pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=0, scheduler=SCHEDULER,
-         height=size, width=size)  # warm-up: engines, CUDA graph capture
+    pipe(
+        PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=0, scheduler=SCHEDULER, height=size, width=size
+    )  # warm-up: engines, CUDA graph capture
     components = [pipe.component(name) for name in ("text_encoder", "unet", "vae_decoder")]
     image_s, call_ms, outside = [], [], []
     for i in range(runs):
         before = sum(c.run_seconds for c in components)
-        result = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, seed=i + 1, scheduler=SCHEDULER,
-                      height=size, width=size)
+        result = pipe(
+            PROMPT,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            seed=i + 1,
+            scheduler=SCHEDULER,
+            height=size,
+            width=size,
+        )
         inside = sum(c.run_seconds for c in components) - before
         image_s.append(result.timings["total"])
         call_ms.append(result.timings["unet"] / result.timings["steps"] * 1000)
         outside.append(1 - inside / result.timings["total"])
-    return {"s_per_image": statistics.median(image_s), "ms_per_unet_call": statistics.median(call_ms),
-            "outside_session_run": statistics.median(outside), "unet_calls": int(result.timings["steps"]),
-            "providers": sorted(set(pipe.component_providers.values()))}
+    return {
+        "s_per_image": statistics.median(image_s),
+        "ms_per_unet_call": statistics.median(call_ms),
+        "outside_session_run": statistics.median(outside),
+        "unet_calls": int(result.timings["steps"]),
+        "providers": sorted(set(pipe.component_providers.values())),
+    }
 
 
 def shapes_image(folder: Path, provider: str) -> np.ndarray:
@@ -222,9 +269,18 @@ def main(argv: list[str] | None = None) -> dict:
     folders = export_everything(args, have_trt)
     export_s = time.perf_counter() - started
     results: dict = {
-        "device": device_name(args.device), "onnxruntime": ort.__version__, "providers": available,
-        "preset": args.preset, "size": args.size, "steps": args.steps, "scheduler": SCHEDULER, "guidance": GUIDANCE,
-        "runs": args.runs, "export_s": round(export_s, 1), "arms": {}, "accuracy": {},
+        "device": device_name(args.device),
+        "onnxruntime": ort.__version__,
+        "providers": available,
+        "preset": args.preset,
+        "size": args.size,
+        "steps": args.steps,
+        "scheduler": SCHEDULER,
+        "guidance": GUIDANCE,
+        "runs": args.runs,
+        "export_s": round(export_s, 1),
+        "arms": {},
+        "accuracy": {},
     }
     import torch
 
@@ -243,11 +299,16 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         got = onnx_unet(folders[name], provider, latents, embeddings)
         results["accuracy"][f"U-Net {name} vs torch fp32"] = {
-            "relative_l2": relative_l2(expected, got), "nan": bool(np.isnan(got).any()), "limit": 1e-2}
+            "relative_l2": relative_l2(expected, got),
+            "nan": bool(np.isnan(got).any()),
+            "limit": 1e-2,
+        }
     arms = [("ours generic fp16, " + provider.upper() + " EP", "generic-fp16", provider, {"cuda_graph": False})]
     if on_gpu:
-        arms += [("ours cuda fp16, CUDA EP", "cuda-fp16-static", "cuda", {"cuda_graph": False}),
-                 ("ours cuda fp16, CUDA EP + CUDA graph", "cuda-fp16-static", "cuda", {"cuda_graph": True})]
+        arms += [
+            ("ours cuda fp16, CUDA EP", "cuda-fp16-static", "cuda", {"cuda_graph": False}),
+            ("ours cuda fp16, CUDA EP + CUDA graph", "cuda-fp16-static", "cuda", {"cuda_graph": True}),
+        ]
         if have_trt:
             arms.append(("ours TensorRT EP fp16", "tensorrt-static", "tensorrt", {"trt_fp16": True}))
     for label, name, arm_provider, settings in arms:
@@ -259,7 +320,9 @@ def main(argv: list[str] | None = None) -> dict:
     reference = shapes_image(folders["shapes-fp32"], "cpu")
     shapes = folders["shapes-cuda-fp16"] if on_gpu else folders["shapes-fp32"]
     results["accuracy"]["shapes CUDA fp16 vs CPU fp32 picture" if on_gpu else "shapes CPU fp32 twice"] = {
-        "psnr_db": psnr(reference, shapes_image(shapes, provider)), "limit_db": 35.0}
+        "psnr_db": psnr(reference, shapes_image(shapes, provider)),
+        "limit_db": 35.0,
+    }
     baseline = next(iter(results["arms"].values()))
     for arm in results["arms"].values():
         if "s_per_image" in arm:
@@ -273,17 +336,23 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{results['device']}, onnxruntime {results['onnxruntime']}, torch {results['torch']}: {results['preset']}, "
-          f"{results['size']}x{results['size']}, {results['steps']} {results['scheduler']} steps, guidance "
-          f"{results['guidance']}, batch 1, median of {results['runs']} images")
-    print(f"{'arm':<40} {'s/image':>9} {'x diffusers':>11} {'ms/U-Net call':>14} {'x diffusers':>11} {'outside run':>11}")
+    print(
+        f"\n{results['device']}, onnxruntime {results['onnxruntime']}, torch {results['torch']}: {results['preset']}, "
+        f"{results['size']}x{results['size']}, {results['steps']} {results['scheduler']} steps, guidance "
+        f"{results['guidance']}, batch 1, median of {results['runs']} images"
+    )
+    print(
+        f"{'arm':<40} {'s/image':>9} {'x diffusers':>11} {'ms/U-Net call':>14} {'x diffusers':>11} {'outside run':>11}"
+    )
     for label, arm in results["arms"].items():
         if "skipped" in arm:
             print(f"{label:<40} {arm['skipped']}")
             continue
         outside = f"{arm['outside_session_run'] * 100:.2f}%" if "outside_session_run" in arm else "-"
-        print(f"{label:<40} {arm['s_per_image']:>9.3f} {arm['x_diffusers_image']:>10.2f}x "
-              f"{arm['ms_per_unet_call']:>14.2f} {arm['x_diffusers_unet_call']:>10.2f}x {outside:>11}")
+        print(
+            f"{label:<40} {arm['s_per_image']:>9.3f} {arm['x_diffusers_image']:>10.2f}x "
+            f"{arm['ms_per_unet_call']:>14.2f} {arm['x_diffusers_unet_call']:>10.2f}x {outside:>11}"
+        )
     for label, check in results["accuracy"].items():
         if "skipped" in check:
             print(f"{label:<40} {check['skipped']}")

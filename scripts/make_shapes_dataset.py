@@ -130,10 +130,18 @@ def make_split(triples, variants: int, seed: int) -> tuple[np.ndarray, list[dict
             size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
             cx, cy = px + int(rng.integers(-JITTER, JITTER + 1)), py + int(rng.integers(-JITTER, JITTER + 1))
             images.append(render(colour, shape, background, cx, cy, size))
-            records.append({
-                "colour": colour, "shape": shape, "background": background, "position": position,
-                "cx": cx, "cy": cy, "size": size, "caption": caption(colour, shape, background, position),
-            })
+            records.append(
+                {
+                    "colour": colour,
+                    "shape": shape,
+                    "background": background,
+                    "position": position,
+                    "cx": cx,
+                    "cy": cy,
+                    "size": size,
+                    "caption": caption(colour, shape, background, position),
+                }
+            )
     return np.stack(images), records
 
 
@@ -147,9 +155,16 @@ def build(out: Path, variants: int = 16, eval_variants: int = 1, seed: int = 0) 
     np.savez_compressed(out / "train.npz", images=train_images)
     np.savez_compressed(out / "eval.npz", images=eval_images)
     summary = {
-        "size": SIZE, "palette": PALETTE, "shapes": SHAPES, "positions": list(POSITIONS),
-        "size_range": SIZE_RANGE, "variants": variants, "seed": seed,
-        "held_out_triples": sorted(held), "train": train_records, "eval": eval_records,
+        "size": SIZE,
+        "palette": PALETTE,
+        "shapes": SHAPES,
+        "positions": list(POSITIONS),
+        "size_range": SIZE_RANGE,
+        "variants": variants,
+        "seed": seed,
+        "held_out_triples": sorted(held),
+        "train": train_records,
+        "eval": eval_records,
     }
     (out / "records.json").write_text(json.dumps(summary))
     return summary
@@ -163,8 +178,10 @@ def main() -> None:
     parser.add_argument("--preview", type=Path, help="also write a grid of the first training images here")
     args = parser.parse_args()
     summary = build(args.out, args.variants, seed=args.seed)
-    print(f"{len(summary['train'])} training images ({len(summary['train']) // args.variants} captions), "
-          f"{len(summary['eval'])} held-out images, {len(summary['held_out_triples'])} held-out triples -> {args.out}")
+    print(
+        f"{len(summary['train'])} training images ({len(summary['train']) // args.variants} captions), "
+        f"{len(summary['eval'])} held-out images, {len(summary['held_out_triples'])} held-out triples -> {args.out}"
+    )
     if args.preview:
         images = np.load(args.out / "train.npz")["images"]
         pick = images[:: max(1, len(images) // 64)][:64]

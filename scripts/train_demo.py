@@ -43,26 +43,44 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "models" / "clip-tokenizer"
 SD1_SCHEDULER = {
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
     "prediction_type": "epsilon",
 }
 
 
 def vae_config() -> dict:
     return {
-        "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 32,
-        "block_out_channels": (8, 16, 32), "layers_per_block": 1, "norm_num_groups": 8,
+        "in_channels": 3,
+        "out_channels": 3,
+        "latent_channels": 4,
+        "sample_size": 32,
+        "block_out_channels": (8, 16, 32),
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
         "mid_block_add_attention": False,
-        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
     }
 
 
 def text_config(width: int, layers: int) -> dict:
     return {
-        "vocab_size": 49408, "max_position_embeddings": 77, "hidden_size": width,
-        "intermediate_size": 4 * width, "num_attention_heads": max(1, width // 32), "num_hidden_layers": layers,
-        "projection_dim": width, "hidden_act": "quick_gelu", "bos_token_id": 49406, "eos_token_id": 49407,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "hidden_size": width,
+        "intermediate_size": 4 * width,
+        "num_attention_heads": max(1, width // 32),
+        "num_hidden_layers": layers,
+        "projection_dim": width,
+        "hidden_act": "quick_gelu",
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
         "pad_token_id": 1,
     }
 
@@ -70,8 +88,13 @@ def text_config(width: int, layers: int) -> dict:
 def unet_config(widths: tuple[int, int], layers: int, cross_dim: int, attn_top: bool) -> dict:
     top = "CrossAttnDownBlock2D" if attn_top else "DownBlock2D"
     return {
-        "sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": layers,
-        "block_out_channels": widths, "norm_num_groups": 32, "cross_attention_dim": cross_dim,
+        "sample_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": layers,
+        "block_out_channels": widths,
+        "norm_num_groups": 32,
+        "cross_attention_dim": cross_dim,
         "attention_head_dim": 8,
         "down_block_types": (top, "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", top.replace("Down", "Up")),
@@ -154,13 +177,23 @@ def train_vae(args, images: torch.Tensor):
             bar.set_postfix(rec=f"{np.mean(recent):.4f}")
             recent = []
         if (step + 1) % 100 == 0:
-            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                         "elapsed": time.time() - t0}, ckpt)
+            atomic_save(
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "elapsed": time.time() - t0},
+                ckpt,
+            )
     else:
         step = args.vae_steps
     # the final checkpoint marks the stage done (step = vae_steps) whether steps or time ran out
-    atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": args.vae_steps,
-                 "steps_run": step, "elapsed": time.time() - t0}, ckpt)
+    atomic_save(
+        {
+            "model": vae.state_dict(),
+            "opt": opt.state_dict(),
+            "step": args.vae_steps,
+            "steps_run": step,
+            "elapsed": time.time() - t0,
+        },
+        ckpt,
+    )
     print(f"vae: {step} steps, {time.time() - t0:.0f} s in all", flush=True)
     return vae.eval()
 
@@ -181,8 +214,11 @@ def encode_latents(args, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch
     scaling_factor = float(1.0 / sample.std())
     recon = torch.cat([vae.decode(m).sample for m in mean[:512].split(256)])
     psnr = 10 * math.log10(4.0 / F.mse_loss(recon.clamp(-1, 1), images[:512]).item())
-    print(f"latents: {tuple(mean.shape)}, std {sample.std():.3f}, scaling factor {scaling_factor:.4f}, "
-          f"reconstruction PSNR {psnr:.1f} dB", flush=True)
+    print(
+        f"latents: {tuple(mean.shape)}, std {sample.std():.3f}, scaling factor {scaling_factor:.4f}, "
+        f"reconstruction PSNR {psnr:.1f} dB",
+        flush=True,
+    )
     atomic_save({"mean": mean, "logvar": logvar, "scaling_factor": scaling_factor, "recon_psnr": psnr}, cache)
     return mean, logvar, scaling_factor
 
@@ -209,7 +245,9 @@ def finetune_decoder(args, vae, images: torch.Tensor, mean: torch.Tensor, logvar
     t0 = time.time() - elapsed
     recent = []
     step = start
-    bar = tqdm(range(start, args.decoder_steps), desc="decoder", initial=start, total=args.decoder_steps, mininterval=10)
+    bar = tqdm(
+        range(start, args.decoder_steps), desc="decoder", initial=start, total=args.decoder_steps, mininterval=10
+    )
     for step in bar:
         done = progress(step, args.decoder_steps, time.time() - t0, args.decoder_minutes)
         if done >= 1.0:
@@ -232,12 +270,22 @@ def finetune_decoder(args, vae, images: torch.Tensor, mean: torch.Tensor, logvar
             bar.set_postfix(rec=f"{np.mean(recent):.4f}")
             recent = []
         if (step + 1) % 200 == 0:
-            atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                         "elapsed": time.time() - t0}, ckpt)
+            atomic_save(
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "elapsed": time.time() - t0},
+                ckpt,
+            )
     else:
         step = args.decoder_steps
-    atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                 "elapsed": time.time() - t0, "finished": True}, ckpt)
+    atomic_save(
+        {
+            "model": vae.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "elapsed": time.time() - t0,
+            "finished": True,
+        },
+        ckpt,
+    )
     with torch.no_grad():
         vae.eval()
         recon = torch.cat([vae.decode(m).sample for m in mean[:512].split(256)])
@@ -261,15 +309,25 @@ def build_models(args):
     torch.manual_seed(args.seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(args.text_width, args.text_layers)))
     torch.manual_seed(args.seed + 3)
-    unet = UNet2DConditionModel(**unet_config(tuple(args.unet_widths), args.unet_layers, args.text_width, args.attn_top))
+    unet = UNet2DConditionModel(
+        **unet_config(tuple(args.unet_widths), args.unet_layers, args.text_width, args.attn_top)
+    )
     return text_encoder, unet
 
 
 def save_unet_checkpoint(path, text_encoder, unet, opt, ema, step, elapsed, finished=False) -> None:
-    atomic_save({
-        "text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
-        "ema": ema, "step": step, "elapsed": elapsed, "finished": finished,
-    }, path)
+    atomic_save(
+        {
+            "text_encoder": text_encoder.state_dict(),
+            "unet": unet.state_dict(),
+            "opt": opt.state_dict(),
+            "ema": ema,
+            "step": step,
+            "elapsed": elapsed,
+            "finished": finished,
+        },
+        path,
+    )
 
 
 def resume(ckpt: Path, text_encoder, unet, opt, ema: list, label: str):
@@ -304,8 +362,9 @@ def log_step(recent: list, loss: float, step: int, lr: float, t0: float, writer,
     return recent
 
 
-def end_stage(label: str, ckpt: Path, text_encoder, unet, opt, ema: list, params: list, step: int, start: int,
-              t0: float):
+def end_stage(
+    label: str, ckpt: Path, text_encoder, unet, opt, ema: list, params: list, step: int, start: int, t0: float
+):
     """Mark the stage finished (a step count below the target means the time budget ended it) and
     load the EMA weights into the models."""
     if step > start:
@@ -329,8 +388,11 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
 
     text_encoder, unet = build_models(args)
     params = list(text_encoder.parameters()) + list(unet.parameters())
-    print(f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params, "
-          f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params", flush=True)
+    print(
+        f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params, "
+        f"U-Net {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params",
+        flush=True,
+    )
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema = [p.detach().clone() for p in params]
     ckpt = args.work / "unet.pt"
@@ -453,8 +515,13 @@ def assemble(vae, text_encoder, unet, scaling_factor: float):
 
     vae.register_to_config(scaling_factor=scaling_factor)
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=make_tokenizer(), unet=unet,
-        scheduler=PNDMScheduler(**SD1_SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=make_tokenizer(),
+        unet=unet,
+        scheduler=PNDMScheduler(**SD1_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -480,7 +547,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--vae-steps", type=int, default=3000)
-    parser.add_argument("--vae-minutes", type=float, default=10.0, help="wall-time budget of the VAE stage (ends it early)")
+    parser.add_argument(
+        "--vae-minutes", type=float, default=10.0, help="wall-time budget of the VAE stage (ends it early)"
+    )
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
@@ -489,7 +558,9 @@ def main() -> None:
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage")
     parser.add_argument("--steps", type=int, default=20000, help="U-Net + text encoder steps")
-    parser.add_argument("--minutes", type=float, default=48.0, help="wall-time budget of the U-Net stage; the LR follows it")
+    parser.add_argument(
+        "--minutes", type=float, default=48.0, help="wall-time budget of the U-Net stage; the LR follows it"
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)

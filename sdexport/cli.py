@@ -1,4 +1,8 @@
-"""The `sdexport` command line."""
+"""The `sdexport` command line.
+
+Each command imports its module when it runs: they pull in torch, diffusers and transformers, which
+take seconds to import, and `--help`, `presets` and `inspect` need none of them.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ def cli() -> None:
 @cli.command()
 @click.argument("source", default=DEFAULT_PRESET)
 @click.option("-o", "--output", "out", required=True, help="Folder to write (must not exist unless --overwrite).")
-@click.option("--components", default=",".join(COMPONENTS), show_default=True, help="Comma-separated components to export.")
+@click.option(
+    "--components", default=",".join(COMPONENTS), show_default=True, help="Comma-separated components to export."
+)
 @click.option("--dtype", default="fp32", show_default=True, help=f"{' | '.join(DTYPES)}")
 @click.option("--keep-fp32", default="", help="Components kept in fp32 in an fp16 export, e.g. vae_decoder.")
 @click.option("--target", default="generic", show_default=True, help=f"{' | '.join(TARGETS)}")
@@ -39,33 +45,95 @@ def cli() -> None:
 @click.option("--width", type=int, help="Static image width in pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--no-check", is_flag=True, help="Skip the comparison with PyTorch after each export.")
-@click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
-              help="Fuse a LoRA (diffusers or kohya .safetensors) into the weights first; repeatable; scale 1.0 by default.")
-@click.option("--config", "config_dir", metavar="DIR",
-              help="Single-file checkpoints: a diffusers folder whose configs to use (default: the shipped SD 1.5 or 2.1 ones).")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]),
-              help="Single-file checkpoints: override the config's scheduler (the shipped configs say epsilon for "
-                   "SD 1.x and v_prediction for SD 2.x, as 2.1-768; use epsilon for 512-pixel 2.x-base models).")
-@click.option("--allow-pickle", is_flag=True,
-              help="Single-file checkpoints: read a .ckpt pickle with torch.load(weights_only=True).")
-@click.option("--validate", "validate_export", is_flag=True,
-              help="Run `sdexport validate`'s checks before OUT is put in place; on failure keep it aside and exit 1.")
-@click.option("--auto-fp32-fallback", is_flag=True,
-              help="fp16: keep the nodes validation blames in fp32 and check again (implies --validate).")
-@click.option("--vae", "vae", metavar="FOLDER",
-              help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.")
-def convert(source, out, components, dtype, keep_fp32, target, opset, static, batch_size, height, width, overwrite,
-            no_check, loras, config_dir, prediction_type, allow_pickle, validate_export, auto_fp32_fallback, vae):
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="Fuse a LoRA (diffusers or kohya .safetensors) into the weights first; repeatable; scale 1.0 by default.",
+)
+@click.option(
+    "--config",
+    "config_dir",
+    metavar="DIR",
+    help="Single-file checkpoints: a diffusers folder whose configs to use (default: the shipped SD 1.5 or 2.1 ones).",
+)
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    help="Single-file checkpoints: override the config's scheduler (the shipped configs say epsilon for "
+    "SD 1.x and v_prediction for SD 2.x, as 2.1-768; use epsilon for 512-pixel 2.x-base models).",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Single-file checkpoints: read a .ckpt pickle with torch.load(weights_only=True).",
+)
+@click.option(
+    "--validate",
+    "validate_export",
+    is_flag=True,
+    help="Run `sdexport validate`'s checks before OUT is put in place; on failure keep it aside and exit 1.",
+)
+@click.option(
+    "--auto-fp32-fallback",
+    is_flag=True,
+    help="fp16: keep the nodes validation blames in fp32 and check again (implies --validate).",
+)
+@click.option(
+    "--vae",
+    "vae",
+    metavar="FOLDER",
+    help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.",
+)
+def convert(
+    source,
+    out,
+    components,
+    dtype,
+    keep_fp32,
+    target,
+    opset,
+    static,
+    batch_size,
+    height,
+    width,
+    overwrite,
+    no_check,
+    loras,
+    config_dir,
+    prediction_type,
+    allow_pickle,
+    validate_export,
+    auto_fp32_fallback,
+    vae,
+):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
     from .converter import convert as run_convert
 
     run_convert(
-        source, out, components=_split(components), dtype=dtype, keep_fp32=_split(keep_fp32), target=target,
-        opset=opset, static=static, batch_size=batch_size, height=height, width=width, overwrite=overwrite,
-        check=not no_check, log=lambda line: click.echo(line, err=True), loras=loras, config=config_dir,
-        prediction_type=prediction_type, allow_pickle=allow_pickle, validate=validate_export,
-        auto_fp32_fallback=auto_fp32_fallback, vae=vae,
+        source,
+        out,
+        components=_split(components),
+        dtype=dtype,
+        keep_fp32=_split(keep_fp32),
+        target=target,
+        opset=opset,
+        static=static,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        overwrite=overwrite,
+        check=not no_check,
+        log=lambda line: click.echo(line, err=True),
+        loras=loras,
+        config=config_dir,
+        prediction_type=prediction_type,
+        allow_pickle=allow_pickle,
+        validate=validate_export,
+        auto_fp32_fallback=auto_fp32_fallback,
+        vae=vae,
     )
     click.echo(out)
 
@@ -73,32 +141,75 @@ def convert(source, out, components, dtype, keep_fp32, target, opset, static, ba
 @cli.command("validate")
 @click.argument("source")
 @click.argument("out")
-@click.option("--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt: where ONNX Runtime runs the export.")
-@click.option("--scheduler", help="pndm | ddim | euler | euler-a | dpm++2m | dpm++2m-karras | lms | lcm (default: the exported one).")
+@click.option(
+    "--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt: where ONNX Runtime runs the export."
+)
+@click.option(
+    "--scheduler",
+    help="pndm | ddim | euler | euler-a | dpm++2m | dpm++2m-karras | lms | lcm (default: the exported one).",
+)
 @click.option("--steps", default=10, show_default=True, type=int, help="Denoising steps of the end-to-end runs.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--prompt", help="The end-to-end runs' prompt (default: an astronaut riding a horse on the moon).")
 @click.option("--negative-prompt", help='Their negative prompt (default: "blurry, low quality").')
 @click.option("--height", type=int, help="The end-to-end runs' image height (default: the export's default size).")
 @click.option("--width", type=int, help="The end-to-end runs' image width.")
-@click.option("--atol", type=float, help="Max abs error allowed for every component (default 1e-4 fp32, 1e-3 full size; fp16: reported).")
+@click.option(
+    "--atol",
+    type=float,
+    help="Max abs error allowed for every component (default 1e-4 fp32, 1e-3 full size; fp16: reported).",
+)
 @click.option("--rtol", type=float, help="Relative L2 error allowed for every component (default 1e-2 for fp16).")
 @click.option("--min-psnr", type=float, help="End-to-end PSNR in dB (default 45 fp32, 30 fp16).")
 @click.option("--json", "json_path", metavar="FILE", help="Write the full report (docs/validate-report.md) here.")
 @click.option("--save-images", metavar="DIR", help="Write diffusers | runtime | amplified difference images here.")
 @click.option("--config", "config_dir", metavar="DIR", help="Single-file SOURCE: as for convert.")
-@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert.")
+@click.option(
+    "--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert."
+)
 @click.option("--allow-pickle", is_flag=True, help="Single-file SOURCE: as for convert.")
-def validate_cmd(source, out, provider, scheduler, steps, seed, prompt, negative_prompt, height, width, atol, rtol,
-                 min_psnr, json_path, save_images, config_dir, prediction_type, allow_pickle):
+def validate_cmd(
+    source,
+    out,
+    provider,
+    scheduler,
+    steps,
+    seed,
+    prompt,
+    negative_prompt,
+    height,
+    width,
+    atol,
+    rtol,
+    min_psnr,
+    json_path,
+    save_images,
+    config_dir,
+    prediction_type,
+    allow_pickle,
+):
     """Compare the export OUT with SOURCE, per component and end to end; exit 1 when out of tolerance."""
     from .validate import check_report, format_table, validate, write_report
 
     report = validate(
-        source, out, provider=provider, scheduler=scheduler, steps=steps, seed=seed, prompt=prompt,
-        negative_prompt=negative_prompt, height=height, width=width, atol=atol, rtol=rtol,
-        min_psnr=min_psnr, save_images=save_images, log=lambda line: click.echo(line, err=True),
-        config=config_dir, prediction_type=prediction_type, allow_pickle=allow_pickle,
+        source,
+        out,
+        provider=provider,
+        scheduler=scheduler,
+        steps=steps,
+        seed=seed,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        atol=atol,
+        rtol=rtol,
+        min_psnr=min_psnr,
+        save_images=save_images,
+        log=lambda line: click.echo(line, err=True),
+        config=config_dir,
+        prediction_type=prediction_type,
+        allow_pickle=allow_pickle,
     )
     click.echo(format_table(report))
     if json_path:
@@ -126,7 +237,6 @@ def inspect_cmd(folder, as_json):
 
     report = inspect_export(folder)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
-
 
 
 cli.add_command(generate)

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from sdruntime.manifest import COMPONENTS, DYNAMIC_AXES, axis_sizes, component_io
 
 ATTENTION_FORMS = ("sdpa", "plain")
@@ -45,8 +46,14 @@ class UNet(torch.nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
         given = dict(zip(self.optional, conditioning))
         added = {k: given[k] for k in ("text_embeds", "time_ids") if k in given}
-        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=given.get("timestep_cond"),
-                         added_cond_kwargs=added or None, return_dict=False)[0]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=given.get("timestep_cond"),
+            added_cond_kwargs=added or None,
+            return_dict=False,
+        )[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -76,7 +83,6 @@ class VaeEncoder(torch.nn.Module):
 
 def set_attention(pipe, form: str) -> None:
     """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE and CLIP)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = AttnProcessor2_0 if form == "sdpa" else AttnProcessor
     pipe.unet.set_attn_processor(processor())
@@ -164,11 +170,14 @@ def num_time_ids(pipe) -> int:
     return 5 if pipe.config.get("requires_aesthetics_score") else 6
 
 
-def static_dims(component: str, batch_size: int, height: int, width: int, factor: int, max_length: int) -> dict[str, int]:
+def static_dims(
+    component: str, batch_size: int, height: int, width: int, factor: int, max_length: int
+) -> dict[str, int]:
     """Concrete values of the dynamic axes for a static export of N images of H x W pixels
     (sdruntime.manifest.axis_sizes, for a VAE factor and tokenizer length not yet in a manifest)."""
-    return axis_sizes(SimpleNamespace(vae_scale_factor=factor, tokenizer_max_length=max_length),
-                      component, batch_size, height, width)
+    return axis_sizes(
+        SimpleNamespace(vae_scale_factor=factor, tokenizer_max_length=max_length), component, batch_size, height, width
+    )
 
 
 def num_hidden_states(pipe, component: str = "text_encoder") -> int:
@@ -188,8 +197,12 @@ def final_layer_norm(pipe) -> dict:
 
 
 def io_of(component: str, pipe):
-    return component_io(component, num_hidden_states(pipe, component), text_time=is_sdxl(pipe),
-                        timestep_cond=pipe.unet.config.get("time_cond_proj_dim") is not None)
+    return component_io(
+        component,
+        num_hidden_states(pipe, component),
+        text_time=is_sdxl(pipe),
+        timestep_cond=pipe.unet.config.get("time_cond_proj_dim") is not None,
+    )
 
 
 def dynamic_axes(component: str, fixed: dict[str, int], pipe) -> dict[str, dict[int, str]]:

@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import diffusers
 import numpy as np
+import onnx
+import onnxruntime
+import onnxruntime as ort
+import torch
+import transformers
 from sdruntime.manifest import (
     COMPONENTS,
     CPU_LAYOUT_FORMAT_VERSION,
@@ -33,9 +39,26 @@ from sdruntime.manifest import (
     facts_io,
     file_entry,
 )
+from transformers import CLIPTokenizerFast
 
+from . import __version__
+from .components import (
+    final_layer_norm,
+    first_tokenizer,
+    model_dims,
+    num_hidden_states,
+    num_time_ids,
+    pipeline_components,
+    set_attention,
+    size_multiple,
+    vae_scale_factor,
+)
 from .errors import SdexportError
+from .export import compare_with_torch, release_weights, save_model, trace
 from .families import pipeline_family
+from .graph_check import check_written_graph
+from .optimize import CPU_LAYOUT_PROBE, finish_graph, uses_cpu_layout, write_cpu_layout_probe
+from .scheduler_config import write_scheduler_config
 
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
@@ -65,14 +88,12 @@ class ConvertOptions:
 
 def checkable(target: str) -> bool:
     """Whether this machine can run the target's graphs to compare them with PyTorch."""
-    import onnxruntime as ort
 
     return TARGETS_TABLE[target].check_provider in ort.get_available_providers()
 
 
 def check_written(component: str, path: Path, target: str) -> None:
     """The written graph type-checks and, where this machine runs its target, loads (graph_check.py)."""
-    from .graph_check import check_written_graph
 
     check_written_graph(component, path, TARGETS_TABLE[target].check_provider if checkable(target) else None)
 
@@ -81,9 +102,7 @@ def check_options(opts: ConvertOptions) -> None:
     """Refuse bad options before anything is loaded or written."""
     unknown = [c for c in opts.components if c not in COMPONENTS]
     if unknown or not opts.components:
-        raise SdexportError(
-            f"unknown component '{(unknown or [''])[0]}': choose from {', '.join(COMPONENTS)}"
-        )
+        raise SdexportError(f"unknown component '{(unknown or [''])[0]}': choose from {', '.join(COMPONENTS)}")
     bad_keep = [c for c in opts.keep_fp32 if c not in COMPONENTS]
     if bad_keep:
         raise SdexportError(f"unknown component '{bad_keep[0]}' in --keep-fp32: choose from {', '.join(COMPONENTS)}")
@@ -117,8 +136,6 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def pipeline_facts(pipe, family: str) -> PipelineFacts:
-    from .components import first_tokenizer, num_hidden_states, vae_scale_factor
-
     factor = vae_scale_factor(pipe)
     tokenizer = first_tokenizer(pipe)
     unet = pipe.unet.config
@@ -146,7 +163,6 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
 def sdxl_facts(pipe) -> dict:
     """The SDXL pipeline facts: the second text encoder and tokenizer, the U-Net's added
     conditioning and the pipeline's config flags (refused when the widths do not add up)."""
-    from .components import num_hidden_states, num_time_ids
 
     unet = pipe.unet.config
     encoder = pipe.text_encoder_2.config
@@ -171,23 +187,18 @@ def sdxl_facts(pipe) -> dict:
 
 
 def versions() -> dict:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    from . import __version__
-
     return {
-        "sdexport": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+        "sdexport": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
     }
 
 
 def write_tokenizer(tokenizer, folder: Path) -> None:
     """vocab.json, merges.txt and a tokenizer.json whose padding and truncation are set."""
-    from transformers import CLIPTokenizerFast
 
     tokenizer.save_pretrained(folder)
     fast = CLIPTokenizerFast.from_pretrained(folder)
@@ -199,22 +210,34 @@ def write_tokenizer(tokenizer, folder: Path) -> None:
 
 
 # model_index.json's entries kept from the source pipeline, and the optimum class each family loads with
-INDEX_KEYS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
-              "force_zeros_for_empty_prompt", "requires_aesthetics_score")
-ORT_CLASSES = {"StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline",
-               "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline"}
+INDEX_KEYS = (
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "unet",
+    "scheduler",
+    "force_zeros_for_empty_prompt",
+    "requires_aesthetics_score",
+)
+ORT_CLASSES = {
+    "StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline",
+}
 
 
 def model_index(pipe) -> dict:
     """optimum's model_index.json: the source's entries, the VAE as two parts, the ORT class."""
     index = {k: v for k, v in dict(pipe.config).items() if k in INDEX_KEYS}
-    index.update({
-        "_class_name": ORT_CLASSES.get(type(pipe).__name__, "ORTStableDiffusionPipeline"),
-        "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-        "vae_decoder": ["diffusers", "AutoencoderKL"],
-        "vae_encoder": ["diffusers", "AutoencoderKL"],
-        "feature_extractor": [None, None],
-    })
+    index.update(
+        {
+            "_class_name": ORT_CLASSES.get(type(pipe).__name__, "ORTStableDiffusionPipeline"),
+            "_diffusers_version": pipe.config.get("_diffusers_version", ""),
+            "vae_decoder": ["diffusers", "AutoencoderKL"],
+            "vae_encoder": ["diffusers", "AutoencoderKL"],
+            "feature_extractor": [None, None],
+        }
+    )
     if "text_encoder_2" not in index:
         index.update({"safety_checker": [None, None], "requires_safety_checker": False})
     return index
@@ -224,7 +247,6 @@ def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
     for name in ("tokenizer", "tokenizer_2"):
         if getattr(pipe, name, None) is not None:
             write_tokenizer(getattr(pipe, name), tmp / name)
-    from .scheduler_config import write_scheduler_config  # only the keys the source set: swaps then match diffusers
     write_scheduler_config(pipe.scheduler, tmp / "scheduler")
     configs = {
         "text_encoder": lambda d: pipe.text_encoder.config.save_pretrained(d),
@@ -265,8 +287,9 @@ class Traced:
     seconds: float
 
 
-def trace_shapes(component: str, facts: PipelineFacts,
-                 static: StaticShapes | None) -> tuple[dict[str, int], tuple[int, int], int]:
+def trace_shapes(
+    component: str, facts: PipelineFacts, static: StaticShapes | None
+) -> tuple[dict[str, int], tuple[int, int], int]:
     """The fixed axes, latent size and batch a component is traced with (static exports fix them;
     dynamic ones are traced at the default height, square, with a batch of 2)."""
     if static:
@@ -276,11 +299,10 @@ def trace_shapes(component: str, facts: PipelineFacts,
     return {}, (sizes["height"], sizes["width"]), 2
 
 
-def trace_component(component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None,
-                    opset: int) -> Traced:
+def trace_component(
+    component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None, opset: int
+) -> Traced:
     """Trace one component to `folder/.fp32/<component>/model.onnx`."""
-    from .components import model_dims
-    from .export import trace
 
     started = time.perf_counter()
     fixed, latent, batch = trace_shapes(component, facts, static)
@@ -288,12 +310,17 @@ def trace_component(component: str, pipe, folder: Path, facts: PipelineFacts, st
     return Traced(component, path, {**model_dims(pipe), **fixed}, latent, batch, time.perf_counter() - started)
 
 
-def finish_component(traced: Traced, folder: Path, target: str, fp16: bool, upcast_attention: bool,
-                     extra_fp32_nodes: Sequence[str] = (), compare_with=None) -> Written:
+def finish_component(
+    traced: Traced,
+    folder: Path,
+    target: str,
+    fp16: bool,
+    upcast_attention: bool,
+    extra_fp32_nodes: Sequence[str] = (),
+    compare_with=None,
+) -> Written:
     """Finish a traced graph for the target and dtype, write it, check it, and compare it with
     PyTorch when `compare_with` (the pipeline) is given. Returns what the manifest records of it."""
-    from .export import compare_with_torch, save_model
-    from .optimize import finish_graph, uses_cpu_layout
 
     component = traced.component
     model, kept = finish_graph(component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes)
@@ -307,18 +334,40 @@ def finish_component(traced: Traced, folder: Path, target: str, fp16: bool, upca
     check_written(component, path, target)
     result = None
     if compare_with is not None:
-        result = compare_with_torch(component, compare_with, path, traced.batch if traced.dims.get("batch") else 1,
-                                    traced.latent, provider=TARGETS_TABLE[target].check_provider)
+        result = compare_with_torch(
+            component,
+            compare_with,
+            path,
+            traced.batch if traced.dims.get("batch") else 1,
+            traced.latent,
+            provider=TARGETS_TABLE[target].check_provider,
+        )
     return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
 
 
-def export_component(component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None,
-                     opset: int, target: str, fp16: bool, extra_fp32_nodes: Sequence[str] = (),
-                     compare: bool = True) -> Written:
+def export_component(
+    component: str,
+    pipe,
+    folder: Path,
+    facts: PipelineFacts,
+    static: StaticShapes | None,
+    opset: int,
+    target: str,
+    fp16: bool,
+    extra_fp32_nodes: Sequence[str] = (),
+    compare: bool = True,
+) -> Written:
     """Trace, finish, write and check one component: the path every export takes (finish_component)."""
     traced = trace_component(component, pipe, folder, facts, static, opset)
-    return finish_component(traced, folder, target, fp16, bool(facts.upcast_attention), extra_fp32_nodes,
-                            pipe if compare and checkable(target) else None)
+    return finish_component(
+        traced,
+        folder,
+        target,
+        fp16,
+        bool(facts.upcast_attention),
+        extra_fp32_nodes,
+        pipe if compare and checkable(target) else None,
+    )
 
 
 def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> StaticShapes | None:
@@ -336,14 +385,11 @@ def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> 
 def export_components(pipe, requested: Sequence[str]) -> list[str]:
     """The requested components this pipeline has, in the IO table's order. The default request
     (every component) means all the pipeline has; a component named on purpose must exist."""
-    from .components import pipeline_components
 
     present = pipeline_components(pipe)
     missing = [c for c in requested if c not in present]
     if missing and tuple(requested) != COMPONENTS:
-        raise SdexportError(
-            f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}"
-        )
+        raise SdexportError(f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}")
     return [c for c in COMPONENTS if c in requested and c in present]
 
 
@@ -359,8 +405,6 @@ def component_dtype(component: str, opts: ConvertOptions, facts: PipelineFacts) 
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     """Every requested component, traced first (the graphs are then finished without torch), and the manifest."""
-    from .components import final_layer_norm, set_attention, size_multiple
-    from .export import release_weights
 
     pipe = src.pipe
     facts = pipeline_facts(pipe, pipeline_family(pipe))
@@ -369,11 +413,19 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     attention = TARGETS_TABLE[opts.target].attention
     set_attention(pipe, attention)
     wanted = export_components(pipe, opts.components)
-    kept = [c for c in wanted if c.startswith("vae_") and opts.dtype == "fp16" and c not in opts.keep_fp32
-            and component_dtype(c, opts, facts) == "fp32"]
+    kept = [
+        c
+        for c in wanted
+        if c.startswith("vae_")
+        and opts.dtype == "fp16"
+        and c not in opts.keep_fp32
+        and component_dtype(c, opts, facts) == "fp32"
+    ]
     if kept:
-        opts.log(f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
-                 "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16")
+        opts.log(
+            f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
+            "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16"
+        )
     traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in wanted]
     if "text_encoder" in wanted:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
@@ -387,8 +439,9 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
         component = item.component
         t0 = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
         dtype = component_dtype(component, opts, facts)
-        written = finish_component(item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention),
-                                   compare_with=pipe if check else None)
+        written = finish_component(
+            item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention), compare_with=pipe if check else None
+        )
         result = written.compared
         laid_out = laid_out or written.laid_out
         files = written.files + ((file_entry(tmp, FINAL_LAYER_NORM),) if component == "text_encoder" else ())
@@ -407,7 +460,9 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
         )
         components[component] = entry
         size = sum(f.bytes for f in entry.files) / 1e6
-        detail = "" if result or not opts.check else ", not compared with PyTorch (the cuda target runs on the CUDA EP only)"
+        detail = (
+            "" if result or not opts.check else ", not compared with PyTorch (the cuda target runs on the CUDA EP only)"
+        )
         if result:
             detail = f", max abs diff vs PyTorch {result['max_abs_diff']:.2e} (relative L2 {result['relative_l2']:.1e})"
             if not result["finite"]:
@@ -431,7 +486,6 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
 
 def with_cpu_layout_probe(folder: Path, manifest: Manifest) -> Manifest:
     """The manifest with the probe that tells the runtime whether this CPU reads the graphs' NCHWc layout."""
-    from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
 
     if manifest.cpu_layout_probe is not None:
         return manifest

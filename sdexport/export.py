@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
-from .components import dynamic_axes, example_inputs, io_of, model_dims, wrap
+from .components import dynamic_axes, example_inputs, io_of, model_dims, text_encoders, wrap
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
 
 
-def trace(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int,
-          path: Path) -> Path:
+def trace(
+    component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int, path: Path
+) -> Path:
     """Trace one component to an fp32 ONNX file (torch writes tensors of > 2 GB models beside it).
 
     Static exports are traced with symbolic axes too, at their static sizes, and get those sizes
@@ -71,7 +73,9 @@ def fix_axes(path: Path, io_shapes: dict[str, list[int | None]], fixed: dict[str
     onnx.save_model(model, str(path))
 
 
-def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int) -> onnx.ModelProto:
+def export_fp32(
+    component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int
+) -> onnx.ModelProto:
     """Trace one component to an fp32 ONNX model held in memory (external data loaded)."""
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
         path = trace(component, pipe, opset, fixed, latent_size, batch, Path(tmp) / "model.onnx")
@@ -81,7 +85,6 @@ def export_fp32(component: str, pipe, opset: int, fixed: dict[str, int], latent_
 def release_weights(pipe) -> None:
     """Free the PyTorch weights once every graph is traced and none will be compared: ORT's
     fusions of an SD 1.5 U-Net need most of a 24 GB machine on their own."""
-    from .components import text_encoders
 
     for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
         module.to("meta")
@@ -104,8 +107,12 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
         onnx.save_model(model, str(path))
         return [path.name]
     onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=EXTERNAL_DATA_NAME, size_threshold=1024,
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=EXTERNAL_DATA_NAME,
+        size_threshold=1024,
     )
     # onnx creates the data file readable by its owner only; give it model.onnx's permissions
     shutil.copymode(path, path.parent / EXTERNAL_DATA_NAME)
@@ -120,8 +127,9 @@ def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list
     return [o.detach().float().numpy() for o in out]
 
 
-def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider") -> list[np.ndarray]:
-    import onnxruntime as ort
+def ort_outputs(
+    model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider"
+) -> list[np.ndarray]:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -134,8 +142,15 @@ def ort_outputs(model_path: Path, inputs: dict[str, np.ndarray], provider: str =
     return [o.astype(np.float32) for o in session.run(None, feed)]
 
 
-def compare_with_torch(component: str, pipe, model_path: Path, batch: int, latent_size: tuple[int, int], seed: int = 1,
-                       provider: str = "CPUExecutionProvider") -> dict[str, float]:
+def compare_with_torch(
+    component: str,
+    pipe,
+    model_path: Path,
+    batch: int,
+    latent_size: tuple[int, int],
+    seed: int = 1,
+    provider: str = "CPUExecutionProvider",
+) -> dict[str, float]:
     """Run the same random inputs through PyTorch and ONNX Runtime."""
     inputs = example_inputs(component, pipe, batch, *latent_size, seed=seed)
     expected = torch_outputs(component, pipe, inputs)

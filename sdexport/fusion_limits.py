@@ -88,8 +88,9 @@ def group_norm_launches(channels: int, groups: int) -> bool:
     """The check LaunchGroupNormKernel makes before it launches (diffusion/group_norm_impl.cu)."""
     per_group = channels // groups
     per_block = group_norm_channels_per_block(channels, groups)
-    return not (per_block % per_group != 0 or per_block > GROUP_NORM_MAX_SIZE
-                or per_group % GROUP_NORM_CHANNELS_PER_THREAD != 0)
+    return not (
+        per_block % per_group != 0 or per_block > GROUP_NORM_MAX_SIZE or per_group % GROUP_NORM_CHANNELS_PER_THREAD != 0
+    )
 
 
 def unpacked_head_threads(head_size: int) -> int:
@@ -125,10 +126,13 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         #     return ORT_MAKE_STATUS(ONNXRUNTIME, INVALID_ARGUMENT,
         #         "hidden size should be 2560, 5120, 6144, 10240 or 12288, got ", input_dims[2]);
         # (ORT 1.16 and older: 2560, 5120 or 10240 only; 6144 and 12288 came with SD XL's refiner)
-        Limit("hidden size is 2560, 5120, 6144, 10240 or 12288",
-              "hidden size {hidden_size} is not 2560, 5120, 6144, 10240 or 12288",
-              ("hidden_size",), lambda f: f["hidden_size"] in BIAS_SPLIT_GELU_HIDDEN_SIZES,
-              "diffusion/bias_split_gelu.cc"),
+        Limit(
+            "hidden size is 2560, 5120, 6144, 10240 or 12288",
+            "hidden size {hidden_size} is not 2560, 5120, 6144, 10240 or 12288",
+            ("hidden_size",),
+            lambda f: f["hidden_size"] in BIAS_SPLIT_GELU_HIDDEN_SIZES,
+            "diffusion/bias_split_gelu.cc",
+        ),
     ),
     # diffusion/bias_add.cc checks only ranks and that bias and skip match the input
     # ("The input is expected to have 3 dimensions", "Number of channels in the last dimension of input
@@ -145,20 +149,39 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         # diffusion/group_norm.cc, ComputeInternal:
         #   if (!channels_last_) return ORT_MAKE_STATUS(ONNXRUNTIME, NOT_IMPLEMENTED,
         #                                               "only the channels_last layout is supported");
-        Limit("channels_last layout", "channels_last is 0 (the CUDA kernel is channels-last only)",
-              ("channels_last",), lambda f: f["channels_last"] != 0, "diffusion/group_norm.cc"),
+        Limit(
+            "channels_last layout",
+            "channels_last is 0 (the CUDA kernel is channels-last only)",
+            ("channels_last",),
+            lambda f: f["channels_last"] != 0,
+            "diffusion/group_norm.cc",
+        ),
         #   if (!gamma->IsDataType<float>() || !beta->IsDataType<float>()) return ORT_MAKE_STATUS(
         #       ONNXRUNTIME, NOT_IMPLEMENTED, "GroupNorm only supports gamma and beta in float type");
-        Limit("gamma and beta in float", "gamma or beta is not float32",
-              ("float_affine",), lambda f: f["float_affine"] == 1, "diffusion/group_norm.cc"),
+        Limit(
+            "gamma and beta in float",
+            "gamma or beta is not float32",
+            ("float_affine",),
+            lambda f: f["float_affine"] == 1,
+            "diffusion/group_norm.cc",
+        ),
         # GroupNorm::GroupNorm: ORT_ENFORCE(activation == 0 || activation == 1);  // 0 is None, 1 is Swish
-        Limit("activation 0 (none) or 1 (swish)", "activation {activation} is not 0 or 1",
-              ("activation",), lambda f: f["activation"] in (0, 1), "diffusion/group_norm.cc"),
+        Limit(
+            "activation 0 (none) or 1 (swish)",
+            "activation {activation} is not 0 or 1",
+            ("activation",),
+            lambda f: f["activation"] in (0, 1),
+            "diffusion/group_norm.cc",
+        ),
         #   if (num_channels % num_groups_ != 0) return ORT_MAKE_STATUS(ONNXRUNTIME, INVALID_ARGUMENT,
         #       "number of channels should be divisiable by num_groups");
-        Limit("channels divisible by groups", "{channels} channels do not divide into {groups} groups",
-              ("channels", "groups"), lambda f: f["groups"] > 0 and f["channels"] % f["groups"] == 0,
-              "diffusion/group_norm.cc"),
+        Limit(
+            "channels divisible by groups",
+            "{channels} channels do not divide into {groups} groups",
+            ("channels", "groups"),
+            lambda f: f["groups"] > 0 and f["channels"] % f["groups"] == 0,
+            "diffusion/group_norm.cc",
+        ),
         # diffusion/group_norm_impl.cu, LaunchGroupNormKernel:
         #   if (params.channels_per_block % params.channels_per_group != 0 ||
         #       params.channels_per_block > kMaxSize ||
@@ -167,22 +190,29 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         #         "GroupNorm in CUDA does not support the input: n=", ..., " groups=", num_groups);
         # with channels_per_block from GetChannelsPerBlock (group_norm_common_base.cc): in effect the
         # channels per group must be even and at most 512.
-        Limit("channels per group even and at most 512 (the kernel's launch check)",
-              "{channels} channels in {groups} groups: {per_group} per group (the kernel needs an even "
-              "number, at most 512)",
-              ("channels", "groups"),
-              lambda f: f["groups"] <= 0 or f["channels"] % f["groups"] != 0
-              or group_norm_launches(f["channels"], f["groups"]),
-              "diffusion/group_norm_impl.cu"),
+        Limit(
+            "channels per group even and at most 512 (the kernel's launch check)",
+            "{channels} channels in {groups} groups: {per_group} per group (the kernel needs an even "
+            "number, at most 512)",
+            ("channels", "groups"),
+            lambda f: (
+                f["groups"] <= 0 or f["channels"] % f["groups"] != 0 or group_norm_launches(f["channels"], f["groups"])
+            ),
+            "diffusion/group_norm_impl.cu",
+        ),
     ),
     "MultiHeadAttention": (
         # contrib_ops/cpu/bert/multihead_attention_helper.h, CheckInputs (called by bert/multihead_attention.cc
         # with device_prop.maxThreadsPerBlock):
         #   if (max_threads_per_block > 0 && num_heads > max_threads_per_block) {
         #     return ORT_MAKE_STATUS(ONNXRUNTIME, INVALID_ARGUMENT, "num_heads should be no larger than ", ...);
-        Limit("at most 1024 heads", "{num_heads} heads (at most 1024)",
-              ("num_heads",), lambda f: f["num_heads"] <= MAX_THREADS_PER_BLOCK,
-              "../cpu/bert/multihead_attention_helper.h"),
+        Limit(
+            "at most 1024 heads",
+            "{num_heads} heads (at most 1024)",
+            ("num_heads",),
+            lambda f: f["num_heads"] <= MAX_THREADS_PER_BLOCK,
+            "../cpu/bert/multihead_attention_helper.h",
+        ),
         # Packed QKV [B, S, N, 3, H] and packed KV [B, L, N, 2, H]: unless the TensorRT fused kernel
         # (fp16, some GPUs, some head sizes and lengths) or TensorRT fused cross attention reads them
         # packed, PrepareQkv_MHA_PackedQKV / PrepareQkv_MHA_PackedKV (bert/attention_prepare_qkv.cu)
@@ -194,11 +224,14 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         #   } else if (format == 5) {
         #     ORT_THROW("AddBiasTranspose (format 5) not implemented for hidden_size > max_threads_per_block");
         # Separate Q, K, V take format 0, which has a large-size kernel: no limit there.
-        Limit("packed QKV/KV unpack with at most 1024 threads (heads x head size / vector width)",
-              "packed {packing} of {num_heads} heads of size {head_size} needs {unpack_threads} threads "
-              "per block to unpack (at most 1024)",
-              ("unpack_threads",), lambda f: f["unpack_threads"] <= MAX_THREADS_PER_BLOCK,
-              "bert/add_bias_transpose.cu"),
+        Limit(
+            "packed QKV/KV unpack with at most 1024 threads (heads x head size / vector width)",
+            "packed {packing} of {num_heads} heads of size {head_size} needs {unpack_threads} threads "
+            "per block to unpack (at most 1024)",
+            ("unpack_threads",),
+            lambda f: f["unpack_threads"] <= MAX_THREADS_PER_BLOCK,
+            "bert/add_bias_transpose.cu",
+        ),
     ),
     # bert/skip_layer_norm.cc: skip_layer_norm_helper::CheckInputs (../cpu/skip_layer_norm_helper.h)
     # checks ranks and that skip, gamma, beta and bias match the input; LaunchSkipLayerNormKernel
@@ -215,8 +248,13 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
         # device_prop.maxThreadsPerBlock): ... "num_heads should be no larger than ", max_threads_per_block.
         # Its QKV layouts (LaunchAddBiasTranspose formats 1, 2 and 3) have large-size kernels when the
         # Q/K and V head sizes are equal, as every CLIP attention has.
-        Limit("at most 1024 heads", "{num_heads} heads (at most 1024)",
-              ("num_heads",), lambda f: f["num_heads"] <= MAX_THREADS_PER_BLOCK, "../cpu/bert/attention_base.cc"),
+        Limit(
+            "at most 1024 heads",
+            "{num_heads} heads (at most 1024)",
+            ("num_heads",),
+            lambda f: f["num_heads"] <= MAX_THREADS_PER_BLOCK,
+            "../cpu/bert/attention_base.cc",
+        ),
     ),
 }
 # SkipGroupNorm is GroupNorm's kernel class (diffusion/group_norm.cc registers both) with a skip input.
@@ -248,8 +286,9 @@ class GraphIndex:
         self.shapes: dict[str, list[int | None]] = {}
         for value in [*graph.input, *graph.output, *graph.value_info]:
             if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-                self.shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                           for d in value.type.tensor_type.shape.dim]
+                self.shapes[value.name] = [
+                    d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+                ]
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
     def dims(self, name: str) -> list[int] | None:
@@ -318,15 +357,23 @@ def node_facts(node: onnx.NodeProto, index: GraphIndex) -> dict:
         return {"hidden_size": bias[0] if bias and len(bias) == 1 else index.last_dim(node.input[0])}
     if op in ("GroupNorm", "SkipGroupNorm"):
         gamma, beta = index.initializer.get(node.input[1]), index.initializer.get(node.input[2])
-        floats = None if gamma is None or beta is None else \
-            int(gamma.data_type == TensorProto.FLOAT and beta.data_type == TensorProto.FLOAT)
+        floats = (
+            None
+            if gamma is None or beta is None
+            else int(gamma.data_type == TensorProto.FLOAT and beta.data_type == TensorProto.FLOAT)
+        )
         channels = index.dims(node.input[1])
         groups = _attr(node, "groups")
         channels = channels[0] if channels and len(channels) == 1 else None
         per_group = channels // groups if channels is not None and groups else None
-        return {"channels_last": _attr(node, "channels_last", 1), "float_affine": floats,
-                "activation": _attr(node, "activation"), "channels": channels, "groups": groups,
-                "per_group": per_group}
+        return {
+            "channels_last": _attr(node, "channels_last", 1),
+            "float_affine": floats,
+            "activation": _attr(node, "activation"),
+            "channels": channels,
+            "groups": groups,
+            "per_group": per_group,
+        }
     if op in ("MultiHeadAttention", "Attention"):
         heads = _attr(node, "num_heads")
         facts = {"num_heads": heads}
@@ -356,8 +403,10 @@ def check_node(node: onnx.NodeProto, index: GraphIndex) -> str | None:
     for limit in limits:
         unknown = [name for name in limit.needs if facts.get(name) is None]
         if unknown:
-            return (f"{', '.join(unknown)} not fixed by the graph, so '{limit.rule}' cannot be checked: "
-                    f"left unfused to be safe ({limit.source})")
+            return (
+                f"{', '.join(unknown)} not fixed by the graph, so '{limit.rule}' cannot be checked: "
+                f"left unfused to be safe ({limit.source})"
+            )
         if not limit.holds(facts):
             return f"{limit.message.format(**facts)} ({limit.source})"
     return None
@@ -451,7 +500,9 @@ def _group_norm(g: _Subgraph, node: onnx.NodeProto) -> None:
     facts = node_facts(node, g.index)
     channels, groups = facts["channels"], facts["groups"]
     if not channels or not groups:
-        raise SdexportError(f"cannot replace {node.op_type} node {node.name}: its channels or groups are not fixed by the graph")
+        raise SdexportError(
+            f"cannot replace {node.op_type} node {node.name}: its channels or groups are not fixed by the graph"
+        )
     channels_last = facts["channels_last"] != 0
     x, gamma, beta = node.input[0], node.input[1], node.input[2]
     y = node.output[0]
@@ -465,9 +516,11 @@ def _group_norm(g: _Subgraph, node: onnx.NodeProto) -> None:
         x = g.one("Reshape", [total, g.one("Shape", [x])], add_out)
     nchw = g.one("Transpose", [x], perm=[0, 3, 1, 2]) if channels_last else x
     grouped = g.one("Reshape", [nchw, g.ints("grouped", [0, groups, -1])])
-    normed = g.one("InstanceNormalization",
-                   [grouped, g.floats("ones", np.ones(groups)), g.floats("zeros", np.zeros(groups))],
-                   epsilon=float(_attr(node, "epsilon", 1e-5)))
+    normed = g.one(
+        "InstanceNormalization",
+        [grouped, g.floats("ones", np.ones(groups)), g.floats("zeros", np.zeros(groups))],
+        epsilon=float(_attr(node, "epsilon", 1e-5)),
+    )
     normed = g.one("Reshape", [normed, g.one("Shape", [nchw])])
     if channels_last:
         normed = g.one("Transpose", [normed], perm=[0, 2, 3, 1])
@@ -485,8 +538,10 @@ def _multi_head_attention(g: _Subgraph, node: onnx.NodeProto) -> None:
     extra = [name for i, name in enumerate(node.input) if i > 2 and name]
     outputs = [name for name in node.output[1:] if name]
     if extra or outputs or _attr(node, "unidirectional", 0):
-        raise SdexportError(f"cannot replace MultiHeadAttention node {node.name}: only inputs query, key and "
-                            "value and output 0 have a standard-op replacement here")
+        raise SdexportError(
+            f"cannot replace MultiHeadAttention node {node.name}: only inputs query, key and "
+            "value and output 0 have a standard-op replacement here"
+        )
     facts = node_facts(node, g.index)
     heads, head_size, layout = facts["num_heads"], facts["head_size"], facts["packing"]
 
@@ -543,8 +598,10 @@ def decompose(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
             continue
         replace = DECOMPOSE.get(node.op_type)
         if replace is None:
-            raise SdexportError(f"{node.op_type} node {node.name} exceeds its CUDA kernel's limits and has no "
-                                "standard-op replacement: export with --target generic")
+            raise SdexportError(
+                f"{node.op_type} node {node.name} exceeds its CUDA kernel's limits and has no "
+                "standard-op replacement: export with --target generic"
+            )
         sub = _Subgraph(node, index, position)
         replace(sub, node)
         nodes.extend(sub.nodes)

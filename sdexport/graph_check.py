@@ -12,6 +12,9 @@ import re
 import tempfile
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
+
 from .errors import GraphCheckFailed
 
 # ONNX: "(op_type:Mul, node name: /unet/time_proj/Mul): B has ..."; ORT: "... in node (/unet/time_proj/Mul)."
@@ -34,13 +37,13 @@ def one_line(text: str, limit: int = 300) -> str:
 
 def check_types(component: str, path: Path) -> None:
     """ONNX's strict type inference over the written graph (weights are not read)."""
-    import onnx
 
     with tempfile.TemporaryDirectory(prefix="sdexport-check-") as tmp:
         try:
             onnx.checker.check_model(str(path))  # structure, node order and opsets; by path for any size
-            onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
-                                                   check_type=True, strict_mode=True)
+            onnx.shape_inference.infer_shapes_path(
+                str(path), str(Path(tmp) / "inferred.onnx"), check_type=True, strict_mode=True
+            )
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
             node, reason = failing_node(str(e))
             raise GraphCheckFailed(
@@ -50,7 +53,6 @@ def check_types(component: str, path: Path) -> None:
 
 def check_loads(component: str, path: Path, provider: str) -> None:
     """Create a session for the written graph on `provider`, at the level the runtime loads it."""
-    import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

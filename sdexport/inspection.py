@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import onnx
 from sdruntime.manifest import ExportError, read_manifest
+
+from .fusion_limits import unfused_record
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -14,9 +17,6 @@ def op_counts(model_path: Path) -> tuple[Counter, list[str], list[dict] | None]:
     """Op type counts, each non-standard (contrib or fused) op type with its count, and the fused
     nodes the cuda target put back into standard ops because their CUDA kernel refuses them
     (None for a graph without that record: every other target)."""
-    import onnx
-
-    from .fusion_limits import unfused_record
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
@@ -76,7 +76,9 @@ def format_report(report: dict) -> str:
     ]
     for name, c in report["components"].items():
         top = ", ".join(f"{op}:{n}" for op, n in list(c["op_counts"].items())[:5])
-        lines.append(f"{name:<13} {c['path']:<24} {c['bytes'] / 1e6:>8.1f} {c['dtype']:<5} {c['attention']:<5} {c['nodes']:>6}  {top}")
+        lines.append(
+            f"{name:<13} {c['path']:<24} {c['bytes'] / 1e6:>8.1f} {c['dtype']:<5} {c['attention']:<5} {c['nodes']:>6}  {top}"
+        )
         lines.append(f"{'':<13} in:  " + "; ".join(_shape(t) for t in c["inputs"]))
         lines.append(f"{'':<13} out: " + "; ".join(_shape(t) for t in c["outputs"]))
         extra = f"contrib/fused ops: {', '.join(c['contrib_ops']) or 'none'}"

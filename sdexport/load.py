@@ -7,9 +7,19 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from diffusers import (
+    AutoencoderKL,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from huggingface_hub import snapshot_download
+
 from .errors import SdexportError
 from .families import check_supported, is_sdxl_index
 from .presets import available_presets, build_from_recipe
+from .single_file import load_single_file
 
 REQUIRED_PARTS = {
     "unet": "config.json",
@@ -20,6 +30,8 @@ REQUIRED_PARTS = {
 }
 # SDXL: both text encoders; a refiner has text_encoder_2 only (model_index.json names text_encoder null)
 SDXL_PARTS = {**REQUIRED_PARTS, "text_encoder_2": "config.json", "tokenizer_2": "vocab.json"}
+
+
 @dataclass
 class Source:
     """A loaded pipeline and where it came from."""
@@ -64,9 +76,6 @@ def check_pipeline_folder(folder: Path) -> None:
 
 
 def _load_folder(folder: Path):
-    import torch
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
     model_index = _read_json(folder / "model_index.json")
     if is_sdxl_index(model_index, {}):
         cls = model_index.get("_class_name", "")
@@ -74,8 +83,12 @@ def _load_folder(folder: Path):
         sdxl = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
         return sdxl.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     return StableDiffusionPipeline.from_pretrained(
-        folder, torch_dtype=torch.float32, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True,
+        folder,
+        torch_dtype=torch.float32,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
     )
 
 
@@ -84,18 +97,24 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def load_source(source: str, config: str | None = None, prediction_type: str | None = None,
-                allow_pickle: bool = False) -> Source:
+def load_source(
+    source: str, config: str | None = None, prediction_type: str | None = None, allow_pickle: bool = False
+) -> Source:
     """Resolve SOURCE in order: an existing path, an offline preset, then a hub id. config,
     prediction_type and allow_pickle apply to single-file checkpoints (sdexport/single_file.py)."""
     path = Path(source).expanduser()
     if path.is_file():
-        from .single_file import load_single_file
-
         pipe, _ = load_single_file(path, config, prediction_type, allow_pickle)
         return Source(kind="single_file", name=str(path.resolve()), pipe=pipe)
-    given = [flag for flag, value in (("--config", config), ("--prediction-type", prediction_type),
-                                      ("--allow-pickle", allow_pickle)) if value]
+    given = [
+        flag
+        for flag, value in (
+            ("--config", config),
+            ("--prediction-type", prediction_type),
+            ("--allow-pickle", allow_pickle),
+        )
+        if value
+    ]
     if given:
         raise SdexportError(f"{given[0]} applies to single-file checkpoints only, and '{source}' is not a file")
     if path.exists():
@@ -118,14 +137,14 @@ def load_source(source: str, config: str | None = None, prediction_type: str | N
 
 
 def _load_hub(repo_id: str) -> Source:
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = Path(snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.md", "LICENSE*"],
-            ignore_patterns=["*.fp16.*", "*non_ema*", "*ema-only*", "safety_checker/*"],
-        ))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.md", "LICENSE*"],
+                ignore_patterns=["*.fp16.*", "*non_ema*", "*ema-only*", "safety_checker/*"],
+            )
+        )
     except Exception as e:
         raise SdexportError(
             f"could not fetch '{repo_id}' from the model hub ({type(e).__name__}): check the id and the network"
@@ -137,8 +156,6 @@ def _load_hub(repo_id: str) -> Source:
 def replace_vae(src: Source, vae: str) -> None:
     """Put the diffusers AutoencoderKL in folder `vae` (or in its vae/ subfolder) in place of the
     pipeline's VAE, e.g. an fp16-safe SDXL VAE; its latent space must match the U-Net's."""
-    import torch
-    from diffusers import AutoencoderKL
 
     folder = Path(vae).expanduser()
     if (folder / "vae" / "config.json").is_file():

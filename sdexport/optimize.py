@@ -12,21 +12,40 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+from onnxruntime.transformers.fusion_options import FusionOptions
+from onnxruntime.transformers.optimizer import optimize_model
 from sdruntime.manifest import TARGETS_TABLE
+from sdruntime.session import LEVELS
 
 from .export import EXTERNAL_DATA_NAME, is_large, save_model
+from .fusion_limits import keep_within_limits
 from .precision import fp32_nodes, to_fp16
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CPU_LAYOUT_PROBE = "cpu_layout_probe"
 # ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
-FUSION_MODEL_TYPE = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
-                     "text_encoder_2": "clip"}
+FUSION_MODEL_TYPE = {
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+    "text_encoder": "clip",
+    "text_encoder_2": "clip",
+}
 
 
-def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp16: bool, upcast_attention: bool,
-                 extra_fp32_nodes: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
+def finish_graph(
+    component: str,
+    model: onnx.ModelProto | Path,
+    target: str,
+    fp16: bool,
+    upcast_attention: bool,
+    extra_fp32_nodes: Sequence[str] = (),
+) -> tuple[onnx.ModelProto, list[str]]:
     """Fusions and offline optimization for one target on the fp32 graph, then fp16 conversion.
 
     The order matters: fusions need the fp32 patterns, and ORT's offline optimization on the CPU EP
@@ -36,8 +55,11 @@ def finish_graph(component: str, model: onnx.ModelProto | Path, target: str, fp1
     """
     spec = TARGETS_TABLE[target]
     if isinstance(model, Path):
-        model = cuda_fusions_from_file(component, model, fp16) if spec.fused_ops else \
-            onnx.load(str(model), load_external_data=True)
+        model = (
+            cuda_fusions_from_file(component, model, fp16)
+            if spec.fused_ops
+            else onnx.load(str(model), load_external_data=True)
+        )
     elif spec.fused_ops:
         model = cuda_fusions(component, model, fp16)
     if spec.offline_level:
@@ -57,10 +79,6 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
     """ORT's transformer-optimizer fusions for Stable Diffusion, as its optimize_pipeline applies them,
     less the fused nodes whose CUDA kernel would refuse their widths (fusion_limits.py): those go back
     to standard ops, and the model's metadata (fusion_limits.UNFUSED_KEY) lists them with the reason."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    from .fusion_limits import keep_within_limits
 
     model_type = FUSION_MODEL_TYPE[component]
     options = FusionOptions(model_type)
@@ -74,8 +92,13 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
         # raised while reading the head count); the VAE's time is in its convolutions anyway
         options.enable_attention = False
     optimized = optimize_model(
-        model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-        optimization_options=options, use_gpu=True,
+        model,
+        model_type=model_type,
+        num_heads=0,
+        hidden_size=0,
+        opt_level=0,
+        optimization_options=options,
+        use_gpu=True,
     )
     # the fusion scripts match patterns without the kernels' limits (BiasSplitGelu: 5 widths only)
     model, _ = keep_within_limits(optimized.model)
@@ -110,8 +133,6 @@ def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
     ORT writes the weights to one external file (a graph may grow past 2 GB as NCHWc pads channels),
     read back here. A model over 2 GB is consumed: saving it moves its tensors out of the proto.
     """
-    import onnxruntime as ort
-    from sdruntime.session import LEVELS
 
     with tempfile.TemporaryDirectory(prefix="sdexport-opt-") as tmp:
         source, optimized = Path(tmp) / "in" / "model.onnx", Path(tmp) / "out" / "model.onnx"
@@ -141,9 +162,6 @@ def write_cpu_layout_probe(folder: Path, seed: int = 0) -> list[str]:
     laid out for one width computes garbage, silently, with another. The runtime runs the probe
     before it trusts a cpu export's graphs. Returns the written files, relative to `folder`.
     """
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
     channels = 64  # a multiple of every NCHWc block width
@@ -151,7 +169,8 @@ def write_cpu_layout_probe(folder: Path, seed: int = 0) -> list[str]:
     bias = rng.standard_normal(channels, dtype=np.float32)
     x = rng.standard_normal((1, channels, 6, 6), dtype=np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])], "cpu_layout_probe",
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
+        "cpu_layout_probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
@@ -173,6 +192,5 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Symbolic shape inference (what TensorRT's parser wants); in-memory inference stops at 2 GB."""
     if is_large(model):
         return model
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     return SymbolicShapeInference.infer_shapes(model, auto_merge=True)

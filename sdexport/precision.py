@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 
 import onnx
+from onnxruntime.transformers.float16 import convert_float_to_float16
 
 # Inputs that stay float32 in every export (the IO table's fixed "float32" entries); SDXL's time_ids
 # (sizes and crop corners) get a Sin/Cos embedding like the timestep's.
@@ -66,7 +67,6 @@ def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) 
     The converter places its Casts by the types in `value_info`: every value's type is inferred
     first, on a copy without the weights, so graphs over 2 GB get the same Casts as small ones.
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
 
     inferred = infer_value_types(model)
     del model.graph.value_info[:]
@@ -149,8 +149,11 @@ def drop_fp16_round_trips(model: onnx.ModelProto) -> onnx.ModelProto:
             if name in original:
                 node.input[i] = original[name]
     used = {name for n in nodes for name in n.input} | outputs
-    nodes = [n for n in nodes if not (n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT16
-                                      and not set(n.output) & used)]
+    nodes = [
+        n
+        for n in nodes
+        if not (n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT16 and not set(n.output) & used)
+    ]
     del graph.node[:]
     graph.node.extend(topological_order(nodes, graph))
     return model

@@ -40,6 +40,8 @@ def build_from_recipe(folder: Path):
     """Build a diffusers pipeline with seeded random weights from `recipe.json`: a
     StableDiffusionPipeline, or for family "sdxl" a StableDiffusionXLPipeline (an
     StableDiffusionXLImg2ImgPipeline refiner when the recipe has no text_encoder)."""
+    # torch, diffusers and transformers load lazily here and below: `sdexport --help` and `presets`
+    # read this module, and importing them takes seconds
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -59,8 +61,14 @@ def build_from_recipe(folder: Path):
     # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
     tokenizer = _tokenizer(folder / recipe["tokenizer"], configs["text_encoder"], pad_with_bang=family == "sd2")
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -77,11 +85,16 @@ def _build_sdxl(folder: Path, recipe: dict, configs: dict, seed: int, unet, vae,
     torch.manual_seed(seed + 3)
     parts["text_encoder_2"] = _text_encoder(configs["text_encoder_2"], projection=True)
     parts["tokenizer_2"] = _tokenizer(folder / recipe["tokenizer_2"], configs["text_encoder_2"], pad_with_bang=True)
-    flags = {"force_zeros_for_empty_prompt": bool(recipe.get("force_zeros_for_empty_prompt", True)),
-             "add_watermarker": False}
+    flags = {
+        "force_zeros_for_empty_prompt": bool(recipe.get("force_zeros_for_empty_prompt", True)),
+        "add_watermarker": False,
+    }
     if "text_encoder" not in configs or recipe.get("requires_aesthetics_score"):
         return StableDiffusionXLImg2ImgPipeline(
-            text_encoder=parts.pop("text_encoder", None), tokenizer=parts.pop("tokenizer", None), **parts, **flags,
+            text_encoder=parts.pop("text_encoder", None),
+            tokenizer=parts.pop("tokenizer", None),
+            **parts,
+            **flags,
             requires_aesthetics_score=bool(recipe.get("requires_aesthetics_score", False)),
         )
     return StableDiffusionXLPipeline(**parts, **flags)
@@ -99,8 +112,12 @@ def _tokenizer(tokenizer_dir: Path, text_config: dict, pad_with_bang: bool):
 
     tokenizer_dir = tokenizer_dir.resolve()
     pad = {"pad_token": "!"} if pad_with_bang else {}
-    return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                         model_max_length=text_config["max_position_embeddings"], **pad)
+    return CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"),
+        str(tokenizer_dir / "merges.txt"),
+        model_max_length=text_config["max_position_embeddings"],
+        **pad,
+    )
 
 
 def _scheduler(config: dict):
@@ -116,8 +133,13 @@ def recipe_configs(folder: Path, recipe: dict) -> dict[str, dict]:
     if "configs" not in recipe:
         return {k: recipe[k] for k in parts if k in recipe}
     root = (folder / recipe["configs"]).resolve()
-    files = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
-             "text_encoder_2": "text_encoder_2/config.json", "scheduler": "scheduler/scheduler_config.json"}
+    files = {
+        "unet": "unet/config.json",
+        "vae": "vae/config.json",
+        "text_encoder": "text_encoder/config.json",
+        "text_encoder_2": "text_encoder_2/config.json",
+        "scheduler": "scheduler/scheduler_config.json",
+    }
     return {k: json.loads((root / f).read_text()) for k, f in files.items() if (root / f).is_file()}
 
 
@@ -125,7 +147,6 @@ def resolve_preset(name: str) -> Path:
     presets = available_presets()
     if name not in presets:
         raise SdexportError(
-            f"unknown preset '{name}': choose one of {', '.join(presets) or '(none found)'}"
-            " (see `sdexport presets`)"
+            f"unknown preset '{name}': choose one of {', '.join(presets) or '(none found)'} (see `sdexport presets`)"
         )
     return presets[name]

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 
 CONFIG_NAME = "scheduler_config.json"
@@ -32,13 +33,13 @@ CONFIG_NAME = "scheduler_config.json"
 
 def explicit_scheduler_config(scheduler) -> dict[str, Any]:
     """The keys of a diffusers scheduler's config that did not come from its class's defaults, JSON-ready."""
-    import diffusers
 
     config = dict(scheduler.config)
     defaulted = set(config.pop("_use_default_values", None) or ())
     signature = inspect.signature(type(scheduler).__init__).parameters
     kept = {
-        key: value for key, value in config.items()
+        key: value
+        for key, value in config.items()
         if key not in defaulted or key not in signature or not _equal(value, signature[key].default)
     }
     kept.pop("_ignore_files", None)

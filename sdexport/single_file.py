@@ -14,8 +14,16 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import diffusers
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from safetensors import safe_open
+from transformers import CLIPTokenizer
+
 from .errors import SdexportError, first_line
 from .families import check_supported
+from .presets import models_dir
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
@@ -23,20 +31,22 @@ CLIP = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
 CONV_IN = UNET + "input_blocks.0.0.weight"
 SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21"}
-CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "scheduler/scheduler_config.json")
+CONFIG_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-EXPECTED = (f"expected the original (LDM) layout: {UNET}*, {VAE}* and {CLIP}* (SD 1.x) or "
-            f"{OPEN_CLIP}* (SD 2.x)")
+EXPECTED = f"expected the original (LDM) layout: {UNET}*, {VAE}* and {CLIP}* (SD 1.x) or {OPEN_CLIP}* (SD 2.x)"
 
 
 def read_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
     """Key -> shape. safetensors: from the header only; a pickle only with allow_pickle, tensors only."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors import safe_open
-
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
@@ -58,7 +68,6 @@ def read_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
 
 def load_pickle(path: Path) -> dict:
     """torch.load(weights_only=True): tensors and plain containers only, never arbitrary objects."""
-    import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
@@ -81,6 +90,7 @@ def load_pickle(path: Path) -> dict:
 
 def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
     """sd1 or sd2 from the key names, or a one-line refusal that names what was found and expected."""
+
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
 
@@ -90,31 +100,37 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
             "save it as a diffusers folder (StableDiffusionXLPipeline.from_single_file, then save_pretrained) and convert that"
         )
     if has("control_model.") or has("controlnet_cond_embedding.") or has("input_hint_block."):
-        raise SdexportError(f"{where} is a ControlNet checkpoint (control_model.* keys): ControlNet is not supported yet")
+        raise SdexportError(
+            f"{where} is a ControlNet checkpoint (control_model.* keys): ControlNet is not supported yet"
+        )
     if has("lora_unet_") or has("lora_te_") or any(".lora_" in key or ".lora." in key for key in shapes):
         raise SdexportError(f"{where} is a LoRA, not a model: pass a base model as SOURCE and the LoRA with --lora")
     if CONV_IN not in shapes:
-        raise SdexportError(f"{where} does not look like a Stable Diffusion 1.x/2.x checkpoint: {EXPECTED}; "
-                            f"found {_summary(shapes)}")
+        raise SdexportError(
+            f"{where} does not look like a Stable Diffusion 1.x/2.x checkpoint: {EXPECTED}; found {_summary(shapes)}"
+        )
     channels = shapes[CONV_IN][1]
     if channels == 9:
         raise SdexportError(f"{where} is an inpainting checkpoint (9-channel U-Net): inpainting is not supported yet")
     if channels != 4:
-        raise SdexportError(f"{where} has a U-Net with {channels} input channels (instruct-pix2pix has 8, the x4 "
-                            "upscaler 7): only 4-channel text-to-image U-Nets are supported")
+        raise SdexportError(
+            f"{where} has a U-Net with {channels} input channels (instruct-pix2pix has 8, the x4 "
+            "upscaler 7): only 4-channel text-to-image U-Nets are supported"
+        )
     if not has(VAE):
         raise SdexportError(f"{where} has no VAE weights ({VAE}* keys): only complete checkpoints are supported")
     if has(CLIP):
         return "sd1"
     if has(OPEN_CLIP):
         return "sd2"
-    raise SdexportError(f"{where} has no text encoder weights: expected {CLIP}* (SD 1.x CLIP) or {OPEN_CLIP}* "
-                        f"(SD 2.x OpenCLIP); found {_summary(shapes)}")
+    raise SdexportError(
+        f"{where} has no text encoder weights: expected {CLIP}* (SD 1.x CLIP) or {OPEN_CLIP}* "
+        f"(SD 2.x OpenCLIP); found {_summary(shapes)}"
+    )
 
 
 def config_folder(family: str, config: str | None) -> Path:
     """The diffusers configs to build the pipeline from: --config DIR, or the ones shipped for the family."""
-    from .presets import models_dir
 
     if config is None:
         folder = models_dir() / "configs" / SHIPPED_CONFIGS[family]
@@ -123,8 +139,10 @@ def config_folder(family: str, config: str | None) -> Path:
         folder = Path(config).expanduser()
         where = f"--config {folder}"
         if not folder.is_dir():
-            raise SdexportError(f"{where} is not a folder: pass a diffusers pipeline folder (model_index.json and "
-                                "the unet, vae, text_encoder and scheduler configs)")
+            raise SdexportError(
+                f"{where} is not a folder: pass a diffusers pipeline folder (model_index.json and "
+                "the unet, vae, text_encoder and scheduler configs)"
+            )
     for name in CONFIG_FILES:
         if not (folder / name).is_file():
             raise SdexportError(f"{where} has no {name}: pass a diffusers pipeline folder (`save_pretrained` output)")
@@ -136,7 +154,11 @@ def check_fits(shapes: dict[str, tuple[int, ...]], family: str, folder: Path, cu
     """Compare a few widths of the checkpoint with the configs before building anything."""
     unet = _read_json(folder / "unet" / "config.json")
     text = _read_json(folder / "text_encoder" / "config.json")
-    token = CLIP + "text_model.embeddings.token_embedding.weight" if family == "sd1" else OPEN_CLIP + "token_embedding.weight"
+    token = (
+        CLIP + "text_model.embeddings.token_embedding.weight"
+        if family == "sd1"
+        else OPEN_CLIP + "token_embedding.weight"
+    )
     cross = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
     widths = [
         ("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0]),
@@ -146,12 +168,15 @@ def check_fits(shapes: dict[str, tuple[int, ...]], family: str, folder: Path, cu
     for what, found, configured in widths:
         if found is not None and configured is not None and found != configured:
             where = f"--config {folder}" if custom else f"the shipped {family} configs ({folder})"
-            raise SdexportError(f"the checkpoint does not fit {where}: its {what} is {found} wide, the config says "
-                                f"{configured}: pass --config with this model's diffusers configs")
+            raise SdexportError(
+                f"the checkpoint does not fit {where}: its {what} is {found} wide, the config says "
+                f"{configured}: pass --config with this model's diffusers configs"
+            )
 
 
-def load_single_file(path: Path, config: str | None = None, prediction_type: str | None = None,
-                     allow_pickle: bool = False):
+def load_single_file(
+    path: Path, config: str | None = None, prediction_type: str | None = None, allow_pickle: bool = False
+):
     """Detect, check and load a single-file checkpoint; returns (pipeline, family)."""
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise SdexportError(f"unknown prediction type '{prediction_type}': choose epsilon or v_prediction")
@@ -164,52 +189,62 @@ def load_single_file(path: Path, config: str | None = None, prediction_type: str
     for name in ("unet", "vae", "text_encoder"):
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if missing:
-            raise SdexportError(f"{path} lacks weights that the configs in {folder} call for ({len(missing)} of the "
-                                f"{name}, e.g. {missing[0]}): the checkpoint is incomplete or for another model; "
-                                "pass --config with its configs")
+            raise SdexportError(
+                f"{path} lacks weights that the configs in {folder} call for ({len(missing)} of the "
+                f"{name}, e.g. {missing[0]}): the checkpoint is incomplete or for another model; "
+                "pass --config with its configs"
+            )
     return pipe, family
 
 
 def _from_single_file(path: Path, folder: Path, family: str, prediction_type: str | None):
-    import diffusers
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
-
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its dtype and unused-key warnings are noise here; we check ourselves
     try:
         return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(folder), local_files_only=True, torch_dtype=torch.float32,
-            tokenizer=clip_tokenizer(family, folder), scheduler=scheduler(folder, prediction_type),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            str(path),
+            config=str(folder),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            tokenizer=clip_tokenizer(family, folder),
+            scheduler=scheduler(folder, prediction_type),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
-    except (ValueError, RuntimeError, KeyError, OSError, diffusers.loaders.single_file_utils.SingleFileComponentError) as e:
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        OSError,
+        diffusers.loaders.single_file_utils.SingleFileComponentError,
+    ) as e:
         if "meta tensor" in str(e):  # diffusers leaves the parameters it found no weights for on the meta device
-            raise SdexportError(f"{path} lacks weights that the configs in {folder} call for: the checkpoint is "
-                                "incomplete or for another model; pass --config with its configs") from e
-        raise SdexportError(f"{path} could not be loaded with the configs in {folder} ({first_line(e)}): "
-                            "pass --config with this model's diffusers configs") from e
+            raise SdexportError(
+                f"{path} lacks weights that the configs in {folder} call for: the checkpoint is "
+                "incomplete or for another model; pass --config with its configs"
+            ) from e
+        raise SdexportError(
+            f"{path} could not be loaded with the configs in {folder} ({first_line(e)}): "
+            "pass --config with this model's diffusers configs"
+        ) from e
     finally:
         diffusers_logging.set_verbosity(verbosity)
 
 
 def clip_tokenizer(family: str, folder: Path):
     """The real CLIP tokenizer shipped in models/; SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>."""
-    from transformers import CLIPTokenizer
-
-    from .presets import models_dir
 
     tokenizer_dir = models_dir() / "clip-tokenizer"
     length = _read_json(folder / "text_encoder" / "config.json").get("max_position_embeddings", 77)
     pad = {"pad_token": "!"} if family == "sd2" else {}
-    return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                         model_max_length=length, **pad)
+    return CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=length, **pad
+    )
 
 
 def scheduler(folder: Path, prediction_type: str | None):
     """The config folder's scheduler, with --prediction-type replacing its prediction type."""
-    import diffusers
 
     config = _read_json(folder / "scheduler" / "scheduler_config.json")
     cls = getattr(diffusers, config.get("_class_name", ""), None)
@@ -230,6 +265,8 @@ def _summary(shapes: dict) -> str:
     """The most common key prefixes, e.g. "down_blocks.* (120 keys), up_blocks.* (150 keys)"."""
     if not shapes:
         return "no tensors at all"
-    counts = Counter(".".join(key.split(".")[:2]) if key.startswith(("model.", "cond_stage_model.")) else key.split(".")[0]
-                     for key in shapes)
+    counts = Counter(
+        ".".join(key.split(".")[:2]) if key.startswith(("model.", "cond_stage_model.")) else key.split(".")[0]
+        for key in shapes
+    )
     return ", ".join(f"{prefix}.* ({n} key{'s' if n > 1 else ''})" for prefix, n in counts.most_common(3))

@@ -10,6 +10,7 @@ replace that was cut short while OUT is missing.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -54,7 +55,6 @@ def folder_lock(folder: Path):
     if os.name != "posix":
         yield
         return
-    import fcntl
 
     path = folder / LOCK_NAME
     with open(path, "w") as handle:
@@ -67,7 +67,6 @@ def folder_lock(folder: Path):
 
 def in_use(folder: Path) -> bool:
     """Whether a convert, here or on another host, holds the folder's lock file."""
-    import fcntl
 
     try:
         with open(folder / LOCK_NAME, "a") as handle:
@@ -84,7 +83,7 @@ def remove_stale_temporaries(out: Path, log: Callable[[str], None]) -> None:
     if os.name != "posix" or not out.parent.is_dir():
         return
     for path in out.parent.glob(f".{glob.escape(out.name)}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 2:].partition("-")
+        kind, _, pid = path.name[len(out.name) + 2 :].partition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or not path.is_dir() or path.is_symlink():
             continue
         if process_alive(int(pid)) or in_use(path):

@@ -25,31 +25,68 @@ def sd2_style_pipeline(prediction_type: str):
 
     torch.manual_seed(7)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(32, 32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48, attention_head_dim=(2, 4, 8), use_linear_projection=True,
-        upcast_attention=True, norm_num_groups=16,
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=16,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=16, sample_size=32, scaling_factor=0.13025,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.13025,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3,
-        vocab_size=49408, max_position_embeddings=77, hidden_act="gelu", projection_dim=48,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-    ))
-    tokenizer = CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), pad_token="!", model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_hidden_layers=3,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=48,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    )
+    tokenizer = CLIPTokenizer(
+        str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), pad_token="!", model_max_length=77
+    )
     scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
     )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

@@ -36,7 +36,9 @@ def test_held_out_triples_leave_every_part_in_training():
 def test_eval_prompts_are_held_out_captions():
     items = shapes.eval_prompts()
     assert len(items) == 140 and len({i["prompt"] for i in items}) == 140
-    assert items[0]["prompt"] == shapes.caption(items[0]["colour"], items[0]["shape"], items[0]["background"], items[0]["position"])
+    assert items[0]["prompt"] == shapes.caption(
+        items[0]["colour"], items[0]["shape"], items[0]["background"], items[0]["position"]
+    )
     assert shapes.caption("red", "circle", "blue", "top left") == "a red circle on a blue background, top left"
 
 

@@ -16,8 +16,26 @@ def test_dry_run_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    results = gpu_check.main(["--device", "cpu", "--preset", "tiny-sd", "--size", "64", "--steps", "3", "--runs", "1",
-                              "--unet-calls", "2", "--out", str(tmp_path / "exports"), "--json", str(tmp_path / "r.json")])
+    results = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny-sd",
+            "--size",
+            "64",
+            "--steps",
+            "3",
+            "--runs",
+            "1",
+            "--unet-calls",
+            "2",
+            "--out",
+            str(tmp_path / "exports"),
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(results))
     arms = results["arms"]
     ours = arms["ours generic fp16, CPU EP"]

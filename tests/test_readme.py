@@ -13,9 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def readme_block(heading: str) -> str:
     """The first bash block under `## heading`, as .ci/run reads it."""
-    script = "awk -v h=\"## $1\" '$0 == h {f=1; next} f && /^```bash/ {g=1; next} g && /^```/ {exit} g {print}' README.md"
-    return subprocess.run(["bash", "-c", script, "-", heading], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout
+    script = (
+        "awk -v h=\"## $1\" '$0 == h {f=1; next} f && /^```bash/ {g=1; next} g && /^```/ {exit} g {print}' README.md"
+    )
+    return subprocess.run(
+        ["bash", "-c", script, "-", heading], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def extras(pyproject: Path, name: str) -> list[str]:

@@ -1,8 +1,8 @@
 """Torch-free Stable Diffusion runtime for folders written by `sdexport convert`.
 
-    from sdruntime import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.load("OUT", provider="cpu")
-    pipe("a red circle on a blue background", seed=0).images[0].save("circle.png")
+from sdruntime import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.load("OUT", provider="cpu")
+pipe("a red circle on a blue background", seed=0).images[0].save("circle.png")
 """
 
 __version__ = "0.1.0"

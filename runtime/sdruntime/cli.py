@@ -17,7 +17,7 @@ from .schedulers import TIMESTEP_SPACINGS
 
 
 def _provider(value: str):
-    """"cpu", "cuda", "tensorrt", or a comma-separated fallback list of ORT provider names."""
+    """ "cpu", "cuda", "tensorrt", or a comma-separated fallback list of ORT provider names."""
     return [p.strip() for p in value.split(",")] if "," in value else value
 
 
@@ -70,18 +70,28 @@ def make_output_folder(output: str) -> Path:
 
 
 common = [
-    click.option("--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt | comma-separated ORT providers"),
+    click.option(
+        "--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt | comma-separated ORT providers"
+    ),
     click.option("--threads", default=0, type=int, help="Intra-op threads (0: ORT's default)."),
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
     click.option("--steps", "num_inference_steps", default=25, show_default=True, type=int),
-    click.option("--guidance", "guidance_scale", type=float,
-                 help="Classifier-free guidance scale; 1 or less turns it off.  [default: 7.5, SDXL 5.0]"),
+    click.option(
+        "--guidance",
+        "guidance_scale",
+        type=float,
+        help="Classifier-free guidance scale; 1 or less turns it off.  [default: 7.5, SDXL 5.0]",
+    ),
     click.option("--scheduler", default=None, help="pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lms, lcm"),
     click.option("--height", type=int),
     click.option("--width", type=int),
     click.option("--negative-prompt", default=None),
-    click.option("--timestep-spacing", type=click.Choice(TIMESTEP_SPACINGS), default=None,
-                 help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own)."),
+    click.option(
+        "--timestep-spacing",
+        type=click.Choice(TIMESTEP_SPACINGS),
+        default=None,
+        help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own).",
+    ),
     click.option("-v", "--verbose", is_flag=True, help="Print which execution provider runs each component."),
 ]
 
@@ -128,9 +138,16 @@ def cli() -> None:
 @click.option("--eta", default=0.0, type=float, help="DDIM's eta.")
 @click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
 @click.option("--strength", type=float, help="How far to noise the init image (0-1].  [default: 0.8, SDXL 0.3]")
-@click.option("--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last.")
-@click.option("-o", "--output", default="image.png", show_default=True,
-              help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...")
+@click.option(
+    "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
+)
+@click.option(
+    "-o",
+    "--output",
+    default="image.png",
+    show_default=True,
+    help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...",
+)
 @one_line_warnings
 def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_images, output, init_image, **kwargs):
     """Draw PROMPT with the export in FOLDER."""
@@ -143,8 +160,12 @@ def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_im
         seeds = [seeds[0] + i for i in range(num_images)]
     pipe = _load(folder, provider, threads, no_verify, verbose, img2img=init_image is not None)
     result = pipe(
-        prompt, seed=seeds[0] if len(seeds) == 1 else (seeds or None), num_images=num_images,
-        image=init_image, progress=True, **kwargs,
+        prompt,
+        seed=seeds[0] if len(seeds) == 1 else (seeds or None),
+        num_images=num_images,
+        image=init_image,
+        progress=True,
+        **kwargs,
     )
     for path in result.save(output):
         click.echo(path)
@@ -166,7 +187,9 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
     if grid and len(prompts) != 4:
         raise click.UsageError(f"--grid needs four --prompt corners, got {len(prompts)}")
     if not grid and len(prompts) != 2:
-        raise click.UsageError(f"pairwise interpolation needs two --prompt, got {len(prompts)} (or use --grid with four)")
+        raise click.UsageError(
+            f"pairwise interpolation needs two --prompt, got {len(prompts)} (or use --grid with four)"
+        )
     if (grid or frames) < 2:
         raise click.UsageError("--frames and --grid need at least 2")
     out = make_output_folder(output)

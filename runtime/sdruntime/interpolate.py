@@ -42,8 +42,16 @@ def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, seed: int, w
     return image
 
 
-def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, height: int | None = None,
-             width: int | None = None, **kwargs) -> list[Image.Image]:
+def pairwise(
+    pipe,
+    prompt_a: str,
+    prompt_b: str,
+    frames: int,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    **kwargs,
+) -> list[Image.Image]:
     """N frames from A to B; starting noise from `seed` (A) and `seed + 1` (B), the steps' noise from `seed`."""
     height = height or pipe.manifest.pipeline.default_height
     width = width or pipe.manifest.pipeline.default_width
@@ -54,13 +62,15 @@ def pairwise(pipe, prompt_a: str, prompt_b: str, frames: int, seed: int = 0, hei
         embeds = (1 - t) * cond_a + t * cond_b
         label = f"{prompt_a} -> {prompt_b} ({t:.2f})"
         walk = f"pairwise t={t:.2f} of noise seeds {seed} and {seed + 1}"
-        images.append(_frame(pipe, slerp(t, noise_a, noise_b), embeds, label, seed, walk, height=height, width=width,
-                             **kwargs))
+        images.append(
+            _frame(pipe, slerp(t, noise_a, noise_b), embeds, label, seed, walk, height=height, width=width, **kwargs)
+        )
     return images
 
 
-def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | None = None,
-             width: int | None = None, **kwargs) -> list[Image.Image]:
+def bilinear(
+    pipe, corners: list[str], size: int, seed: int = 0, height: int | None = None, width: int | None = None, **kwargs
+) -> list[Image.Image]:
     """A size x size grid, row by row; corners are top-left, top-right, bottom-left, bottom-right.
 
     Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns. The steps'
@@ -75,8 +85,7 @@ def bilinear(pipe, corners: list[str], size: int, seed: int = 0, height: int | N
         for u in np.linspace(0.0, 1.0, size):
             top, bottom = slerp(u, noises[0], noises[1]), slerp(u, noises[2], noises[3])
             noise = slerp(v, top, bottom)
-            embeds = ((1 - u) * (1 - v) * conds[0] + u * (1 - v) * conds[1]
-                      + (1 - u) * v * conds[2] + u * v * conds[3])
+            embeds = (1 - u) * (1 - v) * conds[0] + u * (1 - v) * conds[1] + (1 - u) * v * conds[2] + u * v * conds[3]
             label = f"bilinear({u:.2f}, {v:.2f}) of {' | '.join(corners)}"
             walk = f"bilinear u={u:.2f} v={v:.2f} of noise seeds {seed} to {seed + 3}"
             images.append(_frame(pipe, noise, embeds, label, seed, walk, height=height, width=width, **kwargs))

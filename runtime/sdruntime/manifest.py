@@ -79,8 +79,9 @@ TARGETS_TABLE: dict[str, Target] = {
     "generic": Target("generic", None, CPU, "sdpa", "basic", None, fused_ops=False, cuda_graphs=True),
     "cpu": Target("cpu", frozenset({CPU}), CPU, "sdpa", "all", "basic", fused_ops=False, cuda_graphs=False),
     "cuda": Target("cuda", frozenset({CUDA}), CUDA, "plain", None, None, fused_ops=True, cuda_graphs=True),
-    "tensorrt": Target("tensorrt", frozenset({TENSORRT, CUDA, CPU}), CPU, "sdpa", "basic", None,
-                       fused_ops=False, cuda_graphs=True),
+    "tensorrt": Target(
+        "tensorrt", frozenset({TENSORRT, CUDA, CPU}), CPU, "sdpa", "basic", None, fused_ops=False, cuda_graphs=True
+    ),
 }
 TARGETS = tuple(TARGETS_TABLE)
 
@@ -142,9 +143,7 @@ COMPONENT_IO: dict[str, ComponentIO] = {
     ),
     "vae_encoder": ComponentIO(
         inputs=(TensorSpec("sample", "float", ("batch", "image_channels", "image_height", "image_width")),),
-        outputs=(
-            TensorSpec("latent_parameters", "float", ("batch", "latent_parameters", "height", "width")),
-        ),
+        outputs=(TensorSpec("latent_parameters", "float", ("batch", "latent_parameters", "height", "width")),),
     ),
 }
 
@@ -172,12 +171,15 @@ UNET_OPTIONAL_INPUTS: dict[str, TensorSpec] = {
 }
 
 FINAL_LAYER_NORM = "text_encoder/final_layer_norm.npz"
-TEXT_ENCODER_HIDDEN = {"text_encoder": ("max_length", "text_hidden_size"),
-                       "text_encoder_2": ("max_length_2", "text_hidden_size_2")}
+TEXT_ENCODER_HIDDEN = {
+    "text_encoder": ("max_length", "text_hidden_size"),
+    "text_encoder_2": ("max_length_2", "text_hidden_size_2"),
+}
 
 
-def component_io(component: str, num_hidden_states: int = 0, text_time: bool = False,
-                 timestep_cond: bool = False) -> ComponentIO:
+def component_io(
+    component: str, num_hidden_states: int = 0, text_time: bool = False, timestep_cond: bool = False
+) -> ComponentIO:
     """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
     i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
     layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
@@ -197,12 +199,17 @@ def component_io(component: str, num_hidden_states: int = 0, text_time: bool = F
 def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
     """The IO of one component of an export with these pipeline facts."""
     hidden = facts.num_hidden_states_2 if component == "text_encoder_2" else facts.num_hidden_states
-    return component_io(component, int(hidden or 0), text_time=facts.family == "sdxl",
-                        timestep_cond=facts.time_cond_proj_dim is not None)
+    return component_io(
+        component,
+        int(hidden or 0),
+        text_time=facts.family == "sdxl",
+        timestep_cond=facts.time_cond_proj_dim is not None,
+    )
 
 
-def describe_io(component: str, export_dtype: str, dims: dict[str, int], num_hidden_states: int = 0,
-                io: ComponentIO | None = None) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
+def describe_io(
+    component: str, export_dtype: str, dims: dict[str, int], num_hidden_states: int = 0, io: ComponentIO | None = None
+) -> tuple[tuple[TensorEntry, ...], tuple[TensorEntry, ...]]:
     """The manifest's `inputs` and `outputs` of one component (of `io`, else of the IO table's entry
     with `num_hidden_states` hidden states)."""
     io = io or component_io(component, num_hidden_states)
@@ -311,11 +318,21 @@ class PipelineFacts(_JsonFields):
     time_cond_proj_dim: int | None = None
     vae_force_upcast: bool | None = None  # the VAE config's force_upcast (SDXL's VAE overflows in fp16)
 
-    OMITTED_WHEN_EMPTY = ("upcast_attention", "num_hidden_states", "num_hidden_states_2",
-                          "text_encoder_2_hidden_size", "text_encoder_2_projection_dim", "tokenizer_2_max_length",
-                          "tokenizer_2_pad_token_id", "force_zeros_for_empty_prompt", "requires_aesthetics_score",
-                          "addition_time_embed_dim", "projection_class_embeddings_input_dim", "time_cond_proj_dim",
-                          "vae_force_upcast")
+    OMITTED_WHEN_EMPTY = (
+        "upcast_attention",
+        "num_hidden_states",
+        "num_hidden_states_2",
+        "text_encoder_2_hidden_size",
+        "text_encoder_2_projection_dim",
+        "tokenizer_2_max_length",
+        "tokenizer_2_pad_token_id",
+        "force_zeros_for_empty_prompt",
+        "requires_aesthetics_score",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
+        "time_cond_proj_dim",
+        "vae_force_upcast",
+    )
 
     @property
     def num_time_ids(self) -> int | None:
@@ -367,8 +384,9 @@ class ExportSource(_JsonFields):
 
     @classmethod
     def from_json(cls, data: Mapping) -> ExportSource:
-        return cls(data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())),
-                   data.get("vae"))
+        return cls(
+            data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())), data.get("vae")
+        )
 
 
 @dataclass(frozen=True)
@@ -403,8 +421,12 @@ class ComponentEntry(_JsonFields):
     @classmethod
     def from_json(cls, data: Mapping) -> ComponentEntry:
         return cls(
-            path=data["path"], files=_files(data["files"]), dtype=data["dtype"], attention=data["attention"],
-            fp32_nodes=tuple(data.get("fp32_nodes") or ()), export_max_abs_diff=data.get("export_max_abs_diff"),
+            path=data["path"],
+            files=_files(data["files"]),
+            dtype=data["dtype"],
+            attention=data["attention"],
+            fp32_nodes=tuple(data.get("fp32_nodes") or ()),
+            export_max_abs_diff=data.get("export_max_abs_diff"),
             export_relative_l2=data.get("export_relative_l2"),
             inputs=tuple(TensorEntry.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorEntry.from_json(t) for t in data["outputs"]),
@@ -421,8 +443,12 @@ def file_entry(folder: Path, relative: str) -> FileEntry:
 
 
 # The files beside the graphs that change what the runtime computes: hashed into `config_files`.
-CONFIG_FILES = ("tokenizer/tokenizer.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-                "scheduler/scheduler_config.json")
+CONFIG_FILES = (
+    "tokenizer/tokenizer.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "scheduler/scheduler_config.json",
+)
 SDXL_CONFIG_FILES = ("tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
 
 
@@ -459,14 +485,19 @@ class Manifest(_JsonFields):
     @classmethod
     def from_json(cls, data: Mapping, folder: Path = Path(".")) -> Manifest:
         return cls(
-            format_version=data["format_version"], created_by=dict(data.get("created_by", {})),
+            format_version=data["format_version"],
+            created_by=dict(data.get("created_by", {})),
             source=ExportSource.from_json(data.get("source", {"kind": "folder", "name": ""})),
-            dtype=data["dtype"], target=data["target"], opset=data.get("opset"),
-            pipeline=PipelineFacts.from_json(data["pipeline"]), size_multiple=int(data["size_multiple"]),
+            dtype=data["dtype"],
+            target=data["target"],
+            opset=data.get("opset"),
+            pipeline=PipelineFacts.from_json(data["pipeline"]),
+            size_multiple=int(data["size_multiple"]),
             static=StaticShapes.from_json(data.get("static")),
             components={name: ComponentEntry.from_json(entry) for name, entry in data["components"].items()},
             cpu_layout_probe=LayoutProbe.from_json(data.get("cpu_layout_probe")),
-            config_files=_files(data.get("config_files", ())), folder=Path(folder),
+            config_files=_files(data.get("config_files", ())),
+            folder=Path(folder),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -495,9 +526,7 @@ class Manifest(_JsonFields):
         for entry in entries:
             path = self.folder / entry.path
             if not path.is_file():
-                raise ExportError(
-                    f"{path} is missing: run `sdexport convert` again to rewrite the export"
-                )
+                raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
             if path.stat().st_size != entry.bytes:
                 raise ExportError(
                     f"{path} has {path.stat().st_size} bytes but the manifest records "
@@ -511,8 +540,9 @@ class Manifest(_JsonFields):
                 )
 
 
-def axis_sizes(facts: PipelineFacts, component: str, images: int, height: int, width: int,
-               guidance: bool = True) -> dict[str, int]:
+def axis_sizes(
+    facts: PipelineFacts, component: str, images: int, height: int, width: int, guidance: bool = True
+) -> dict[str, int]:
     """The sizes of the IO table's dynamic axes for `images` images of height x width pixels.
 
     Latents are the pixels divided by the VAE factor; with guidance the text encoder and the U-Net

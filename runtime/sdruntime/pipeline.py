@@ -111,7 +111,8 @@ class StableDiffusionPipeline:
         if self.manifest.dtype == "fp16" and first_provider(self.providers) == "CPUExecutionProvider":
             warnings.warn(
                 "this export is fp16: the CPU EP runs fp16 graphs slower than fp32 ones (it casts around "
-                "most ops); export fp32 for CPU", stacklevel=3,
+                "most ops); export fp32 for CPU",
+                stacklevel=3,
             )
         self.settings = settings
         self.tokenizers = {
@@ -137,8 +138,9 @@ class StableDiffusionPipeline:
             self.component(name)
 
     @classmethod
-    def load(cls, folder: str | Path, provider="cpu", *, settings: SessionSettings | None = None,
-             verify: bool = True) -> StableDiffusionPipeline:
+    def load(
+        cls, folder: str | Path, provider="cpu", *, settings: SessionSettings | None = None, verify: bool = True
+    ) -> StableDiffusionPipeline:
         """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers."""
         return cls(Path(folder), provider, settings or SessionSettings(), verify)
 
@@ -168,8 +170,9 @@ class StableDiffusionPipeline:
 
     # -- the steps of a generation -----------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str], negative: list[str] | None, num_images: int,
-                      clip_skip: int | None = None) -> np.ndarray:
+    def encode_prompt(
+        self, prompts: list[str], negative: list[str] | None, num_images: int, clip_skip: int | None = None
+    ) -> np.ndarray:
         """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times.
 
         With clip_skip, the prompts' embeddings (not the negative prompts', as in diffusers) are the
@@ -188,14 +191,22 @@ class StableDiffusionPipeline:
     def skipped_hidden_state(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
         count = int(self.manifest.pipeline.num_hidden_states or 0)
         if not count:
-            raise GenerationError("clip_skip needs the text encoder's hidden states, which this export lacks: re-export it")
+            raise GenerationError(
+                "clip_skip needs the text encoder's hidden states, which this export lacks: re-export it"
+            )
         if not 1 <= clip_skip < count:
             raise GenerationError(f"clip_skip must be between 1 and {count - 1} for this text encoder, got {clip_skip}")
         hidden = outputs[f"hidden_states.{count - 1 - clip_skip}"]
         return final_layer_norm(hidden, np.load(self.folder / FINAL_LAYER_NORM))
 
-    def encode_prompt_xl(self, prompts: list[str], negative: list[str] | None, num_images: int,
-                         clip_skip: int | None = None, zero_negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def encode_prompt_xl(
+        self,
+        prompts: list[str],
+        negative: list[str] | None,
+        num_images: int,
+        clip_skip: int | None = None,
+        zero_negative: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """SDXL's (embeddings, pooled embeddings), [uncond..., cond...] (or cond only), each prompt repeated
         num_images times, as StableDiffusionXLPipeline.encode_prompt builds them.
 
@@ -211,7 +222,9 @@ class StableDiffusionPipeline:
         for name in self.encoders:
             count = int((facts.num_hidden_states_2 if name == "text_encoder_2" else facts.num_hidden_states) or 0)
             if clip_skip and not 1 <= clip_skip <= count - 2:
-                raise GenerationError(f"clip_skip must be between 1 and {count - 2} for this text encoder, got {clip_skip}")
+                raise GenerationError(
+                    f"clip_skip must be between 1 and {count - 2} for this text encoder, got {clip_skip}"
+                )
             outputs = self.component(name)(input_ids=self.tokenizers[name](texts))
             states = outputs[f"hidden_states.{count - 2}"]
             if clip_skip:
@@ -232,21 +245,30 @@ class StableDiffusionPipeline:
 
         return halves(embeddings), halves(pooled)
 
-
     def check_size(self, height: int, width: int) -> None:
         multiple = self.manifest.size_multiple
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
-                raise GenerationError(f"{name} {value} is not a positive multiple of {multiple}, this export's size multiple")
+                raise GenerationError(
+                    f"{name} {value} is not a positive multiple of {multiple}, this export's size multiple"
+                )
         static = self.manifest.static
         if static and (height, width) != (static.height, static.width):
             raise GenerationError(
                 f"this export is static at {static.height}x{static.width}: ask for that size or re-export"
             )
 
-    def denoise(self, latents: np.ndarray, embeddings: np.ndarray, scheduler: Scheduler, guidance_scale: float,
-                generator, callback: StepCallback | None, progress: bool,
-                conditioning: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+    def denoise(
+        self,
+        latents: np.ndarray,
+        embeddings: np.ndarray,
+        scheduler: Scheduler,
+        guidance_scale: float,
+        generator,
+        callback: StepCallback | None,
+        progress: bool,
+        conditioning: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
         """The classifier-free-guidance loop over the scheduler's steps; the U-Net's inputs stay bound across
         steps, and the noise a step adds is drawn here, from the run's generator. `conditioning` holds the
         U-Net's further inputs that stay the same at every step (SDXL's text_embeds and time_ids, an LCM
@@ -359,7 +381,9 @@ class StableDiffusionPipeline:
             raise GenerationError("give a prompt, or prompt_embeds")
         prompts = [""] * len(prompt_embeds) if prompt is None else _as_list(prompt, "prompt")
         if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
-            raise GenerationError(f"{len(prompt_embeds)} prompt embeddings for {len(prompts)} prompts: give one per prompt")
+            raise GenerationError(
+                f"{len(prompt_embeds)} prompt embeddings for {len(prompts)} prompts: give one per prompt"
+            )
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
@@ -369,14 +393,22 @@ class StableDiffusionPipeline:
             raise GenerationError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if num_images < 1:
             raise GenerationError(f"num_images must be at least 1, got {num_images}")
-        micro = MicroConditioning(original_size, tuple(crops_coords_top_left), target_size, negative_original_size,
-                                  tuple(negative_crops_coords_top_left), negative_target_size, aesthetic_score,
-                                  negative_aesthetic_score)
+        micro = MicroConditioning(
+            original_size,
+            tuple(crops_coords_top_left),
+            target_size,
+            negative_original_size,
+            tuple(negative_crops_coords_top_left),
+            negative_target_size,
+            aesthetic_score,
+            negative_aesthetic_score,
+        )
         if not self.xl and micro != MicroConditioning():
             raise GenerationError("sizes, crops and aesthetic scores condition SDXL exports only; this one is not SDXL")
         if self.xl and prompt_embeds is not None:
-            raise GenerationError("prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: "
-                                  "pass prompts")
+            raise GenerationError(
+                "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
+            )
         if strength is None:
             strength = 0.3 if self.xl else 0.8
         if guidance_scale is None:
@@ -408,15 +440,17 @@ class StableDiffusionPipeline:
         per_image = isinstance(seed, (list, tuple)) or (seed is None and batch > 1)
         seeds = self._seeds(seed, batch)
         generator = make_generator(seeds if per_image else seeds[0])
-        sched = make_scheduler(name, self.scheduler_config, num_inference_steps, options,
-                               eta=eta if name == "ddim" else 0.0)
+        sched = make_scheduler(
+            name, self.scheduler_config, num_inference_steps, options, eta=eta if name == "ddim" else 0.0
+        )
         # an LCM U-Net takes the guidance scale as an embedding (timestep_cond) instead of a second batch
         lcm_dim = facts.time_cond_proj_dim
         guided = guidance_scale > 1.0 and lcm_dim is None
         if lcm_dim is None and (guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt)):
             warnings.warn(
                 f"guidance_scale {guidance_scale:g} <= 1 turns classifier-free guidance off, as in diffusers: the "
-                "prompt alone steers and the negative prompt is unused; use a value above 1 to guide", stacklevel=2,
+                "prompt alone steers and the negative prompt is unused; use a value above 1 to guide",
+                stacklevel=2,
             )
         if eta and name != "ddim":
             warnings.warn(f"eta {eta:g} only applies to ddim: {name} ignores it", stacklevel=2)
@@ -463,23 +497,31 @@ class StableDiffusionPipeline:
 
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(start_latents, embeddings, sched, guidance_scale, generator, callback, progress,
-                             conditioning)
-        timings = {"denoise": time.perf_counter() - loop_started, "unet": unet.run_seconds - unet_before,
-                   "steps": float(len(sched.step_indices))}
+        final = self.denoise(
+            start_latents, embeddings, sched, guidance_scale, generator, callback, progress, conditioning
+        )
+        timings = {
+            "denoise": time.perf_counter() - loop_started,
+            "unet": unet.run_seconds - unet_before,
+            "steps": float(len(sched.step_indices)),
+        }
         images = to_pil(self.vae_decode(final))
         timings["total"] = time.perf_counter() - call_started
         # A1111's fields first, in its order; then what only this runtime sets
         method = {
-            "Steps": num_inference_steps, "Sampler": name, "Timestep spacing": sched.config.get("timestep_spacing"),
+            "Steps": num_inference_steps,
+            "Sampler": name,
+            "Timestep spacing": sched.config.get("timestep_spacing"),
             "CFG scale": f"{guidance_scale:g}",
         }
         settings = {
-            "Size": f"{width}x{height}", "Model hash": self.model_hash,
+            "Size": f"{width}x{height}",
+            "Model hash": self.model_hash,
             "Model": Path(self.manifest.source.name).name,
             "Denoising strength": f"{strength:g}" if image is not None else None,
             "Init image hash": init_image_hash(image) if image is not None else None,
-            "Clip skip": clip_skip or None, "Eta": f"{eta:g}" if name == "ddim" else None,
+            "Clip skip": clip_skip or None,
+            "Eta": f"{eta:g}" if name == "ddim" else None,
             "Scheduler options": "; ".join(f"{k}={v}" for k, v in (scheduler_options or {}).items()) or None,
             "Latents": "given" if latents is not None and image is None else None,
             "Prompt embeds": "given" if prompt_embeds is not None else None,

@@ -136,7 +136,10 @@ def check_cpu_layout(manifest: Manifest) -> None:
         same = got.shape == expected.shape and np.allclose(got, expected, rtol=1e-4, atol=1e-4)
         why = "it computes the layout probe differently"
     except Exception as e:  # an ORT without NCHWc kernels for this CPU
-        same, why = False, f"it cannot run the layout probe: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        same, why = (
+            False,
+            f"it cannot run the layout probe: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+        )
     if not same:
         raise ProviderError(
             f"{manifest.folder} is a cpu export laid out for another CPU ({why}; ONNX Runtime's NCHWc blocks "
@@ -145,7 +148,9 @@ def check_cpu_layout(manifest: Manifest) -> None:
         )
 
 
-def session_options(settings: SessionSettings, manifest: Manifest, providers: list, component: str = "") -> ort.SessionOptions:
+def session_options(
+    settings: SessionSettings, manifest: Manifest, providers: list, component: str = ""
+) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
@@ -191,8 +196,10 @@ def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -
     profile = {}
     for key, n, side in zip(("min", "opt", "max"), images, sizes):
         known = manifest.axis_sizes(component, n, side, side)
-        shapes = [f"{i.name}:{'x'.join(str(d) for d in shape_of(i.shape, known))}"
-                  for i in manifest.components[component].inputs]
+        shapes = [
+            f"{i.name}:{'x'.join(str(d) for d in shape_of(i.shape, known))}"
+            for i in manifest.components[component].inputs
+        ]
         profile[f"trt_profile_{key}_shapes"] = ",".join(shapes)
     return profile
 
@@ -205,12 +212,19 @@ def provider_options(providers: list, manifest: Manifest, component: str, settin
             expanded.append(entry)
         elif entry == "TensorrtExecutionProvider":
             cache = settings.trt_cache_dir or str(manifest.folder / "trt_cache")
-            expanded.append((entry, {
-                "trt_fp16_enable": str(int(settings.trt_fp16)),
-                "trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
-                "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache,
-                **trt_profile(manifest, component, settings),
-            }))
+            expanded.append(
+                (
+                    entry,
+                    {
+                        "trt_fp16_enable": str(int(settings.trt_fp16)),
+                        "trt_engine_cache_enable": "1",
+                        "trt_engine_cache_path": cache,
+                        "trt_timing_cache_enable": "1",
+                        "trt_timing_cache_path": cache,
+                        **trt_profile(manifest, component, settings),
+                    },
+                )
+            )
         elif entry == "CUDAExecutionProvider" and uses_cuda_graph(manifest, component, settings):
             expanded.append((entry, {"enable_cuda_graph": "1"}))
         else:
@@ -220,8 +234,12 @@ def provider_options(providers: list, manifest: Manifest, component: str, settin
 
 def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSettings) -> bool:
     known = TARGETS_TABLE.get(manifest.target)
-    return (settings.cuda_graph and component == "unet" and manifest.static is not None
-            and (known is None or known.cuda_graphs))
+    return (
+        settings.cuda_graph
+        and component == "unet"
+        and manifest.static is not None
+        and (known is None or known.cuda_graphs)
+    )
 
 
 class Component:
@@ -241,7 +259,8 @@ class Component:
         self.run_seconds = 0.0  # time inside session runs, for the loop-overhead measurement
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(settings, manifest, providers, name),
+                str(self.path),
+                session_options(settings, manifest, providers, name),
                 providers=provider_options(providers, manifest, name, settings),
             )
         except Exception as e:
@@ -250,9 +269,7 @@ class Component:
         used = self.session.get_providers()
         self.provider = used[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        self.static_batch = next(
-            (s.shape[0] for s in entry.inputs if s.shape and isinstance(s.shape[0], int)), None
-        )
+        self.static_batch = next((s.shape[0] for s in entry.inputs if s.shape and isinstance(s.shape[0], int)), None)
 
     def input_dtype(self, name: str):
         return NUMPY_DTYPES[self.inputs[name].dtype]
@@ -265,8 +282,13 @@ class Component:
                 if isinstance(axis, str):
                     known[axis] = size
         f = int(self.manifest.pipeline.vae_scale_factor)
-        pixels = ((known["image_height"], known["image_width"]) if "image_height" in known
-                  else (known["height"] * f, known["width"] * f) if "height" in known else None)
+        pixels = (
+            (known["image_height"], known["image_width"])
+            if "image_height" in known
+            else (known["height"] * f, known["width"] * f)
+            if "height" in known
+            else None
+        )
         if pixels is not None:  # the other spatial axes follow from the pixels (latents: pixels // f)
             sizes = self.manifest.axis_sizes(self.name, known.get("batch", 1), *pixels, guidance=False)
             known = {**sizes, **known}

@@ -21,8 +21,16 @@ from tokenizers import Tokenizer
 from .manifest import ExportError
 
 # CJK Unified Ideographs and their extensions and compatibility blocks (BERT's list)
-CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
 
 
 def ftfy_fix_text() -> Callable[[str], str] | None:
@@ -68,7 +76,9 @@ class PromptTokenizer:
             self.tokenizer = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on a file it cannot parse
             reason = " ".join(str(e).split())[:200]
-            raise ExportError(f"{path} cannot be read ({reason}): run `sdexport convert` again to rewrite the export") from e
+            raise ExportError(
+                f"{path} cannot be read ({reason}): run `sdexport convert` again to rewrite the export"
+            ) from e
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_length = max_length

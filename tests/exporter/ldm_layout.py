@@ -26,11 +26,17 @@ UNET_TOP = {
     "conv_out": "out.2",
 }
 UNET_RESNET = {
-    "norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection",
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
 }
 VAE_TOP = {
-    "conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out",
+    "conv_in": "conv_in",
+    "conv_out": "conv_out",
+    "conv_norm_out": "norm_out",
 }
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
@@ -46,10 +52,10 @@ class _Mapper:
         for key, value in self.state.items():
             if not key.startswith(diffusers + "."):
                 continue
-            rest = key[len(diffusers) + 1:]
+            rest = key[len(diffusers) + 1 :]
             for old, new in (rename or {}).items():
                 if rest.startswith(old + "."):
-                    rest = new + rest[len(old):]
+                    rest = new + rest[len(old) :]
                     break
             if to_conv and value.ndim == 2:
                 value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
@@ -108,13 +114,19 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     m.move("post_quant_conv", "post_quant_conv")
     for i, block in enumerate(vae.encoder.down_blocks):
         for j in range(len(block.resnets)):
-            m.move(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", {"conv_shortcut": "nin_shortcut"})
+            m.move(
+                f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}", {"conv_shortcut": "nin_shortcut"}
+            )
         if block.downsamplers:
             m.move(f"encoder.down.{i}.downsample.conv", f"encoder.down_blocks.{i}.downsamplers.0.conv")
     count = len(vae.decoder.up_blocks)
     for i, block in enumerate(vae.decoder.up_blocks):
         for j in range(len(block.resnets)):
-            m.move(f"decoder.up.{count - 1 - i}.block.{j}", f"decoder.up_blocks.{i}.resnets.{j}", {"conv_shortcut": "nin_shortcut"})
+            m.move(
+                f"decoder.up.{count - 1 - i}.block.{j}",
+                f"decoder.up_blocks.{i}.resnets.{j}",
+                {"conv_shortcut": "nin_shortcut"},
+            )
         if block.upsamplers:
             m.move(f"decoder.up.{count - 1 - i}.upsample.conv", f"decoder.up_blocks.{i}.upsamplers.0.conv")
     return m.finish()

@@ -60,11 +60,25 @@ def test_folder_missing_a_component(capsys, tmp_path, sd2_case):
 @pytest.mark.parametrize(
     ("class_name", "unet", "extra", "says"),
     [
-        ("StableDiffusionXLInpaintPipeline", {"addition_embed_type": "text_time", "in_channels": 9},
-         {"text_encoder_2": ["transformers", "X"]}, "inpainting is not supported yet"),
+        (
+            "StableDiffusionXLInpaintPipeline",
+            {"addition_embed_type": "text_time", "in_channels": 9},
+            {"text_encoder_2": ["transformers", "X"]},
+            "inpainting is not supported yet",
+        ),
         ("StableDiffusionInpaintPipeline", {"in_channels": 9}, None, "inpainting is not supported yet"),
-        ("StableDiffusionUpscalePipeline", {"class_embed_type": "timestep"}, None, "(an upscaler or unCLIP): not supported"),
-        ("StableDiffusionControlNetPipeline", {}, {"controlnet": ["diffusers", "ControlNetModel"]}, "ControlNet is not supported yet"),
+        (
+            "StableDiffusionUpscalePipeline",
+            {"class_embed_type": "timestep"},
+            None,
+            "(an upscaler or unCLIP): not supported",
+        ),
+        (
+            "StableDiffusionControlNetPipeline",
+            {},
+            {"controlnet": ["diffusers", "ControlNetModel"]},
+            "ControlNet is not supported yet",
+        ),
     ],
 )
 def test_unsupported_families(capsys, tmp_path, class_name, unet, extra, says):
@@ -143,7 +157,9 @@ def test_overwrite_replaces(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    code, _, _ = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--overwrite", "--no-check", "-o", str(out))
+    code, _, _ = run(
+        capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--overwrite", "--no-check", "-o", str(out)
+    )
     assert code == 0
     assert not (out / "old.txt").exists() and (out / "vae_decoder" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -168,23 +184,29 @@ def dead_pid() -> int:
 
 def test_convert_removes_what_a_killed_convert_left(capsys, tmp_path):
     out, dead = tmp_path / "out", dead_pid()
-    left = {name: tmp_path / name for name in (
-        f".out.tmp-{dead}", f".out.old-{dead}",  # a killed convert's: removed
-        f".out.tmp-{os.getppid()}",  # a running process's: kept
-        f".out.tmp-{dead + 1000000}",  # a failed validation's, kept with its report
-        f".other.tmp-{dead}",  # another output's
-    )}
+    left = {
+        name: tmp_path / name
+        for name in (
+            f".out.tmp-{dead}",
+            f".out.old-{dead}",  # a killed convert's: removed
+            f".out.tmp-{os.getppid()}",  # a running process's: kept
+            f".out.tmp-{dead + 1000000}",  # a failed validation's, kept with its report
+            f".other.tmp-{dead}",  # another output's
+        )
+    }
     for path in left.values():
         path.mkdir()
         (path / "sdexport.json").write_text("{}")
     (left[f".out.tmp-{dead + 1000000}"] / "validation.json").write_text("{}")
     (left[f".out.tmp-{dead}"] / ".convert.lock").write_text("")  # its lock went with its process
     out.mkdir()  # an earlier export: the interrupted replace's old folder is not the only copy
-    code, out_text, err = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check",
-                              "--overwrite", "-o", str(out))
+    code, out_text, err = run(
+        capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check", "--overwrite", "-o", str(out)
+    )
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["out", f".out.tmp-{os.getppid()}", f".out.tmp-{dead + 1000000}", f".other.tmp-{dead}"])
+        ["out", f".out.tmp-{os.getppid()}", f".out.tmp-{dead + 1000000}", f".other.tmp-{dead}"]
+    )
     assert f"removed {left[f'.out.tmp-{dead}']}, left by an interrupted convert" in out_text + err
 
 
@@ -208,15 +230,26 @@ def test_a_locked_temporary_folder_stays(capsys, tmp_path):
 
     busy = tmp_path / f".out.tmp-{dead_pid()}"
     busy.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"handle = open({str(busy / '.convert.lock')!r}, 'w')\n"
-        "fcntl.flock(handle, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, sys, time\n"
+                f"handle = open({str(busy / '.convert.lock')!r}, 'w')\n"
+                "fcntl.flock(handle, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "time.sleep(60)\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        code, _, err = run(capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check", "-o", str(tmp_path / "out"))
+        code, _, err = run(
+            capsys, "convert", "tiny-sd", "--components", "vae_decoder", "--no-check", "-o", str(tmp_path / "out")
+        )
         assert code == 0, err
         assert busy.is_dir()
     finally:
@@ -230,8 +263,12 @@ def test_importing_diffusers_through_sdexport_prints_nothing():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", "import sdexport.conversion; from diffusers import StableDiffusionPipeline"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import sdexport.conversion; from diffusers import StableDiffusionPipeline"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "Multiple distributions" not in done.stderr, done.stderr
 
 
@@ -242,5 +279,7 @@ def test_inspect_of_a_corrupted_graph_is_one_line(tiny32, tmp_path, capsys):
     code = main(["inspect", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.strip() == f"sdexport: error: {path} is not a readable ONNX model (Error parsing message with type " \
+    assert (
+        err.strip() == f"sdexport: error: {path} is not a readable ONNX model (Error parsing message with type "
         "'onnx.ModelProto': Wire format was corrupt): run `sdexport convert` again"
+    )

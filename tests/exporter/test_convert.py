@@ -72,7 +72,12 @@ def test_other_layout_manifest_facts(sd2_case):
     assert facts.vae_scale_factor == 4
     assert facts.upcast_attention is True
     assert manifest.size_multiple == 16  # 4x VAE, two U-Net upsamplers
-    assert manifest.source.to_json() == {"kind": "folder", "name": str(folder.resolve()), "loras": [], "vae": "pipeline"}
+    assert manifest.source.to_json() == {
+        "kind": "folder",
+        "name": str(folder.resolve()),
+        "loras": [],
+        "vae": "pipeline",
+    }
     saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert saved["_class_name"] == "DDIMScheduler" and saved["prediction_type"] == facts.prediction_type
 
@@ -89,7 +94,12 @@ def test_fp16_io_types_and_fp32_timestep_path(tiny16):
     manifest = read_manifest(tiny16)
     unet = manifest.components["unet"]
     dtypes = {t.name: t.dtype for t in unet.inputs + unet.outputs}
-    assert dtypes == {"sample": "float16", "timestep": "float32", "encoder_hidden_states": "float16", "out_sample": "float16"}
+    assert dtypes == {
+        "sample": "float16",
+        "timestep": "float32",
+        "encoder_hidden_states": "float16",
+        "out_sample": "float16",
+    }
     model = onnx.load(str(tiny16 / "unet" / "model.onnx"))
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
     assert inputs["timestep"] == onnx.TensorProto.FLOAT and inputs["sample"] == onnx.TensorProto.FLOAT16
@@ -127,8 +137,14 @@ def test_upcast_attention_keeps_softmax_in_fp32(sd2_case, tmp_path):
 def test_keep_fp32_component(tmp_path):
     from sdexport import convert
 
-    out = convert("tiny-sd", tmp_path / "mixed", dtype="fp16", keep_fp32=["vae_decoder"],
-                  components=["unet", "vae_decoder"], log=lambda s: None)
+    out = convert(
+        "tiny-sd",
+        tmp_path / "mixed",
+        dtype="fp16",
+        keep_fp32=["vae_decoder"],
+        components=["unet", "vae_decoder"],
+        log=lambda s: None,
+    )
     components = read_manifest(out).components
     assert components["unet"].dtype == "fp16"
     assert components["vae_decoder"].dtype == "fp32"
@@ -151,9 +167,16 @@ def test_manifest_matches_schema_and_files(tiny32, tiny16, sd2_case):
 
 def test_folder_layout(tiny32):
     for path in [
-        "sdexport.json", "model_index.json", "tokenizer/tokenizer.json", "tokenizer/vocab.json",
-        "tokenizer/merges.txt", "scheduler/scheduler_config.json", "unet/config.json",
-        "text_encoder/config.json", "vae_decoder/config.json", "vae_encoder/config.json",
+        "sdexport.json",
+        "model_index.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "text_encoder/config.json",
+        "vae_decoder/config.json",
+        "vae_encoder/config.json",
     ]:
         assert (tiny32 / path).is_file(), path
     tokenizer = json.loads((tiny32 / "tokenizer" / "tokenizer.json").read_text())

@@ -30,7 +30,8 @@ MS = "com.microsoft"
 
 def make_model(nodes, inputs, outputs, initializers=(), opset=17):
     graph = helper.make_graph(
-        nodes, "g",
+        nodes,
+        "g",
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
         [numpy_helper.from_array(np.asarray(v), n) for n, v in initializers],
@@ -58,10 +59,13 @@ def reason(model):
 def bias_split_gelu_model(widths):
     nodes, inits = [], []
     for k, width in enumerate(widths):
-        nodes.append(helper.make_node("BiasSplitGelu", [f"x{k}", f"b{k}"], [f"y{k}"], name=f"BiasSplitGelu_{k}", domain=MS))
+        nodes.append(
+            helper.make_node("BiasSplitGelu", [f"x{k}", f"b{k}"], [f"y{k}"], name=f"BiasSplitGelu_{k}", domain=MS)
+        )
         inits.append((f"b{k}", np.linspace(-1, 1, width, dtype=np.float32)))
-    return make_model(nodes, [(f"x{k}", [2, 3, w]) for k, w in enumerate(widths)],
-                      [f"y{k}" for k in range(len(widths))], inits)
+    return make_model(
+        nodes, [(f"x{k}", [2, 3, w]) for k, w in enumerate(widths)], [f"y{k}" for k in range(len(widths))], inits
+    )
 
 
 def group_norm_model(channels, groups, op="GroupNorm", gamma_type=np.float32, **attrs):
@@ -69,7 +73,9 @@ def group_norm_model(channels, groups, op="GroupNorm", gamma_type=np.float32, **
     inputs = ["x", "gamma", "beta"] + (["skip"] if op == "SkipGroupNorm" else [])
     node = fused_node(op, inputs, **attrs)
     shapes = [("x", [1, 2, 2, channels])] + ([("skip", [1, 2, 2, channels])] if op == "SkipGroupNorm" else [])
-    return make_model([node], shapes, ["y"], [("gamma", np.ones(channels, gamma_type)), ("beta", np.zeros(channels, gamma_type))])
+    return make_model(
+        [node], shapes, ["y"], [("gamma", np.ones(channels, gamma_type)), ("beta", np.zeros(channels, gamma_type))]
+    )
 
 
 def packed_attention_model(heads, head_size, layout="QKV", known_shape=True, **attrs):
@@ -99,33 +105,52 @@ def test_bias_split_gelu_accepts_its_five_widths(width):
 @pytest.mark.parametrize("width", [512, 1024, 1280, 2048, 2562])
 def test_bias_split_gelu_refuses_other_widths(width):
     assert reason(bias_split_gelu_model([width])) == (
-        f"hidden size {width} is not 2560, 5120, 6144, 10240 or 12288 (diffusion/bias_split_gelu.cc)")
+        f"hidden size {width} is not 2560, 5120, 6144, 10240 or 12288 (diffusion/bias_split_gelu.cc)"
+    )
 
 
 def test_a_width_the_graph_does_not_fix_is_refused_conservatively():
     node = fused_node("BiasSplitGelu", ["x", "b"])
     model = make_model([node], [("x", None), ("b", None)], ["y"])
-    assert reason(model) == ("hidden_size not fixed by the graph, so 'hidden size is 2560, 5120, 6144, 10240 or "
-                             "12288' cannot be checked: left unfused to be safe (diffusion/bias_split_gelu.cc)")
+    assert reason(model) == (
+        "hidden_size not fixed by the graph, so 'hidden size is 2560, 5120, 6144, 10240 or "
+        "12288' cannot be checked: left unfused to be safe (diffusion/bias_split_gelu.cc)"
+    )
 
 
-@pytest.mark.parametrize("op, inputs", [
-    ("BiasAdd", [("x", [1, 4, 96]), ("skip", [1, 4, 96])]),
-    ("NhwcConv", [("x", [1, 4, 4, 7])]),
-    ("SkipLayerNormalization", [("x", [1, 4, 96]), ("skip", [1, 4, 96])]),
-    ("QuickGelu", [("x", [1, 4, 96])]),
-])
+@pytest.mark.parametrize(
+    "op, inputs",
+    [
+        ("BiasAdd", [("x", [1, 4, 96]), ("skip", [1, 4, 96])]),
+        ("NhwcConv", [("x", [1, 4, 4, 7])]),
+        ("SkipLayerNormalization", [("x", [1, 4, 96]), ("skip", [1, 4, 96])]),
+        ("QuickGelu", [("x", [1, 4, 96])]),
+    ],
+)
 def test_ops_without_width_limits_are_accepted_at_any_width(op, inputs):
     assert fl.LIMITS[op] == ()
     node = fused_node(op, [name for name, _ in inputs])
     assert reason(make_model([node], inputs, ["y"])) is None
 
 
-@pytest.mark.parametrize("channels, groups", [
-    (320, 32), (640, 32), (960, 32), (1280, 32), (1920, 32), (2560, 32),  # SD U-Nets
-    (128, 32), (256, 32), (512, 32),  # SD VAEs
-    (64, 32), (96, 16), (512, 1), (1024, 2),  # 2 and 6 channels a group; 512, the most a block takes
-])
+@pytest.mark.parametrize(
+    "channels, groups",
+    [
+        (320, 32),
+        (640, 32),
+        (960, 32),
+        (1280, 32),
+        (1920, 32),
+        (2560, 32),  # SD U-Nets
+        (128, 32),
+        (256, 32),
+        (512, 32),  # SD VAEs
+        (64, 32),
+        (96, 16),
+        (512, 1),
+        (1024, 2),  # 2 and 6 channels a group; 512, the most a block takes
+    ],
+)
 def test_group_norm_accepts_even_groups_of_at_most_512(channels, groups):
     assert fl.group_norm_launches(channels, groups)
     assert reason(group_norm_model(channels, groups)) is None
@@ -136,18 +161,23 @@ def test_group_norm_accepts_even_groups_of_at_most_512(channels, groups):
 def test_group_norm_refuses_odd_or_too_large_groups(channels, groups):
     per_group = channels // groups
     assert not fl.group_norm_launches(channels, groups)
-    expected = (f"{channels} channels in {groups} groups: {per_group} per group (the kernel needs an even number, "
-                "at most 512) (diffusion/group_norm_impl.cu)")
+    expected = (
+        f"{channels} channels in {groups} groups: {per_group} per group (the kernel needs an even number, "
+        "at most 512) (diffusion/group_norm_impl.cu)"
+    )
     assert reason(group_norm_model(channels, groups)) == expected
     assert reason(group_norm_model(channels, groups, op="SkipGroupNorm")) == expected
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"channels_last": 0}, "channels_last is 0 (the CUDA kernel is channels-last only) (diffusion/group_norm.cc)"),
-    ({"activation": 2}, "activation 2 is not 0 or 1 (diffusion/group_norm.cc)"),
-    ({"groups": 3}, "64 channels do not divide into 3 groups (diffusion/group_norm.cc)"),
-    ({"gamma_type": np.float16}, "gamma or beta is not float32 (diffusion/group_norm.cc)"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"channels_last": 0}, "channels_last is 0 (the CUDA kernel is channels-last only) (diffusion/group_norm.cc)"),
+        ({"activation": 2}, "activation 2 is not 0 or 1 (diffusion/group_norm.cc)"),
+        ({"groups": 3}, "64 channels do not divide into 3 groups (diffusion/group_norm.cc)"),
+        ({"gamma_type": np.float16}, "gamma or beta is not float32 (diffusion/group_norm.cc)"),
+    ],
+)
 def test_group_norm_attribute_limits(change, expected):
     options = {"groups": 32, **change}
     assert reason(group_norm_model(64, **options)) == expected
@@ -164,12 +194,18 @@ def test_group_norm_channels_per_block_follows_the_kernel():
 
 
 @pytest.mark.parametrize("layout", ["QKV", "KV"])
-@pytest.mark.parametrize("heads, head_size, threads", [
-    (8, 40, 80), (8, 80, 160), (8, 160, 320),  # SD 1.5
-    (20, 64, 320),  # SD XL
-    (16, 256, 1024),  # 4-wide vectors: 16 x 64 threads, the most a block has
-    (512, 2, 512), (204, 5, 1020),
-])
+@pytest.mark.parametrize(
+    "heads, head_size, threads",
+    [
+        (8, 40, 80),
+        (8, 80, 160),
+        (8, 160, 320),  # SD 1.5
+        (20, 64, 320),  # SD XL
+        (16, 256, 1024),  # 4-wide vectors: 16 x 64 threads, the most a block has
+        (512, 2, 512),
+        (204, 5, 1020),
+    ],
+)
 def test_packed_attention_accepted_while_it_unpacks_in_one_block(layout, heads, head_size, threads):
     model = packed_attention_model(heads, head_size, layout)
     assert fl.node_facts(model.graph.node[1], fl.GraphIndex(model))["unpack_threads"] == threads
@@ -177,10 +213,14 @@ def test_packed_attention_accepted_while_it_unpacks_in_one_block(layout, heads, 
 
 
 @pytest.mark.parametrize("layout", ["QKV", "KV"])
-@pytest.mark.parametrize("heads, head_size, threads", [(20, 256, 1280), (342, 6, 1026), (8, 129, 1032), (1025, 4, 1025)])
+@pytest.mark.parametrize(
+    "heads, head_size, threads", [(20, 256, 1280), (342, 6, 1026), (8, 129, 1032), (1025, 4, 1025)]
+)
 def test_packed_attention_refused_when_unpacking_needs_more_threads(layout, heads, head_size, threads):
-    expected = (f"packed {layout} of {heads} heads of size {head_size} needs {threads} threads per block to unpack "
-                "(at most 1024) (bert/add_bias_transpose.cu)")
+    expected = (
+        f"packed {layout} of {heads} heads of size {head_size} needs {threads} threads per block to unpack "
+        "(at most 1024) (bert/add_bias_transpose.cu)"
+    )
     if heads > 1024:
         expected = f"{heads} heads (at most 1024) (../cpu/bert/multihead_attention_helper.h)"
     assert reason(packed_attention_model(heads, head_size, layout)) == expected
@@ -190,19 +230,25 @@ def test_separate_qkv_attention_has_no_width_limit():
     node = fused_node("MultiHeadAttention", ["q", "k", "v"], num_heads=20)
     model = make_model([node], [("q", [2, 4, 20 * 256]), ("k", [2, 6, 20 * 256]), ("v", [2, 6, 20 * 256])], ["y"])
     assert reason(model) is None
-    many = make_model([fused_node("MultiHeadAttention", ["q", "k", "v"], num_heads=2048)],
-                      [("q", None), ("k", None), ("v", None)], ["y"])
+    many = make_model(
+        [fused_node("MultiHeadAttention", ["q", "k", "v"], num_heads=2048)],
+        [("q", None), ("k", None), ("v", None)],
+        ["y"],
+    )
     assert reason(many) == "2048 heads (at most 1024) (../cpu/bert/multihead_attention_helper.h)"
 
 
 def test_packed_attention_with_an_unknown_head_size_is_refused_conservatively():
     assert reason(packed_attention_model(8, 40, known_shape=False)).startswith(
-        "unpack_threads not fixed by the graph, so 'packed QKV/KV unpack with at most 1024 threads")
+        "unpack_threads not fixed by the graph, so 'packed QKV/KV unpack with at most 1024 threads"
+    )
 
 
 def test_clip_attention_limit():
     def attention(heads):
-        return make_model([fused_node("Attention", ["x", "w"], num_heads=heads)], [("x", [1, 77, 64]), ("w", [64, 192])], ["y"])
+        return make_model(
+            [fused_node("Attention", ["x", "w"], num_heads=heads)], [("x", [1, 77, 64]), ("w", [64, 192])], ["y"]
+        )
 
     assert reason(attention(8)) is None
     assert reason(attention(2048)) == "2048 heads (at most 1024) (../cpu/bert/attention_base.cc)"
@@ -225,8 +271,12 @@ def test_only_the_refused_bias_split_gelu_is_replaced_and_computes_the_same():
     assert fl.refused_nodes(model) == []
     assert fl.unfused_record(model) == [refusals[0].as_dict()]
     # the replacement runs on the CPU EP once the accepted node, which has no CPU kernel, is cut away
-    rest = make_model([n for n in model.graph.node if n.domain != MS], [("x1", [2, 3, 1024])], ["y1"],
-                      [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.name != "b0"])
+    rest = make_model(
+        [n for n in model.graph.node if n.domain != MS],
+        [("x1", [2, 3, 1024])],
+        ["y1"],
+        [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer if t.name != "b0"],
+    )
     x = np.random.default_rng(0).standard_normal((2, 3, 1024), dtype=np.float32)
     a = x + np.linspace(-1, 1, 1024, dtype=np.float32)
     expected = a[..., :512] * gelu(a[..., 512:])
@@ -292,11 +342,19 @@ def test_nhwc_conv_and_bias_add_replacements():
     flat = helper.make_node("Reshape", ["conv", "rows"], ["conv3"], name="rows")
     add = helper.make_node("BiasAdd", ["conv3", "b", "skip3"], ["y"], name="BiasAdd_0", domain=MS)
     skip_flat = helper.make_node("Reshape", ["skip", "rows"], ["skip3"], name="skip_rows")
-    model = make_model([nhwc, flat, skip_flat, add], [("x", list(x.shape)), ("skip", list(skip.shape))], ["y"],
-                       [("w_ohwi", weight.transpose(0, 2, 3, 1)), ("b", bias), ("rows", np.array([1, -1, 8]))])
+    model = make_model(
+        [nhwc, flat, skip_flat, add],
+        [("x", list(x.shape)), ("skip", list(skip.shape))],
+        ["y"],
+        [("w_ohwi", weight.transpose(0, 2, 3, 1)), ("b", bias), ("rows", np.array([1, -1, 8]))],
+    )
     fl.decompose(model, ["NhwcConv_0", "BiasAdd_0"])
-    plain = make_model([helper.make_node("Conv", ["x_nchw", "w", "b"], ["y"], **conv_attrs)],
-                       [("x_nchw", [1, 5, 6, 7])], ["y"], [("w", weight), ("b", bias)])
+    plain = make_model(
+        [helper.make_node("Conv", ["x_nchw", "w", "b"], ["y"], **conv_attrs)],
+        [("x_nchw", [1, 5, 6, 7])],
+        ["y"],
+        [("w", weight), ("b", bias)],
+    )
     conv = run_cpu(plain, {"x_nchw": x.transpose(0, 3, 1, 2)})[0].transpose(0, 2, 3, 1)
     expected = conv.reshape(1, -1, 8) + bias + skip.reshape(1, -1, 8)
     np.testing.assert_allclose(run_cpu(model, {"x": x, "skip": skip})[0], expected, atol=1e-4)
@@ -319,8 +377,11 @@ def test_attention_replacement(layout, known_shape, scale):
     if layout == "Q_K_V":
         q, k, v = (rng.standard_normal((2, s, heads * size), dtype=np.float32) for s in (4, 5, 5))
         shape = (lambda s: [2, s, heads * size]) if known_shape else (lambda s: None)
-        model = make_model([fused_node("MultiHeadAttention", ["q", "k", "v"], num_heads=heads, **attrs)],
-                           [("q", shape(4)), ("k", shape(5)), ("v", shape(5))], ["y"])
+        model = make_model(
+            [fused_node("MultiHeadAttention", ["q", "k", "v"], num_heads=heads, **attrs)],
+            [("q", shape(4)), ("k", shape(5)), ("v", shape(5))],
+            ["y"],
+        )
         feeds = {"q": q, "k": k, "v": v}
         split = [t.reshape(2, -1, heads, size).transpose(0, 2, 1, 3) for t in (q, k, v)]
     else:
@@ -339,13 +400,18 @@ def test_attention_replacement(layout, known_shape, scale):
 
 
 def test_replacement_refusals_are_one_line():
-    masked = make_model([fused_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], num_heads=2)],
-                        [("q", [1, 2, 4]), ("k", [1, 2, 4]), ("v", [1, 2, 4]), ("mask", [1, 2])], ["y"])
+    masked = make_model(
+        [fused_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], num_heads=2)],
+        [("q", [1, 2, 4]), ("k", [1, 2, 4]), ("v", [1, 2, 4]), ("mask", [1, 2])],
+        ["y"],
+    )
     with pytest.raises(SdexportError, match="^cannot replace MultiHeadAttention node MultiHeadAttention_0: only"):
         fl.decompose(masked, ["MultiHeadAttention_0"])
     with pytest.raises(SdexportError, match="^no fused node named nowhere in the graph$"):
         fl.decompose(masked, ["nowhere"])
-    attention = make_model([fused_node("Attention", ["x", "w"], num_heads=2048)], [("x", [1, 2, 4]), ("w", [4, 12])], ["y"])
+    attention = make_model(
+        [fused_node("Attention", ["x", "w"], num_heads=2048)], [("x", [1, 2, 4]), ("w", [4, 12])], ["y"]
+    )
     with pytest.raises(SdexportError, match="^Attention node Attention_0 exceeds its CUDA kernel's limits and has no"):
         fl.keep_within_limits(attention)
 
@@ -430,8 +496,14 @@ def shapes_cuda16(tmp_path_factory):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert("shapes", tmp_path_factory.mktemp("fusion-limits") / "export", components=["unet", "vae_decoder"],
-                       target="cuda", dtype="fp16", log=lambda line: None)
+        return convert(
+            "shapes",
+            tmp_path_factory.mktemp("fusion-limits") / "export",
+            components=["unet", "vae_decoder"],
+            target="cuda",
+            dtype="fp16",
+            log=lambda line: None,
+        )
 
 
 def test_inspect_lists_what_was_left_unfused(shapes_cuda16, capsys):
@@ -440,8 +512,10 @@ def test_inspect_lists_what_was_left_unfused(shapes_cuda16, capsys):
     assert main(["inspect", str(shapes_cuda16)]) == 0
     text = capsys.readouterr().out
     assert "left unfused for CUDA kernel limits: 4" in text
-    assert ("BiasSplitGelu BiasSplitGelu_0: hidden size 1024 is not 2560, 5120, 6144, 10240 or 12288 "
-            "(diffusion/bias_split_gelu.cc)") in text
+    assert (
+        "BiasSplitGelu BiasSplitGelu_0: hidden size 1024 is not 2560, 5120, 6144, 10240 or 12288 "
+        "(diffusion/bias_split_gelu.cc)"
+    ) in text
     assert "8 channels in 8 groups: 1 per group" in text
     assert main(["inspect", "--json", str(shapes_cuda16)]) == 0
     report = json.loads(capsys.readouterr().out)

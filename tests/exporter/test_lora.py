@@ -45,11 +45,15 @@ def make_lora(pipe, folder: Path, seed: int, rank: int, alpha: float) -> dict:
         saved[component], metadata[component] = state, config.to_dict()
         layers[component] = {
             key[: -len(".lora_A.weight")]: (value, state[key.replace("lora_A", "lora_B")], alpha)
-            for key, value in state.items() if key.endswith(".lora_A.weight")
+            for key, value in state.items()
+            if key.endswith(".lora_A.weight")
         }
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=saved["unet"], text_encoder_lora_layers=saved["text_encoder"],
-        unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata["text_encoder"],
+        folder,
+        unet_lora_layers=saved["unet"],
+        text_encoder_lora_layers=saved["text_encoder"],
+        unet_lora_adapter_metadata=metadata["unet"],
+        text_encoder_lora_adapter_metadata=metadata["text_encoder"],
     )
     kohya = folder / "kohya.safetensors"
     save_file(kohya_lora(layers["unet"], layers["text_encoder"]), kohya)
@@ -89,8 +93,9 @@ def convert_with(source, out, config, lora_args):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return convert(str(source), out, config=str(config), loras=lora_args, components=LORA_COMPONENTS,
-                       log=lambda line: None)
+        return convert(
+            str(source), out, config=str(config), loras=lora_args, components=LORA_COMPONENTS, log=lambda line: None
+        )
 
 
 def assert_matches_fused(base, reference, out):
@@ -110,7 +115,8 @@ def test_sd1_two_loras_diffusers_and_kohya(checkpoints, loras, tmp_path):
     out = convert_with(case["file"], tmp_path / "out", case["configs"], [f"{a['diffusers']}:0.7", str(b["kohya"])])
     assert_matches_fused(case["pipe"], fused_by_hand(case["pipe"], [(a, 0.7), (b, 1.0)]), out)
     assert read_manifest(out).source.to_json()["loras"] == [
-        {"path": str(a["diffusers"].resolve()), "scale": 0.7}, {"path": str(b["kohya"].resolve()), "scale": 1.0},
+        {"path": str(a["diffusers"].resolve()), "scale": 0.7},
+        {"path": str(b["kohya"].resolve()), "scale": 1.0},
     ]
 
 
@@ -140,6 +146,7 @@ def test_kohya_and_diffusers_files_fuse_the_same(checkpoints, loras):
 
 # --- refusals: one line, exit code 2, nothing written -------------------------------------------------------
 
+
 def refuse(capsys, tmp_path, *lora_args, says, source="tiny-sd"):
     args = [a for spec in lora_args for a in ("--lora", str(spec))]
     assert_refused(capsys, tmp_path / "out", source, "--components", "text_encoder", "--no-check", *args, says=says)
@@ -158,10 +165,14 @@ def test_lora_without_lora_weights(capsys, checkpoints, tmp_path):
     refuse(capsys, tmp_path, checkpoints["sd1"]["file"], says="has no LoRA weights")
 
 
-@pytest.mark.parametrize(("rename", "says"), [
-    (lambda name: name.replace("down_blocks", "side_blocks"), "14 of its 56 layers match no module of this model"),
-    (lambda name: "x" + name, "matches no module of this model (none of its 56 layers)"),
-], ids=["some", "all"])
+@pytest.mark.parametrize(
+    ("rename", "says"),
+    [
+        (lambda name: name.replace("down_blocks", "side_blocks"), "14 of its 56 layers match no module of this model"),
+        (lambda name: "x" + name, "matches no module of this model (none of its 56 layers)"),
+    ],
+    ids=["some", "all"],
+)
 def test_lora_keys_that_match_no_module(capsys, loras, tmp_path, rename, says):
     layers = loras["sd1-a"]["layers"]["unet"]
     save_file(kohya_lora({rename(name): value for name, value in layers.items()}, {}), tmp_path / "other.safetensors")

@@ -29,8 +29,12 @@ def quiet_convert(out, source="tiny-sd", **kw):
 
 def fp16_without_types(component, model, keep_fp32_nodes):
     """fp16 conversion without knowing the intermediate types: what a graph over 2 GB used to get."""
-    converted = convert_float_to_float16(model, keep_io_types=["timestep"] if component == "unet" else [],
-                                         node_block_list=keep_fp32_nodes, disable_shape_infer=True)
+    converted = convert_float_to_float16(
+        model,
+        keep_io_types=["timestep"] if component == "unet" else [],
+        node_block_list=keep_fp32_nodes,
+        disable_shape_infer=True,
+    )
     return drop_fp16_round_trips(converted)
 
 
@@ -52,7 +56,9 @@ def test_fp16_of_a_graph_over_2gb_loads_and_matches(tiny_pipe, tmp_path, monkeyp
     out = quiet_convert(tmp_path / "fp16", components=["unet"], dtype="fp16")
     path = out / "unet" / "model.onnx"
     assert (out / "unet" / "model.onnx_data").is_file()
-    onnx.shape_inference.infer_shapes_path(str(path), str(tmp_path / "inferred.onnx"), check_type=True, strict_mode=True)
+    onnx.shape_inference.infer_shapes_path(
+        str(path), str(tmp_path / "inferred.onnx"), check_type=True, strict_mode=True
+    )
     expected, got = run_both(tiny_pipe, out, "unet", 2, latent_sizes(tiny_pipe)[0])
     assert float(((expected[0] - got[0]) ** 2).sum() ** 0.5 / (expected[0] ** 2).sum() ** 0.5) <= 1e-2
     # the timestep's Sin/Cos island stays fp32 with Casts at its edges only
@@ -77,9 +83,14 @@ def test_a_graph_with_clashing_types_is_named_by_node(traced_unet, tmp_path):
 
 
 def test_failing_node_reads_onnx_and_ort_messages():
-    assert failing_node("[ShapeInferenceError] (op_type:Gemm, node name: /a/Gemm): B has inconsistent type") == \
-        ("/a/Gemm", "B has inconsistent type")
-    assert failing_node("Type Error: Type parameter (T) of Optype (Mul) bound to different types in node (/b/Mul).")[0] == "/b/Mul"
+    assert failing_node("[ShapeInferenceError] (op_type:Gemm, node name: /a/Gemm): B has inconsistent type") == (
+        "/a/Gemm",
+        "B has inconsistent type",
+    )
+    assert (
+        failing_node("Type Error: Type parameter (T) of Optype (Mul) bound to different types in node (/b/Mul).")[0]
+        == "/b/Mul"
+    )
     assert failing_node("something else")[0] == "?"
 
 
@@ -122,13 +133,16 @@ def test_sd15_fp16_cuda_unet_type_checks(tmp_path_factory):
     onnx.shape_inference.infer_shapes_path(str(path), str(out / "inferred.onnx"), check_type=True, strict_mode=True)
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    assert inputs == {"sample": onnx.TensorProto.FLOAT16, "timestep": onnx.TensorProto.FLOAT,
-                      "encoder_hidden_states": onnx.TensorProto.FLOAT16}
+    assert inputs == {
+        "sample": onnx.TensorProto.FLOAT16,
+        "timestep": onnx.TensorProto.FLOAT,
+        "encoder_hidden_states": onnx.TensorProto.FLOAT16,
+    }
     assert any(n.domain == "com.microsoft" for n in model.graph.node)
 
 
 def test_omitted_optional_names_are_not_edges():
-    """"" names an omitted optional input or output: fused graphs have many (SkipLayerNormalization's
+    """ "" names an omitted optional input or output: fused graphs have many (SkipLayerNormalization's
     unused outputs, Resize's roi); taking them for one tensor made false cycles and left graphs unsorted."""
     from onnx import TensorProto, helper
 
@@ -136,10 +150,19 @@ def test_omitted_optional_names_are_not_edges():
 
     nodes = [
         helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize"),  # reads ""
-        helper.make_node("Constant", [], ["scales"], name="scales",
-                         value=helper.make_tensor("s", TensorProto.FLOAT, [4], [1, 1, 2, 2])),
+        helper.make_node(
+            "Constant",
+            [],
+            ["scales"],
+            name="scales",
+            value=helper.make_tensor("s", TensorProto.FLOAT, [4], [1, 1, 2, 2]),
+        ),
         helper.make_node("Dropout", ["y"], ["z", ""], name="later"),  # writes "" after the reader
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
     assert [n.name for n in topological_order(nodes, graph)] == ["scales", "resize", "later"]

@@ -43,7 +43,9 @@ def checkpoints(tiny_pipe, tmp_path_factory):
 def single_file_export(request, checkpoints, tmp_path_factory):
     """(family, checkpoint entry, export folder): the SD 1.x one and the SD 2.x v-prediction one."""
     case = checkpoints[request.param]
-    out = quiet_convert(case["file"], tmp_path_factory.mktemp("single-file") / request.param, config=str(case["configs"]))
+    out = quiet_convert(
+        case["file"], tmp_path_factory.mktemp("single-file") / request.param, config=str(case["configs"])
+    )
     return request.param, case, out
 
 
@@ -61,8 +63,12 @@ def test_export_matches_pytorch(single_file_export, component):
 def test_manifest_records_the_file_and_family(single_file_export):
     family, case, out = single_file_export
     manifest = read_manifest(out)
-    assert manifest.source.to_json() == {"kind": "single_file", "name": str(case["file"].resolve()), "loras": [],
-                                       "vae": "pipeline"}
+    assert manifest.source.to_json() == {
+        "kind": "single_file",
+        "name": str(case["file"].resolve()),
+        "loras": [],
+        "vae": "pipeline",
+    }
     facts = manifest.pipeline
     assert facts.family == family
     assert facts.prediction_type == {"sd1": "epsilon", "sd2": "v_prediction"}[family]
@@ -73,8 +79,20 @@ def test_manifest_records_the_file_and_family(single_file_export):
 
 def test_prediction_type_override(capsys, checkpoints, tmp_path):
     case = checkpoints["sd2"]
-    code, _, err = run(capsys, "convert", str(case["file"]), "--config", str(case["configs"]), "--prediction-type",
-                       "epsilon", "--components", "text_encoder", "--no-check", "-o", str(tmp_path / "out"))
+    code, _, err = run(
+        capsys,
+        "convert",
+        str(case["file"]),
+        "--config",
+        str(case["configs"]),
+        "--prediction-type",
+        "epsilon",
+        "--components",
+        "text_encoder",
+        "--no-check",
+        "-o",
+        str(tmp_path / "out"),
+    )
     assert code == 0, err
     assert read_manifest(tmp_path / "out").pipeline.prediction_type == "epsilon"
     saved = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
@@ -87,13 +105,16 @@ def test_pickle_checkpoint_with_allow_pickle(checkpoints, tmp_path):
     case = checkpoints["sd1"]
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(case["file"]), "global_step": 10, "epoch": 1}, ckpt)
-    out = quiet_convert(ckpt, tmp_path / "out", config=str(case["configs"]), allow_pickle=True,
-                        components=["text_encoder"])
+    out = quiet_convert(
+        ckpt, tmp_path / "out", config=str(case["configs"]), allow_pickle=True, components=["text_encoder"]
+    )
     expected, got = run_both(case["pipe"], out, "text_encoder", 1, (1, 1))
     assert max(np.max(np.abs(e - g)) for e, g in zip(expected, got)) <= 1e-4
 
 
-@pytest.mark.parametrize(("family", "shipped", "text_encoder"), [("sd1", "sd15", clip_to_ldm), ("sd2", "sd21", open_clip_to_ldm)])
+@pytest.mark.parametrize(
+    ("family", "shipped", "text_encoder"), [("sd1", "sd15", clip_to_ldm), ("sd2", "sd21", open_clip_to_ldm)]
+)
 def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
     """SD 1.5 / 2.1-sized models on the meta device, written in the original layout: our detection says
     the family, and diffusers' own converters turn every key back into the shipped configs' shapes."""
@@ -109,7 +130,9 @@ def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
     from sdexport.single_file import check_fits, config_folder
 
     folder = models_dir() / "configs" / shipped
-    configs = {name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae", "text_encoder")}
+    configs = {
+        name: json.loads((folder / name / "config.json").read_text()) for name in ("unet", "vae", "text_encoder")
+    }
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
@@ -131,6 +154,7 @@ def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
 
 # --- refusals: one line, exit code 2, nothing written -------------------------------------------------------
 
+
 def tensors(**shapes) -> dict[str, torch.Tensor]:
     return {key.replace("__", "."): torch.zeros(shape) for key, shape in shapes.items()}
 
@@ -142,20 +166,47 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
 @pytest.mark.parametrize(
     ("keys", "says"),
     [
-        ({**tensors(conditioner__embedders__0__transformer__text_model__embeddings__position_embedding__weight=(77, 8)),
-          CONV_IN: torch.zeros(8, 4, 3, 3)}, "SDXL single files are not supported yet"),
+        (
+            {
+                **tensors(
+                    conditioner__embedders__0__transformer__text_model__embeddings__position_embedding__weight=(77, 8)
+                ),
+                CONV_IN: torch.zeros(8, 4, 3, 3),
+            },
+            "SDXL single files are not supported yet",
+        ),
         ({CONV_IN: torch.zeros(8, 9, 3, 3), **SD_VAE, **SD1_TEXT}, "inpainting is not supported yet"),
         ({CONV_IN: torch.zeros(8, 8, 3, 3), **SD_VAE, **SD1_TEXT}, "8 input channels"),
-        ({"control_model.time_embed.0.weight": torch.zeros(8, 4), "control_model.input_hint_block.0.weight": torch.zeros(4)},
-         "ControlNet is not supported yet"),
-        ({"encoder.layers.0.weight": torch.zeros(4), "head.weight": torch.zeros(4)},
-         "expected the original (LDM) layout: model.diffusion_model.*"),
+        (
+            {
+                "control_model.time_embed.0.weight": torch.zeros(8, 4),
+                "control_model.input_hint_block.0.weight": torch.zeros(4),
+            },
+            "ControlNet is not supported yet",
+        ),
+        (
+            {"encoder.layers.0.weight": torch.zeros(4), "head.weight": torch.zeros(4)},
+            "expected the original (LDM) layout: model.diffusion_model.*",
+        ),
         ({"down_blocks.0.resnets.0.conv1.weight": torch.zeros(4)}, "found down_blocks.* (1 key)"),
         ({CONV_IN: torch.zeros(8, 4, 3, 3), **SD_VAE}, "has no text encoder weights"),
         ({CONV_IN: torch.zeros(8, 4, 3, 3), **SD1_TEXT}, "has no VAE weights"),
-        ({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)}, "is a LoRA, not a model"),
+        (
+            {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)},
+            "is a LoRA, not a model",
+        ),
     ],
-    ids=["sdxl", "inpainting", "pix2pix", "controlnet", "unknown", "diffusers-layout", "no-text-encoder", "no-vae", "lora"],
+    ids=[
+        "sdxl",
+        "inpainting",
+        "pix2pix",
+        "controlnet",
+        "unknown",
+        "diffusers-layout",
+        "no-text-encoder",
+        "no-vae",
+        "lora",
+    ],
 )
 def test_detection_refusals(capsys, tmp_path, keys, says):
     save_file(keys, tmp_path / "model.safetensors")
@@ -164,7 +215,9 @@ def test_detection_refusals(capsys, tmp_path, keys, says):
 
 def test_not_a_safetensors_file(capsys, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    assert_refused(capsys, tmp_path / "out", str(tmp_path / "model.safetensors"), says="is not a readable safetensors file")
+    assert_refused(
+        capsys, tmp_path / "out", str(tmp_path / "model.safetensors"), says="is not a readable safetensors file"
+    )
 
 
 def test_pickle_needs_allow_pickle(capsys, tmp_path):
@@ -173,25 +226,45 @@ def test_pickle_needs_allow_pickle(capsys, tmp_path):
 
 
 def test_pickle_with_objects_is_refused_under_allow_pickle(capsys, tmp_path):
-    torch.save({"state_dict": {CONV_IN: torch.zeros(8, 4, 3, 3)}, "callbacks": [TrainingCallback()]}, tmp_path / "model.ckpt")
-    assert_refused(capsys, tmp_path / "out", str(tmp_path / "model.ckpt"), "--allow-pickle",
-                   says="pickles more than tensors (an object of type tests.exporter.test_single_file.TrainingCallback")
+    torch.save(
+        {"state_dict": {CONV_IN: torch.zeros(8, 4, 3, 3)}, "callbacks": [TrainingCallback()]}, tmp_path / "model.ckpt"
+    )
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(tmp_path / "model.ckpt"),
+        "--allow-pickle",
+        says="pickles more than tensors (an object of type tests.exporter.test_single_file.TrainingCallback",
+    )
 
 
 def test_shipped_configs_do_not_fit_a_tiny_checkpoint(capsys, checkpoints, tmp_path):
-    assert_refused(capsys, tmp_path / "out", str(checkpoints["sd1"]["file"]),
-                   says="does not fit the shipped sd1 configs")
+    assert_refused(
+        capsys, tmp_path / "out", str(checkpoints["sd1"]["file"]), says="does not fit the shipped sd1 configs"
+    )
 
 
 def test_config_of_another_family(capsys, checkpoints, tmp_path):
-    assert_refused(capsys, tmp_path / "out", str(checkpoints["sd2"]["file"]), "--config", str(checkpoints["sd1"]["configs"]),
-                   says="its text encoder is 48 wide, the config says 32")
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(checkpoints["sd2"]["file"]),
+        "--config",
+        str(checkpoints["sd1"]["configs"]),
+        says="its text encoder is 48 wide, the config says 32",
+    )
 
 
 def test_config_folder_without_configs(capsys, checkpoints, tmp_path):
     (tmp_path / "empty").mkdir()
-    assert_refused(capsys, tmp_path / "out", str(checkpoints["sd1"]["file"]), "--config", str(tmp_path / "empty"),
-                   says="has no model_index.json")
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(checkpoints["sd1"]["file"]),
+        "--config",
+        str(tmp_path / "empty"),
+        says="has no model_index.json",
+    )
 
 
 def test_checkpoint_missing_weights(capsys, checkpoints, tmp_path):
@@ -200,12 +273,19 @@ def test_checkpoint_missing_weights(capsys, checkpoints, tmp_path):
     case = checkpoints["sd1"]
     state = {k: v for k, v in load_file(case["file"]).items() if "middle_block.1." not in k}
     save_file(state, tmp_path / "partial.safetensors")
-    assert_refused(capsys, tmp_path / "out", str(tmp_path / "partial.safetensors"), "--config", str(case["configs"]),
-                   says="lacks weights that the configs in")
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(tmp_path / "partial.safetensors"),
+        "--config",
+        str(case["configs"]),
+        says="lacks weights that the configs in",
+    )
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--config", "models/configs/sd15"), ("--prediction-type", "epsilon"),
-                                             ("--allow-pickle", None)])
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--config", "models/configs/sd15"), ("--prediction-type", "epsilon"), ("--allow-pickle", None)]
+)
 def test_single_file_options_on_other_sources(capsys, tmp_path, flag, value):
     args = [flag] + ([value] if value else [])
     assert_refused(capsys, tmp_path / "out", "tiny-sd", *args, says=f"{flag} applies to single-file checkpoints only")

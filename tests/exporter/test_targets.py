@@ -57,7 +57,11 @@ def test_cuda_graphs_hold_the_fused_ops(cuda16):
     assert {"GroupNorm", "NhwcConv"} <= vae.get("com.microsoft", set())
     manifest = read_manifest(cuda16)
     assert manifest.target == "cuda" and manifest.components["unet"].attention == "plain"
-    assert manifest.components["unet"].inputs[1].to_json() == {"name": "timestep", "dtype": "float32", "shape": ["batch"]}
+    assert manifest.components["unet"].inputs[1].to_json() == {
+        "name": "timestep",
+        "dtype": "float32",
+        "shape": ["batch"],
+    }
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -156,7 +160,9 @@ def copy_with_probe(source: Path, folder: Path, change_model=None, change_output
         io["y"] = change_output(io["y"])
         np.savez(probe / "io.npz", **io)
     data = json.loads((folder / MANIFEST_NAME).read_text())
-    data["cpu_layout_probe"]["files"] = [file_entry(folder, f["path"]).to_json() for f in data["cpu_layout_probe"]["files"]]
+    data["cpu_layout_probe"]["files"] = [
+        file_entry(folder, f["path"]).to_json() for f in data["cpu_layout_probe"]["files"]
+    ]
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
     return folder
 
@@ -202,21 +208,28 @@ def test_offline_optimization_writes_the_weights_to_one_external_file(tiny32, tm
     path = tmp_path / "model.onnx"
     onnx.save_model(optimized, str(path))
     rng = np.random.default_rng(0)
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
-             "timestep": np.array([10.0, 10.0], dtype=np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array([10.0, 10.0], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    expected = ort.InferenceSession(str(tiny32 / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    expected = ort.InferenceSession(str(tiny32 / "unet" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )[0]
     assert np.max(np.abs(got - expected)) <= 1e-4
 
 
 def test_runtime_refuses_a_layout_it_cannot_run(cpu32, tmp_path):
     """An ONNX Runtime without NCHWc kernels for the CPU fails on the probe: one clear line, not ORT's error."""
+
     def unknown_kernel(model):
         next(n for n in model.graph.node if n.domain == "com.microsoft.nchwc").op_type = "NoSuchKernel"
 
     folder = copy_with_probe(cpu32, tmp_path / "export", change_model=unknown_kernel)
-    with pytest.raises(ProviderError, match="laid out for another CPU \\(it cannot run the layout probe: .*NoSuchKernel"):
+    with pytest.raises(
+        ProviderError, match="laid out for another CPU \\(it cannot run the layout probe: .*NoSuchKernel"
+    ):
         StableDiffusionPipeline.load(folder)
 
 
@@ -231,7 +244,9 @@ def test_format_version_marks_the_probe(cpu32, tiny32, tmp_path):
     data = json.loads((folder / MANIFEST_NAME).read_text())
     data["format_version"] = 3
     (folder / MANIFEST_NAME).write_text(json.dumps(data))
-    with pytest.raises(ExportError, match="format version 3, this runtime reads versions 1, 2: .*upgrade sdexport-runtime"):
+    with pytest.raises(
+        ExportError, match="format version 3, this runtime reads versions 1, 2: .*upgrade sdexport-runtime"
+    ):
         read_manifest(folder)
 
 
@@ -276,13 +291,21 @@ def test_runtime_refuses_graphs_laid_out_for_another_vector_width(cpu32, tmp_pat
 
     # this machine's block width, from a convolution whose plain weights are known
     weight = np.random.default_rng(1).standard_normal((32, 32, 3, 3), dtype=np.float32)
-    conv = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 4, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w")]), opset_imports=[onnx.helper.make_opsetid("", 17)])
-    stored = next(numpy_helper.to_array(t) for t in ort_offline_optimize(conv, "all").graph.initializer
-                  if t.dims == [32, 32, 3, 3])
+    conv = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32, 4, 4])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(weight, "w")],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    stored = next(
+        numpy_helper.to_array(t)
+        for t in ort_offline_optimize(conv, "all").graph.initializer
+        if t.dims == [32, 32, 3, 3]
+    )
     block = next(b for b in (4, 8, 16) if np.array_equal(relay(stored, b, 1), weight))  # 1: plain OIHW
     other = 8 if block == 16 else 16
 

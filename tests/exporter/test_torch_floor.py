@@ -40,8 +40,10 @@ def static_unet(pipe, size: int, folder):
 
 def io_shapes(path) -> dict[str, list]:
     model = onnx.load(str(path), load_external_data=False)
-    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
-            for v in [*model.graph.input, *model.graph.output]}
+    return {
+        v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    }
 
 
 def test_static_trace_with_1gib_of_attention_scores(plain_pipe, tmp_path):
@@ -53,7 +55,9 @@ def test_static_trace_with_1gib_of_attention_scores(plain_pipe, tmp_path):
     path, batch, (h, w) = static_unet(plain_pipe, 1024, tmp_path)  # ~12 s, < 3 GB
 
     assert io_shapes(path) == {
-        "sample": [batch, 4, h, w], "timestep": [batch], "encoder_hidden_states": [batch, 77, 32],
+        "sample": [batch, 4, h, w],
+        "timestep": [batch],
+        "encoder_hidden_states": [batch, 77, 32],
         "out_sample": [batch, 4, h, w],
     }
     model = onnx.load(str(path), load_external_data=False)
@@ -67,10 +71,14 @@ def test_static_plain_attention_trace_matches_pytorch(plain_pipe, tmp_path):
     assert result["finite"] and result["max_abs_diff"] < 1e-4, result
 
 
-@pytest.mark.parametrize("options", [
-    {},  # the default: dynamic shapes, generic target, every component compared with PyTorch
-    {"target": "cuda", "dtype": "fp16", "static": True, "batch_size": 1, "components": ["unet"]},
-], ids=["dynamic", "static-cuda-fp16"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the default: dynamic shapes, generic target, every component compared with PyTorch
+        {"target": "cuda", "dtype": "fp16", "static": True, "batch_size": 1, "components": ["unet"]},
+    ],
+    ids=["dynamic", "static-cuda-fp16"],
+)
 def test_convert(options, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -128,8 +128,9 @@ def test_perturbed_unet_weight_fails(tiny32, tmp_path):
     shutil.copytree(tiny32, folder)
     path = folder / "unet" / "model.onnx"
     model = onnx.load(str(path))
-    weight = max((t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT),
-                 key=lambda t: np.prod(t.dims))
+    weight = max(
+        (t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT), key=lambda t: np.prod(t.dims)
+    )
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * np.float32(1.05), weight.name))
     onnx.save(model, str(path))
 
@@ -174,7 +175,9 @@ def test_fp16_overflow_names_the_node(overflow_source, overflow16, tmp_path):
 
 def test_convert_validate_keeps_a_failed_export_aside(overflow_source, tmp_path):
     out = tmp_path / "export"
-    code, _, err = run_cli("convert", overflow_source, "--dtype", "fp16", "--components", "unet", "--validate", "-o", out)
+    code, _, err = run_cli(
+        "convert", overflow_source, "--dtype", "fp16", "--components", "unet", "--validate", "-o", out
+    )
     assert code == 1 and not out.exists()
     kept = list(tmp_path.glob(".export.tmp-*"))
     assert len(kept) == 1 and str(kept[0]) in error_line(err)
@@ -196,8 +199,9 @@ def test_convert_validate_passes(tmp_path):
 @pytest.mark.slow
 def test_auto_fp32_fallback(overflow_source, tmp_path):
     out = tmp_path / "export"
-    code, _, err = run_cli("convert", overflow_source, "--dtype", "fp16", "--components", "unet",
-                           "--auto-fp32-fallback", "-o", out)
+    code, _, err = run_cli(
+        "convert", overflow_source, "--dtype", "fp16", "--components", "unet", "--auto-fp32-fallback", "-o", out
+    )
     assert code == 0, err
     unet = read_manifest(out).components["unet"]
     notes = list(unet.notes)
@@ -217,26 +221,47 @@ def test_auto_fp32_fallback_needs_fp16(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--scheduler", "heun"], "unknown scheduler 'heun'"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--atol", "-1"], "--atol must be positive"),
-    (["--height", "0"], "--height must be positive"),
-    (["--width", "40"], "--width 40 is not a multiple of 16 (this export's size multiple)"),
-])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--scheduler", "heun"], "unknown scheduler 'heun'"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--atol", "-1"], "--atol must be positive"),
+        (["--height", "0"], "--height must be positive"),
+        (["--width", "40"], "--width 40 is not a multiple of 16 (this export's size multiple)"),
+    ],
+)
 def test_bad_options_exit_2(tiny32, args, says):
     code, _, err = run_cli("validate", "tiny-sd", tiny32, *args)
     assert code == 2 and says in error_line(err)
 
 
 def test_end_to_end_prompt_and_size(tiny32, tmp_path):
-    code, out, err, report = validate_cli("tiny-sd", tiny32, tmp_path / "report.json", "--prompt", "a red circle",
-                                          "--negative-prompt", "", "--height", "32", "--width", "48", "--steps", "3",
-                                          "--save-images", tmp_path / "images")
+    code, out, err, report = validate_cli(
+        "tiny-sd",
+        tiny32,
+        tmp_path / "report.json",
+        "--prompt",
+        "a red circle",
+        "--negative-prompt",
+        "",
+        "--height",
+        "32",
+        "--width",
+        "48",
+        "--steps",
+        "3",
+        "--save-images",
+        tmp_path / "images",
+    )
     assert code == 0, err
     settings = report["settings"]
-    assert (settings["prompt"], settings["negative_prompt"], settings["height"], settings["width"]) == \
-        ("a red circle", "", 32, 48)
+    assert (settings["prompt"], settings["negative_prompt"], settings["height"], settings["width"]) == (
+        "a red circle",
+        "",
+        32,
+        48,
+    )
     for mode in ("text2img", "img2img"):
         assert report["end_to_end"][mode]["ok"]
         assert Image.open(report["end_to_end"][mode]["image"]).size == (3 * 48, 32)  # drawn at that size

@@ -15,10 +15,15 @@ def test_optimum_runs_our_export(tiny32):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = optimum.ORTStableDiffusionPipeline.from_pretrained(str(tiny32))
-        theirs = pipe("a red circle on a blue background", num_inference_steps=5, guidance_scale=7.5,
-                      generator=torch.Generator("cpu").manual_seed(8)).images[0]
-    ours = StableDiffusionPipeline.load(tiny32)("a red circle on a blue background", num_inference_steps=5,
-                                                guidance_scale=7.5, seed=8).images[0]
+        theirs = pipe(
+            "a red circle on a blue background",
+            num_inference_steps=5,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(8),
+        ).images[0]
+    ours = StableDiffusionPipeline.load(tiny32)(
+        "a red circle on a blue background", num_inference_steps=5, guidance_scale=7.5, seed=8
+    ).images[0]
     a, b = np.asarray(theirs, np.float64), np.asarray(ours, np.float64)
     assert a.shape == b.shape == (64, 64, 3)
     mse = np.mean((a - b) ** 2)

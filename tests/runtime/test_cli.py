@@ -46,7 +46,9 @@ def rewrite_model(folder: Path, component: str, change, update_manifest: bool) -
 
 
 def test_generates_a_png(capsys, tiny32, tmp_path):
-    code = main(["generate", str(tiny32), "a blue square", "--steps", "2", "--seed", "1", "-o", str(tmp_path / "a.png")])
+    code = main(
+        ["generate", str(tiny32), "a blue square", "--steps", "2", "--seed", "1", "-o", str(tmp_path / "a.png")]
+    )
     assert code == 0 and (tmp_path / "a.png").is_file()
 
 
@@ -110,8 +112,19 @@ def test_nan_output_names_the_component(capsys, copy32):
 
 
 def test_provider_list_falls_back(capsys, tiny32, tmp_path):
-    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "1", "--provider",
-                    "CUDAExecutionProvider,CPUExecutionProvider", "--verbose", "-o", str(tmp_path / "p.png"))
+    code, err = run(
+        capsys,
+        "generate",
+        str(tiny32),
+        "x",
+        "--steps",
+        "1",
+        "--provider",
+        "CUDAExecutionProvider,CPUExecutionProvider",
+        "--verbose",
+        "-o",
+        str(tmp_path / "p.png"),
+    )
     assert code == 0 and "unet CPUExecutionProvider" in err
 
 
@@ -170,7 +183,9 @@ def test_unwritable_output_folder_fails_before_loading(capsys, tiny32, tmp_path,
 
 def test_interpolate_output_that_is_a_file_fails_before_loading(capsys, tiny32, tmp_path, no_load):
     (tmp_path / "frames").write_text("")
-    code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "-o", str(tmp_path / "frames"))
+    code, err = run(
+        capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "-o", str(tmp_path / "frames")
+    )
     assert code == 2 and "cannot create the folder" in error_line(err)
 
 
@@ -179,30 +194,110 @@ def warning_lines(err: str) -> list[str]:
 
 
 def test_ignored_settings_warn_once(capsys, tiny32, tmp_path):
-    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", "--guidance", "0.5", "--eta", "0.3",
-                    "--scheduler", "euler", "-n", "2", "-o", str(tmp_path / "w.png"))
+    code, err = run(
+        capsys,
+        "generate",
+        str(tiny32),
+        "x",
+        "--steps",
+        "2",
+        "--guidance",
+        "0.5",
+        "--eta",
+        "0.3",
+        "--scheduler",
+        "euler",
+        "-n",
+        "2",
+        "-o",
+        str(tmp_path / "w.png"),
+    )
     assert code == 0 and warning_lines(err) == [
         "sdruntime: warning: guidance_scale 0.5 <= 1 turns classifier-free guidance off, as in diffusers: the prompt "
         "alone steers and the negative prompt is unused; use a value above 1 to guide",
         "sdruntime: warning: eta 0.3 only applies to ddim: euler ignores it",
     ]
-    code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "3", "--steps", "1",
-                    "--guidance", "1", "--negative-prompt", "blurry", "-o", str(tmp_path / "frames"))
+    code, err = run(
+        capsys,
+        "interpolate",
+        str(tiny32),
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--frames",
+        "3",
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+        "--negative-prompt",
+        "blurry",
+        "-o",
+        str(tmp_path / "frames"),
+    )
     assert code == 0 and len(warning_lines(err)) == 1 and "guidance_scale 1 <= 1" in err
-    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", "--eta", "0.3", "--scheduler", "ddim",
-                    "--guidance", "1", "-o", str(tmp_path / "d.png"))
-    assert code == 0 and warning_lines(err) == []  # eta applies to ddim; guidance 1 without a negative prompt is cfg's own
+    code, err = run(
+        capsys,
+        "generate",
+        str(tiny32),
+        "x",
+        "--steps",
+        "2",
+        "--eta",
+        "0.3",
+        "--scheduler",
+        "ddim",
+        "--guidance",
+        "1",
+        "-o",
+        str(tmp_path / "d.png"),
+    )
+    assert (
+        code == 0 and warning_lines(err) == []
+    )  # eta applies to ddim; guidance 1 without a negative prompt is cfg's own
 
 
 def test_interpolate_pairwise_and_grid(tiny32, tmp_path):
-    assert main(["interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "3",
-                 "--steps", "2", "-o", str(tmp_path / "pair")]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                str(tiny32),
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+                "--frames",
+                "3",
+                "--steps",
+                "2",
+                "-o",
+                str(tmp_path / "pair"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "pair").glob("frame-*.png"))) == 3
     from PIL import Image
 
     assert Image.open(tmp_path / "pair" / "sheet.png").size == (3 * 64, 64)
-    assert main(["interpolate", str(tiny32), *sum([["--prompt", p] for p in "abcd"], []), "--grid", "2",
-                 "--steps", "2", "-o", str(tmp_path / "grid")]) == 0
+    assert (
+        main(
+            [
+                "interpolate",
+                str(tiny32),
+                *sum([["--prompt", p] for p in "abcd"], []),
+                "--grid",
+                "2",
+                "--steps",
+                "2",
+                "-o",
+                str(tmp_path / "grid"),
+            ]
+        )
+        == 0
+    )
     assert Image.open(tmp_path / "grid" / "sheet.png").size == (128, 128)
 
 
@@ -214,8 +309,16 @@ def test_interpolate_needs_two_or_four_prompts(capsys, tiny32):
 def test_size_other_than_a_static_export(capsys, tmp_path):
     from sdexport import convert
 
-    out = convert("tiny-sd", tmp_path / "static", static=True, height=64, width=64, components=["text_encoder", "unet", "vae_decoder"],
-                  check=False, log=lambda s: None)
+    out = convert(
+        "tiny-sd",
+        tmp_path / "static",
+        static=True,
+        height=64,
+        width=64,
+        components=["text_encoder", "unet", "vae_decoder"],
+        check=False,
+        log=lambda s: None,
+    )
     code, err = run(capsys, "generate", str(out), "x", "--height", "96", "--steps", "1")
     assert code == 2 and "this export is static at 64x64" in error_line(err)
 

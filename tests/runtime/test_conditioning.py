@@ -57,8 +57,13 @@ def test_txt2img_time_ids_match_diffusers(case, batch, guided):
     original, target = cond.original_size or size, cond.target_size or size
     add = get(original, cond.crops_coords_top_left, target, dtype=torch.float32, text_encoder_projection_dim=32)
     if cond.negative_original_size is not None and cond.negative_target_size is not None:
-        neg = get(cond.negative_original_size, cond.negative_crops_coords_top_left, cond.negative_target_size,
-                  dtype=torch.float32, text_encoder_projection_dim=32)
+        neg = get(
+            cond.negative_original_size,
+            cond.negative_crops_coords_top_left,
+            cond.negative_target_size,
+            dtype=torch.float32,
+            text_encoder_projection_dim=32,
+        )
     else:
         neg = add
     if guided:  # StableDiffusionXLPipeline.__call__, step 7
@@ -69,10 +74,18 @@ def test_txt2img_time_ids_match_diffusers(case, batch, guided):
 
 IMG2IMG_CASES = [
     MicroConditioning(),
-    MicroConditioning(original_size=(2048, 2048), crops_coords_top_left=(4, 2), target_size=(512, 512),
-                      negative_crops_coords_top_left=(9, 9)),
-    MicroConditioning(negative_original_size=(128, 128), negative_target_size=(256, 192), aesthetic_score=7.0,
-                      negative_aesthetic_score=1.5),
+    MicroConditioning(
+        original_size=(2048, 2048),
+        crops_coords_top_left=(4, 2),
+        target_size=(512, 512),
+        negative_crops_coords_top_left=(9, 9),
+    ),
+    MicroConditioning(
+        negative_original_size=(128, 128),
+        negative_target_size=(256, 192),
+        aesthetic_score=7.0,
+        negative_aesthetic_score=1.5,
+    ),
 ]
 
 
@@ -83,9 +96,18 @@ def test_img2img_time_ids_match_diffusers(case, guided, aesthetic):
     cond, size, batch = IMG2IMG_CASES[case], (512, 384), 2
     get = fake_xl(diffusers.StableDiffusionXLImg2ImgPipeline, 5 if aesthetic else 6, aesthetic)
     original, target = cond.original_size or size, cond.target_size or size
-    add, neg = get(original, cond.crops_coords_top_left, target, cond.aesthetic_score, cond.negative_aesthetic_score,
-                   cond.negative_original_size or original, cond.negative_crops_coords_top_left,
-                   cond.negative_target_size or target, dtype=torch.float32, text_encoder_projection_dim=32)
+    add, neg = get(
+        original,
+        cond.crops_coords_top_left,
+        target,
+        cond.aesthetic_score,
+        cond.negative_aesthetic_score,
+        cond.negative_original_size or original,
+        cond.negative_crops_coords_top_left,
+        cond.negative_target_size or target,
+        dtype=torch.float32,
+        text_encoder_projection_dim=32,
+    )
     add = add.repeat(batch, 1)  # StableDiffusionXLImg2ImgPipeline.__call__, step 8
     if guided:
         add = torch.cat([neg.repeat(batch, 1), add], dim=0)

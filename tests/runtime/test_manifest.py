@@ -30,12 +30,28 @@ from sdruntime.manifest import (
 )
 
 FACTS = PipelineFacts(
-    family="sd1", prediction_type="epsilon", vae_scaling_factor=0.18215, vae_scale_factor=8, latent_channels=4,
-    default_height=512, default_width=512, tokenizer_max_length=77, pad_token_id=49407,
-    scheduler_class="PNDMScheduler", upcast_attention=False, num_hidden_states=13,
+    family="sd1",
+    prediction_type="epsilon",
+    vae_scaling_factor=0.18215,
+    vae_scale_factor=8,
+    latent_channels=4,
+    default_height=512,
+    default_width=512,
+    tokenizer_max_length=77,
+    pad_token_id=49407,
+    scheduler_class="PNDMScheduler",
+    upcast_attention=False,
+    num_hidden_states=13,
 )
-DIMS = {"max_length": 77, "text_hidden_size": 768, "latent_channels": 4, "out_channels": 4,
-        "cross_attention_dim": 768, "image_channels": 3, "latent_parameters": 8}
+DIMS = {
+    "max_length": 77,
+    "text_hidden_size": 768,
+    "latent_channels": 4,
+    "out_channels": 4,
+    "cross_attention_dim": 768,
+    "image_channels": 3,
+    "latent_parameters": 8,
+}
 
 
 def a_file(path: str) -> FileEntry:
@@ -48,18 +64,38 @@ def full_manifest() -> Manifest:
     for name in COMPONENT_IO:
         inputs, outputs = describe_io(name, "fp16", DIMS, FACTS.num_hidden_states)
         components[name] = ComponentEntry(
-            path=f"{name}/model.onnx", files=(a_file(f"{name}/model.onnx"),), dtype="fp16", attention="sdpa",
-            fp32_nodes=("/time_proj/Sin",), export_max_abs_diff=1e-3, export_relative_l2=2e-3,
-            inputs=inputs, outputs=outputs, notes=("--auto-fp32-fallback kept 1 more node(s) in fp32",),
+            path=f"{name}/model.onnx",
+            files=(a_file(f"{name}/model.onnx"),),
+            dtype="fp16",
+            attention="sdpa",
+            fp32_nodes=("/time_proj/Sin",),
+            export_max_abs_diff=1e-3,
+            export_relative_l2=2e-3,
+            inputs=inputs,
+            outputs=outputs,
+            notes=("--auto-fp32-fallback kept 1 more node(s) in fp32",),
         )
     return Manifest(
-        format_version=2, created_by={"sdexport": "0.1", "torch": "2.9", "diffusers": "0.39", "transformers": "4.57",
-                                      "onnx": "1.19", "onnxruntime": None},
+        format_version=2,
+        created_by={
+            "sdexport": "0.1",
+            "torch": "2.9",
+            "diffusers": "0.39",
+            "transformers": "4.57",
+            "onnx": "1.19",
+            "onnxruntime": None,
+        },
         source=ExportSource("folder", "/models/sd", (LoraEntry("/loras/a.safetensors", 0.7),)),
-        dtype="fp16", target="cpu", opset=17, pipeline=FACTS, size_multiple=64,
-        static=StaticShapes(batch_size=1, height=512, width=512), components=components,
-        cpu_layout_probe=LayoutProbe("cpu_layout_probe/model.onnx",
-                                     (a_file("cpu_layout_probe/model.onnx"), a_file("cpu_layout_probe/io.npz"))),
+        dtype="fp16",
+        target="cpu",
+        opset=17,
+        pipeline=FACTS,
+        size_multiple=64,
+        static=StaticShapes(batch_size=1, height=512, width=512),
+        components=components,
+        cpu_layout_probe=LayoutProbe(
+            "cpu_layout_probe/model.onnx", (a_file("cpu_layout_probe/model.onnx"), a_file("cpu_layout_probe/io.npz"))
+        ),
         config_files=(a_file("tokenizer/tokenizer.json"),),
     )
 
@@ -76,10 +112,15 @@ def test_every_schema_property_is_a_dataclass_field():
     defs = schema["$defs"]
     static = next(s for s in schema["properties"]["static"]["oneOf"] if s["type"] == "object")
     pairs = [
-        (schema, Manifest), (schema["properties"]["pipeline"], PipelineFacts), (static, StaticShapes),
-        (schema["properties"]["source"], ExportSource), (schema["properties"]["source"]["properties"]["loras"]["items"], LoraEntry),
-        (schema["properties"]["cpu_layout_probe"], LayoutProbe), (defs["component"], ComponentEntry),
-        (defs["tensor"], TensorEntry), (defs["file"], FileEntry),
+        (schema, Manifest),
+        (schema["properties"]["pipeline"], PipelineFacts),
+        (static, StaticShapes),
+        (schema["properties"]["source"], ExportSource),
+        (schema["properties"]["source"]["properties"]["loras"]["items"], LoraEntry),
+        (schema["properties"]["cpu_layout_probe"], LayoutProbe),
+        (defs["component"], ComponentEntry),
+        (defs["tensor"], TensorEntry),
+        (defs["file"], FileEntry),
     ]
     for part, cls in pairs:
         fields = {f.name for f in dataclasses.fields(cls)} - {"folder"}  # where it was read from: not written
@@ -113,7 +154,11 @@ def test_older_manifests_without_optional_keys_still_read(tmp_path):
     unet = manifest.components["unet"]
     assert unet.notes == () and unet.fp32_nodes == () and unet.export_relative_l2 is None
     written = manifest.to_json()  # keys an older export lacks stay out (or null) when written again
-    assert "config_files" not in written and "cpu_layout_probe" not in written and "notes" not in written["components"]["unet"]
+    assert (
+        "config_files" not in written
+        and "cpu_layout_probe" not in written
+        and "notes" not in written["components"]["unet"]
+    )
     assert "num_hidden_states" not in written["pipeline"]
 
 
@@ -127,7 +172,12 @@ def test_a_manifest_without_a_required_key_is_one_line(tmp_path):
 
 def test_axis_sizes_double_the_guided_batch():
     assert axis_sizes(FACTS, "unet", 2, 512, 768) == {
-        "batch": 4, "sequence": 77, "height": 64, "width": 96, "image_height": 512, "image_width": 768,
+        "batch": 4,
+        "sequence": 77,
+        "height": 64,
+        "width": 96,
+        "image_height": 512,
+        "image_width": 768,
     }
     assert axis_sizes(FACTS, "text_encoder", 1, 512, 512)["batch"] == 2
     assert axis_sizes(FACTS, "vae_decoder", 3, 512, 512)["batch"] == 3
@@ -138,7 +188,9 @@ def test_axis_sizes_double_the_guided_batch():
 def test_the_target_table():
     assert TARGETS == ("generic", "cpu", "cuda", "tensorrt") == tuple(TARGETS_TABLE)
     assert TARGETS_TABLE["generic"].providers is None
-    assert TARGETS_TABLE["cuda"].attention == "plain" and TARGETS_TABLE["cuda"].check_provider == "CUDAExecutionProvider"
+    assert (
+        TARGETS_TABLE["cuda"].attention == "plain" and TARGETS_TABLE["cuda"].check_provider == "CUDAExecutionProvider"
+    )
     assert TARGETS_TABLE["cuda"].offline_level is None and TARGETS_TABLE["cuda"].fused_ops
     assert TARGETS_TABLE["cpu"].offline_level == "all" and TARGETS_TABLE["cpu"].load_level == "basic"
     assert not TARGETS_TABLE["cpu"].cuda_graphs

@@ -40,7 +40,9 @@ def init_png(tmp_path) -> Path:
 
 def test_each_image_of_a_batch_comes_back_from_its_seed(tiny32, tmp_path):
     common = ["--steps", "3", "--scheduler", "euler-a"]
-    assert main(["generate", str(tiny32), "a dog", "-n", "3", "--seed", "5", *common, "-o", str(tmp_path / "b.png")]) == 0
+    assert (
+        main(["generate", str(tiny32), "a dog", "-n", "3", "--seed", "5", *common, "-o", str(tmp_path / "b.png")]) == 0
+    )
     batch = [tmp_path / f"b-{i}.png" for i in range(3)]
     seeds = [fields(read_parameters(path))["Seed"] for path in batch]
     assert seeds == ["5", "6", "7"]
@@ -71,25 +73,66 @@ def test_a_shared_generator_says_where_in_the_batch(pipe):
 
 def test_the_text_records_every_setting_that_changes_the_pixels(tiny32, pipe, init_png, tmp_path):
     out = tmp_path / "all.png"
-    code = main(["generate", str(tiny32), "a red circle", "--negative-prompt", "blurry", "--scheduler", "ddim",
-                 "--steps", "4", "--guidance", "5", "--seed", "9", "--eta", "0.5", "--clip-skip", "1",
-                 "--image", str(init_png), "--strength", "0.6", "--height", "64", "--width", "64",
-                 "--timestep-spacing", "trailing", "-o", str(out)])
+    code = main(
+        [
+            "generate",
+            str(tiny32),
+            "a red circle",
+            "--negative-prompt",
+            "blurry",
+            "--scheduler",
+            "ddim",
+            "--steps",
+            "4",
+            "--guidance",
+            "5",
+            "--seed",
+            "9",
+            "--eta",
+            "0.5",
+            "--clip-skip",
+            "1",
+            "--image",
+            str(init_png),
+            "--strength",
+            "0.6",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--timestep-spacing",
+            "trailing",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     text = read_parameters(out)
     assert text.splitlines()[:2] == ["a red circle", "Negative prompt: blurry"]
     got = fields(text)
     init_hash = hashlib.sha256(init_png.read_bytes()).hexdigest()[:10]
-    expected = {"Steps": "4", "Sampler": "ddim", "Timestep spacing": "trailing", "CFG scale": "5", "Seed": "9",
-                "Size": "64x64", "Eta": "0.5",
-                "Clip skip": "1", "Denoising strength": "0.6", "Init image hash": init_hash,
-                "Model hash": pipe.model_hash, "Model": "tiny-sd"}
+    expected = {
+        "Steps": "4",
+        "Sampler": "ddim",
+        "Timestep spacing": "trailing",
+        "CFG scale": "5",
+        "Seed": "9",
+        "Size": "64x64",
+        "Eta": "0.5",
+        "Clip skip": "1",
+        "Denoising strength": "0.6",
+        "Init image hash": init_hash,
+        "Model hash": pipe.model_hash,
+        "Model": "tiny-sd",
+    }
     assert {key: got.get(key) for key in expected} == expected
     assert re.fullmatch(r"[0-9a-f]{10}", got["Model hash"])
 
 
 def test_scheduler_options_are_recorded(pipe):
-    text = pipe("a dog", seed=1, num_inference_steps=2, scheduler="ddim", scheduler_options={"steps_offset": 1}).parameters[0]
+    text = pipe(
+        "a dog", seed=1, num_inference_steps=2, scheduler="ddim", scheduler_options={"steps_offset": 1}
+    ).parameters[0]
     assert fields(text)["Scheduler options"] == "steps_offset=1"
 
 
@@ -104,22 +147,43 @@ def test_settings_that_do_not_apply_are_left_out(pipe):
     assert not {"Eta", "Clip skip", "Denoising strength", "Init image hash", "Latents"} & set(got)
 
 
-@pytest.mark.parametrize(("suffix", "magic", "format_"), [
-    (".jpg", b"\xff\xd8\xff", "JPEG"), (".jpeg", b"\xff\xd8\xff", "JPEG"), (".webp", b"RIFF", "WEBP"),
-])
+@pytest.mark.parametrize(
+    ("suffix", "magic", "format_"),
+    [
+        (".jpg", b"\xff\xd8\xff", "JPEG"),
+        (".jpeg", b"\xff\xd8\xff", "JPEG"),
+        (".webp", b"RIFF", "WEBP"),
+    ],
+)
 def test_output_format_follows_the_extension(tiny32, tmp_path, suffix, magic, format_):
     out = tmp_path / f"dog{suffix}"
-    assert main(["generate", str(tiny32), "a dög, \"quoted\"", "--steps", "2", "--seed", "3", "-o", str(out)]) == 0
+    assert main(["generate", str(tiny32), 'a dög, "quoted"', "--steps", "2", "--seed", "3", "-o", str(out)]) == 0
     assert out.read_bytes().startswith(magic) and Image.open(out).format == format_
     text = read_parameters(out)
-    assert text.splitlines()[0] == "a dög, \"quoted\"" and fields(text)["Seed"] == "3"
+    assert text.splitlines()[0] == 'a dög, "quoted"' and fields(text)["Seed"] == "3"
 
 
 def test_interpolate_is_reproducible_with_ancestral_noise(tiny32, tmp_path):
     runs = []
     for run in ("one", "two"):
-        args = ["interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "3", "--steps", "4",
-                "--scheduler", "euler-a", "--seed", "4", "-o", str(tmp_path / run)]
+        args = [
+            "interpolate",
+            str(tiny32),
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--frames",
+            "3",
+            "--steps",
+            "4",
+            "--scheduler",
+            "euler-a",
+            "--seed",
+            "4",
+            "-o",
+            str(tmp_path / run),
+        ]
         assert main(args) == 0
         runs.append(sorted((tmp_path / run).glob("frame-*.png")))
     assert len(runs[0]) == 3
@@ -133,15 +197,40 @@ def test_interpolate_is_reproducible_with_ancestral_noise(tiny32, tmp_path):
 
 
 def test_interpolate_grid_frames_carry_metadata(tiny32, tmp_path):
-    args = ["interpolate", str(tiny32), *sum([["--prompt", p] for p in "abcd"], []), "--grid", "2", "--steps", "2",
-            "-o", str(tmp_path / "grid")]
+    args = [
+        "interpolate",
+        str(tiny32),
+        *sum([["--prompt", p] for p in "abcd"], []),
+        "--grid",
+        "2",
+        "--steps",
+        "2",
+        "-o",
+        str(tmp_path / "grid"),
+    ]
     assert main(args) == 0
     last = read_parameters(tmp_path / "grid" / "frame-003.png")
     assert fields(last)["Interpolation"] == "bilinear u=1.00 v=1.00 of noise seeds 0 to 3"
 
 
 def test_interpolate_takes_the_timestep_spacing(tiny32, tmp_path):
-    args = ["interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "2", "--steps", "2",
-            "--scheduler", "euler", "--timestep-spacing", "trailing", "-o", str(tmp_path / "walk")]
+    args = [
+        "interpolate",
+        str(tiny32),
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--frames",
+        "2",
+        "--steps",
+        "2",
+        "--scheduler",
+        "euler",
+        "--timestep-spacing",
+        "trailing",
+        "-o",
+        str(tmp_path / "walk"),
+    ]
     assert main(args) == 0
     assert fields(read_parameters(tmp_path / "walk" / "frame-001.png"))["Timestep spacing"] == "trailing"

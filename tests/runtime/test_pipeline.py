@@ -64,8 +64,15 @@ def init_image() -> Image.Image:
 @pytest.mark.parametrize("scheduler", list(SCHEDULER_CLASSES))
 def test_text_to_image_matches_diffusers(tiny_pipe, tiny32, ours, scheduler):
     args = {"num_inference_steps": 10, "guidance_scale": 7.5}
-    theirs = reference(tiny_pipe, tiny32, scheduler, prompt=PROMPT, negative_prompt=NEGATIVE,
-                       generator=torch.Generator("cpu").manual_seed(11), **args)
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        scheduler,
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        generator=torch.Generator("cpu").manual_seed(11),
+        **args,
+    )
     mine = ours(PROMPT, negative_prompt=NEGATIVE, seed=11, scheduler=scheduler, **args)
     assert psnr(theirs.images[0], mine.images[0]) >= 45.0
 
@@ -73,8 +80,16 @@ def test_text_to_image_matches_diffusers(tiny_pipe, tiny32, ours, scheduler):
 @pytest.mark.parametrize("scheduler", list(SCHEDULER_CLASSES))
 def test_image_to_image_matches_diffusers(tiny_pipe, tiny32, ours, init_image, scheduler):
     args = {"num_inference_steps": 10, "guidance_scale": 7.5, "strength": 0.6}
-    theirs = reference(tiny_pipe, tiny32, scheduler, img2img=True, prompt=PROMPT, image=init_image,
-                       generator=torch.Generator("cpu").manual_seed(5), **args)
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        scheduler,
+        img2img=True,
+        prompt=PROMPT,
+        image=init_image,
+        generator=torch.Generator("cpu").manual_seed(5),
+        **args,
+    )
     mine = ours(PROMPT, image=init_image, seed=5, scheduler=scheduler, **args)
     assert psnr(theirs.images[0], mine.images[0]) >= 45.0
 
@@ -83,12 +98,22 @@ def test_image_to_image_matches_diffusers(tiny_pipe, tiny32, ours, init_image, s
 @pytest.mark.parametrize("img2img", [False, True], ids=["txt2img", "img2img"])
 def test_two_images_match_diffusers(tiny_pipe, tiny32, ours, init_image, seed, img2img):
     generator = (
-        [torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list)
+        [torch.Generator("cpu").manual_seed(s) for s in seed]
+        if isinstance(seed, list)
         else torch.Generator("cpu").manual_seed(seed)
     )
     extra = {"image": init_image, "strength": 0.7} if img2img else {}
-    theirs = reference(tiny_pipe, tiny32, "euler-a", img2img=img2img, prompt=PROMPT, num_images_per_prompt=2,
-                       num_inference_steps=8, generator=generator, **extra)
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        "euler-a",
+        img2img=img2img,
+        prompt=PROMPT,
+        num_images_per_prompt=2,
+        num_inference_steps=8,
+        generator=generator,
+        **extra,
+    )
     mine = ours(PROMPT, num_images=2, num_inference_steps=8, scheduler="euler-a", seed=seed, **extra)
     assert len(mine.images) == 2
     for a, b in zip(theirs.images, mine.images):
@@ -100,8 +125,15 @@ def test_two_images_match_diffusers(tiny_pipe, tiny32, ours, init_image, seed, i
 def test_two_prompts_and_no_guidance(tiny_pipe, tiny32, ours, scheduler):
     # euler scales the U-Net's input: unguided, the bound input buffer must not be the latents themselves
     prompts = [PROMPT, "a green star"]
-    theirs = reference(tiny_pipe, tiny32, scheduler, prompt=prompts, num_inference_steps=6, guidance_scale=1.0,
-                       generator=torch.Generator("cpu").manual_seed(2))
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        scheduler,
+        prompt=prompts,
+        num_inference_steps=6,
+        guidance_scale=1.0,
+        generator=torch.Generator("cpu").manual_seed(2),
+    )
     mine = ours(prompts, num_inference_steps=6, guidance_scale=1.0, scheduler=scheduler, seed=2)
     for a, b in zip(theirs.images, mine.images):
         assert psnr(a, b) >= 45.0
@@ -111,19 +143,41 @@ def test_other_layout_v_prediction_matches_diffusers(sd2_case):
     _, pipe, export = sd2_case
     mine = StableDiffusionPipeline.load(export)
     for scheduler in ("ddim", "euler", "dpm++2m"):
-        theirs = reference(pipe, export, scheduler, prompt=PROMPT, num_inference_steps=8,
-                           generator=torch.Generator("cpu").manual_seed(1))
+        theirs = reference(
+            pipe,
+            export,
+            scheduler,
+            prompt=PROMPT,
+            num_inference_steps=8,
+            generator=torch.Generator("cpu").manual_seed(1),
+        )
         image = mine(PROMPT, num_inference_steps=8, scheduler=scheduler, seed=1).images[0]
         assert psnr(theirs.images[0], image) >= 45.0
 
 
 def test_latents_eta_and_callback(tiny_pipe, tiny32, ours):
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator("cpu").manual_seed(9))
-    theirs = reference(tiny_pipe, tiny32, "ddim", prompt=PROMPT, latents=noise, eta=0.5, num_inference_steps=5,
-                       generator=torch.Generator("cpu").manual_seed(1), output_type="latent")
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        "ddim",
+        prompt=PROMPT,
+        latents=noise,
+        eta=0.5,
+        num_inference_steps=5,
+        generator=torch.Generator("cpu").manual_seed(1),
+        output_type="latent",
+    )
     seen = []
-    mine = ours(PROMPT, latents=noise.numpy(), eta=0.5, num_inference_steps=5, scheduler="ddim", seed=1,
-                callback=lambda i, t, x: seen.append((i, t)))
+    mine = ours(
+        PROMPT,
+        latents=noise.numpy(),
+        eta=0.5,
+        num_inference_steps=5,
+        scheduler="ddim",
+        seed=1,
+        callback=lambda i, t, x: seen.append((i, t)),
+    )
     assert np.max(np.abs(theirs.images.numpy() - mine.latents)) <= 1e-4
     assert [i for i, _ in seen] == list(range(5))
 
@@ -158,7 +212,8 @@ def test_io_binding_equals_plain_run(tiny32, ours):
     binding = unet.bind(feeds)  # updated in place, as in the denoising loop
     binding.update("timestep", np.array([10.0, 10.0], np.float32))
     np.testing.assert_array_equal(
-        binding.run()["out_sample"], unet.session.run(["out_sample"], {**feeds, "timestep": np.full(2, 10.0, np.float32)})[0]
+        binding.run()["out_sample"],
+        unet.session.run(["out_sample"], {**feeds, "timestep": np.full(2, 10.0, np.float32)})[0],
     )
 
 
@@ -196,8 +251,15 @@ def test_init_image_resized_like_diffusers(init_image):
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
 def test_clip_skip_matches_diffusers(tiny_pipe, tiny32, ours, clip_skip):
-    theirs = reference(tiny_pipe, tiny32, "euler", prompt=PROMPT, clip_skip=clip_skip, num_inference_steps=6,
-                       generator=torch.Generator("cpu").manual_seed(4))
+    theirs = reference(
+        tiny_pipe,
+        tiny32,
+        "euler",
+        prompt=PROMPT,
+        clip_skip=clip_skip,
+        num_inference_steps=6,
+        generator=torch.Generator("cpu").manual_seed(4),
+    )
     mine = ours(PROMPT, clip_skip=clip_skip, num_inference_steps=6, scheduler="euler", seed=4)
     plain = ours(PROMPT, num_inference_steps=6, scheduler="euler", seed=4)
     assert psnr(theirs.images[0], mine.images[0]) >= 45.0

@@ -60,8 +60,9 @@ def export_configs(tiny_pipe, scheduler, out: Path) -> Path:
     """The exporter's config writer on a pipeline whose scheduler is `scheduler`."""
     from sdexport.conversion import write_configs
 
-    pipe = diffusers.StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": scheduler},
-                                             requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        **{**tiny_pipe.components, "scheduler": scheduler}, requires_safety_checker=False
+    )
     out.mkdir()
     write_configs(pipe, SimpleNamespace(folder=None), out, [])
     return out
@@ -99,7 +100,9 @@ def test_swap_on_hub_config_matches_diffusers(name, steps, source, exported):
     theirs.set_timesteps(steps)
     assert_same_timesteps(ours.timesteps, theirs.timesteps)
     assert_same_sigmas(ours, theirs)
-    compare_schedulers(name, ours_from(name, read_scheduler_config(exported)), theirs, steps)  # timesteps again, then every step's input and output
+    compare_schedulers(
+        name, ours_from(name, read_scheduler_config(exported)), theirs, steps
+    )  # timesteps again, then every step's input and output
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -116,8 +119,16 @@ def test_spacing_follows_the_class_as_in_diffusers(exported):
         scheduler = make_scheduler(name, config, 4)
         first[name] = float(scheduler.timesteps[0])
     # PNDM and DDIM keep `leading` (+ steps_offset 1), the sigma schedulers take `linspace`.
-    assert first == {"pndm": 751, "ddim": 751, "euler": 999, "euler-a": 999, "dpm++2m": 999,
-                     "dpm++2m-karras": 999, "lms": 999, "lcm": 999}
+    assert first == {
+        "pndm": 751,
+        "ddim": 751,
+        "euler": 999,
+        "euler-a": 999,
+        "dpm++2m": 999,
+        "dpm++2m-karras": 999,
+        "lms": 999,
+        "lcm": 999,
+    }
 
 
 # --- the written folder ---------------------------------------------------------------------------

@@ -69,8 +69,13 @@ def test_text_to_image_matches_diffusers(sdxl_pipe, sdxl32, ours, scheduler):
         {"height": 32, "width": 64},
         {"prompt": LONG_PROMPT},
         {"guidance_scale": 7.5, "clip_skip": 2},
-        {"original_size": (128, 64), "crops_coords_top_left": (8, 4), "target_size": (32, 48),
-         "negative_original_size": (16, 16), "negative_target_size": (64, 64)},
+        {
+            "original_size": (128, 64),
+            "crops_coords_top_left": (8, 4),
+            "target_size": (32, 48),
+            "negative_original_size": (16, 16),
+            "negative_target_size": (64, 64),
+        },
     ],
     ids=["negative", "empty-negative", "non-square", "long-prompt", "clip-skip", "micro-conditioning"],
 )
@@ -105,15 +110,24 @@ def test_two_images_per_prompt_match_diffusers(sdxl_pipe, sdxl32, ours):
 @pytest.mark.parametrize("scheduler", ["euler", "dpm++2m"])
 def test_image_to_image_matches_diffusers(sdxl_pipe, sdxl32, ours, init_image, scheduler):
     args = {"num_inference_steps": 10, "strength": 0.6}
-    theirs = reference(sdxl_pipe, sdxl32, scheduler, img2img=True, prompt=PROMPT, image=init_image,
-                       generator=seeded(7), **args)
+    theirs = reference(
+        sdxl_pipe, sdxl32, scheduler, img2img=True, prompt=PROMPT, image=init_image, generator=seeded(7), **args
+    )
     mine = ours(PROMPT, image=init_image, scheduler=scheduler, seed=7, **args)
     assert psnr(theirs, mine.images[0]) >= 45.0
 
 
 def test_image_to_image_default_strength_is_diffusers_xl(sdxl_pipe, sdxl32, ours, init_image):
-    theirs = reference(sdxl_pipe, sdxl32, "euler", img2img=True, prompt=PROMPT, image=init_image,
-                       num_inference_steps=10, generator=seeded(8))
+    theirs = reference(
+        sdxl_pipe,
+        sdxl32,
+        "euler",
+        img2img=True,
+        prompt=PROMPT,
+        image=init_image,
+        num_inference_steps=10,
+        generator=seeded(8),
+    )
     mine = ours(PROMPT, image=init_image, scheduler="euler", num_inference_steps=10, seed=8)
     assert "Denoising strength: 0.3" in mine.parameters[0]
     assert psnr(theirs, mine.images[0]) >= 45.0
@@ -124,8 +138,13 @@ def test_refiner_with_aesthetic_scores_matches_diffusers(refiner_case, init_imag
     _, pipe, export = refiner_case
     mine_pipe = StableDiffusionPipeline.load(export)
     assert mine_pipe.encoders == ("text_encoder_2",)
-    args = {"num_inference_steps": 8, "strength": 0.5, "aesthetic_score": 7.0, "negative_aesthetic_score": 2.0,
-            "negative_prompt": negative}
+    args = {
+        "num_inference_steps": 8,
+        "strength": 0.5,
+        "aesthetic_score": 7.0,
+        "negative_aesthetic_score": 2.0,
+        "negative_prompt": negative,
+    }
     flags = {k: pipe.config[k] for k in ("requires_aesthetics_score", "force_zeros_for_empty_prompt")}
     ref = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components, **flags, add_watermarker=False)
     ref.scheduler = reference_scheduler(export, "euler")

@@ -20,9 +20,11 @@ def tiny_model_with_external_data(folder: Path, location: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     weight = numpy_helper.from_array(np.arange(1024, dtype=np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"], name="add")], "g",
+        [helper.make_node("Add", ["x", "w"], ["y"], name="add")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1024])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])], [weight],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1024])],
+        [weight],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = folder / "model.onnx"
@@ -100,12 +102,14 @@ def test_tensorrt_options_caches_fp16_and_profile(tiny32):
 
     manifest = read_manifest(tiny32)
     settings = SessionSettings(trt_images=(1, 1, 2), trt_sizes=(64, 64, 128))
-    (name, options), cuda = provider_options(["TensorrtExecutionProvider", "CUDAExecutionProvider"], manifest, "unet", settings)
+    (name, options), cuda = provider_options(
+        ["TensorrtExecutionProvider", "CUDAExecutionProvider"], manifest, "unet", settings
+    )
     assert name == "TensorrtExecutionProvider" and cuda == "CUDAExecutionProvider"
     assert options["trt_fp16_enable"] == "1" and options["trt_engine_cache_path"] == str(tiny32 / "trt_cache")
     assert options["trt_profile_min_shapes"] == "sample:2x4x8x8,timestep:2,encoder_hidden_states:2x77x32"
     assert options["trt_profile_max_shapes"] == "sample:4x4x16x16,timestep:4,encoder_hidden_states:4x77x32"
-    (_, vae), = provider_options(["TensorrtExecutionProvider"], manifest, "vae_decoder", settings)
+    ((_, vae),) = provider_options(["TensorrtExecutionProvider"], manifest, "vae_decoder", settings)
     assert vae["trt_profile_opt_shapes"] == "latent_sample:1x4x8x8"
 
 
@@ -121,7 +125,9 @@ def test_cuda_graph_only_for_a_static_unet(tiny32):
     assert provider_options(["CUDAExecutionProvider"], manifest, "unet", SessionSettings()) == [
         ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
     ]
-    assert provider_options(["CUDAExecutionProvider"], manifest, "vae_decoder", SessionSettings()) == ["CUDAExecutionProvider"]
+    assert provider_options(["CUDAExecutionProvider"], manifest, "vae_decoder", SessionSettings()) == [
+        "CUDAExecutionProvider"
+    ]
     assert provider_options([("CUDAExecutionProvider", {"device_id": "1"})], manifest, "unet", SessionSettings()) == [
         ("CUDAExecutionProvider", {"device_id": "1"})
     ]
@@ -133,8 +139,11 @@ def test_reused_binding_refills_the_same_buffers(tiny32):
     unet = StableDiffusionPipeline.load(tiny32).component("unet")
     unet.reuse_bindings = True  # what a CUDA-graph session does
     rng = np.random.default_rng(1)
-    feeds = {"sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32), "timestep": np.full(2, 7.0, np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32)}
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.full(2, 7.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
     first = unet.bind(feeds)
     out_a = first.run()["out_sample"]
     other = {**feeds, "timestep": np.full(2, 900.0, np.float32)}

@@ -45,7 +45,9 @@ def runtime_venv(tmp_path_factory) -> Path:
 
 def test_runtime_venv_has_no_torch_and_draws_with_every_scheduler(runtime_venv, tiny32, tmp_path):
     python = runtime_venv / "bin" / "python"
-    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout
     names = {line.split("==")[0].lower() for line in listed.splitlines()}
     assert not names & {"torch", "diffusers", "transformers", "onnx", "optimum", "sdexport"}
     for heavy in ("torch", "diffusers", "transformers"):
@@ -59,7 +61,21 @@ def test_runtime_venv_has_no_torch_and_draws_with_every_scheduler(runtime_venv, 
 
 def test_sdruntime_cli_in_runtime_venv(runtime_venv, tiny32, tmp_path):
     out = tmp_path / "cli.png"
-    run = subprocess.run([str(runtime_venv / "bin" / "sdruntime"), "generate", str(tiny32), "a green star",
-                          "--steps", "2", "--seed", "3", "-o", str(out)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            str(runtime_venv / "bin" / "sdruntime"),
+            "generate",
+            str(tiny32),
+            "a green star",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.is_file()

@@ -157,4 +157,3 @@ __all__ = [
     "make_scheduler",
     "scheduler_name_for_class",
 ]
-

@@ -353,7 +353,9 @@ def predict_x0(prediction_type: str, model_output: np.ndarray, sample: np.ndarra
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
     if prediction_type in ("sample", "original_sample"):
         return model_output
-    raise InvalidArgument(f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample")
+    raise InvalidArgument(
+        f"prediction_type {prediction_type!r} is not supported: choose epsilon, v_prediction or sample"
+    )
 
 
 class SigmaScheduler(DiscreteScheduler):
@@ -371,7 +373,10 @@ class SigmaScheduler(DiscreteScheduler):
         interpolated at those timesteps)."""
         cfg = self.config
         timesteps = spaced_timesteps(
-            cfg["timestep_spacing"], num_inference_steps, self.num_train_timesteps, cfg["steps_offset"],
+            cfg["timestep_spacing"],
+            num_inference_steps,
+            self.num_train_timesteps,
+            cfg["steps_offset"],
             round_linspace=False,
         ).astype(np.float32)
         train_sigmas = sigmas_of(self.alphas_cumprod)

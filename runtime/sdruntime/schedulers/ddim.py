@@ -33,7 +33,9 @@ def predict_x0_eps(
         return model_output, (sample - a * model_output) / b
     if prediction_type == "v_prediction":
         return a * sample - b * model_output, a * model_output + b * sample
-    raise InvalidArgument(f"prediction_type {prediction_type!r} is not supported: choose epsilon, sample or v_prediction")
+    raise InvalidArgument(
+        f"prediction_type {prediction_type!r} is not supported: choose epsilon, sample or v_prediction"
+    )
 
 
 class DDIMScheduler(DiscreteScheduler):

@@ -80,7 +80,9 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         check_choice(cfg, "prediction_type", ("epsilon", "sample", "v_prediction"), "dpm++2m")
         check_choice(cfg, "final_sigmas_type", ("zero", "sigma_min"), "dpm++2m")
         if cfg["use_flow_sigmas"] or cfg["use_dynamic_shifting"]:
-            raise InvalidArgument("dpm++2m does not support use_flow_sigmas / use_dynamic_shifting (flow-matching models)")
+            raise InvalidArgument(
+                "dpm++2m does not support use_flow_sigmas / use_dynamic_shifting (flow-matching models)"
+            )
         if cfg["solver_order"] not in (1, 2, 3):
             raise InvalidArgument(f"solver_order must be 1, 2 or 3, got {cfg['solver_order']}")
         self.sigma_kind = sigma_kind(cfg)

@@ -51,7 +51,9 @@ class EulerDiscreteScheduler(SigmaScheduler):
         cfg = self.config
         timesteps, train_sigmas, sigmas = self._spaced_sigmas(num_inference_steps)
         log_sigmas = np.log(train_sigmas)
-        if cfg["interpolation_type"] != "linear":  # log_linear, as diffusers: num_inference_steps + 1 log-spaced sigmas, then the final one
+        if (
+            cfg["interpolation_type"] != "linear"
+        ):  # log_linear, as diffusers: num_inference_steps + 1 log-spaced sigmas, then the final one
             sigmas = np.exp(np.linspace(log_sigmas[-1], log_sigmas[0], num_inference_steps + 1).astype(np.float32))
         if self.sigma_kind is not None:
             sigma_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])
