@@ -11,8 +11,7 @@ from pathlib import Path
 from sdruntime.manifest import config_file_entries, write_manifest
 
 from .conversion import ConvertOptions, check_options, check_output, export_all, write_configs
-from .errors import SdexportError, ValidationFailed
-from .families import pipeline_family
+from .errors import ValidationFailed
 from .load import load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .staging import staged_folder
@@ -35,11 +34,6 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     with staged_folder(out, log, keep=(ValidationFailed,)) as tmp:
         src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
-        if validating and pipeline_family(src.pipe) == "sdxl":
-            raise SdexportError("--validate does not handle SDXL exports yet: drop --validate")
-        if loras and pipeline_family(src.pipe) == "sdxl":
-            raise SdexportError("--lora does not handle SDXL pipelines yet (their second text encoder): "
-                                "fuse the LoRA with diffusers and save_pretrained the pipeline, then convert that")
         if opts.vae:
             replace_vae(src, opts.vae)
             log(f"replaced the pipeline's VAE with {src.vae}")

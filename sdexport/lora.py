@@ -12,17 +12,27 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from diffusers.utils import logging as diffusers_logging
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+
+from .components import text_encoders
 from .errors import SdexportError, first_line
 
 # the key endings of a LoRA's "down" matrix, one per adapted module, in the formats diffusers reads
-DOWN_KEYS = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight",
-             ".lora_linear_layer.down.weight")
-HINT = "pass a LoRA for Stable Diffusion 1.x/2.x as .safetensors, in diffusers or kohya-ss format"
+DOWN_KEYS = (
+    ".lora_down.weight",
+    ".lora_A.weight",
+    ".lora.down.weight",
+    "_lora.down.weight",
+    ".lora_linear_layer.down.weight",
+)
+HINT = "pass a LoRA for Stable Diffusion 1.x/2.x or SDXL as .safetensors, in diffusers or kohya-ss format"
 FAMILY_HINT = "is it made for another model family (SDXL, SD 2.x vs 1.x)?"
 
 
 def parse_lora(spec: str | Sequence) -> tuple[Path, float]:
-    """"FILE[:SCALE]" (scale 1.0 by default) or (FILE, SCALE) -> (path, scale)."""
+    """ "FILE[:SCALE]" (scale 1.0 by default) or (FILE, SCALE) -> (path, scale)."""
     if isinstance(spec, (tuple, list)):
         path, scale = spec
     else:
@@ -38,13 +48,14 @@ def parse_lora(spec: str | Sequence) -> tuple[Path, float]:
     except (TypeError, ValueError):
         scale = math.nan
     if not math.isfinite(scale):
-        raise SdexportError(f"LoRA scale in '{spec}' is not a finite number: use --lora FILE[:SCALE], e.g. style.safetensors:0.8")
+        raise SdexportError(
+            f"LoRA scale in '{spec}' is not a finite number: use --lora FILE[:SCALE], e.g. style.safetensors:0.8"
+        )
     return Path(path).expanduser(), scale
 
 
 def count_lora_layers(path: Path) -> int:
     """How many modules the LoRA adapts, from the key names alone; refuses files that hold no LoRA."""
-    from safetensors import safe_open
 
     if not path.is_file():
         raise SdexportError(f"LoRA {path} not found: check the path given to --lora")
@@ -68,15 +79,17 @@ def check_loras(specs: Iterable) -> list[tuple[Path, float]]:
         try:
             import peft  # noqa: F401
         except ImportError as e:
-            raise SdexportError("--lora needs the peft package, which diffusers fuses LoRAs with: pip install peft") from e
+            raise SdexportError(
+                "--lora needs the peft package, which diffusers fuses LoRAs with: pip install peft"
+            ) from e
     for path, _ in loras:
         count_lora_layers(path)
     return loras
 
 
 def fuse_loras(pipe, loras: Sequence[tuple[Path, float]], log=print) -> list[dict]:
-    """Fuse each LoRA into the U-Net and text encoder; returns the manifest's source.loras."""
-    from diffusers.utils import logging as diffusers_logging
+    """Fuse each LoRA into the U-Net and the text encoders (SDXL's two as well); returns the manifest's
+    source.loras."""
 
     fused = []
     verbosity = diffusers_logging.get_verbosity()
@@ -86,15 +99,22 @@ def fuse_loras(pipe, loras: Sequence[tuple[Path, float]], log=print) -> list[dic
             expected = count_lora_layers(path)
             adapter = f"sdexport_lora_{i}"
             try:
-                pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter,
-                                       use_safetensors=True, local_files_only=True)
+                pipe.load_lora_weights(
+                    str(path.parent),
+                    weight_name=path.name,
+                    adapter_name=adapter,
+                    use_safetensors=True,
+                    local_files_only=True,
+                )
             except (ValueError, RuntimeError, KeyError, OSError) as e:
                 raise SdexportError(f"LoRA {path} {_why_it_does_not_fit(e, expected)}: {FAMILY_HINT}") from e
             matched = _adapted_modules(pipe, adapter)
             if matched < expected:
-                raise SdexportError(f"LoRA {path}: {expected - matched} of its {expected} layers match no module of "
-                                    f"this model: {FAMILY_HINT}")
-            pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale, adapter_names=[adapter])
+                raise SdexportError(
+                    f"LoRA {path}: {expected - matched} of its {expected} layers match no module of "
+                    f"this model: {FAMILY_HINT}"
+                )
+            pipe.fuse_lora(components=["unet", *text_encoders(pipe)], lora_scale=scale, adapter_names=[adapter])
             pipe.unload_lora_weights()
             log(f"fused LoRA {path.name} ({matched} layers) at scale {scale:g}")
             fused.append({"path": str(path.resolve()), "scale": scale})
@@ -107,8 +127,11 @@ def _why_it_does_not_fit(error: BaseException, expected: int) -> str:
     text = str(error)
     if "Target modules" in text:  # peft: not one module name matched
         return f"matches no module of this model (none of its {expected} layers)"
-    mismatch = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
-                         r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", text)
+    mismatch = re.search(
+        r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+        r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)",
+        text,
+    )
     if mismatch:
         name, theirs, ours = mismatch.groups()
         return f"does not fit this model: its {name} is {theirs}, this model's is {ours}"
@@ -116,9 +139,9 @@ def _why_it_does_not_fit(error: BaseException, expected: int) -> str:
 
 
 def _adapted_modules(pipe, adapter: str) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return sum(
-        1 for component in (pipe.unet, pipe.text_encoder) for module in component.modules()
+        1
+        for component in (pipe.unet, *text_encoders(pipe).values())
+        for module in component.modules()
         if isinstance(module, BaseTunerLayer) and adapter in getattr(module, "lora_A", {})
     )

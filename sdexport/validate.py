@@ -14,9 +14,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
+import onnx
+import onnxruntime as ort
+import sdruntime
+import torch
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.utils import logging
+from onnx import TensorProto, numpy_helper
+from PIL import Image
+from sdruntime.conditioning import guidance_scale_embedding
 from sdruntime.manifest import (
     COMPONENT_IO,
+    DYNAMIC_AXES,
     TARGETS_TABLE,
     ExportError,
     Manifest,
@@ -26,12 +42,24 @@ from sdruntime.manifest import (
     sha256_file,
     write_manifest,
 )
+from sdruntime.pipeline import StableDiffusionPipeline as RuntimePipeline
 from sdruntime.schedulers import SCHEDULERS, scheduler_name_for_class
-from sdruntime.session import NUMPY_DTYPES, SessionSettings, check_cpu_layout, resolve_providers, session_options
+from sdruntime.session import (
+    NUMPY_DTYPES,
+    NonFiniteOutput,
+    SessionSettings,
+    check_cpu_layout,
+    resolve_providers,
+    session_options,
+)
 
+from .components import is_sdxl, model_dims, set_attention
 from .conversion import checkable, export_component, trace_component, with_cpu_layout_probe
 from .conversion import versions as export_versions
 from .errors import SdexportError, ValidationFailed, first_line
+from .export import save_model, torch_outputs
+from .load import Source, load_source, replace_vae
+from .lora import check_loras, fuse_loras
 from .staging import REPORT_NAME  # what `convert --validate` leaves in the export
 
 REPORT_VERSION = 1
@@ -200,9 +228,11 @@ def batch_sizes(manifest: Manifest, component: str) -> list[int]:
     return [first] if isinstance(first, int) else [1, 2]
 
 
-def token_ids(pipe, prompts: list[str]) -> np.ndarray:
-    tokens = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                            truncation=True, return_tensors="np")
+def token_ids(pipe, prompts: list[str], component: str = "text_encoder") -> np.ndarray:
+    tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+    )
     return tokens.input_ids.astype(np.int64)
 
 
@@ -214,16 +244,34 @@ def prompts_for(batch: int, guided: bool) -> list[str]:
     return [""] * half + [PROMPTS[i % len(PROMPTS)] for i in range(batch - half)]
 
 
-def text_embeddings(pipe, prompts: list[str]) -> np.ndarray:
-    import torch
-
+def text_embeddings(pipe, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The U-Net's encoder_hidden_states for `prompts` as the pipeline computes them, and for SDXL the
+    pooled `text_embeds` too (diffusers' own encode_prompt: both encoders' penultimate states)."""
     with torch.no_grad():
-        return pipe.text_encoder(torch.from_numpy(token_ids(pipe, prompts)))[0].float().numpy()
+        if not is_sdxl(pipe):
+            return pipe.text_encoder(torch.from_numpy(token_ids(pipe, prompts)))[0].float().numpy(), {}
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    return embeds.float().numpy(), {"text_embeds": pooled.float().numpy()}
+
+
+def unet_conditioning(manifest: Manifest, batch: int, height: int, width: int, guidance_scale: float) -> dict:
+    """SDXL's time_ids (the generated size, no crop; a refiner's aesthetic score 6) and an LCM U-Net's
+    timestep_cond (the guidance embedding), as the pipelines make them, where the U-Net takes them."""
+    facts = manifest.pipeline
+    names = {t.name for t in manifest.components["unet"].inputs}
+    extra = {}
+    if "time_ids" in names:
+        last = [6.0] if facts.requires_aesthetics_score else [height, width]
+        extra["time_ids"] = np.tile(np.float32([height, width, 0, 0, *last]), (batch, 1))
+    if "timestep_cond" in names:
+        extra["timestep_cond"] = guidance_scale_embedding([guidance_scale - 1.0] * batch, facts.time_cond_proj_dim)
+    return extra
 
 
 def gradient_image(height: int, width: int, flip: bool = False):
     """A deterministic RGB test picture: red across, green down, blue along the diagonal."""
-    from PIL import Image
 
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     x, y = x / max(width - 1, 1), y / max(height - 1, 1)
@@ -235,31 +283,39 @@ def gradient_image(height: int, width: int, flip: bool = False):
 
 def image_batch(height: int, width: int, batch: int) -> np.ndarray:
     """[batch, 3, H, W] in [-1, 1]: the gradient and its mirror image."""
-    images = [np.asarray(gradient_image(height, width, flip=i % 2 == 1), np.float32) / 127.5 - 1.0 for i in range(batch)]
+    images = [
+        np.asarray(gradient_image(height, width, flip=i % 2 == 1), np.float32) / 127.5 - 1.0 for i in range(batch)
+    ]
     return np.stack(images).transpose(0, 3, 1, 2).copy()
 
 
-def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int) -> list[Case]:
+def component_cases(
+    component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float = 7.5
+) -> list[Case]:
     """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net)."""
-    import torch
 
     gen = torch.Generator().manual_seed(seed)
     cases = []
     for batch in batch_sizes(manifest, component):
-        if component == "text_encoder":
-            cases.append(Case(f"b{batch} prompts", {"input_ids": token_ids(pipe, prompts_for(batch, False))}, batch))
+        if component in ("text_encoder", "text_encoder_2"):
+            ids = token_ids(pipe, prompts_for(batch, False), component)
+            cases.append(Case(f"b{batch} prompts", {"input_ids": ids}, batch))
             continue
         for height, width in image_sizes(manifest):
             latent = latent_shape(manifest.pipeline, batch, height, width)
             size = f"b{batch} {height}x{width}"
             if component == "unet":
-                embeddings = text_embeddings(pipe, prompts_for(batch, True))
+                embeddings, pooled = text_embeddings(pipe, prompts_for(batch, True))
+                extra = {**pooled, **unet_conditioning(manifest, batch, height, width, guidance_scale)}
+                order = [t.name for t in manifest.components["unet"].inputs]  # the wrapper takes them in order
                 for t in timesteps:
-                    inputs = {
+                    given = {
                         "sample": torch.randn(latent, generator=gen).numpy(),
                         "timestep": np.full(batch, t, np.float32),
                         "encoder_hidden_states": embeddings,
+                        **extra,
                     }
+                    inputs = {name: given[name] for name in order}
                     cases.append(Case(f"{size} t={t:g}", inputs, batch, height, width, t))
             elif component == "vae_decoder":
                 scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline.vae_scaling_factor
@@ -273,8 +329,6 @@ def component_cases(component: str, pipe, manifest: Manifest, timesteps: list[fl
 
 
 def open_session(path: Path, manifest: Manifest, providers: list, component: str = ""):
-    import onnxruntime as ort
-
     options = session_options(SessionSettings(), manifest, providers, component)
     return ort.InferenceSession(str(path), options, providers=providers)
 
@@ -285,10 +339,6 @@ def feeds_for(manifest: Manifest, component: str, inputs: dict[str, np.ndarray])
 
 
 def run_torch(component: str, pipe, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import torch
-
-    from .export import torch_outputs
-
     return torch_outputs(component, pipe, {k: torch.from_numpy(v) for k, v in inputs.items()})
 
 
@@ -304,11 +354,17 @@ def hash_problems(manifest: Manifest, component: str) -> list[str]:
     return problems
 
 
-def check_case(case: Case, expected: list[np.ndarray], got: list[np.ndarray], names: list[str],
-               limits: dict[str, float | None]) -> dict[str, Any]:
+def check_case(
+    case: Case, expected: list[np.ndarray], got: list[np.ndarray], names: list[str], limits: dict[str, float | None]
+) -> dict[str, Any]:
     outputs = {
-        name: error_metrics(e, g) if e.shape == g.shape else {
-            "max_abs": None, "mean_abs": None, "relative_l2": None, "finite": True,
+        name: error_metrics(e, g)
+        if e.shape == g.shape
+        else {
+            "max_abs": None,
+            "mean_abs": None,
+            "relative_l2": None,
+            "finite": True,
             "shape_mismatch": [list(e.shape), list(g.shape)],
         }
         for name, e, g in zip(names, expected, got)
@@ -317,12 +373,22 @@ def check_case(case: Case, expected: list[np.ndarray], got: list[np.ndarray], na
     problems = limit_problems(merged, limits)
     if not all(np.isfinite(e).all() for e in expected):
         problems.append("PyTorch itself produced NaN/Inf")
-    problems += [f"{n} has shape {o['shape_mismatch'][1]}, PyTorch {o['shape_mismatch'][0]}"
-                 for n, o in outputs.items() if "shape_mismatch" in o]
+    problems += [
+        f"{n} has shape {o['shape_mismatch'][1]}, PyTorch {o['shape_mismatch'][0]}"
+        for n, o in outputs.items()
+        if "shape_mismatch" in o
+    ]
     return {
-        "label": case.label, "batch": case.batch, "height": case.height, "width": case.width,
-        "timestep": case.timestep, "inputs": {k: list(v.shape) for k, v in case.inputs.items()},
-        "outputs": outputs, **merged, "ok": not problems, "problems": problems,
+        "label": case.label,
+        "batch": case.batch,
+        "height": case.height,
+        "width": case.width,
+        "timestep": case.timestep,
+        "inputs": {k: list(v.shape) for k, v in case.inputs.items()},
+        "outputs": outputs,
+        **merged,
+        "ok": not problems,
+        "problems": problems,
     }
 
 
@@ -336,14 +402,21 @@ def component_limits(dtype: str, full_size: bool, opts: ValidateOptions) -> dict
     }
 
 
-def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOptions, full_size: bool,
-                    timesteps: list[float], providers: list) -> dict[str, Any]:
+def check_component(
+    component: str,
+    pipe,
+    manifest: Manifest,
+    opts: ValidateOptions,
+    full_size: bool,
+    timesteps: list[float],
+    providers: list,
+) -> dict[str, Any]:
     """Every case through PyTorch and ONNX Runtime; for a failing fp16 component, the first node to blame."""
     entry = manifest.components[component]
     limits = component_limits(entry.dtype, full_size, opts)
     hashes = hash_problems(manifest, component)
     names = [o.name for o in entry.outputs]
-    all_cases = component_cases(component, pipe, manifest, timesteps, opts.seed)
+    all_cases = component_cases(component, pipe, manifest, timesteps, opts.seed, opts.guidance_scale)
     checked, problems, provider = [], list(hashes), None
     try:
         session = open_session(manifest.model_path(component), manifest, providers, component)
@@ -362,8 +435,14 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
     problems += [f"{c['label']}: {p}" for c in cases for p in c["problems"]]
     no_numbers = {"max_abs": None, "mean_abs": None, "relative_l2": None, "finite": False}
     result = {
-        "dtype": entry.dtype, "provider": provider, "limits": limits, "sha256_ok": not hashes,
-        "cases": cases, **(worst(cases) if cases else no_numbers), "ok": not problems, "problems": problems,
+        "dtype": entry.dtype,
+        "provider": provider,
+        "limits": limits,
+        "sha256_ok": not hashes,
+        "cases": cases,
+        **(worst(cases) if cases else no_numbers),
+        "ok": not problems,
+        "problems": problems,
         "first_bad_node": None,
     }
     failing = [case for case, outcome in checked if not outcome["ok"]]
@@ -379,19 +458,16 @@ def check_component(component: str, pipe, manifest: Manifest, opts: ValidateOpti
 
 def trace_fp32(component: str, pipe, manifest: Manifest):
     """A fresh fp32 export of the component, before any optimization: the graph `to_fp16` converts."""
-    import onnx
 
     with tempfile.TemporaryDirectory(prefix="sdexport-trace-") as tmp:
         traced = trace_component(component, pipe, Path(tmp), manifest.pipeline, manifest.static, int(manifest.opset))
         return onnx.load(str(traced.path), load_external_data=True)
 
 
-def all_tensor_values(model, feeds: dict[str, np.ndarray], folder: Path, manifest: Manifest,
-                      providers: list) -> dict[str, np.ndarray]:
+def all_tensor_values(
+    model, feeds: dict[str, np.ndarray], folder: Path, manifest: Manifest, providers: list
+) -> dict[str, np.ndarray]:
     """Run `model` with every float intermediate tensor exposed as a graph output (values as float32)."""
-    import onnx
-
-    from .export import save_model
 
     path = folder / "model.onnx"
     save_model(model, path)
@@ -425,7 +501,9 @@ def first_divergence(graph, reference: dict[str, np.ndarray], got: dict[str, np.
     """(fp16 node, tensor) of the first output, in topological order, that overflows or leaves rtol."""
     used = value_tensors(graph)
     compared = [
-        (node, name) for node in graph.node for name in node.output
+        (node, name)
+        for node in graph.node
+        for name in node.output
         if name in used and name in reference and name in got and reference[name].shape == got[name].shape
     ]
     overflow = next(
@@ -438,33 +516,44 @@ def first_divergence(graph, reference: dict[str, np.ndarray], got: dict[str, np.
 
 def out_of_fp16_range(model, values: dict[str, np.ndarray]) -> list[str]:
     """Nodes that produce or consume a tensor beyond fp16's range (65504) in the fp32 run, in graph order."""
-    from onnx import TensorProto, numpy_helper
 
     big = {name for name, v in values.items() if v.size and np.isfinite(v).all() and np.abs(v).max() > FP16_MAX}
     big |= {
-        init.name for init in model.graph.initializer
+        init.name
+        for init in model.graph.initializer
         if init.data_type == TensorProto.FLOAT and np.abs(numpy_helper.to_array(init)).max(initial=0) > FP16_MAX
     }
     return [
-        node.name for node in model.graph.node
+        node.name
+        for node in model.graph.node
         if node.op_type not in SHAPE_OPS and (big.intersection(node.input) or big.intersection(node.output))
     ]
 
 
-def locate_fp16_failure(component: str, pipe, manifest: Manifest, case: Case, rtol: float,
-                        providers: list) -> dict[str, Any]:
+def locate_fp16_failure(
+    component: str, pipe, manifest: Manifest, case: Case, rtol: float, providers: list
+) -> dict[str, Any]:
     """Compare every intermediate tensor of the fp16 file with a fresh fp32 export on one failing case."""
-    import onnx
 
     fp32 = trace_fp32(component, pipe, manifest)
     fp16 = onnx.load(str(manifest.model_path(component)))
     with tempfile.TemporaryDirectory(prefix="sdexport-locate-") as tmp:
         reference = all_tensor_values(fp32, case.inputs, Path(tmp) / "fp32", manifest, providers)
-        got = all_tensor_values(fp16, feeds_for(manifest, component, case.inputs), Path(tmp) / "fp16", manifest, providers)
+        got = all_tensor_values(
+            fp16, feeds_for(manifest, component, case.inputs), Path(tmp) / "fp16", manifest, providers
+        )
     found = first_divergence(fp16.graph, reference, got, rtol)
-    result: dict[str, Any] = {"case": case.label, "node": None, "fp16_node": None, "op_type": None, "tensor": None,
-                              "metrics": None, "fp32_max_value": None, "out_of_fp16_range": False,
-                              "suggested_fp32_nodes": []}
+    result: dict[str, Any] = {
+        "case": case.label,
+        "node": None,
+        "fp16_node": None,
+        "op_type": None,
+        "tensor": None,
+        "metrics": None,
+        "fp32_max_value": None,
+        "out_of_fp16_range": False,
+        "suggested_fp32_nodes": [],
+    }
     if found is None:
         return result
     fp16_node, tensor = found
@@ -473,12 +562,18 @@ def locate_fp16_failure(component: str, pipe, manifest: Manifest, case: Case, rt
     kept = set(manifest.components[component].fp32_nodes)
     region = [n for n in out_of_fp16_range(fp32, reference) if n not in kept]
     own = [producer.name] if producer is not None and producer.name not in kept else []
-    result.update({
-        "node": producer.name if producer is not None else fp16_node.name, "fp16_node": fp16_node.name,
-        "op_type": producer.op_type if producer is not None else fp16_node.op_type, "tensor": tensor,
-        "metrics": error_metrics(reference[tensor], got[tensor]), "fp32_max_value": peak,
-        "out_of_fp16_range": peak > FP16_MAX, "suggested_fp32_nodes": region if peak > FP16_MAX and region else own,
-    })
+    result.update(
+        {
+            "node": producer.name if producer is not None else fp16_node.name,
+            "fp16_node": fp16_node.name,
+            "op_type": producer.op_type if producer is not None else fp16_node.op_type,
+            "tensor": tensor,
+            "metrics": error_metrics(reference[tensor], got[tensor]),
+            "fp32_max_value": peak,
+            "out_of_fp16_range": peak > FP16_MAX,
+            "suggested_fp32_nodes": region if peak > FP16_MAX and region else own,
+        }
+    )
     return result
 
 
@@ -487,7 +582,6 @@ def locate_fp16_failure(component: str, pipe, manifest: Manifest, case: Case, rt
 
 def diffusers_scheduler(name: str, config: dict):
     """The diffusers scheduler our `name` mirrors, from the exported config itself (never another scheduler's)."""
-    import diffusers
 
     cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
     with quiet_diffusers():
@@ -498,14 +592,10 @@ class quiet_diffusers:
     """Silence diffusers' warnings about config keys another scheduler class wrote."""
 
     def __enter__(self):
-        from diffusers.utils import logging
-
         self.level = logging.get_verbosity()
         logging.set_verbosity_error()
 
     def __exit__(self, *exc):
-        from diffusers.utils import logging
-
         logging.set_verbosity(self.level)
 
 
@@ -519,13 +609,21 @@ def reference_timesteps(name: str, config: dict, steps: int) -> list[float]:
 
 def diffusers_generate(pipe, scheduler, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 image [H, W, 3], final latents) from diffusers' text-to-image or image-to-image pipeline."""
-    import torch
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
-    cls = StableDiffusionImg2ImgPipeline if "image" in kwargs else StableDiffusionPipeline
     parts = {**pipe.components, "scheduler": scheduler}
+    if is_sdxl(pipe):  # no watermark, as the runtime adds none
+        cls = StableDiffusionXLImg2ImgPipeline if "image" in kwargs else StableDiffusionXLPipeline
+        flags = {"force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True)}
+        if cls is StableDiffusionXLImg2ImgPipeline:
+            flags["requires_aesthetics_score"] = pipe.config.get("requires_aesthetics_score", False)
+        elif parts.get("text_encoder") is None:
+            raise SdexportError("an SDXL refiner draws from an image only: validate it with img2img")
+        extra = {**flags, "add_watermarker": False}
+    else:
+        cls = StableDiffusionImg2ImgPipeline if "image" in kwargs else StableDiffusionPipeline
+        extra = {"requires_safety_checker": False}
     with quiet_diffusers():
-        reference = cls(**parts, requires_safety_checker=False)
+        reference = cls(**parts, **extra)
     reference.set_progress_bar_config(disable=True)
     final = {}
 
@@ -534,15 +632,19 @@ def diffusers_generate(pipe, scheduler, seed: int, **kwargs) -> tuple[np.ndarray
         return tensors
 
     with torch.no_grad():
-        out = reference(**kwargs, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                        callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
+        out = reference(
+            **kwargs,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+            callback_on_step_end=keep_latents,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
     image = (out.images[0] * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
     return image, final["latents"].float().numpy()
 
 
 def save_comparison(folder: Path, mode: str, reference: np.ndarray, ours: np.ndarray) -> str:
     """diffusers | runtime | |difference| x DIFF_AMPLIFY, side by side in one PNG."""
-    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     diff = np.clip(np.abs(reference.astype(np.int16) - ours.astype(np.int16)) * DIFF_AMPLIFY, 0, 255).astype(np.uint8)
@@ -551,13 +653,17 @@ def save_comparison(folder: Path, mode: str, reference: np.ndarray, ours: np.nda
     return str(path)
 
 
-def compare_generation(mode: str, pipe, runtime, name: str, config: dict, opts: ValidateOptions,
-                       min_psnr: float, size: tuple[int, int]) -> dict[str, Any]:
+def compare_generation(
+    mode: str, pipe, runtime, name: str, config: dict, opts: ValidateOptions, min_psnr: float, size: tuple[int, int]
+) -> dict[str, Any]:
     """One generation by diffusers and by the runtime with the same prompt, seed, steps and scheduler."""
-    from sdruntime.session import NonFiniteOutput
 
-    kwargs: dict[str, Any] = {"prompt": opts.prompt, "negative_prompt": opts.negative_prompt,
-                              "num_inference_steps": opts.steps, "guidance_scale": opts.guidance_scale}
+    kwargs: dict[str, Any] = {
+        "prompt": opts.prompt,
+        "negative_prompt": opts.negative_prompt,
+        "num_inference_steps": opts.steps,
+        "guidance_scale": opts.guidance_scale,
+    }
     if mode == "img2img":
         kwargs.update(image=gradient_image(*size), strength=opts.strength)
     else:
@@ -583,25 +689,38 @@ def compare_generation(mode: str, pipe, runtime, name: str, config: dict, opts: 
 
 
 def e2e_entry(mode: str, min_psnr: float, **values) -> dict[str, Any]:
-    entry = {"mode": mode, "psnr_db": None, "latent_max_abs": None, "finite": True, "min_psnr_db": min_psnr,
-             "ok": True, "skipped": None, "image": None, "problems": []}
+    entry = {
+        "mode": mode,
+        "psnr_db": None,
+        "latent_max_abs": None,
+        "finite": True,
+        "min_psnr_db": min_psnr,
+        "ok": True,
+        "skipped": None,
+        "image": None,
+        "problems": [],
+    }
     return {**entry, **values}
 
 
-def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, name: str, config: dict,
-               min_psnr: float, size: tuple[int, int]) -> dict[str, dict[str, Any]]:
+def end_to_end(
+    pipe, manifest: Manifest, opts: ValidateOptions, name: str, config: dict, min_psnr: float, size: tuple[int, int]
+) -> dict[str, dict[str, Any]]:
     """Text-to-image and image-to-image through sdruntime.StableDiffusionPipeline and diffusers."""
-    from sdruntime.pipeline import StableDiffusionPipeline
 
     modes = ("text2img", "img2img")
-    missing = [c for c in ("text_encoder", "unet", "vae_decoder") if not manifest.has(c)]
+    encoder = "text_encoder_2" if manifest.pipeline.family == "sdxl" else "text_encoder"
+    missing = [c for c in (encoder, "unet", "vae_decoder") if not manifest.has(c)]
     if missing:
         return {m: e2e_entry(m, min_psnr, skipped=f"the export has no {', '.join(missing)}") for m in modes}
     try:
-        runtime = StableDiffusionPipeline.load(manifest.folder, provider=opts.provider, verify=False)
+        runtime = RuntimePipeline.load(manifest.folder, provider=opts.provider, verify=False)
     except ExportError as e:
         return {m: e2e_entry(m, min_psnr, ok=False, problems=[f"the runtime cannot load it: {e}"]) for m in modes}
-    results = {"text2img": compare_generation("text2img", pipe, runtime, name, config, opts, min_psnr, size)}
+    if manifest.pipeline.family == "sdxl" and not manifest.has("text_encoder"):
+        results = {"text2img": e2e_entry("text2img", min_psnr, skipped="an SDXL refiner draws from an image only")}
+    else:
+        results = {"text2img": compare_generation("text2img", pipe, runtime, name, config, opts, min_psnr, size)}
     if manifest.has("vae_encoder"):
         results["img2img"] = compare_generation("img2img", pipe, runtime, name, config, opts, min_psnr, size)
     else:
@@ -614,9 +733,6 @@ def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, name: str, confi
 
 def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
     """Refuse an export of another model: the config-fixed axes in its manifest must be the source's."""
-    from sdruntime.manifest import DYNAMIC_AXES
-
-    from .components import model_dims
 
     dims = model_dims(pipe)
     for component, entry in manifest.components.items():
@@ -632,9 +748,6 @@ def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
 
 
 def versions() -> dict[str, str]:
-    import sdruntime
-
-
     return {**export_versions(), "sdexport-runtime": sdruntime.__version__, "numpy": np.__version__}
 
 
@@ -661,8 +774,6 @@ def chosen_scheduler(folder: Path, opts: ValidateOptions) -> tuple[str, dict]:
 def load_reference(source: str, manifest: Manifest, opts: ValidateOptions):
     """Load SOURCE as the export was made from it: the same single-file options and the LoRAs
     the manifest records, fused at their scales."""
-    from .load import load_source, replace_vae
-    from .lora import check_loras, fuse_loras
 
     loras = check_loras(f"{lora.path}:{lora.scale}" for lora in manifest.source.loras)
     src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
@@ -675,15 +786,11 @@ def load_reference(source: str, manifest: Manifest, opts: ValidateOptions):
 
 def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     """Check the export in `folder` against SOURCE (a folder, a preset or a loaded `Source`); returns the report."""
-    from .components import set_attention
-    from .load import Source
 
     opts = ValidateOptions(**options)
     check_options(opts)
     started = time.perf_counter()
     manifest = read_manifest(folder)
-    if manifest.pipeline.family == "sdxl":
-        raise SdexportError(f"{folder} is an SDXL export: `sdexport validate` does not handle SDXL yet")
     height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
     src = source if isinstance(source, Source) else load_reference(source, manifest, opts)
     pipe = src.pipe
@@ -707,14 +814,34 @@ def validate(source, folder: str | Path, **options) -> dict[str, Any]:
     else:
         e2e = {m: e2e_entry(m, min_psnr, skipped="not asked for") for m in ("text2img", "img2img")}
     report = {
-        "report_version": REPORT_VERSION, "ok": False, "source": src.name, "export": str(manifest.folder.resolve()),
-        "dtype": manifest.dtype, "target": manifest.target, "provider": provider_name(providers),
-        "versions": versions(), "export_created_by": dict(manifest.created_by),
-        "settings": {"scheduler": name, "steps": opts.steps, "seed": opts.seed, "guidance_scale": opts.guidance_scale,
-                     "strength": opts.strength, "prompt": opts.prompt, "negative_prompt": opts.negative_prompt,
-                     "height": height, "width": width, "timesteps": timesteps},
-        "unet_parameters": int(unet_parameters), "full_size": full_size, "components": components,
-        "end_to_end": e2e, "fp32_fallback": {}, "failures": [], "seconds": 0.0,
+        "report_version": REPORT_VERSION,
+        "ok": False,
+        "source": src.name,
+        "export": str(manifest.folder.resolve()),
+        "dtype": manifest.dtype,
+        "target": manifest.target,
+        "provider": provider_name(providers),
+        "versions": versions(),
+        "export_created_by": dict(manifest.created_by),
+        "settings": {
+            "scheduler": name,
+            "steps": opts.steps,
+            "seed": opts.seed,
+            "guidance_scale": opts.guidance_scale,
+            "strength": opts.strength,
+            "prompt": opts.prompt,
+            "negative_prompt": opts.negative_prompt,
+            "height": height,
+            "width": width,
+            "timesteps": timesteps,
+        },
+        "unet_parameters": int(unet_parameters),
+        "full_size": full_size,
+        "components": components,
+        "end_to_end": e2e,
+        "fp32_fallback": {},
+        "failures": [],
+        "seconds": 0.0,
     }
     report["failures"] = failures(report)
     report["ok"] = not report["failures"]
@@ -750,26 +877,26 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [
         f"validate {report['export']} ({report['dtype']}, {report['target']}) against {report['source']} "
         f"on {report['provider']}",
-        f"{'component':<13} {'case':<20} {'max abs':>8} {'mean abs':>8} {'rel L2':>8}  {'limit':<26} result",
+        f"{'component':<14} {'case':<20} {'max abs':>8} {'mean abs':>8} {'rel L2':>8}  {'limit':<26} result",
     ]
     for component, entry in report["components"].items():
         if not entry["cases"]:
-            lines.append(f"{component:<13} {'-':<20} {'':>8} {'':>8} {'':>8}  {_limit_text(entry['limits']):<26} FAIL")
+            lines.append(f"{component:<14} {'-':<20} {'':>8} {'':>8} {'':>8}  {_limit_text(entry['limits']):<26} FAIL")
         for case in entry["cases"]:
             status = "ok" if case["ok"] else "FAIL" + ("" if case["finite"] else " (NaN/Inf)")
             lines.append(
-                f"{component:<13} {case['label']:<20} {_fmt(case['max_abs']):>8} {_fmt(case['mean_abs']):>8} "
+                f"{component:<14} {case['label']:<20} {_fmt(case['max_abs']):>8} {_fmt(case['mean_abs']):>8} "
                 f"{_fmt(case['relative_l2']):>8}  {_limit_text(entry['limits']):<26} {status}"
             )
     settings = report["settings"]
     for mode, entry in report["end_to_end"].items():
         run = f"{settings['scheduler']} {settings['steps']} steps"
         if entry["skipped"]:
-            lines.append(f"{mode:<13} {run:<20} skipped: {entry['skipped']}")
+            lines.append(f"{mode:<14} {run:<20} skipped: {entry['skipped']}")
             continue
         status = "ok" if entry["ok"] else "FAIL"
         lines.append(
-            f"{mode:<13} {run:<20} PSNR {_fmt(entry['psnr_db'], '.1f')} dB, latents max abs "
+            f"{mode:<14} {run:<20} PSNR {_fmt(entry['psnr_db'], '.1f')} dB, latents max abs "
             f"{_fmt(entry['latent_max_abs'])}  (PSNR >= {entry['min_psnr_db']:g} dB) {status}"
         )
     lines += blame_lines(report)
@@ -793,8 +920,10 @@ def blame_lines(report: dict[str, Any]) -> list[str]:
             why += f"; its fp32 value reaches {blame['fp32_max_value']:.3g}, beyond fp16's {FP16_MAX:g}"
         lines.append(f"{component}: first fp16 node out of tolerance: {blame['node']} ({blame['op_type']}, {why})")
         if blame["suggested_fp32_nodes"]:
-            lines.append(f"{component}: keep in fp32 (fp32_nodes): {', '.join(blame['suggested_fp32_nodes'])}"
-                         " -- `sdexport convert --dtype fp16 --auto-fp32-fallback` applies it")
+            lines.append(
+                f"{component}: keep in fp32 (fp32_nodes): {', '.join(blame['suggested_fp32_nodes'])}"
+                " -- `sdexport convert --dtype fp16 --auto-fp32-fallback` applies it"
+            )
     return lines
 
 
@@ -821,8 +950,17 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
     """Re-export one component with these nodes kept in fp32 (None: all of it) and update the manifest."""
     manifest = read_manifest(folder)
     entry, target = manifest.components[component], manifest.target
-    written = export_component(component, pipe, folder, manifest.pipeline, manifest.static, int(manifest.opset),
-                               target, fp16=fp32_nodes is not None, extra_fp32_nodes=fp32_nodes or ())
+    written = export_component(
+        component,
+        pipe,
+        folder,
+        manifest.pipeline,
+        manifest.static,
+        int(manifest.opset),
+        target,
+        fp16=fp32_nodes is not None,
+        extra_fp32_nodes=fp32_nodes or (),
+    )
     if written.laid_out:  # an fp16 cpu export's component now in fp32 and laid out
         manifest = with_cpu_layout_probe(folder, manifest)
     check = written.compared
@@ -836,8 +974,9 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
         notes=(*entry.notes, note),
     )
     if fp32_nodes is None:
-        entry = replace(entry, dtype="fp32", inputs=tuple(map(_as_fp32, entry.inputs)),
-                        outputs=tuple(map(_as_fp32, entry.outputs)))
+        entry = replace(
+            entry, dtype="fp32", inputs=tuple(map(_as_fp32, entry.inputs)), outputs=tuple(map(_as_fp32, entry.outputs))
+        )
     write_manifest(folder, replace(manifest, components={**manifest.components, component: entry}))
 
 
@@ -848,13 +987,18 @@ def _as_fp32(tensor: TensorEntry) -> TensorEntry:
 def fixable(report: dict[str, Any]) -> dict[str, list[str]]:
     """fp16 components that failed and the fp32 nodes the report suggests for each."""
     return {
-        c: e["first_bad_node"]["suggested_fp32_nodes"] for c, e in report["components"].items()
-        if not e["ok"] and e["dtype"] == "fp16" and e.get("first_bad_node") and e["first_bad_node"]["suggested_fp32_nodes"]
+        c: e["first_bad_node"]["suggested_fp32_nodes"]
+        for c, e in report["components"].items()
+        if not e["ok"]
+        and e["dtype"] == "fp16"
+        and e.get("first_bad_node")
+        and e["first_bad_node"]["suggested_fp32_nodes"]
     }
 
 
-def apply_fp32_fallback(src, folder: Path, report: dict[str, Any], provider: str,
-                        log: Callable[[str], None]) -> dict[str, Any]:
+def apply_fp32_fallback(
+    src, folder: Path, report: dict[str, Any], provider: str, log: Callable[[str], None]
+) -> dict[str, Any]:
     """Keep the suggested nodes in fp32 and re-check, a few rounds; then keep what still fails wholly in fp32."""
     actions: dict[str, list[str]] = {}
     for _ in range(FALLBACK_ROUNDS):
@@ -871,7 +1015,9 @@ def apply_fp32_fallback(src, folder: Path, report: dict[str, Any], provider: str
     for component, entry in report["components"].items():
         if not entry["ok"] and entry["dtype"] == "fp16":
             # to_fp16 still casts tensors between two kept nodes to fp16, so an out-of-range one stays inf
-            note = "--auto-fp32-fallback kept the whole component in fp32: keeping nodes did not bring it within tolerance"
+            note = (
+                "--auto-fp32-fallback kept the whole component in fp32: keeping nodes did not bring it within tolerance"
+            )
             log(f"{component}: {note}")
             rebuild_component(component, src.pipe, folder, None, note)
             actions.setdefault(component, []).append(note)
@@ -892,8 +1038,9 @@ def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> 
         )
 
 
-def validate_conversion(src, folder: Path, out: Path, target: str, auto_fp32_fallback: bool,
-                        log: Callable[[str], None]) -> None:
+def validate_conversion(
+    src, folder: Path, out: Path, target: str, auto_fp32_fallback: bool, log: Callable[[str], None]
+) -> None:
     """`convert --validate`: write the report into the export; raise ValidationFailed naming where it was kept."""
     provider = TARGETS_TABLE[target].check_provider
     report = validate(src, folder, provider=provider, log=log)

@@ -3,9 +3,9 @@ ORTStableDiffusionXL pipelines against diffusers, fp16 with an fp32 VAE, --vae, 
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -16,71 +16,10 @@ from sdruntime.manifest import facts_io, load_schema, read_manifest
 from sdexport.errors import SdexportError
 from sdexport.families import check_supported
 
-from ..conftest import REPO, _quiet_convert
+from ..conftest import _quiet_convert
 from .test_convert import latent_sizes, run_both
 
 SDXL_COMPONENTS = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
-TINY_SD = json.loads((REPO / "models" / "tiny-sd" / "recipe.json").read_text())
-TINY_SDXL = json.loads((REPO / "models" / "sdxl-tiny" / "recipe.json").read_text())
-TOKENIZER = str(REPO / "models" / "clip-tokenizer")
-
-
-def build(recipe: dict, folder: Path):
-    """A pipeline from a recipe written to `folder` (tokenizers by absolute path)."""
-    from sdexport.presets import build_from_recipe
-
-    folder.mkdir(parents=True, exist_ok=True)
-    recipe = {**recipe, "tokenizer": TOKENIZER, "tokenizer_2": TOKENIZER}
-    (folder / "recipe.json").write_text(json.dumps(recipe))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return build_from_recipe(folder)
-
-
-def saved(pipe, folder: Path) -> Path:
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def sdxl_pipe():
-    from sdexport.presets import build_from_recipe, resolve_preset
-
-    return build_from_recipe(resolve_preset("sdxl-tiny"))
-
-
-@pytest.fixture(scope="session")
-def sdxl32(tmp_path_factory) -> Path:
-    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp32")
-
-
-@pytest.fixture(scope="session")
-def sdxl16(tmp_path_factory) -> Path:
-    return _quiet_convert("sdxl-tiny", tmp_path_factory.mktemp("sdxl") / "fp16", dtype="fp16")
-
-
-@pytest.fixture(scope="session")
-def refiner_case(tmp_path_factory):
-    """A tiny SDXL refiner saved as a diffusers folder: text_encoder_2 only, aesthetic-score time ids
-    (5 x 8 + 32 = 72 added-embedding inputs), cross-attention on text_encoder_2's 32 widths."""
-    root = tmp_path_factory.mktemp("refiner")
-    unet = {**TINY_SDXL["unet"], "projection_class_embeddings_input_dim": 72, "cross_attention_dim": 32}
-    recipe = {k: v for k, v in TINY_SDXL.items() if k != "text_encoder"}
-    pipe = build(
-        {**recipe, "unet": unet, "requires_aesthetics_score": True, "force_zeros_for_empty_prompt": False},
-        root / "recipe",
-    )
-    folder = saved(pipe, root / "pipeline")
-    return folder, pipe, _quiet_convert(folder, root / "export")
-
-
-@pytest.fixture(scope="session")
-def lcm_case(tmp_path_factory):
-    """tiny-sd with an LCM-distilled U-Net (time_cond_proj_dim), saved as a diffusers folder."""
-    root = tmp_path_factory.mktemp("lcm")
-    pipe = build({**TINY_SD, "unet": {**TINY_SD["unet"], "time_cond_proj_dim": 32}}, root / "recipe")
-    folder = saved(pipe, root / "pipeline")
-    return folder, pipe, _quiet_convert(folder, root / "export")
 
 
 def max_abs(expected, got) -> float:
@@ -313,13 +252,41 @@ def test_a_component_the_pipeline_lacks_is_refused(tmp_path):
         _quiet_convert("tiny-sd", tmp_path / "out", components=["text_encoder_2", "unet"])
 
 
-def test_validate_refuses_sdxl_in_one_line(sdxl32, tmp_path):
+def test_validate_checks_sdxl_per_component_and_end_to_end(sdxl32):
     from sdexport.validate import validate
 
-    with pytest.raises(SdexportError, match="SDXL export: `sdexport validate` does not handle SDXL yet"):
-        validate("sdxl-tiny", sdxl32)
-    with pytest.raises(SdexportError, match="--validate does not handle SDXL exports yet"):
-        _quiet_convert("sdxl-tiny", tmp_path / "out", validate=True)
+    report = validate("sdxl-tiny", sdxl32, steps=4)
+    assert report["ok"], report["failures"]
+    assert set(report["components"]) == set(SDXL_COMPONENTS)
+    for mode in ("text2img", "img2img"):
+        assert report["end_to_end"][mode]["psnr_db"] >= 45.0
+
+
+def test_validate_a_refiner_from_an_image(refiner_case):
+    from sdexport.validate import validate
+
+    folder, _, export = refiner_case
+    report = validate(str(folder), export, steps=4)
+    assert report["ok"], report["failures"]
+    assert report["end_to_end"]["text2img"]["skipped"] == "an SDXL refiner draws from an image only"
+    assert report["end_to_end"]["img2img"]["psnr_db"] >= 45.0
+
+
+def test_validate_an_lcm_unet(lcm_case):
+    from sdexport.validate import validate
+
+    folder, _, export = lcm_case
+    report = validate(str(folder), export, steps=4, scheduler="lcm")
+    assert report["ok"], report["failures"]
+    assert report["end_to_end"]["text2img"]["psnr_db"] >= 45.0
+
+
+def test_convert_validate_sdxl_fp16(tmp_path):
+    # a failed validation raises ValidationFailed; the fallback re-exports failing parts in fp32
+    out = _quiet_convert("sdxl-tiny", tmp_path / "out", dtype="fp16", validate=True, auto_fp32_fallback=True)
+    manifest = read_manifest(out)
+    assert manifest.components["vae_decoder"].dtype == "fp32"  # force_upcast
+    assert manifest.components["text_encoder_2"].dtype in ("fp16", "fp32")
 
 
 @pytest.mark.parametrize(
@@ -418,11 +385,53 @@ def test_sdxl_static_export(sdxl_pipe, tmp_path):
     assert max_abs(expected, got) <= 1e-4
 
 
-def test_lora_on_sdxl_is_refused_in_one_line(tmp_path):
-    from safetensors.torch import save_file
+def sdxl_lora(pipe, folder, seed: int, rank: int = 4, alpha: float = 4.0, text: bool = True) -> dict:
+    """A diffusers-format SDXL LoRA with random non-zero weights on the U-Net (and both text encoders);
+    returns {path, layers: {component: {module: (down, up, alpha)}}} as test_lora.make_lora does."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
 
-    lora = tmp_path / "style.safetensors"
-    save_file({"unet.down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 64)}, str(lora))
-    with pytest.raises(SdexportError, match="--lora does not handle SDXL pipelines yet") as info:
-        _quiet_convert("sdxl-tiny", tmp_path / "out", loras=[str(lora)])
-    assert "\n" not in str(info.value)
+    from .test_lora import TEXT_TARGETS
+
+    gen = torch.Generator().manual_seed(seed)
+    targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]}
+    if text:
+        targets.update(text_encoder=TEXT_TARGETS, text_encoder_2=TEXT_TARGETS)
+    saved, layers = {}, {}
+    for component, modules in targets.items():
+        model = copy.deepcopy(getattr(pipe, component))
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules))
+        for name, param in model.named_parameters():
+            if "lora_" in name:  # peft starts lora_B at zero: a LoRA that changes nothing
+                param.data = torch.randn(param.shape, generator=gen) * 0.2
+        state = get_peft_model_state_dict(model)
+        saved[component] = state
+        layers[component] = {
+            key[: -len(".lora_A.weight")]: (value, state[key.replace("lora_A", "lora_B")], alpha)
+            for key, value in state.items()
+            if key.endswith(".lora_A.weight")
+        }
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=saved["unet"],
+        text_encoder_lora_layers=saved.get("text_encoder"),
+        text_encoder_2_lora_layers=saved.get("text_encoder_2"),
+    )
+    return {"path": folder / "pytorch_lora_weights.safetensors", "layers": layers}
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["unet-and-text-encoders", "unet-only"])
+def test_lora_on_sdxl_fuses_into_every_adapted_component(sdxl_pipe, tmp_path, text):
+    """An SDXL LoRA (an LCM-LoRA adapts the U-Net alone) fuses into the U-Net and both text encoders."""
+    from .test_lora import fused_by_hand
+
+    lora = sdxl_lora(sdxl_pipe, tmp_path / "lora", seed=5, text=text)
+    out = _quiet_convert("sdxl-tiny", tmp_path / "out", loras=[f"{lora['path']}:0.7"])
+    reference = fused_by_hand(sdxl_pipe, [(lora, 0.7)])
+    assert [entry.scale for entry in read_manifest(out).source.loras] == [0.7]
+    for component in lora["layers"]:
+        expected, got = run_both(reference, out, component, 2, (16, 16))
+        plain, _ = run_both(sdxl_pipe, out, component, 2, (16, 16))
+        assert max_abs(expected, got) <= 1e-4
+        assert np.max(np.abs(plain[0] - got[0])) > 1e-3  # the LoRA changed it
