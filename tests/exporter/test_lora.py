@@ -26,28 +26,37 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 LORA_COMPONENTS = ["text_encoder", "unet"]  # the VAE has no LoRA layers
 
 
+def random_adapter(module, targets: list[str], rank: int, alpha: float, gen: torch.Generator):
+    """A peft LoRA on a copy of `module` with random non-zero weights: (its state dict, its config as a
+    dict, {module name: (down, up, alpha)})."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    model = copy.deepcopy(module)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+    model.add_adapter(config)
+    for name, param in model.named_parameters():
+        if "lora_" in name:  # peft starts lora_B at zero: a LoRA that changes nothing
+            param.data = torch.randn(param.shape, generator=gen) * 0.2
+    state = get_peft_model_state_dict(model)
+    layers = {
+        key[: -len(".lora_A.weight")]: (value, state[key.replace("lora_A", "lora_B")], alpha)
+        for key, value in state.items()
+        if key.endswith(".lora_A.weight")
+    }
+    return state, config.to_dict(), layers
+
+
 def make_lora(pipe, folder: Path, seed: int, rank: int, alpha: float) -> dict:
     """Write one LoRA in both formats; returns {diffusers, kohya: path, layers: {component: {module: (down, up, alpha)}}}."""
     from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     gen = torch.Generator().manual_seed(seed)
     saved, metadata, layers = {}, {}, {}
     for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
-        model = copy.deepcopy(getattr(pipe, component))
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
-        model.add_adapter(config)
-        for name, param in model.named_parameters():
-            if "lora_" in name:  # peft starts lora_B at zero: a LoRA that changes nothing
-                param.data = torch.randn(param.shape, generator=gen) * 0.2
-        state = get_peft_model_state_dict(model)
-        saved[component], metadata[component] = state, config.to_dict()
-        layers[component] = {
-            key[: -len(".lora_A.weight")]: (value, state[key.replace("lora_A", "lora_B")], alpha)
-            for key, value in state.items()
-            if key.endswith(".lora_A.weight")
-        }
+        saved[component], metadata[component], layers[component] = random_adapter(
+            getattr(pipe, component), targets, rank, alpha, gen
+        )
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=saved["unet"],

@@ -3,7 +3,6 @@ ORTStableDiffusionXL pipelines against diffusers, fp16 with an fp32 VAE, --vae, 
 
 from __future__ import annotations
 
-import copy
 import json
 import warnings
 
@@ -389,10 +388,8 @@ def sdxl_lora(pipe, folder, seed: int, rank: int = 4, alpha: float = 4.0, text: 
     """A diffusers-format SDXL LoRA with random non-zero weights on the U-Net (and both text encoders);
     returns {path, layers: {component: {module: (down, up, alpha)}}} as test_lora.make_lora does."""
     from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
-    from .test_lora import TEXT_TARGETS
+    from .test_lora import TEXT_TARGETS, random_adapter
 
     gen = torch.Generator().manual_seed(seed)
     targets = {"unet": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]}
@@ -400,18 +397,7 @@ def sdxl_lora(pipe, folder, seed: int, rank: int = 4, alpha: float = 4.0, text: 
         targets.update(text_encoder=TEXT_TARGETS, text_encoder_2=TEXT_TARGETS)
     saved, layers = {}, {}
     for component, modules in targets.items():
-        model = copy.deepcopy(getattr(pipe, component))
-        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules))
-        for name, param in model.named_parameters():
-            if "lora_" in name:  # peft starts lora_B at zero: a LoRA that changes nothing
-                param.data = torch.randn(param.shape, generator=gen) * 0.2
-        state = get_peft_model_state_dict(model)
-        saved[component] = state
-        layers[component] = {
-            key[: -len(".lora_A.weight")]: (value, state[key.replace("lora_A", "lora_B")], alpha)
-            for key, value in state.items()
-            if key.endswith(".lora_A.weight")
-        }
+        saved[component], _, layers[component] = random_adapter(getattr(pipe, component), modules, rank, alpha, gen)
     StableDiffusionXLPipeline.save_lora_weights(
         folder,
         unet_lora_layers=saved["unet"],
