@@ -54,7 +54,7 @@ from .components import (
     vae_scale_factor,
 )
 from .errors import SdexportError
-from .export import compare_with_torch, release_weights, save_model, trace
+from .export import compare_with_torch, release_unused, release_weights, save_model, trace
 from .families import pipeline_family
 from .graph_check import check_written_graph
 from .optimize import CPU_LAYOUT_PROBE, finish_graph, uses_cpu_layout, write_cpu_layout_probe
@@ -426,6 +426,8 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
             f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
             "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16"
         )
+    if not (opts.validate or opts.auto_fp32_fallback):  # validation runs the whole pipeline in PyTorch
+        release_unused(pipe, wanted)
     traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in wanted]
     if "text_encoder" in wanted:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)

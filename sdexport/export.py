@@ -91,6 +91,18 @@ def release_weights(pipe) -> None:
     gc.collect()
 
 
+def release_unused(pipe, wanted: list[str]) -> list[str]:
+    """Free the PyTorch weights of the modules no wanted component is traced from (an SDXL U-Net export
+    need not hold SDXL's 3.5 GB of text encoders and VAE); their configs stay. Returns their names."""
+    modules = {"unet": pipe.unet, "vae": pipe.vae, **text_encoders(pipe)}
+    used = {"vae" if c.startswith("vae_") else c for c in wanted}
+    unused = [name for name in modules if name not in used]
+    for name in unused:
+        modules[name].to("meta")
+    gc.collect()
+    return unused
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Whether the model is too big for one protobuf (2 GB); ByteSize() itself fails beyond that."""
     tensors = sum(t.ByteSize() for t in model.graph.initializer)

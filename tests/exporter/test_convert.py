@@ -225,3 +225,14 @@ def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
     check_external_data(tmp_path / "unet" / "model.onnx")
     session = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["out_sample"]
+
+
+def test_weights_no_wanted_component_uses_are_freed_before_tracing():
+    from sdexport.export import release_unused
+    from sdexport.presets import build_from_recipe, resolve_preset
+
+    pipe = build_from_recipe(resolve_preset("sdxl-tiny"))
+    assert release_unused(pipe, ["unet", "vae_decoder"]) == ["text_encoder", "text_encoder_2"]
+    assert all(p.is_meta for p in pipe.text_encoder_2.parameters())
+    assert not any(p.is_meta for m in (pipe.unet, pipe.vae) for p in m.parameters())
+    assert pipe.text_encoder_2.config.projection_dim == 32  # configs stay for the manifest
