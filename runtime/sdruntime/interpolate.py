@@ -10,6 +10,7 @@ from PIL import Image
 
 from .manifest import latent_shape
 from .noise import TorchGenerator
+from .pipeline import GenerationError
 
 
 def slerp(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 0.9995) -> np.ndarray:
@@ -29,6 +30,8 @@ def _noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
 
 
 def _cond(pipe, prompt: str) -> np.ndarray:
+    if pipe.xl:
+        raise GenerationError("interpolate walks SD 1.x/2.x text embeddings; SDXL's pooled ones are not handled yet")
     return pipe.encode_prompt([prompt], None, 1)
 
 

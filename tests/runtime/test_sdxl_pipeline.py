@@ -196,3 +196,10 @@ def test_sd_refuses_micro_conditioning(tiny32):
     sd = StableDiffusionPipeline.load(tiny32)
     with pytest.raises(GenerationError, match="SDXL exports only"):
         sd(PROMPT, num_inference_steps=2, original_size=(64, 64))
+
+
+def test_interpolate_refuses_sdxl_in_one_line(ours):
+    from sdruntime.interpolate import pairwise
+
+    with pytest.raises(GenerationError, match="SDXL's pooled ones are not handled yet"):
+        pairwise(ours, "a red circle", "a blue square", 2, num_inference_steps=2)
