@@ -54,7 +54,7 @@ from .components import (
     vae_scale_factor,
 )
 from .errors import SdexportError
-from .export import compare_with_torch, release_unused, release_weights, save_model, trace
+from .export import Reference, compare_outputs, reference_outputs, release_unused, release_weights, save_model, trace
 from .families import pipeline_family
 from .graph_check import check_written_graph
 from .optimize import CPU_LAYOUT_PROBE, finish_graph, uses_cpu_layout, write_cpu_layout_probe
@@ -285,6 +285,7 @@ class Traced:
     latent: tuple[int, int]
     batch: int
     seconds: float
+    reference: Reference | None = None  # PyTorch's outputs to compare the finished graph with
 
 
 def trace_shapes(
@@ -300,14 +301,22 @@ def trace_shapes(
 
 
 def trace_component(
-    component: str, pipe, folder: Path, facts: PipelineFacts, static: StaticShapes | None, opset: int
+    component: str,
+    pipe,
+    folder: Path,
+    facts: PipelineFacts,
+    static: StaticShapes | None,
+    opset: int,
+    reference: bool = False,
 ) -> Traced:
-    """Trace one component to `folder/.fp32/<component>/model.onnx`."""
-
+    """Trace one component to `folder/.fp32/<component>/model.onnx`; with `reference`, keep PyTorch's
+    outputs for random inputs (a static export's batch, else 1) to compare the finished graph with."""
     started = time.perf_counter()
     fixed, latent, batch = trace_shapes(component, facts, static)
     path = trace(component, pipe, opset, fixed, latent, batch, folder / ".fp32" / component / "model.onnx")
-    return Traced(component, path, {**model_dims(pipe), **fixed}, latent, batch, time.perf_counter() - started)
+    outputs = reference_outputs(component, pipe, batch if fixed.get("batch") else 1, latent) if reference else None
+    dims = {**model_dims(pipe), **fixed}
+    return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs)
 
 
 def finish_component(
@@ -317,10 +326,9 @@ def finish_component(
     fp16: bool,
     upcast_attention: bool,
     extra_fp32_nodes: Sequence[str] = (),
-    compare_with=None,
 ) -> Written:
     """Finish a traced graph for the target and dtype, write it, check it, and compare it with
-    PyTorch when `compare_with` (the pipeline) is given. Returns what the manifest records of it."""
+    PyTorch's outputs when it was traced with a reference. Returns what the manifest records of it."""
 
     component = traced.component
     model, kept = finish_graph(component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes)
@@ -333,15 +341,8 @@ def finish_component(
     del model
     check_written(component, path, target)
     result = None
-    if compare_with is not None:
-        result = compare_with_torch(
-            component,
-            compare_with,
-            path,
-            traced.batch if traced.dims.get("batch") else 1,
-            traced.latent,
-            provider=TARGETS_TABLE[target].check_provider,
-        )
+    if traced.reference is not None:
+        result = compare_outputs(traced.reference, path, provider=TARGETS_TABLE[target].check_provider)
     return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
 
 
@@ -358,16 +359,8 @@ def export_component(
     compare: bool = True,
 ) -> Written:
     """Trace, finish, write and check one component: the path every export takes (finish_component)."""
-    traced = trace_component(component, pipe, folder, facts, static, opset)
-    return finish_component(
-        traced,
-        folder,
-        target,
-        fp16,
-        bool(facts.upcast_attention),
-        extra_fp32_nodes,
-        pipe if compare and checkable(target) else None,
-    )
+    traced = trace_component(component, pipe, folder, facts, static, opset, compare and checkable(target))
+    return finish_component(traced, folder, target, fp16, bool(facts.upcast_attention), extra_fp32_nodes)
 
 
 def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> StaticShapes | None:
@@ -428,12 +421,12 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
         )
     if not (opts.validate or opts.auto_fp32_fallback):  # validation runs the whole pipeline in PyTorch
         release_unused(pipe, wanted)
-    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset) for c in wanted]
+    check = opts.check and checkable(opts.target)
+    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset, check) for c in wanted]
     if "text_encoder" in wanted:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
-    check = opts.check and checkable(opts.target)
-    if not check and not (opts.validate or opts.auto_fp32_fallback):
+    if not (opts.validate or opts.auto_fp32_fallback):  # PyTorch's outputs are kept: ORT loads alone
         release_weights(pipe)
     components = {}
     laid_out = False
@@ -441,9 +434,7 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
         component = item.component
         t0 = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
         dtype = component_dtype(component, opts, facts)
-        written = finish_component(
-            item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention), compare_with=pipe if check else None
-        )
+        written = finish_component(item, tmp, opts.target, dtype == "fp16", bool(facts.upcast_attention))
         result = written.compared
         laid_out = laid_out or written.laid_out
         files = written.files + ((file_entry(tmp, FINAL_LAYER_NORM),) if component == "text_encoder" else ())

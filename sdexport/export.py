@@ -6,6 +6,7 @@ import gc
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from .components import dynamic_axes, example_inputs, io_of, model_dims, text_en
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
+LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are traced without them
 
 
 def trace(
@@ -36,6 +38,9 @@ def trace(
     inputs = example_inputs(component, pipe, batch, *latent_size)
     io = io_of(component, pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Past 2 GB the weights go in as graph inputs and are written afterwards, one tensor at a time:
+    # exporting them with the graph holds them twice (an SDXL U-Net's 10.3 GB would need 21 GB).
+    lean = parameter_bytes(module) > LEAN_TRACE_BYTES
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
         # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
@@ -47,13 +52,50 @@ def trace(
             output_names=[s.name for s in io.outputs],
             dynamic_axes=dynamic_axes(component, {}, pipe),
             opset_version=opset,
-            do_constant_folding=True,
+            # folding would turn weights it cannot see into nameless inputs; ORT folds them at finishing
+            do_constant_folding=not lean,
+            export_params=not lean,
             dynamo=False,
         )
+    if lean:
+        attach_weights(path, module, {spec.name for spec in io.inputs})
     if fixed:
         sizes = {**model_dims(pipe), **fixed}
         fix_axes(path, {spec.name: [sizes.get(axis) for axis in spec.shape] for spec in io.inputs + io.outputs}, fixed)
     return path
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str]) -> None:
+    """Turn the graph inputs that a weightless trace (export_params=False) named after the module's
+    parameters and buffers into initializers, written one at a time into one model.onnx_data."""
+    model = onnx.load(str(path))
+    state = module.state_dict()
+    kept = []
+    offset = 0
+    with open(path.parent / EXTERNAL_DATA_NAME, "wb") as data:
+        for value in model.graph.input:
+            if value.name in io_inputs:
+                kept.append(value)
+                continue
+            if value.name not in state:
+                raise RuntimeError(f"the traced graph takes {value.name}, which is neither an input nor a weight")
+            array = np.ascontiguousarray(state[value.name].detach().cpu().numpy())
+            tensor = onnx.TensorProto(name=value.name, dims=array.shape)
+            tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, field in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", array.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(field)
+            data.write(memoryview(array).cast("B"))
+            offset += array.nbytes
+            model.graph.initializer.append(tensor)
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    onnx.save_model(model, str(path))
 
 
 def fix_axes(path: Path, io_shapes: dict[str, list[int | None]], fixed: dict[str, int]) -> None:
@@ -83,8 +125,9 @@ def export_fp32(
 
 
 def release_weights(pipe) -> None:
-    """Free the PyTorch weights once every graph is traced and none will be compared: ORT's
-    fusions of an SD 1.5 U-Net need most of a 24 GB machine on their own."""
+    """Free the PyTorch weights once every graph is traced and PyTorch's reference outputs are kept:
+    ONNX Runtime then holds the weights alone (ORT's fusions of an SD 1.5 U-Net need most of a
+    24 GB machine on their own)."""
 
     for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
         module.to("meta")
@@ -154,6 +197,20 @@ def ort_outputs(
     return [o.astype(np.float32) for o in session.run(None, feed)]
 
 
+@dataclass(frozen=True)
+class Reference:
+    """Random inputs of one component and PyTorch's outputs for them, kept so that the weights can
+    be freed before ONNX Runtime loads the graph."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+def reference_outputs(component: str, pipe, batch: int, latent_size: tuple[int, int], seed: int = 1) -> Reference:
+    inputs = example_inputs(component, pipe, batch, *latent_size, seed=seed)
+    return Reference({k: v.numpy() for k, v in inputs.items()}, torch_outputs(component, pipe, inputs))
+
+
 def compare_with_torch(
     component: str,
     pipe,
@@ -164,9 +221,13 @@ def compare_with_torch(
     provider: str = "CPUExecutionProvider",
 ) -> dict[str, float]:
     """Run the same random inputs through PyTorch and ONNX Runtime."""
-    inputs = example_inputs(component, pipe, batch, *latent_size, seed=seed)
-    expected = torch_outputs(component, pipe, inputs)
-    got = ort_outputs(model_path, {k: v.numpy() for k, v in inputs.items()}, provider)
+    return compare_outputs(reference_outputs(component, pipe, batch, latent_size, seed), model_path, provider)
+
+
+def compare_outputs(reference: Reference, model_path: Path, provider: str = "CPUExecutionProvider") -> dict[str, float]:
+    """ONNX Runtime's outputs for the reference's inputs against PyTorch's."""
+    expected = reference.outputs
+    got = ort_outputs(model_path, reference.inputs, provider)
     max_abs = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
     rel_l2 = max(float(np.linalg.norm(e - g) / max(np.linalg.norm(e), 1e-12)) for e, g in zip(expected, got))
     finite = all(np.isfinite(g).all() for g in got)

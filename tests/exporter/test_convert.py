@@ -13,6 +13,8 @@ from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest, sha256_
 
 from sdexport.components import example_inputs, size_multiple, vae_scale_factor, wrap
 
+from ..conftest import _quiet_convert
+
 COMPONENTS = [c for c in COMPONENT_IO if c != "text_encoder_2"]  # SDXL only (tests/exporter/test_sdxl_export.py)
 
 
@@ -236,3 +238,20 @@ def test_weights_no_wanted_component_uses_are_freed_before_tracing():
     assert all(p.is_meta for p in pipe.text_encoder_2.parameters())
     assert not any(p.is_meta for m in (pipe.unet, pipe.vae) for p in m.parameters())
     assert pipe.text_encoder_2.config.projection_dim == 32  # configs stay for the manifest
+
+
+@pytest.mark.parametrize(("dtype", "target"), [("fp32", "generic"), ("fp16", "generic"), ("fp32", "cpu")])
+def test_weightless_trace_gives_the_same_graphs(monkeypatch, tmp_path, tiny_pipe, dtype, target):
+    """Past 2 GB a component is traced without its weights, which are written afterwards one at a time
+    (export.attach_weights); forced on tiny-sd, every graph still matches PyTorch."""
+    import sdexport.export
+
+    monkeypatch.setattr(sdexport.export, "LEAN_TRACE_BYTES", 0)
+    out = _quiet_convert("tiny-sd", tmp_path / "out", dtype=dtype, target=target)
+    manifest = read_manifest(out)
+    for component, entry in manifest.components.items():
+        limit = 1e-4 if dtype == "fp32" else 2e-2
+        assert entry.export_relative_l2 is not None and entry.export_relative_l2 <= limit, component
+        expected, got = run_both(tiny_pipe, out, component, 2, latent_sizes(tiny_pipe)[0])
+        rel_l2 = max(float(np.linalg.norm(e - g) / np.linalg.norm(e)) for e, g in zip(expected, got))
+        assert rel_l2 <= limit, component
