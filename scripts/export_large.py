@@ -58,7 +58,7 @@ def run_phase(out: Path, latent: int, steps: int) -> dict:
     unet = Component(manifest, "unet", ["CPUExecutionProvider"], SessionSettings())
     session_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    sizes = {"batch": 2, "height": latent, "width": latent}
+    sizes = {"batch": 2, "height": latent, "width": latent, "sequence": manifest.pipeline.tokenizer_max_length}
     feeds = {}
     for entry in manifest.components["unet"].inputs:  # any U-Net's inputs, sized from the manifest
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in entry.shape)
@@ -156,6 +156,7 @@ def main() -> None:
             print(json.dumps(results, indent=2))
             sys.exit(f"{phase} passed --rss-limit-gb {args.rss_limit_gb} and was stopped")
         if proc.returncode != 0:
+            print(json.dumps(results, indent=2))  # what the phases before it measured
             sys.exit(f"{phase} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         results.update(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
     print(json.dumps(results, indent=2))

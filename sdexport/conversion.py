@@ -288,15 +288,21 @@ class Traced:
     reference: Reference | None = None  # PyTorch's outputs to compare the finished graph with
 
 
+TRACE_MAX_LATENT = 64  # SD 1.5's 512x512; the graphs are dynamic, so any size traces the same ops
+
+
 def trace_shapes(
     component: str, facts: PipelineFacts, static: StaticShapes | None
 ) -> tuple[dict[str, int], tuple[int, int], int]:
     """The fixed axes, latent size and batch a component is traced with (static exports fix them;
-    dynamic ones are traced at the default height, square, with a batch of 2)."""
+    dynamic ones are traced at the default height, square, with a batch of 2, but at most
+    TRACE_MAX_LATENT latent pixels a side: the tracer keeps every activation of its forward pass
+    alive, which at SDXL's 1024x1024 passed 10 GB on top of the U-Net's weights)."""
     if static:
         fixed = axis_sizes(facts, component, static.batch_size, static.height, static.width)
         return fixed, (fixed["height"], fixed["width"]), fixed["batch"]
-    sizes = axis_sizes(facts, component, 1, facts.default_height, facts.default_height)
+    side = min(facts.default_height, TRACE_MAX_LATENT * facts.vae_scale_factor)
+    sizes = axis_sizes(facts, component, 1, side, side)
     return {}, (sizes["height"], sizes["width"]), 2
 
 

@@ -54,18 +54,23 @@ def finish_graph(
     the nodes an fp16 graph keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
     """
     spec = TARGETS_TABLE[target]
-    if isinstance(model, Path):
-        model = (
-            cuda_fusions_from_file(component, model, fp16)
-            if spec.fused_ops
-            else onnx.load(str(model), load_external_data=True)
-        )
-    elif spec.fused_ops:
-        model = cuda_fusions(component, model, fp16)
-    if spec.offline_level:
-        # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
-        level = "extended" if spec.offline_level == "all" and fp16 else spec.offline_level
+    # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
+    level = "extended" if spec.offline_level == "all" and fp16 else spec.offline_level
+    if isinstance(model, Path) and not spec.fused_ops and level:
+        # ONNX Runtime reads the traced file itself: holding the graph here as well would double an
+        # SDXL U-Net's 10.3 GB while ORT optimizes it
         model = ort_offline_optimize(model, level)
+    else:
+        if isinstance(model, Path):
+            model = (
+                cuda_fusions_from_file(component, model, fp16)
+                if spec.fused_ops
+                else onnx.load(str(model), load_external_data=True)
+            )
+        elif spec.fused_ops:
+            model = cuda_fusions(component, model, fp16)
+        if level:
+            model = ort_offline_optimize(model, level)
     kept: list[str] = []
     if fp16:
         kept = list(dict.fromkeys([*fp32_nodes(component, model, upcast_attention), *extra_fp32_nodes]))
@@ -125,18 +130,23 @@ def cuda_fusions_from_file(component: str, path: Path, fp16: bool) -> onnx.Model
     return fused
 
 
-def ort_offline_optimize(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+def ort_offline_optimize(model: onnx.ModelProto | Path, level: str) -> onnx.ModelProto:
     """Run ONNX Runtime's graph optimizations of `level` once and keep the optimized graph.
 
     The basic level uses standard ops only; the extended level's fusions (FusedConv, ...) run on
     the CPU EP; the "all" level adds the NCHWc layout, which is specific to the CPU's vector width.
     ORT writes the weights to one external file (a graph may grow past 2 GB as NCHWc pads channels),
     read back here. A model over 2 GB is consumed: saving it moves its tensors out of the proto.
+    A path is read by ONNX Runtime directly.
     """
 
     with tempfile.TemporaryDirectory(prefix="sdexport-opt-") as tmp:
-        source, optimized = Path(tmp) / "in" / "model.onnx", Path(tmp) / "out" / "model.onnx"
-        save_model(model, source)
+        optimized = Path(tmp) / "out" / "model.onnx"
+        if isinstance(model, Path):
+            source = model
+        else:
+            source = Path(tmp) / "in" / "model.onnx"
+            save_model(model, source)
         optimized.parent.mkdir()
         options = ort.SessionOptions()
         options.graph_optimization_level = LEVELS[level]
