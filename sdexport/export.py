@@ -83,14 +83,14 @@ def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str]) -> 
                 continue
             if value.name not in state:
                 raise RuntimeError(f"the traced graph takes {value.name}, which is neither an input nor a weight")
-            array = np.ascontiguousarray(state[value.name].detach().cpu().numpy())
+            array = state[value.name].detach().cpu().contiguous().numpy()  # 0-d stays 0-d
             tensor = onnx.TensorProto(name=value.name, dims=array.shape)
             tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, field in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", array.nbytes)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(field)
-            data.write(memoryview(array).cast("B"))
+            data.write(memoryview(array.reshape(-1)).cast("B"))
             offset += array.nbytes
             model.graph.initializer.append(tensor)
     del model.graph.input[:]
