@@ -24,7 +24,7 @@ LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are 
 def trace(
     component: str, pipe, opset: int, fixed: dict[str, int], latent_size: tuple[int, int], batch: int, path: Path
 ) -> Path:
-    """Trace one component to an fp32 ONNX file (torch writes tensors of > 2 GB models beside it).
+    """Trace one component to an fp32 ONNX file (past 2 GB, attach_weights writes the weights beside it).
 
     Static exports are traced with symbolic axes too, at their static sizes, and get those sizes
     written into the file afterwards (fix_axes). Traced with constant shapes, torch turns tensors
