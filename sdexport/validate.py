@@ -29,7 +29,12 @@ from diffusers import (
 from diffusers.utils import logging
 from onnx import TensorProto, numpy_helper
 from PIL import Image
-from sdruntime.conditioning import guidance_scale_embedding
+from sdruntime.conditioning import (
+    MicroConditioning,
+    guidance_scale_embedding,
+    img2img_time_ids,
+    txt2img_time_ids,
+)
 from sdruntime.manifest import (
     COMPONENT_IO,
     DYNAMIC_AXES,
@@ -262,9 +267,12 @@ def unet_conditioning(manifest: Manifest, batch: int, height: int, width: int, g
     facts = manifest.pipeline
     names = {t.name for t in manifest.components["unet"].inputs}
     extra = {}
-    if "time_ids" in names:
-        last = [6.0] if facts.requires_aesthetics_score else [height, width]
-        extra["time_ids"] = np.tile(np.float32([height, width, 0, 0, *last]), (batch, 1))
+    if "time_ids" in names:  # the runtime's own defaults: no micro-conditioning given, no guidance batch
+        default = MicroConditioning()
+        if facts.requires_aesthetics_score:
+            extra["time_ids"] = img2img_time_ids(default, (height, width), batch, False, aesthetic=True)
+        else:
+            extra["time_ids"] = txt2img_time_ids(default, (height, width), batch, False)
     if "timestep_cond" in names:
         extra["timestep_cond"] = guidance_scale_embedding([guidance_scale - 1.0] * batch, facts.time_cond_proj_dim)
     return extra

@@ -366,8 +366,9 @@ class StableDiffusionPipeline:
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, or their XL forms for an SDXL export). `guidance_scale` and
-        `strength` default to diffusers' 7.5 and 0.8, or 5.0 and 0.3 for SDXL. The sizes, crops and aesthetic scores are SDXL's
-        micro-conditioning; sizes are (height, width), None meaning the generated size.
+        `strength` default to diffusers' 7.5 and 0.8, or 5.0 and 0.3 for SDXL. The sizes, crops and
+        aesthetic scores are SDXL's micro-conditioning; sizes are (height, width), None meaning the
+        generated size.
 
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
         the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be None.
