@@ -54,7 +54,16 @@ from .components import (
     vae_scale_factor,
 )
 from .errors import SdexportError
-from .export import Reference, compare_outputs, reference_outputs, release_unused, release_weights, save_model, trace
+from .export import (
+    Reference,
+    compare_outputs,
+    graph_of,
+    reference_outputs,
+    release_unused,
+    release_weights,
+    save_model,
+    trace,
+)
 from .families import pipeline_family
 from .graph_check import check_written_graph
 from .optimize import CPU_LAYOUT_PROBE, finish_graph, uses_cpu_layout, write_cpu_layout_probe
@@ -277,7 +286,7 @@ class Written:
 
 @dataclass
 class Traced:
-    """One component traced to an fp32 ONNX file, with the shapes it was traced at."""
+    """One component traced to an fp32 ONNX file, with the latent size and batch it is checked at."""
 
     component: str
     path: Path
@@ -294,16 +303,25 @@ TRACE_MAX_LATENT = 64  # SD 1.5's 512x512; the graphs are dynamic, so any size t
 def trace_shapes(
     component: str, facts: PipelineFacts, static: StaticShapes | None
 ) -> tuple[dict[str, int], tuple[int, int], int]:
-    """The fixed axes, latent size and batch a component is traced with (static exports fix them;
-    dynamic ones are traced at the default height, square, with a batch of 2, but at most
-    TRACE_MAX_LATENT latent pixels a side: the tracer keeps every activation of its forward pass
-    alive, which at SDXL's 1024x1024 passed 10 GB on top of the U-Net's weights)."""
+    """The fixed axes, latent size and batch a component is checked with (static exports fix them;
+    dynamic ones use the default height, square, with a batch of 2, but at most TRACE_MAX_LATENT
+    latent pixels a side: see traced_latent)."""
     if static:
         fixed = axis_sizes(facts, component, static.batch_size, static.height, static.width)
         return fixed, (fixed["height"], fixed["width"]), fixed["batch"]
     side = min(facts.default_height, TRACE_MAX_LATENT * facts.vae_scale_factor)
     sizes = axis_sizes(facts, component, 1, side, side)
     return {}, (sizes["height"], sizes["width"]), 2
+
+
+def traced_latent(latent: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The latent size a component is traced at: at most TRACE_MAX_LATENT a side (a multiple of the
+    model's latent size multiple). The tracer keeps every activation of its forward pass alive,
+    which at SDXL's 1024x1024 passed 10 GB on top of the U-Net's weights; every export is traced
+    with symbolic axes (a static one gets its sizes written in afterwards), so the size it is
+    traced at does not change the graph."""
+    cap = max(multiple, TRACE_MAX_LATENT - TRACE_MAX_LATENT % multiple)
+    return min(latent[0], cap), min(latent[1], cap)
 
 
 def trace_component(
@@ -316,10 +334,11 @@ def trace_component(
     reference: bool = False,
 ) -> Traced:
     """Trace one component to `folder/.fp32/<component>/model.onnx`; with `reference`, keep PyTorch's
-    outputs for random inputs (a static export's batch, else 1) to compare the finished graph with."""
+    outputs for random inputs (a static export's batch and size, else 1) to compare the finished graph with."""
     started = time.perf_counter()
     fixed, latent, batch = trace_shapes(component, facts, static)
-    path = trace(component, pipe, opset, fixed, latent, batch, folder / ".fp32" / component / "model.onnx")
+    at = traced_latent(latent, size_multiple(pipe) // facts.vae_scale_factor)
+    path = trace(component, pipe, opset, fixed, at, batch, folder / ".fp32" / component / "model.onnx")
     outputs = reference_outputs(component, pipe, batch if fixed.get("batch") else 1, latent) if reference else None
     dims = {**model_dims(pipe), **fixed}
     return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs)
@@ -343,7 +362,7 @@ def finish_component(
         traced.path.parent.parent.rmdir()  # the .fp32 folder, once every traced graph is finished
     path = folder / component / "model.onnx"
     files = save_model(model, path)
-    laid_out = uses_cpu_layout(model)
+    laid_out = uses_cpu_layout(graph_of(model))
     del model
     check_written(component, path, target)
     result = None

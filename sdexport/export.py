@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import gc
+import math
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx.external_data_helper import uses_external_data
+from onnxruntime.transformers.float16 import convert_np_to_float16
 
 from .components import dynamic_axes, example_inputs, io_of, model_dims, text_encoders, wrap
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
 LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are traced without them
+# What fp16 conversion does to fp32 values out of fp16's range (ORT's converter, whose defaults these are)
+FP16_MIN_POSITIVE = 5.96e-08
+FP16_MAX_FINITE = 65504.0
 
 
 def trace(
@@ -86,10 +92,7 @@ def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str]) -> 
             array = state[value.name].detach().cpu().contiguous().numpy()  # 0-d stays 0-d
             tensor = onnx.TensorProto(name=value.name, dims=array.shape)
             tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, field in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", array.nbytes)):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, str(field)
+            set_external_location(tensor, offset, array.nbytes)
             data.write(memoryview(array.reshape(-1)).cast("B"))
             offset += array.nbytes
             model.graph.initializer.append(tensor)
@@ -152,12 +155,33 @@ def is_large(model: onnx.ModelProto) -> bool:
     return tensors + len(model.graph.node) * 512 > PROTOBUF_LIMIT
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
+@dataclass
+class OnDisk:
+    """A graph whose weights stay in files until it is written (components past 2 GB): `model` is the
+    graph with references (ONNX external data) into `folder`, and `fp16` names the tensors stored
+    there in fp32 that are written in fp16 (precision.to_fp16 converts the graph and names them).
+    Holding an SDXL U-Net's 10.3 GB of weights in Python while ONNX Runtime optimizes or writes them
+    would pass 16 GB; this way one tensor at a time is in memory."""
+
+    model: onnx.ModelProto
+    folder: Path
+    fp16: frozenset[str] = frozenset()
+    owner: object = field(default=None, repr=False)  # the TemporaryDirectory holding `folder`, if any
+
+
+def graph_of(model: onnx.ModelProto | OnDisk) -> onnx.ModelProto:
+    """The graph of a model held in memory or on disk (with the weights of neither)."""
+    return model.model if isinstance(model, OnDisk) else model
+
+
+def save_model(model: onnx.ModelProto | OnDisk, path: Path) -> list[str]:
     """Write model.onnx, with every tensor in one model.onnx_data beside it when over 2 GB.
 
     Returns the file names written, relative to the model's folder.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, OnDisk):
+        return save_on_disk(model, path)
     if not is_large(model):
         onnx.save_model(model, str(path))
         return [path.name]
@@ -172,6 +196,57 @@ def save_model(model: onnx.ModelProto, path: Path) -> list[str]:
     # onnx creates the data file readable by its owner only; give it model.onnx's permissions
     shutil.copymode(path, path.parent / EXTERNAL_DATA_NAME)
     return [path.name, EXTERNAL_DATA_NAME]
+
+
+def save_on_disk(disk: OnDisk, path: Path) -> list[str]:
+    """Write an OnDisk graph as save_model writes one held in memory: its external tensors are read one
+    at a time (and converted to fp16 where `disk.fp16` says) into one model.onnx_data, or into
+    model.onnx itself when the whole model fits in 2 GB (an SD 1.5 U-Net in fp16)."""
+    model = disk.model
+    external = [t for t in model.graph.initializer if uses_external_data(t)]
+    written = sum(math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in external)
+    if written + model.ByteSize() + len(model.graph.node) * 512 <= PROTOBUF_LIMIT:
+        for tensor in external:
+            data = stored_tensor(disk, tensor)
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = data
+        onnx.save_model(model, str(path))
+        return [path.name]
+    offset = 0
+    with open(path.parent / EXTERNAL_DATA_NAME, "wb") as out:
+        for tensor in external:
+            data = stored_tensor(disk, tensor)
+            set_external_location(tensor, offset, len(data))
+            out.write(data)
+            offset += len(data)
+    onnx.save_model(model, str(path))
+    shutil.copymode(path, path.parent / EXTERNAL_DATA_NAME)
+    return [path.name, EXTERNAL_DATA_NAME]
+
+
+def stored_tensor(disk: OnDisk, tensor: onnx.TensorProto) -> bytes:
+    """The bytes of one of the graph's external tensors as they are to be written (fp16 where converted)."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    data = np.fromfile(
+        disk.folder / info["location"], dtype=np.uint8, count=int(info["length"]), offset=int(info.get("offset", 0))
+    )
+    if tensor.name in disk.fp16:
+        data = convert_np_to_float16(data.view(np.float32), FP16_MIN_POSITIVE, FP16_MAX_FINITE).astype(np.float16)
+    expected = math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    if data.nbytes != expected:
+        raise RuntimeError(
+            f"{tensor.name} holds {data.nbytes} bytes in {info['location']}, its type and shape {expected}"
+        )
+    return data.tobytes()
+
+
+def set_external_location(tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", EXTERNAL_DATA_NAME), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -189,6 +264,8 @@ def ort_outputs(
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # optimized when exported
+    # one run: the CPU kernels' packed copies of the weights (doubling an SDXL U-Net's) would not pay off
+    options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(model_path), options, providers=[provider])
     feed = {}
     for spec in session.get_inputs():

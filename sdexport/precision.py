@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import heapq
+from dataclasses import replace
+from unittest import mock
 
 import onnx
+from onnx.external_data_helper import uses_external_data
+from onnxruntime.transformers import float16
 from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from .export import FP16_MAX_FINITE, FP16_MIN_POSITIVE, OnDisk
 
 # Inputs that stay float32 in every export (the IO table's fixed "float32" entries); SDXL's time_ids
 # (sizes and crop corners) get a Sin/Cos embedding like the timestep's.
@@ -61,29 +67,47 @@ def fp32_nodes(component: str, model: onnx.ModelProto, upcast_attention: bool) -
     return list(dict.fromkeys(nodes))
 
 
-def to_fp16(component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]) -> onnx.ModelProto:
+def to_fp16(component: str, model: onnx.ModelProto | OnDisk, keep_fp32_nodes: list[str]) -> onnx.ModelProto | OnDisk:
     """Convert an fp32 model to fp16, keeping the given nodes and the fixed fp32 inputs in fp32.
 
     The converter places its Casts by the types in `value_info`: every value's type is inferred
     first, on a copy without the weights, so graphs over 2 GB get the same Casts as small ones.
+    An OnDisk model's graph is converted alone: the converter retypes its external tensors without
+    reading them, and the OnDisk names them so that save_model converts their data as it writes.
     """
-
+    if isinstance(model, OnDisk):
+        graph = model.model
+        external_fp32 = {
+            t.name for t in graph.graph.initializer if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT
+        }
+        converted = to_fp16(component, graph, keep_fp32_nodes)
+        retyped = {t.name for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+        return replace(model, model=converted, fp16=frozenset(external_fp32 & retyped))
     inferred = infer_value_types(model)
     del model.graph.value_info[:]
     model.graph.value_info.extend(inferred)
     inputs = {i.name for i in model.graph.input}
-    converted = convert_float_to_float16(
-        model,
-        keep_io_types=[name for name in FP32_INPUTS.get(component, []) if name in inputs],
-        node_block_list=keep_fp32_nodes,
-        disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
-    )
+    # the converter's own value_info for a converted weight reads the weight for its shape (loading an
+    # external one into the proto); its dims say the same without reading
+    with mock.patch.object(float16, "make_value_info_from_tensor", value_info_from_dims):
+        converted = convert_float_to_float16(
+            model,
+            min_positive_val=FP16_MIN_POSITIVE,
+            max_finite_val=FP16_MAX_FINITE,
+            keep_io_types=[name for name in FP32_INPUTS.get(component, []) if name in inputs],
+            node_block_list=keep_fp32_nodes,
+            disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
+        )
     converted = drop_fp16_round_trips(converted)
     # the converter appends some Casts after their readers (Resize's scales): ONNX wants producers first
     nodes = list(converted.graph.node)
     del converted.graph.node[:]
     converted.graph.node.extend(topological_order(nodes, converted.graph))
     return converted
+
+
+def value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 # Initializers larger than this are replaced by a typed, shaped stub for inference; smaller ones

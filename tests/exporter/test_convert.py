@@ -255,3 +255,63 @@ def test_weightless_trace_gives_the_same_graphs(monkeypatch, tmp_path, tiny_pipe
         expected, got = run_both(tiny_pipe, out, component, 2, latent_sizes(tiny_pipe)[0])
         rel_l2 = max(float(np.linalg.norm(e - g) / np.linalg.norm(e)) for e, g in zip(expected, got))
         assert rel_l2 <= limit, component
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("split", [False, True], ids=["one-file", "external-data"])
+def test_weights_left_on_disk_are_written_as_in_memory(monkeypatch, tmp_path, tiny_pipe, fp16, split):
+    """Past 2 GB the finished graph keeps its weights in files (export.OnDisk), and fp16 converts them
+    as they are written: the written model equals the one finished in memory, tensor for tensor."""
+    import sdexport.export as export
+    from sdexport.optimize import finish_graph
+
+    monkeypatch.setattr(export, "LEAN_TRACE_BYTES", 0)
+    traced = export.trace("unet", tiny_pipe, 17, {}, (8, 8), 2, tmp_path / "traced" / "model.onnx")
+    assert (traced.parent / export.EXTERNAL_DATA_NAME).is_file()
+    in_memory, kept = finish_graph("unet", onnx.load(str(traced)), "generic", fp16, True)
+    on_disk, kept_on_disk = finish_graph("unet", traced, "generic", fp16, True)
+    assert isinstance(on_disk, export.OnDisk) and kept_on_disk == kept
+    assert bool(on_disk.fp16) == fp16
+    export.save_model(in_memory, tmp_path / "memory" / "model.onnx")
+    if split:  # as an SDXL U-Net's weights would be
+        monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1)
+    files = export.save_model(on_disk, tmp_path / "disk" / "model.onnx")
+    assert files == (["model.onnx", export.EXTERNAL_DATA_NAME] if split else ["model.onnx"])
+    expected = onnx.load(str(tmp_path / "memory" / "model.onnx"))
+    got = onnx.load(str(tmp_path / "disk" / "model.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in expected.graph.node
+    ]
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in expected.graph.initializer}
+    assert {t.name for t in got.graph.initializer} == set(weights)
+    for tensor in got.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor, str(tmp_path / "disk"))
+        assert array.dtype == weights[tensor.name].dtype and np.array_equal(array, weights[tensor.name]), tensor.name
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in got.graph.initializer) == fp16
+    session = ort.InferenceSession(str(tmp_path / "disk" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["out_sample"]
+
+
+def test_static_exports_larger_than_the_trace_cap_are_traced_small(monkeypatch, tmp_path, tiny_pipe):
+    """A static export is traced at most TRACE_MAX_LATENT a side (the tracer holds every activation)
+    and gets its sizes written in afterwards: checked at its own size, it still matches PyTorch."""
+    import sdexport.conversion as conversion
+
+    traced_at = {}
+    real_trace = conversion.trace
+
+    def spy(component, pipe, opset, fixed, latent_size, batch, path):
+        traced_at[component] = latent_size
+        return real_trace(component, pipe, opset, fixed, latent_size, batch, path)
+
+    monkeypatch.setattr(conversion, "TRACE_MAX_LATENT", 4)
+    monkeypatch.setattr(conversion, "trace", spy)
+    out = _quiet_convert("tiny-sd", tmp_path / "static", static=True, batch_size=1, height=96, width=64)
+    assert traced_at["unet"] == (4, 4) and traced_at["vae_decoder"] == (4, 4)
+    manifest = read_manifest(out)
+    model = onnx.load(str(out / "unet" / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 12, 8]
+    for component, entry in manifest.components.items():
+        assert entry.export_relative_l2 is not None and entry.export_relative_l2 <= 1e-4, component
+    expected, got = run_both(tiny_pipe, out, "unet", 2, (12, 8))
+    assert float(np.linalg.norm(expected[0] - got[0]) / np.linalg.norm(expected[0])) <= 1e-4
