@@ -1,5 +1,6 @@
-"""Single-file SD 1.x / 2.x checkpoints in the original (LDM) layout: detect the family from the key
-names, refuse what we do not convert, and load offline with diffusers and configs shipped in `models/`.
+"""Single-file SD 1.x / 2.x / SDXL checkpoints in the original (LDM / SGM) layout: detect the family
+from the key names, refuse what we do not convert, and load offline with diffusers and configs
+shipped in `models/`.
 
 Our own detection, because diffusers' `infer_diffusers_model_type` answers "v1" for keys it does not
 know. Detection reads only key names and shapes (safetensors headers), never the weights.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from transformers import CLIPTokenizer
@@ -26,11 +27,15 @@ from .families import check_supported
 from .presets import models_dir
 
 UNET = "model.diffusion_model."
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel
 OPEN_CLIP = "cond_stage_model.model."  # SD 2.x: OpenCLIP ViT-H/14
+SDXL_CLIP = "conditioner.embedders.0.transformer."  # SDXL: transformers' CLIPTextModel (ViT-L)
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG, with its text projection
+REFINER_OPEN_CLIP = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP bigG alone
 CONV_IN = UNET + "input_blocks.0.0.weight"
-SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21"}
+SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
 CONFIG_FILES = (
     "model_index.json",
     "unet/config.json",
@@ -38,9 +43,22 @@ CONFIG_FILES = (
     "text_encoder/config.json",
     "scheduler/scheduler_config.json",
 )
+SDXL_CONFIG_FILES = (*CONFIG_FILES, "text_encoder_2/config.json")
+# Where each family keeps its text encoders' token embeddings: {config subfolder: key}
+TOKEN_EMBEDDINGS = {
+    "sd1": {"text_encoder": CLIP + "text_model.embeddings.token_embedding.weight"},
+    "sd2": {"text_encoder": OPEN_CLIP + "token_embedding.weight"},
+    "sdxl": {
+        "text_encoder": SDXL_CLIP + "text_model.embeddings.token_embedding.weight",
+        "text_encoder_2": SDXL_OPEN_CLIP + "token_embedding.weight",
+    },
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-EXPECTED = f"expected the original (LDM) layout: {UNET}*, {VAE}* and {CLIP}* (SD 1.x) or {OPEN_CLIP}* (SD 2.x)"
+EXPECTED = (
+    f"expected the original (LDM) layout: {UNET}*, {VAE}* and {CLIP}* (SD 1.x), {OPEN_CLIP}* (SD 2.x) "
+    f"or {SDXL_CLIP}* with {SDXL_OPEN_CLIP}* (SDXL)"
+)
 
 
 def read_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
@@ -89,15 +107,16 @@ def load_pickle(path: Path) -> dict:
 
 
 def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
-    """sd1 or sd2 from the key names, or a one-line refusal that names what was found and expected."""
+    """sd1, sd2 or sdxl from the key names, or a one-line refusal that names what was found and expected."""
 
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in shapes)
 
-    if has("conditioner.embedders."):
+    if has(REFINER_OPEN_CLIP):
         raise SdexportError(
-            f"{where} is an SDXL checkpoint (conditioner.embedders.* keys): SDXL single files are not supported yet; "
-            "save it as a diffusers folder (StableDiffusionXLPipeline.from_single_file, then save_pretrained) and convert that"
+            f"{where} is an SDXL refiner checkpoint ({REFINER_OPEN_CLIP}* keys): refiner single files are not "
+            "supported yet; save it as a diffusers folder (StableDiffusionXLImg2ImgPipeline.from_single_file, "
+            "then save_pretrained) and convert that"
         )
     if has("control_model.") or has("controlnet_cond_embedding.") or has("input_hint_block."):
         raise SdexportError(
@@ -119,13 +138,21 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
         )
     if not has(VAE):
         raise SdexportError(f"{where} has no VAE weights ({VAE}* keys): only complete checkpoints are supported")
+    if has(SDXL_CLIP) or has(SDXL_OPEN_CLIP):
+        missing = next((p for p in (SDXL_CLIP, SDXL_OPEN_CLIP) if not has(p)), None)
+        if missing:
+            raise SdexportError(
+                f"{where} is an SDXL checkpoint without its {'second' if missing == SDXL_OPEN_CLIP else 'first'} "
+                f"text encoder ({missing}* keys): only complete checkpoints are supported"
+            )
+        return "sdxl"
     if has(CLIP):
         return "sd1"
     if has(OPEN_CLIP):
         return "sd2"
     raise SdexportError(
-        f"{where} has no text encoder weights: expected {CLIP}* (SD 1.x CLIP) or {OPEN_CLIP}* "
-        f"(SD 2.x OpenCLIP); found {_summary(shapes)}"
+        f"{where} has no text encoder weights: expected {CLIP}* (SD 1.x CLIP), {OPEN_CLIP}* "
+        f"(SD 2.x OpenCLIP) or {SDXL_CLIP}* with {SDXL_OPEN_CLIP}* (SDXL); found {_summary(shapes)}"
     )
 
 
@@ -143,28 +170,34 @@ def config_folder(family: str, config: str | None) -> Path:
                 f"{where} is not a folder: pass a diffusers pipeline folder (model_index.json and "
                 "the unet, vae, text_encoder and scheduler configs)"
             )
-    for name in CONFIG_FILES:
+    for name in SDXL_CONFIG_FILES if family == "sdxl" else CONFIG_FILES:
         if not (folder / name).is_file():
             raise SdexportError(f"{where} has no {name}: pass a diffusers pipeline folder (`save_pretrained` output)")
-    check_supported(_read_json(folder / "model_index.json"), _read_json(folder / "unet" / "config.json"), where)
+    index = _read_json(folder / "model_index.json")
+    check_supported(index, _read_json(folder / "unet" / "config.json"), where)
+    if ("text_encoder_2" in index) != (family == "sdxl"):
+        what = (
+            "an SDXL pipeline"
+            if family != "sdxl"
+            else f"a {index.get('_class_name', 'pipeline')} without text_encoder_2"
+        )
+        raise SdexportError(
+            f"{where} holds {what}, but the checkpoint is {FAMILY_NAMES[family]}: pass --config with this model's "
+            "diffusers configs"
+        )
     return folder
 
 
 def check_fits(shapes: dict[str, tuple[int, ...]], family: str, folder: Path, custom: bool) -> None:
     """Compare a few widths of the checkpoint with the configs before building anything."""
     unet = _read_json(folder / "unet" / "config.json")
-    text = _read_json(folder / "text_encoder" / "config.json")
-    token = (
-        CLIP + "text_model.embeddings.token_embedding.weight"
-        if family == "sd1"
-        else OPEN_CLIP + "token_embedding.weight"
-    )
     cross = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
-    widths = [
-        ("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0]),
-        ("text encoder", shapes[token][-1] if token in shapes else None, text.get("hidden_size")),
-        ("cross-attention input", cross[-1] if cross else None, unet.get("cross_attention_dim")),
-    ]
+    widths = [("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0])]
+    for subfolder, token in TOKEN_EMBEDDINGS[family].items():
+        text = _read_json(folder / subfolder / "config.json")
+        found = shapes[token][-1] if token in shapes else None
+        widths.append((subfolder.replace("_", " "), found, text.get("hidden_size")))
+    widths.append(("cross-attention input", cross[-1] if cross else None, unet.get("cross_attention_dim")))
     for what, found, configured in widths:
         if found is not None and configured is not None and found != configured:
             where = f"--config {folder}" if custom else f"the shipped {family} configs ({folder})"
@@ -186,7 +219,7 @@ def load_single_file(
     check_fits(shapes, family, folder, custom=config is not None)
     del shapes  # diffusers reads the file itself (a pickle again with torch.load(weights_only=True), mmapped)
     pipe = _from_single_file(path, folder, family, prediction_type)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2")[: 4 if family == "sdxl" else 3]:
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if missing:
             raise SdexportError(
@@ -200,17 +233,27 @@ def load_single_file(
 def _from_single_file(path: Path, folder: Path, family: str, prediction_type: str | None):
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its dtype and unused-key warnings are noise here; we check ourselves
+    common = {
+        "config": str(folder),
+        "local_files_only": True,
+        "torch_dtype": torch.float32,
+        "scheduler": scheduler(folder, prediction_type),
+    }
     try:
+        if family == "sdxl":  # SDXL's second tokenizer pads with "!" (id 0), as OpenCLIP's does
+            return StableDiffusionXLPipeline.from_single_file(
+                str(path),
+                tokenizer=clip_tokenizer("sd1", folder),
+                tokenizer_2=clip_tokenizer("sd2", folder, "text_encoder_2"),
+                **common,
+            )
         return StableDiffusionPipeline.from_single_file(
             str(path),
-            config=str(folder),
-            local_files_only=True,
-            torch_dtype=torch.float32,
             tokenizer=clip_tokenizer(family, folder),
-            scheduler=scheduler(folder, prediction_type),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
+            **common,
         )
     except (
         ValueError,
@@ -232,11 +275,11 @@ def _from_single_file(path: Path, folder: Path, family: str, prediction_type: st
         diffusers_logging.set_verbosity(verbosity)
 
 
-def clip_tokenizer(family: str, folder: Path):
+def clip_tokenizer(family: str, folder: Path, encoder: str = "text_encoder"):
     """The real CLIP tokenizer shipped in models/; SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>."""
 
     tokenizer_dir = models_dir() / "clip-tokenizer"
-    length = _read_json(folder / "text_encoder" / "config.json").get("max_position_embeddings", 77)
+    length = _read_json(folder / encoder / "config.json").get("max_position_embeddings", 77)
     pad = {"pad_token": "!"} if family == "sd2" else {}
     return CLIPTokenizer(
         str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=length, **pad

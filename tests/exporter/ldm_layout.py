@@ -17,6 +17,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer."
 OPEN_CLIP = "cond_stage_model.model."
+SDXL_CLIP = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP = "conditioner.embedders.1.model."
 
 UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -75,6 +77,9 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     m = _Mapper(unet.state_dict(), UNET)
     for diffusers, ldm in UNET_TOP.items():
         m.move(ldm, diffusers)
+    if unet.config.addition_embed_type == "text_time":  # SDXL's pooled-text and size embedding
+        m.move("label_emb.0.0", "add_embedding.linear_1")
+        m.move("label_emb.0.2", "add_embedding.linear_2")
     index = 1
     for b, block in enumerate(unet.down_blocks):
         for j in range(len(block.resnets)):
@@ -132,16 +137,18 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return m.finish()
 
 
-def clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 1.x: the transformers CLIPTextModel as is, under cond_stage_model.transformer."""
-    out = {CLIP + k: v for k, v in text_encoder.state_dict().items()}
+def clip_to_ldm(text_encoder, prefix: str = CLIP) -> dict[str, torch.Tensor]:
+    """SD 1.x (and SDXL's first encoder): the transformers CLIPTextModel as is, under `prefix`."""
+    out = {prefix + k: v for k, v in text_encoder.state_dict().items()}
     positions = text_encoder.config.max_position_embeddings
-    out[CLIP + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]  # real SD 1.x files carry it
+    out[prefix + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]  # real SD 1.x files carry it
     return out
 
 
-def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """SD 2.x: OpenCLIP names, q/k/v packed into in_proj, and a [hidden, hidden] text projection."""
+def open_clip_to_ldm(text_encoder, prefix: str = OPEN_CLIP) -> dict[str, torch.Tensor]:
+    """SD 2.x (and SDXL's second encoder): OpenCLIP names, q/k/v packed into in_proj, and a text
+    projection, [hidden, projection]: SDXL's is the transposed weight of diffusers' text_projection,
+    SD 2.x's (which diffusers drops) an identity."""
     state = text_encoder.state_dict()
     used = set()
 
@@ -166,16 +173,24 @@ def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
             out[f"{dst}attn.out_proj.{kind}"] = take(f"{src}self_attn.out_proj.{kind}")
             out[f"{dst}mlp.c_fc.{kind}"] = take(f"{src}mlp.fc1.{kind}")
             out[f"{dst}mlp.c_proj.{kind}"] = take(f"{src}mlp.fc2.{kind}")
+    if "text_projection.weight" in state:
+        out["text_projection"] = take("text_projection.weight").T
+    else:  # diffusers' CLIPTextModel has none; SD 2.x files do
+        out["text_projection"] = torch.eye(text_encoder.config.hidden_size)
     missed = sorted(set(state) - used)
     assert not missed, f"weights not mapped to the OpenCLIP layout: {missed[:5]}"
-    hidden = text_encoder.config.hidden_size
-    out["text_projection"] = torch.eye(hidden)  # diffusers' CLIPTextModel has none; SD 2.x files do
-    return {OPEN_CLIP + k: v for k, v in out.items()}
+    return {prefix + k: v for k, v in out.items()}
 
 
 def pipeline_to_ldm(pipe, family: str) -> dict[str, torch.Tensor]:
-    """The whole pipeline as one original-layout state dict (family: sd1 = CLIP, sd2 = OpenCLIP)."""
-    text = clip_to_ldm(pipe.text_encoder) if family == "sd1" else open_clip_to_ldm(pipe.text_encoder)
+    """The whole pipeline as one original-layout state dict (family: sd1 = CLIP, sd2 = OpenCLIP,
+    sdxl = both, as SDXL's conditioner.embedders.0 and .1)."""
+    if family == "sdxl":
+        text = {**clip_to_ldm(pipe.text_encoder, SDXL_CLIP), **open_clip_to_ldm(pipe.text_encoder_2, SDXL_OPEN_CLIP)}
+    elif family == "sd1":
+        text = clip_to_ldm(pipe.text_encoder)
+    else:
+        text = open_clip_to_ldm(pipe.text_encoder)
     state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text}
     state["alphas_cumprod"] = torch.as_tensor(pipe.scheduler.alphas_cumprod)  # as LDM training saves it
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
@@ -187,6 +202,8 @@ def save_configs(pipe, folder: Path) -> Path:
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae")
     pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pipe.text_encoder_2.config.save_pretrained(folder / "text_encoder_2")
     pipe.scheduler.save_config(folder / "scheduler")
     return folder
 

@@ -17,7 +17,18 @@ from sdexport import convert
 from sdexport.presets import models_dir
 from sdexport.single_file import checkpoint_family
 
-from .ldm_layout import clip_to_ldm, ldm_checkpoints, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+from ..conftest import build, recipe_of
+from .ldm_layout import (
+    SDXL_CLIP,
+    SDXL_OPEN_CLIP,
+    clip_to_ldm,
+    ldm_checkpoints,
+    open_clip_to_ldm,
+    pipeline_to_ldm,
+    save_configs,
+    unet_to_ldm,
+    vae_to_ldm,
+)
 from .test_cli import assert_refused, run
 from .test_convert import COMPONENTS, latent_sizes, run_both
 
@@ -172,8 +183,17 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
                     conditioner__embedders__0__transformer__text_model__embeddings__position_embedding__weight=(77, 8)
                 ),
                 CONV_IN: torch.zeros(8, 4, 3, 3),
+                **SD_VAE,
             },
-            "SDXL single files are not supported yet",
+            "is an SDXL checkpoint without its second text encoder (conditioner.embedders.1.model.* keys)",
+        ),
+        (
+            {
+                **tensors(conditioner__embedders__0__model__text_projection=(8, 8)),
+                CONV_IN: torch.zeros(8, 4, 3, 3),
+                **SD_VAE,
+            },
+            "is an SDXL refiner checkpoint",
         ),
         ({CONV_IN: torch.zeros(8, 9, 3, 3), **SD_VAE, **SD1_TEXT}, "inpainting is not supported yet"),
         ({CONV_IN: torch.zeros(8, 8, 3, 3), **SD_VAE, **SD1_TEXT}, "8 input channels"),
@@ -197,7 +217,8 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
         ),
     ],
     ids=[
-        "sdxl",
+        "sdxl-one-encoder",
+        "sdxl-refiner",
         "inpainting",
         "pix2pix",
         "controlnet",
@@ -289,3 +310,103 @@ def test_checkpoint_missing_weights(capsys, checkpoints, tmp_path):
 def test_single_file_options_on_other_sources(capsys, tmp_path, flag, value):
     args = [flag] + ([value] if value else [])
     assert_refused(capsys, tmp_path / "out", "tiny-sd", *args, says=f"{flag} applies to single-file checkpoints only")
+
+
+# --- SDXL -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sdxl_single_file(tmp_path_factory):
+    """(file, configs folder, pipeline): sdxl-tiny with a 48-wide second text encoder (SDXL's two encoders
+    differ in width, 768 and 1280, and diffusers tells them apart by it) in the original SGM layout."""
+    root = tmp_path_factory.mktemp("sdxl-single-file")
+    tiny = recipe_of("sdxl-tiny")
+    encoder_2 = {**tiny["text_encoder_2"], "hidden_size": 48}
+    unet = {**tiny["unet"], "cross_attention_dim": 32 + 48}
+    pipe = build({**tiny, "text_encoder_2": encoder_2, "unet": unet}, root / "recipe")
+    file = root / "sdxl.safetensors"
+    save_file(pipeline_to_ldm(pipe, "sdxl"), file)
+    return file, save_configs(pipe, root / "configs"), pipe
+
+
+def test_sdxl_single_file_loads_every_weight(sdxl_single_file):
+    from sdexport.single_file import load_single_file
+
+    file, configs, pipe = sdxl_single_file
+    loaded, family = load_single_file(file, str(configs))
+    assert family == "sdxl" and type(loaded).__name__ == "StableDiffusionXLPipeline"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected = getattr(pipe, name).state_dict()
+        got = getattr(loaded, name).state_dict()
+        assert set(got) == set(expected), name
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), f"{name}.{key}"
+    assert loaded.tokenizer.pad_token_id == 49407 and loaded.tokenizer_2.pad_token_id == 0  # "!", as OpenCLIP pads
+
+
+def test_sdxl_single_file_exports(sdxl_single_file, tmp_path):
+    file, configs, _ = sdxl_single_file
+    out = quiet_convert(file, tmp_path / "out", config=str(configs))
+    manifest = read_manifest(out)
+    assert manifest.source.kind == "single_file" and manifest.pipeline.family == "sdxl"
+    assert manifest.pipeline.text_encoder_2_hidden_size == 48 and manifest.pipeline.tokenizer_2_pad_token_id == 0
+    assert set(manifest.components) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    for component, entry in manifest.components.items():
+        assert entry.export_relative_l2 is not None and entry.export_relative_l2 <= 1e-4, component
+
+
+def test_sdxl_shipped_configs_take_the_full_size_layout():
+    """SDXL base 1.0-sized, on the meta device, written in the original layout: detected as SDXL, fits the
+    shipped configs, and diffusers' converters turn every key back into those configs' shapes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdexport.single_file import check_fits, config_folder
+
+    folder = models_dir() / "configs" / "sdxl"
+    configs = {
+        name: json.loads((folder / name / "config.json").read_text())
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+    }
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(configs["unet"])
+        vae = AutoencoderKL.from_config(configs["vae"])
+        text = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
+    state = {
+        **unet_to_ldm(unet),
+        **vae_to_ldm(vae),
+        **clip_to_ldm(text, SDXL_CLIP),
+        **open_clip_to_ldm(text_2, SDXL_OPEN_CLIP),
+    }
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    assert checkpoint_family(shapes, "model") == "sdxl"
+    assert config_folder("sdxl", None) == folder
+    check_fits(shapes, "sdxl", folder, custom=False)
+    converted = {
+        "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
+        "vae": convert_ldm_vae_checkpoint(state, configs["vae"]),
+        "text": convert_ldm_clip_checkpoint(state, SDXL_CLIP),
+        "text_2": convert_open_clip_checkpoint(text_2, state, prefix=SDXL_OPEN_CLIP),
+    }
+    for name, model in (("unet", unet), ("vae", vae), ("text", text), ("text_2", text_2)):
+        got = {k: tuple(v.shape) for k, v in converted[name].items() if not k.endswith("position_ids")}
+        assert got == {k: tuple(v.shape) for k, v in model.state_dict().items()}, name
+
+
+def test_sdxl_checkpoint_with_sd_configs(capsys, sdxl_single_file, checkpoints, tmp_path):
+    file, _, _ = sdxl_single_file
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(file),
+        "--config",
+        str(checkpoints["sd1"]["configs"]),
+        says="has no text_encoder_2",
+    )
