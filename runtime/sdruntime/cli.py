@@ -204,6 +204,55 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
     click.echo(out / "sheet.png")
 
 
+@cli.command("serve")
+@click.argument("folder")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Copies of the model.")
+@click.option(
+    "--max-batch", default=4, show_default=True, type=click.IntRange(1), help="Most images in one U-Net batch."
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option(
+    "--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt | comma-separated ORT providers"
+)
+@click.option(
+    "--threads", default=0, type=int, help="Intra-op threads per replica (0: the cores / replicas on a local Ray)."
+)
+@click.option(
+    "--address",
+    envvar="RAY_ADDRESS",
+    default=None,
+    help="A Ray cluster (ray://HOST:10001 or HOST:6379; default $RAY_ADDRESS); none starts Ray here.",
+)
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests that may wait.")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
+def serve_command(folder, replicas, max_batch, port, host, provider, threads, address, max_queue, timeout, no_verify):
+    """Serve FOLDER over HTTP on Ray Serve: POST /v1/images/generations, GET /v1/models, GET /health."""
+    try:
+        from . import serve  # lazy: it imports Ray, an optional extra
+    except ImportError as e:
+        if (e.name or "").split(".")[0] in ("ray", "fastapi", "starlette"):
+            raise UserError(
+                f'serving needs Ray Serve ({e.name} is missing): pip install "sdexport-runtime[serve]"'
+            ) from None
+        raise
+    serve.serve_forever(
+        folder,
+        replicas=replicas,
+        max_batch=max_batch,
+        host=host,
+        port=port,
+        provider=_provider(provider),
+        threads=threads,
+        verify=not no_verify,
+        address=address,
+        max_queue=max_queue,
+        timeout_s=timeout,
+        echo=lambda line: click.echo(line, err=True),
+    )
+
+
 def main(argv: list[str] | None = None, prog_name: str = "sdruntime") -> int:
     """Entry point: a user's mistake prints one line and exits 2; anything else keeps its traceback."""
     try:

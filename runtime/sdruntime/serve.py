@@ -1,0 +1,275 @@
+"""`sdruntime serve OUT`: an HTTP endpoint for an export on Ray Serve, on this machine or on a Ray cluster.
+
+Two deployments. `ImageGenerator` replicas each load the export once (ONNX Runtime sessions, the NumPy
+loop) and draw requests that Ray Serve's `@serve.batch` gathers, one U-Net batch per group of requests that
+share a size, steps, scheduler and guidance. `Api` is the HTTP ingress: it checks requests (400 before a
+replica is bothered), forwards them through a bounded queue, and turns Ray's failures into HTTP answers
+(503 with Retry-After when the queue is full or a replica died, 504 past the request's time limit), so
+every request gets an image or an error. Ray replaces a replica that dies.
+
+Importing this module imports Ray; `sdruntime` imports it only for the serve command.
+"""
+
+import asyncio
+import base64
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle
+
+from .errors import InvalidArgument
+from .manifest import read_manifest
+from .serving import DrawResult, GenerationRequest, ModelFacts, draw_batch, model_facts, parse_request
+
+APP_NAME = "sdexport"
+BATCH_WAIT_S = 0.02  # how long a replica waits for more requests to fill a batch once one has come in
+LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # requests and PNGs are small; Ray's default takes 30% of the RAM
+# What a replica that stopped looks like from the caller: the actor died, is unreachable, or Serve cancelled
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, RequestCancelledError)
+
+
+@serve.deployment(name="ImageGenerator", health_check_period_s=2.0, health_check_timeout_s=30.0)
+class ImageGenerator:
+    """One replica: the export loaded once, drawing batches of requests."""
+
+    def __init__(self, folder: str, provider, threads: int, verify: bool, max_batch: int):
+        from .pipeline import StableDiffusionPipeline
+        from .session import SessionSettings
+
+        self.pipe = StableDiffusionPipeline.load(
+            folder, provider=provider, settings=SessionSettings(intra_op_threads=threads), verify=verify
+        )
+        self.max_batch = max_batch
+        self.draw.set_max_batch_size(max_batch)
+        self.draw.set_batch_wait_timeout_s(BATCH_WAIT_S)
+
+    def facts(self) -> ModelFacts:
+        return model_facts(self.pipe)
+
+    async def __call__(self, request: GenerationRequest) -> DrawResult:
+        return await self.draw(request)
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def draw(self, requests: list[GenerationRequest]) -> list[DrawResult]:
+        # a thread, so the replica keeps taking requests into the next batch and answering health checks
+        # while ONNX Runtime (which lets go of the GIL) runs this one
+        return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch)
+
+
+api = FastAPI(title="sdexport", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    """OpenAI's error shape, with Retry-After where waiting helps."""
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+@serve.deployment(name="Api", ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Api:
+    """The HTTP ingress: checks, forwards, answers."""
+
+    def __init__(self, generator: DeploymentHandle, timeout_s: float):
+        self.generator = generator
+        self.timeout_s = timeout_s
+        self._facts: ModelFacts | None = None
+        self.seconds_per_request = 1.0  # a running mean of answered requests' time, for Retry-After
+
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.seconds_per_request))
+
+    async def facts(self) -> ModelFacts:
+        if self._facts is None:
+            self._facts = await self.generator.facts.remote()
+        return self._facts
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 while at least one replica runs (503 if none), with the counts Serve reports."""
+        status = await asyncio.to_thread(serve.status)
+        deployment = status.applications[APP_NAME].deployments["ImageGenerator"]
+        states = {str(getattr(k, "value", k)).lower(): v for k, v in deployment.replica_states.items()}
+        running = states.get("running", 0)
+        body = {"status": "ok" if running else "unavailable", "replicas": states}
+        return JSONResponse(body, 200 if running else 503, headers=None if running else {"Retry-After": "5"})
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        try:
+            facts = await asyncio.wait_for(self.facts(), self.timeout_s)
+        except (asyncio.TimeoutError, *REPLICA_FAILURES, BackPressureError):
+            return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
+        return JSONResponse({"object": "list", "data": [facts.card()]})
+
+    @api.post("/v1/images/generations")
+    async def generations(self, http: Request) -> Response:
+        started = time.monotonic()
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error_response(400, f"the body is not JSON: {e}")
+        try:
+            facts = await asyncio.wait_for(self.facts(), self.timeout_s)
+        except (asyncio.TimeoutError, *REPLICA_FAILURES, BackPressureError):
+            return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
+        try:
+            request = parse_request(body, facts)
+        except InvalidArgument as e:
+            return error_response(400, str(e))
+        response = self.generator.remote(request)
+        remaining = self.timeout_s - (time.monotonic() - started)
+        try:
+            result: DrawResult = await asyncio.wait_for(response, max(remaining, 0.001))
+        except BackPressureError:
+            return error_response(503, "the queue is full: retry later", self.retry_after())
+        except asyncio.TimeoutError:
+            response.cancel()
+            return error_response(504, f"not drawn within the server's {self.timeout_s:g} s limit: retry later")
+        except REPLICA_FAILURES as e:
+            message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
+            return error_response(503, message, self.retry_after())
+        if result.error:
+            return error_response(400 if result.user_error else 500, result.error)
+        self.seconds_per_request += 0.2 * (time.monotonic() - started - self.seconds_per_request)
+        if request.response_format == "png":
+            image = result.images[0]
+            return Response(
+                image.png,
+                media_type="image/png",
+                headers={"X-Seed": str(image.seed), "X-Batch-Images": str(image.batch_images)},
+            )
+        data = [
+            {
+                "b64_json": base64.b64encode(i.png).decode("ascii"),
+                "seed": i.seed,
+                "parameters": i.parameters,
+                "batch_images": i.batch_images,
+            }
+            for i in result.images
+        ]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def build_app(
+    folder: str,
+    *,
+    replicas: int,
+    max_batch: int,
+    provider,
+    threads: int,
+    verify: bool,
+    max_queue: int,
+    timeout_s: float,
+    replica_cpus: float,
+):
+    """The application: the generator's replicas behind the ingress.
+
+    A replica holds at most two batches (one drawing, one gathering); past that, up to `max_queue`
+    requests wait in the ingress's queue, and the next one gets 503 at once instead of waiting forever.
+    """
+    generator = ImageGenerator.options(
+        num_replicas=replicas,
+        max_ongoing_requests=2 * max_batch,
+        max_queued_requests=max_queue,
+        ray_actor_options={"num_cpus": replica_cpus},
+    ).bind(folder, provider, threads, verify, max_batch)
+    # the ingress lets every request in, up to what the generators can hold plus their queue
+    capacity = max_queue + 2 * max_batch * replicas + 8
+    return Api.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(generator, timeout_s)
+
+
+def check_export(folder: str) -> str:
+    """The export's absolute path, after reading its manifest: a wrong folder fails here, before Ray starts."""
+    path = Path(folder).resolve()
+    read_manifest(path)
+    return str(path)
+
+
+def serve_forever(
+    folder: str,
+    *,
+    replicas: int = 1,
+    max_batch: int = 4,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    provider="cpu",
+    threads: int = 0,
+    verify: bool = True,
+    address: str | None = None,
+    max_queue: int = 64,
+    timeout_s: float = 120.0,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Serve until SIGINT or SIGTERM. With no `address`, on a Ray instance started here and stopped after;
+    with one, on that cluster, removing the application when stopped (the cluster keeps running)."""
+    folder = check_export(folder)
+    local = not address
+    if local:
+        cpus = os.cpu_count() or 1
+        # the machine's cores shared among the replicas, so that they do not fight over them
+        threads = threads or max(1, cpus // replicas)
+        ray.init(
+            address="local",
+            num_cpus=max(cpus, replicas * threads),
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port, "request_timeout_s": timeout_s + 30})
+        app = build_app(
+            folder,
+            replicas=replicas,
+            max_batch=max_batch,
+            provider=provider,
+            threads=threads,
+            verify=verify,
+            max_queue=max_queue,
+            timeout_s=timeout_s,
+            replica_cpus=threads or 1,
+        )
+        serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
+        where = "a local Ray" if local else address
+        echo(
+            f"serving {folder} on {where} at http://{host}:{port}/v1/images/generations "
+            f"({replicas} replica{'s' if replicas > 1 else ''}, batches of up to {max_batch}); Ctrl-C stops"
+        )
+        stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        stopped.wait()
+        echo("stopping")
+    finally:
+        stop_serving(local)
+
+
+def stop_serving(local: bool, wait_s: float = 30.0) -> None:
+    """Remove the application (a cluster keeps running) or shut the local Ray down. Serve's shutdown waits
+    on the raylet, so it gets a deadline: a raylet already gone (killed with its process group) must not
+    leave the command hanging."""
+    done = threading.Thread(target=serve.shutdown if local else lambda: serve.delete(APP_NAME), daemon=True)
+    done.start()
+    done.join(wait_s)
+    ray.shutdown()  # a local instance's processes go with it

@@ -1,0 +1,255 @@
+"""What `sdruntime serve` does without Ray: read an HTTP request's JSON into a checked request, draw a batch
+of requests in as few U-Net batches as their settings allow, and describe the model.
+
+Kept apart from serve.py so that the rules (what a request may ask, which requests share a batch, which
+seeds draw which images) are plain code, tested without a Ray cluster, and so that Ray stays an extra.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from .errors import InvalidArgument, UserError
+from .schedulers import SCHEDULERS
+
+FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "size", "n", "response_format")
+RESPONSE_FORMATS = ("png", "b64_json")
+MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
+MAX_IMAGES = 8  # per request; a client wanting more sends more requests, which batch with others
+MAX_PROMPT_CHARS = 4000
+SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a request is checked against, from the export's manifest (the replica reads it)."""
+
+    name: str
+    family: str
+    dtype: str
+    target: str
+    default_size: tuple[int, int]  # (width, height)
+    size_multiple: int
+    static_size: tuple[int, int] | None  # (width, height) of a static export
+    default_scheduler: str
+    default_guidance: float
+    model_hash: str
+    source: str
+
+    def card(self) -> dict[str, object]:
+        """The /v1/models entry: OpenAI's model object plus the facts a client needs to ask well."""
+        return {
+            "id": self.name,
+            "object": "model",
+            "owned_by": "sdexport",
+            "family": self.family,
+            "dtype": self.dtype,
+            "target": self.target,
+            "default_size": f"{self.default_size[0]}x{self.default_size[1]}",
+            "size_multiple": self.size_multiple,
+            "static_size": f"{self.static_size[0]}x{self.static_size[1]}" if self.static_size else None,
+            "schedulers": list(SCHEDULERS),
+            "default_scheduler": self.default_scheduler,
+            "default_guidance": self.default_guidance,
+            "model_hash": self.model_hash,
+            "source": self.source,
+        }
+
+
+def model_facts(pipe) -> ModelFacts:
+    """A loaded StableDiffusionPipeline's facts."""
+    manifest = pipe.manifest
+    facts = manifest.pipeline
+    static = manifest.static
+    return ModelFacts(
+        name=pipe.folder.resolve().name,
+        family=facts.family,
+        dtype=manifest.dtype,
+        target=manifest.target,
+        default_size=(static.width, static.height) if static else (facts.default_width, facts.default_height),
+        size_multiple=manifest.size_multiple,
+        static_size=(static.width, static.height) if static else None,
+        default_scheduler=pipe.default_scheduler,
+        default_guidance=5.0 if pipe.xl else 7.5,
+        model_hash=pipe.model_hash,
+        source=Path(manifest.source.name).name,
+    )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One checked request: `seeds` holds one seed per image (n of them), drawn here when none was asked."""
+
+    prompt: str
+    negative_prompt: str | None
+    steps: int
+    guidance: float
+    scheduler: str
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    response_format: str
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys run in one U-Net batch: the same latent size, the same schedule and the
+        same guidance (one scale per pipeline call), and a negative prompt on all or none (SDXL tells an
+        absent one from an empty one)."""
+        return (self.width, self.height, self.steps, self.scheduler, self.guidance, self.negative_prompt is None)
+
+
+def _integer(body: Mapping, name: str, default: int, low: int, high: int) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidArgument(f"'{name}' must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def _text(body: Mapping, name: str, required: bool) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidArgument(f"'{name}' must be a{' non-empty' if required else ''} string, got {value!r}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"'{name}' is {len(value)} characters long: keep it under {MAX_PROMPT_CHARS}")
+    return value
+
+
+def parse_size(value: object, facts: ModelFacts) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' as OpenAI's `size` writes it, checked against the export's size multiple."""
+    if value is None:
+        return facts.default_size
+    parts = value.lower().split("x") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise InvalidArgument(
+            f"'size' must be 'WIDTHxHEIGHT' such as '{facts.default_size[0]}x{facts.default_size[1]}', got {value!r}"
+        )
+    width, height = int(parts[0]), int(parts[1])
+    m = facts.size_multiple
+    if not (0 < width <= 4096 and 0 < height <= 4096) or width % m or height % m:
+        raise InvalidArgument(f"'size' {value} must be multiples of {m} up to 4096 (this export's size multiple)")
+    if facts.static_size and (width, height) != facts.static_size:
+        raise InvalidArgument(
+            f"this export is static at {facts.static_size[0]}x{facts.static_size[1]}: ask for that size"
+        )
+    return width, height
+
+
+def parse_request(body: object, facts: ModelFacts) -> GenerationRequest:
+    """A request's JSON body -> GenerationRequest; any mistake raises InvalidArgument, one line naming the field."""
+    if not isinstance(body, Mapping):
+        raise InvalidArgument('the body must be a JSON object such as {"prompt": "a red circle"}')
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown field '{unknown[0]}': the fields are {', '.join(FIELDS)}")
+    prompt = _text(body, "prompt", required=True)
+    negative = _text(body, "negative_prompt", required=False)
+    steps = _integer(body, "steps", 25, 1, MAX_STEPS)
+    n = _integer(body, "n", 1, 1, MAX_IMAGES)
+    guidance = body.get("guidance", facts.default_guidance)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0:
+        raise InvalidArgument(f"'guidance' must be a number from 0 to 50, got {guidance!r}")
+    scheduler = body.get("scheduler") or facts.default_scheduler
+    if scheduler not in SCHEDULERS:
+        raise InvalidArgument(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    seed = body.get("seed")
+    if seed is None:
+        # drawn here, not in the pipeline, so the response can say which seed brings each image back
+        start = secrets.randbelow(SEED_LIMIT - n + 1)
+    else:
+        start = _integer(body, "seed", 0, 0, SEED_LIMIT - n)
+    width, height = parse_size(body.get("size"), facts)
+    response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
+    if response_format not in RESPONSE_FORMATS:
+        raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
+    if response_format == "png" and n > 1:
+        raise InvalidArgument(f"a PNG response holds one image: ask n=1, or response_format b64_json for {n}")
+    return GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative,
+        steps=steps,
+        guidance=float(guidance),
+        scheduler=scheduler,
+        # seed, seed + 1, ... as `sdruntime generate --seed S -n N` numbers them
+        seeds=tuple(range(start, start + n)),
+        width=width,
+        height=height,
+        response_format=response_format,
+    )
+
+
+@dataclass
+class DrawnImage:
+    png: bytes  # a PNG file with the `parameters` text chunk `sdruntime generate` writes
+    seed: int
+    parameters: str
+    batch_images: int  # how many images shared its U-Net batch
+
+
+@dataclass
+class DrawResult:
+    """A request's answer from a replica: its images, or the one-line reason it has none."""
+
+    images: list[DrawnImage] = field(default_factory=list)
+    error: str | None = None
+    user_error: bool = False  # the request's fault (HTTP 400), not the server's (500)
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG `sdruntime generate -o x.png` writes (image.save_image), as bytes."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def draw_batch(pipe, requests: Sequence[GenerationRequest], max_images: int) -> list[DrawResult]:
+    """Draw every request's images, one pipeline call per group of requests with the same batch key and at
+    most `max_images` images, each image with its own prompt and seed.
+
+    A list of seeds gives each image its own generator (pipeline.py), so an image comes out of a batch as it
+    would alone with its seed, and its `parameters` text says just what a single run's would.
+    """
+    results = [DrawResult() for _ in requests]
+    groups: dict[tuple, list[tuple[int, int]]] = {}  # key -> (request index, seed)
+    for index, request in enumerate(requests):
+        groups.setdefault(request.batch_key, []).extend((index, seed) for seed in request.seeds)
+    for items in groups.values():
+        for start in range(0, len(items), max_images):
+            chunk = items[start : start + max_images]
+            first = requests[chunk[0][0]]
+            try:
+                drawn = pipe(
+                    [requests[i].prompt for i, _ in chunk],
+                    negative_prompt=None
+                    if first.negative_prompt is None
+                    else [requests[i].negative_prompt for i, _ in chunk],
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
+                    scheduler=first.scheduler,
+                    seed=[seed for _, seed in chunk],
+                    height=first.height,
+                    width=first.width,
+                )
+            except UserError as e:
+                for i, _ in chunk:
+                    results[i].error, results[i].user_error = str(e), True
+                continue
+            except Exception as e:  # noqa: BLE001 - a fault in one group must not cost the other groups their images
+                for i, _ in chunk:
+                    results[i].error = f"drawing failed: {type(e).__name__}: {e}"
+                continue
+            for (i, seed), image, text in zip(chunk, drawn.images, drawn.parameters):
+                results[i].images.append(DrawnImage(png_bytes(image, text), seed, text, len(chunk)))
+    for result in results:
+        if result.error:
+            result.images.clear()  # a request is answered whole or not at all
+    return results

@@ -1,0 +1,158 @@
+"""Load test for `sdruntime serve`: N clients post generations for a bounded time and count, then report
+throughput, latency percentiles and every request that did not come back with an image.
+
+    python scripts/load_test.py --url http://127.0.0.1:8000 --concurrency 20 --duration 60
+
+Bounded on purpose: it stops at --duration seconds or --max-requests requests, whichever comes first, each
+request gives up after --request-timeout, and it talks to this machine only (localhost), so it cannot be
+turned on someone else's server. Standard library only, so it runs anywhere the runtime does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# prompts the shapes model was trained on (scripts/make_shapes_dataset.py's captions)
+PROMPTS = (
+    "a red circle on a blue background, center",
+    "a green star on a yellow background, top left",
+    "a blue square on a white background, bottom right",
+    "a yellow triangle on a black background, center",
+)
+
+
+@dataclass
+class Outcome:
+    started: float  # seconds since the run began
+    latency: float
+    status: str  # "ok", an HTTP status such as "503", "timeout" or "connection"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile (q in 0-100) of values; NaN for none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def check_local(url: str) -> str:
+    """The generations endpoint of a local server; anything else raises ValueError."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in LOCAL_HOSTS:
+        raise ValueError(f"{url}: the load test talks to this machine only (http://localhost:PORT)")
+    return f"{url.rstrip('/')}/v1/images/generations"
+
+
+def post(endpoint: str, body: dict, timeout: float) -> str:
+    """One request's status: "ok" for a PNG, else the HTTP status or how it failed."""
+    request = urllib.request.Request(endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return "ok" if response.read().startswith(PNG_SIGNATURE) else "not a png"
+    except urllib.error.HTTPError as e:
+        e.read()
+        return str(e.code)
+    except TimeoutError:
+        return "timeout"
+    except (urllib.error.URLError, ConnectionError, OSError) as e:
+        return "timeout" if "timed out" in str(e) else "connection"
+
+
+def run(
+    url: str,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    request_timeout: float,
+    steps: int | None = None,
+    size: str | None = None,
+) -> dict:
+    """Drive `concurrency` clients until `duration` seconds or `max_requests` requests; the report as a dict."""
+    endpoint = check_local(url)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    issued = 0
+    begin = time.monotonic()
+
+    def client() -> None:
+        nonlocal issued
+        while time.monotonic() - begin < duration:
+            with lock:
+                if issued >= max_requests:
+                    return
+                number = issued
+                issued += 1
+            body = {"prompt": PROMPTS[number % len(PROMPTS)], "seed": number}
+            body.update({k: v for k, v in (("steps", steps), ("size", size)) if v is not None})
+            started = time.monotonic()
+            status = post(endpoint, body, request_timeout)
+            with lock:
+                outcomes.append(Outcome(started - begin, time.monotonic() - started, status))
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.monotonic() - begin
+    ok = [o.latency for o in outcomes if o.status == "ok"]
+    return {
+        "concurrency": concurrency,
+        "requests": len(outcomes),
+        "ok": len(ok),
+        "errors": dict(Counter(o.status for o in outcomes if o.status != "ok")),
+        # no answer at all, as against an HTTP error the server chose to send
+        "lost": sum(o.status in ("timeout", "connection") for o in outcomes),
+        "wall_s": round(wall, 2),
+        "images_per_s": round(len(ok) / wall, 3) if wall else 0.0,
+        "latency_s": {f"p{q}": round(percentile(ok, q), 3) for q in (50, 95, 99)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="The server (localhost only).")
+    parser.add_argument("--concurrency", type=int, default=20, help="Clients, each one request at a time.")
+    parser.add_argument("--duration", type=float, default=60.0, help="Seconds before no new request starts.")
+    parser.add_argument("--max-requests", type=int, default=10_000, help="Requests in all, at most.")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="Seconds one request may take.")
+    parser.add_argument("--steps", type=int, help="Steps per image (default: the server's).")
+    parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's).")
+    parser.add_argument("--json", dest="json_path", help="Also write the report here.")
+    args = parser.parse_args(argv)
+    if not (1 <= args.concurrency <= 256 and args.duration > 0 and args.max_requests >= 1):
+        parser.error("--concurrency 1-256, a positive --duration and --max-requests are needed")
+    try:
+        report = run(
+            args.url, args.concurrency, args.duration, args.max_requests, args.request_timeout, args.steps, args.size
+        )
+    except ValueError as e:
+        print(f"load_test: error: {e}", file=sys.stderr)
+        return 2
+    latency = report["latency_s"]
+    print(
+        f"{report['concurrency']} clients, {report['wall_s']} s: {report['requests']} requests, {report['ok']} images, "
+        f"{report['images_per_s']} images/s; latency p50 {latency['p50']} s, p95 {latency['p95']} s, "
+        f"p99 {latency['p99']} s; errors {report['errors'] or 'none'}, lost {report['lost']}"
+    )
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0 if not report["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
