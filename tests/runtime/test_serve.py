@@ -1,0 +1,329 @@
+"""`sdruntime serve` (sdruntime/serve.py, sdruntime/serving.py): request checks, batches that draw what single
+runs draw, and a real server on a local Ray (started by the command itself) answered over HTTP: pixels equal to
+`sdruntime generate`, 400s, a full queue, a replica killed mid-request."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+from sdruntime.cli import main as sdruntime_main
+from sdruntime.errors import InvalidArgument
+from sdruntime.manifest import read_manifest
+from sdruntime.pipeline import StableDiffusionPipeline
+from sdruntime.serving import ModelFacts, draw_batch, model_facts, parse_request
+
+PROMPT = "a red circle on a blue background, center"
+GENERATOR_TITLE = "ServeReplica:sdexport:ImageGenerator"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe32(tiny32):
+    return StableDiffusionPipeline.load(tiny32)
+
+
+@pytest.fixture(scope="module")
+def facts(tiny_pipe32) -> ModelFacts:
+    return model_facts(tiny_pipe32)
+
+
+# -- requests -----------------------------------------------------------------------------------------
+
+
+def test_request_defaults_and_seeds_follow_the_cli(facts):
+    request = parse_request({"prompt": PROMPT, "seed": 7, "n": 3}, facts)
+    assert request.seeds == (7, 8, 9)  # as `sdruntime generate --seed 7 -n 3` numbers them
+    assert (request.width, request.height) == facts.default_size
+    assert request.steps == 25 and request.guidance == 7.5 and request.scheduler == facts.default_scheduler
+    assert request.response_format == "b64_json" and request.negative_prompt is None
+    m = facts.size_multiple
+    single = parse_request({"prompt": PROMPT, "size": f"{2 * m}x{3 * m}"}, facts)
+    assert single.response_format == "png" and (single.width, single.height) == (2 * m, 3 * m)
+    assert 0 <= single.seeds[0] < 2**32  # drawn by the server, so the answer can name it
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"prompt": ""}, "'prompt' must be a non-empty string"),
+        ({"prompt": PROMPT, "guidance_scale": 3}, "unknown field 'guidance_scale'"),
+        ({"prompt": PROMPT, "steps": 0}, "'steps' must be an integer from 1 to 150, got 0"),
+        ({"prompt": PROMPT, "steps": True}, "'steps' must be an integer"),
+        ({"prompt": PROMPT, "size": "20x16"}, "'size' 20x16 must be multiples of 16"),  # tiny-sd's multiple
+        ({"prompt": PROMPT, "size": "big"}, "'size' must be 'WIDTHxHEIGHT'"),
+        ({"prompt": PROMPT, "scheduler": "heun"}, "unknown scheduler 'heun'"),
+        ({"prompt": PROMPT, "seed": 2**32}, "'seed' must be an integer from 0 to 4294967295"),
+        ({"prompt": PROMPT, "n": 2, "response_format": "png"}, "a PNG response holds one image"),
+        ([PROMPT], "the body must be a JSON object"),
+    ],
+)
+def test_bad_requests_are_refused_in_one_line(facts, body, message):
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        parse_request(body, facts)
+    assert "\n" not in str(caught.value)
+
+
+# -- batches -----------------------------------------------------------------------------------------
+
+
+def test_a_batch_draws_what_single_runs_draw(tiny_pipe32, facts):
+    bodies = [
+        {"prompt": PROMPT, "seed": 3, "steps": 4},
+        {"prompt": "a green star", "seed": 11, "steps": 4, "n": 2},
+        {"prompt": "a blue square", "seed": 5, "steps": 4, "scheduler": "euler"},  # another schedule: alone
+        {"prompt": "a white triangle", "seed": 9, "steps": 4, "negative_prompt": "blurry"},  # negatives: alone
+    ]
+    requests = [parse_request(b, facts) for b in bodies]
+    results = draw_batch(tiny_pipe32, requests, max_images=4)
+    assert [[i.batch_images for i in r.images] for r in results] == [[3], [3, 3], [1], [1]]
+    for request, result in zip(requests, results):
+        assert result.error is None and [i.seed for i in result.images] == list(request.seeds)
+        for image in result.images:
+            alone = tiny_pipe32(
+                request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
+                scheduler=request.scheduler,
+                seed=image.seed,
+            )
+            drawn = Image.open(io.BytesIO(image.png))
+            assert np.array_equal(np.asarray(drawn), np.asarray(alone.images[0]))
+            assert drawn.text["parameters"] == alone.parameters[0] == image.parameters
+
+
+def test_batches_are_cut_at_max_images_and_a_bad_group_fails_alone(tiny_pipe32, facts):
+    requests = [parse_request({"prompt": PROMPT, "seed": s, "steps": 2, "n": 2}, facts) for s in (0, 10)]
+    results = draw_batch(tiny_pipe32, requests, max_images=3)
+    assert [[i.batch_images for i in r.images] for r in results] == [[3, 3], [3, 1]]
+    # a request parse_request would refuse, to see the pipeline's own refusal reach only its group
+    broken = parse_request({"prompt": PROMPT, "seed": 1, "steps": 2}, facts)
+    broken = dataclasses.replace(broken, width=12)
+    results = draw_batch(tiny_pipe32, [broken, requests[0]], max_images=8)
+    assert results[0].user_error and f"width 12 is not a positive multiple of {facts.size_multiple}" in results[0].error
+    assert not results[0].images and results[1].error is None and len(results[1].images) == 2
+
+
+# -- the runtime without Ray -------------------------------------------------------------------------
+
+
+def test_runtime_imports_no_ray_unless_serving(tiny32):
+    script = (
+        "import sys\n"
+        "from sdruntime.cli import main\n"
+        "from sdruntime import StableDiffusionPipeline\n"
+        "StableDiffusionPipeline.load(sys.argv[1])('a red circle', num_inference_steps=1, seed=0)\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'fastapi', 'starlette'))\n"
+        "assert not loaded, loaded\n"
+        "sys.modules['ray'] = None  # as if Ray were not installed\n"
+        "sys.exit(main(['serve', sys.argv[1]]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tiny32)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        'sdruntime: error: serving needs Ray Serve (ray is missing): pip install "sdexport-runtime[serve]"'
+    )
+
+
+# -- a server on a local Ray -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`sdruntime serve` in a subprocess; every process it starts is stopped with it."""
+
+    def __init__(self, folder: Path, log: Path, *options: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [sys.executable, "-m", "sdruntime.cli", "serve", str(folder), "--port", str(self.port), *options]
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_healthy(self, limit_s: float = 120.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if request(self.url + "/health", timeout=5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"not healthy in {limit_s} s: {self.log.read_text()[-3000:]}")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def generator_pids(self) -> list[int]:
+        """The ImageGenerator replicas' processes (Ray titles each worker with its actor)."""
+        pids = []
+        for child in self.descendants():
+            try:
+                if GENERATOR_TITLE in " ".join(child.cmdline()):
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
+    def stop(self) -> None:
+        children = self.descendants()
+        self.process.send_signal(signal.SIGINT)  # Ctrl-C: the command shuts Serve and its Ray down
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        for child in children:  # whatever did not go with it
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def request(url: str, body: dict | bytes | None = None, timeout: float = 120) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of a GET, or of a POST when there is a body."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@pytest.fixture(scope="module")
+def server(tiny32, tmp_path_factory):
+    # a small queue, so that a burst fills it; batches of up to 4 images
+    running = Server(
+        tiny32,
+        tmp_path_factory.mktemp("serve") / "serve.log",
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "2",
+        "--timeout",
+        "60",
+    )
+    try:
+        running.wait_healthy()
+        yield running
+    finally:
+        running.stop()
+
+
+def generate(server: Server, body: dict) -> tuple[int, dict, bytes]:
+    return request(server.url + "/v1/images/generations", body)
+
+
+def test_http_draws_the_pixels_and_metadata_of_sdruntime_generate(server, tiny32, tmp_path):
+    status, headers, png = generate(server, {"prompt": PROMPT, "seed": 42, "steps": 6, "scheduler": "euler-a"})
+    assert status == 200 and headers["content-type"] == "image/png" and headers["x-seed"] == "42"
+    out = tmp_path / "cli.png"
+    code = sdruntime_main(
+        ["generate", str(tiny32), PROMPT, "--seed", "42", "--steps", "6", "--scheduler", "euler-a", "-o", str(out)]
+    )
+    assert code == 0
+    served, local = Image.open(io.BytesIO(png)), Image.open(out)
+    assert np.array_equal(np.asarray(served), np.asarray(local))
+    assert served.text["parameters"] == local.text["parameters"]
+
+
+def test_concurrent_requests_share_a_unet_batch_and_keep_their_pixels(server):
+    bodies = [{"prompt": p, "seed": s, "steps": 20} for s, p in enumerate(["a red circle", "a green star"] * 3)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: generate(server, b), bodies))
+    assert [status for status, _, _ in together] == [200] * len(bodies)
+    assert max(int(headers["x-batch-images"]) for _, headers, _ in together) > 1
+    for body, (_, _, png) in zip(bodies, together):
+        status, headers, alone = generate(server, body)
+        assert status == 200 and headers["x-batch-images"] == "1"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(alone))))
+
+
+def test_b64_json_answers_several_images_with_their_seeds(server):
+    status, _, body = generate(server, {"prompt": PROMPT, "seed": 5, "steps": 2, "n": 2})
+    data = json.loads(body)["data"]
+    assert status == 200 and [d["seed"] for d in data] == [5, 6]
+    for d in data:
+        image = Image.open(io.BytesIO(base64.b64decode(d["b64_json"])))
+        assert image.text["parameters"] == d["parameters"] and f"Seed: {d['seed']}," in d["parameters"]
+
+
+def test_bad_requests_get_400_with_one_message(server):
+    status, headers, body = generate(server, {"prompt": PROMPT, "steps": 0})
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert json.loads(body)["error"]["message"] == "'steps' must be an integer from 1 to 150, got 0"
+    status, _, body = request(server.url + "/v1/images/generations", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("the body is not JSON")
+
+
+def test_models_and_health_report_the_manifest(server, tiny32):
+    status, _, body = request(server.url + "/v1/models")
+    card = json.loads(body)["data"][0]
+    manifest = read_manifest(tiny32)
+    assert status == 200 and card["id"] == tiny32.name and card["family"] == manifest.pipeline.family
+    assert card["size_multiple"] == manifest.size_multiple and card["dtype"] == manifest.dtype
+    status, _, body = request(server.url + "/health")
+    assert status == 200 and json.loads(body) == {"status": "ok", "replicas": {"running": 1}}
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(server):
+    # one replica holds 2 batches of 4; 2 more may wait; the rest of a burst of 24 is turned away
+    body = {"prompt": PROMPT, "steps": 30, "size": "128x128"}
+    started = time.monotonic()
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: generate(server, body), range(24)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) == {200, 503} and statuses.count(200) <= 10, statuses
+    for status, headers, payload in answers:
+        if status == 503:
+            assert int(headers["retry-after"]) >= 1
+            assert json.loads(payload)["error"]["message"] == "the queue is full: retry later"
+    assert time.monotonic() - started < 60
+
+
+def test_a_replica_killed_mid_request_fails_it_cleanly_and_is_replaced(server):
+    [victim] = server.generator_pids()
+    before = psutil.Process(victim).cpu_times().user
+    answer: list = []
+    worker = threading.Thread(
+        target=lambda: answer.append(generate(server, {"prompt": PROMPT, "steps": 150, "size": "256x256", "n": 4}))
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while psutil.Process(victim).cpu_times().user - before < 0.5:  # drawing, not waiting
+        assert time.monotonic() < deadline, "the replica never started drawing"
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    worker.join(60)
+    assert answer, "the request in flight got no answer"
+    status, headers, body = answer[0]
+    assert status == 503 and int(headers["retry-after"]) >= 1
+    assert json.loads(body)["error"]["message"].startswith("the replica drawing this request stopped")
+    server.wait_healthy()
+    assert server.generator_pids() != [victim]
+    assert generate(server, {"prompt": PROMPT, "seed": 1, "steps": 2})[0] == 200
