@@ -1,0 +1,75 @@
+"""scripts/load_test.py against a stand-in server: counts, errors, limits, and localhost only."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import load_test  # noqa: E402
+
+
+class StandIn(BaseHTTPRequestHandler):
+    """Answers a PNG signature, or 503 for every seed divisible by 3, after `delay` seconds."""
+
+    delay = 0.0
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(self.delay)
+        status, payload = (503, b"{}") if body["seed"] % 3 == 0 else (200, load_test.PNG_SIGNATURE + b"rest")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    StandIn.delay = 0.0
+
+
+def test_counts_images_errors_and_latencies(stand_in, tmp_path):
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    report = load_test.run(url, concurrency=3, duration=30, max_requests=9, request_timeout=5)
+    # seeds 0-8: 0, 3, 6 get 503
+    assert report["requests"] == 9 and report["ok"] == 6 and report["errors"] == {"503": 3} and report["lost"] == 0
+    assert 0 <= report["latency_s"]["p50"] <= report["latency_s"]["p95"] <= report["latency_s"]["p99"] < 5
+    out = tmp_path / "report.json"
+    assert load_test.main(["--url", url, "--concurrency", "2", "--max-requests", "4", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["errors"] == {"503": 2}
+
+
+def test_stops_at_the_time_limit_and_counts_timeouts_as_lost(stand_in):
+    StandIn.delay = 0.4
+    url = f"http://127.0.0.1:{stand_in.server_address[1]}"
+    started = time.monotonic()
+    report = load_test.run(url, concurrency=2, duration=0.5, max_requests=1000, request_timeout=0.2)
+    assert time.monotonic() - started < 2 and 0 < report["requests"] <= 6
+    assert report["ok"] == 0 and report["lost"] == report["requests"] == report["errors"]["timeout"]
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert [load_test.percentile(values, q) for q in (50, 95, 99)] == [50.0, 95.0, 99.0]
+    assert load_test.percentile([3.0], 99) == 3.0
+
+
+@pytest.mark.parametrize("url", ["http://example.com:8000", "https://127.0.0.1:8000", "http://10.0.0.5:8000"])
+def test_refuses_other_machines(url, capsys):
+    assert load_test.main(["--url", url, "--max-requests", "1"]) == 2
+    assert "talks to this machine only" in capsys.readouterr().err
