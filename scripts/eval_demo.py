@@ -1,17 +1,22 @@
 """Score the `shapes` demo on held-out captions with a simple, deterministic judge.
 
     mkdir -p out && sdexport convert shapes -o out/shapes
-    python scripts/eval_demo.py out/shapes -n 140                         # ONNX export + torch-free runtime
-    python scripts/eval_demo.py out/shapes -n 140 --torch models/shapes --psnr 20   # and PSNR vs diffusers
+    python scripts/eval_demo.py out/shapes                                # ONNX export + torch-free runtime
+    python scripts/eval_demo.py out/shapes --torch models/shapes --psnr 20   # and PSNR vs diffusers
     python scripts/eval_demo.py --ground-truth                            # the judge on rendered images
 
-Prompts are the held-out (colour, shape, background) triples of `make_shapes_dataset.py` at every
-position ("a red star on a green background, top left"); image i uses seed i, 25 steps, guidance
-7.5 and the exported scheduler. The judge, per image: background = the palette colour most of the
-border pixels are nearest to; foreground = the palette colour nearest to the pixels furthest from
-the background; shape = the circle/square/triangle/star template (every size 10-24 px at every
-centre) with the best IoU against the foreground mask; position = the template centre's nearest
-caption position.
+Prompts are `make_shapes_dataset.eval_prompts()`: the 28 held-out (colour, shape, background)
+triples at every position ("a red star on a green background, top left"), then each triple without
+a position phrase ("a red star on a green background", where any position is right); 168 in all.
+Image i uses seed i, 25 steps, guidance 7.5 and the exported scheduler. The judge, per image:
+background = the palette colour most of the border pixels are nearest to; foreground = the palette
+colour nearest to the pixels furthest from the background; shape = the circle/square/triangle/star
+template (every size 10-24 px at every centre) with the best IoU against the foreground mask;
+position = the template centre's nearest caption position (none when no shape is found).
+
+It prints and writes (to --out) colour, background, shape and position accuracy overall, per
+prompt form and per held-out triple (results.json), every verdict (judged.json), the images
+(runtime.png) and a contact sheet of 40 prompts with their verdicts (contact_sheet.png).
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_shapes_dataset as shapes  # noqa: E402
@@ -88,7 +94,9 @@ class Judge:
     def __call__(self, image: np.ndarray) -> dict:
         background, foreground, mask = self.colours(np.asarray(image)[..., :3])
         shape, iou, (cx, cy) = self.shape(mask)
-        position = min(shapes.POSITIONS, key=lambda p: math.dist(shapes.POSITIONS[p], (cx, cy)))
+        position = None
+        if shape is not None:
+            position = min(shapes.POSITIONS, key=lambda p: math.dist(shapes.POSITIONS[p], (cx, cy)))
         return {
             "background": background,
             "colour": foreground,
@@ -98,11 +106,42 @@ class Judge:
         }
 
 
+ASPECTS = ("colour", "background", "shape", "position")
+
+
+def verdicts(judged: dict, truth: dict) -> dict[str, bool]:
+    """Right or wrong for each aspect; a prompt without a position (None) takes any position."""
+    right = {k: judged[k] == truth[k] for k in ASPECTS}
+    right["position"] = truth["position"] is None or judged["position"] == truth["position"]
+    return right
+
+
 def score(judged: list[dict], truth: list[dict]) -> dict:
-    keys = ("colour", "background", "shape", "position")
-    result = {k: float(np.mean([j[k] == t[k] for j, t in zip(judged, truth)])) for k in keys}
-    result["all three"] = float(np.mean([all(j[k] == t[k] for k in keys[:3]) for j, t in zip(judged, truth)]))
+    """Fraction right per aspect, of colour+background+shape ("all three") and of all four."""
+    rights = [verdicts(j, t) for j, t in zip(judged, truth)]
+    result = {k: float(np.mean([r[k] for r in rights])) for k in ASPECTS}
+    result["all three"] = float(np.mean([all(r[k] for k in ASPECTS[:3]) for r in rights]))
+    result["all four"] = float(np.mean([all(r.values()) for r in rights]))
     return result
+
+
+def triple_name(item: dict) -> str:
+    return f"{item['colour']} {item['shape']} on {item['background']}"
+
+
+def score_by(judged: list[dict], truth: list[dict], key: Callable[[dict], str]) -> dict[str, dict]:
+    """`score` of each group of images that `key(truth item)` names, with its count "n"."""
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(truth):
+        groups.setdefault(key(t), []).append(i)
+    return {
+        name: {**score([judged[i] for i in idx], [truth[i] for i in idx]), "n": len(idx)}
+        for name, idx in groups.items()
+    }
+
+
+def prompt_form(item: dict) -> str:
+    return "without position" if item["position"] is None else "with position"
 
 
 def ground_truth_items(variants: int = 2, seed: int = 0) -> tuple[list[np.ndarray], list[dict]]:
@@ -159,10 +198,71 @@ def report(name: str, result: dict, n: int) -> None:
     print(f"{name} ({n} images): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items()), flush=True)
 
 
+def report_table(title: str, rows: dict[str, dict]) -> None:
+    """One line per group: its count and the four accuracies in percent."""
+    width = max(len(title), *(len(name) for name in rows))
+    print(f"{title:<{width}}    n  colour  background  shape  position  all four")
+    for name, r in rows.items():
+        print(
+            f"{name:<{width}} {r['n']:>4} {100 * r['colour']:>6.1f}% {100 * r['background']:>10.1f}% "
+            f"{100 * r['shape']:>5.1f}% {100 * r['position']:>8.1f}% {100 * r['all four']:>8.1f}%",
+            flush=True,
+        )
+
+
+# The contact sheet: each held-out triple k (0-27) at position k mod 5, then 12 triples spread over
+# the 28 (k = 7i // 3) without a position: 40 prompts, every triple and both prompt forms.
+SHEET_COLUMNS, SHEET_SCALE, SHEET_PAD, SHEET_LINE, SHEET_HEADER = 8, 4, 8, 12, 20
+SHEET_CELL = (
+    shapes.SIZE * SHEET_SCALE + 2 * SHEET_PAD + 16,
+    shapes.SIZE * SHEET_SCALE + 2 * SHEET_PAD + 6 * SHEET_LINE,
+)
+RIGHT_INK, WRONG_INK = (0, 120, 0), (200, 0, 0)
+
+
+def contact_sheet_indices() -> list[int]:
+    """Indices into `eval_prompts()` of the 40 prompts on the contact sheet."""
+    triples = len(shapes.held_out_triples())
+    positions = len(shapes.POSITIONS)
+    placed = [k * positions + k % positions for k in range(triples)]
+    unplaced = [triples * positions + 7 * i // 3 for i in range(12)]
+    return placed + unplaced
+
+
+def contact_sheet_size(cells: int) -> tuple[int, int]:
+    rows = math.ceil(cells / SHEET_COLUMNS)
+    return SHEET_COLUMNS * SHEET_CELL[0], SHEET_HEADER + rows * SHEET_CELL[1]
+
+
+def save_contact_sheet(
+    images: list[np.ndarray], judged: list[dict], truth: list[dict], seeds: list[int], path: Path, title: str
+) -> None:
+    """A white sheet of upscaled images, each under its seed and short prompt, with one line per
+    aspect: "+" and green when the judge found it right, "x" and red when wrong, and what it saw."""
+    sheet = Image.new("RGB", contact_sheet_size(len(images)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    draw.text((SHEET_PAD, 4), f"{title}   + right, x wrong (what the judge saw)", fill="black", font=font)
+    side = shapes.SIZE * SHEET_SCALE
+    labels = {"colour": "colour", "background": "bg", "shape": "shape", "position": "pos"}
+    for i, (image, j, t, seed) in enumerate(zip(images, judged, truth, seeds)):
+        row, column = divmod(i, SHEET_COLUMNS)
+        x, y = column * SHEET_CELL[0] + SHEET_PAD, SHEET_HEADER + row * SHEET_CELL[1]
+        big = Image.fromarray(np.asarray(image)[..., :3]).resize((side, side), Image.NEAREST)
+        sheet.paste(big, (x, y))
+        where = t["position"] or "any position"
+        lines = [(f"#{seed} {t['colour']} {t['shape']}", "black"), (f"on {t['background']}, {where}", "black")]
+        for k, right in verdicts(j, t).items():
+            lines.append((f"{'+' if right else 'x'} {labels[k]} {j[k] or 'none'}", RIGHT_INK if right else WRONG_INK))
+        for n, (text, ink) in enumerate(lines):
+            draw.text((x, y + side + 2 + n * SHEET_LINE), text, fill=ink, font=font)
+    sheet.save(path, optimize=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("export", type=Path, nargs="?", help="an `sdexport convert` output folder")
-    parser.add_argument("-n", type=int, default=140, help="held-out prompts (seeds 0..n-1), at most 140")
+    parser.add_argument("-n", type=int, help="only the first n held-out prompts (seeds 0..n-1); default all 168")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--torch", type=Path, help="the diffusers folder, to compare with PyTorch")
@@ -188,12 +288,33 @@ def main() -> None:
         seconds = time.time() - t0
         judged = [judge(im) for im in images]
         results["runtime"] = score(judged, items)
+        results["runtime_by_form"] = score_by(judged, items, prompt_form)
+        results["runtime_by_triple"] = score_by(judged, items, triple_name)
         results["runtime_seconds"] = round(seconds, 1)
+        results["settings"] = {"prompts": len(items), "steps": args.steps, "guidance": args.guidance, "seeds": "i"}
         report(f"runtime, {args.steps} steps, guidance {args.guidance}", results["runtime"], len(images))
+        report_table("prompt form", results["runtime_by_form"])
+        report_table("held-out triple", results["runtime_by_triple"])
         save_grid(images, args.out / "runtime.png")
         (args.out / "judged.json").write_text(
-            json.dumps([{"prompt": p, "seed": i, **j} for i, (p, j) in enumerate(zip(prompts, judged))], indent=1)
+            json.dumps(
+                [
+                    {"prompt": p, "seed": i, **j, "right": verdicts(j, t)}
+                    for i, (p, j, t) in enumerate(zip(prompts, judged, items))
+                ],
+                indent=1,
+            )
         )
+        shown = [i for i in contact_sheet_indices() if i < len(items)]
+        save_contact_sheet(
+            [images[i] for i in shown],
+            [judged[i] for i in shown],
+            [items[i] for i in shown],
+            shown,
+            args.out / "contact_sheet.png",
+            f"shapes, held-out prompts: {args.steps} steps, guidance {args.guidance}, seed = prompt number",
+        )
+        print(f"contact sheet of {len(shown)} prompts -> {args.out / 'contact_sheet.png'}", flush=True)
         if args.torch:
             k = min(args.psnr, len(prompts))
             reference = generate_torch(args.torch, prompts[:k], args.steps, args.guidance)

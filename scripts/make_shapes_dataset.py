@@ -4,9 +4,12 @@
 
 Each 32x32 image holds one shape (circle, square, triangle, star) of one palette colour on a
 background of another palette colour, at one of five positions, with a jittered size (40-60% of
-the side) and offset, captioned "a red circle on a blue background, top left". Some
-colour/shape/background triples are held out of training for evaluation (`held_out_triples`);
-every colour, shape, background and colour pair still appears in training with other partners.
+the side) and offset, captioned "a red circle on a blue background, top left". Every training
+caption names its position. Some colour/shape/background triples are held out of training for
+evaluation (`held_out_triples`); every colour, shape, background and colour pair still appears in
+training with other partners. The evaluation prompts (`eval_prompts`) also ask for each held-out
+triple without a position ("a red circle on a blue background"), a form the training captions
+never use, where any position is right.
 Rendering is supersampled 4x and box-filtered, so edges are antialiased and the result is
 deterministic. `eval_demo.py` imports this module for the palette and the shape renderer.
 """
@@ -49,8 +52,10 @@ JITTER = 1  # +-pixels of random offset around the position's centre
 HOLDOUT_SEED = 1234
 
 
-def caption(colour: str, shape: str, background: str, position: str) -> str:
-    return f"a {colour} {shape} on a {background} background, {position}"
+def caption(colour: str, shape: str, background: str, position: str | None) -> str:
+    """The caption; position None leaves the position phrase out (evaluation prompts only)."""
+    text = f"a {colour} {shape} on a {background} background"
+    return text if position is None else f"{text}, {position}"
 
 
 def shape_polygon(shape: str, cx: float, cy: float, size: float) -> list[tuple[float, float]] | None:
@@ -112,11 +117,15 @@ def held_out_triples() -> list[tuple[str, str, str]]:
 
 
 def eval_prompts() -> list[dict]:
-    """Every held-out triple at every position: 28 * 5 = 140 prompts with their ground truth."""
+    """168 held-out prompts with their ground truth: every held-out triple at every position
+    (28 * 5 = 140), then every held-out triple without a position phrase (28, position None: any
+    position is right). The placed prompts come first, so prompt i keeps seed i whatever follows."""
+    triples = held_out_triples()
+    placed = [(c, s, b, p) for c, s, b in triples for p in POSITIONS]
+    unplaced = [(c, s, b, None) for c, s, b in triples]
     return [
         {"colour": c, "shape": s, "background": b, "position": p, "prompt": caption(c, s, b, p)}
-        for c, s, b in held_out_triples()
-        for p in POSITIONS
+        for c, s, b, p in placed + unplaced
     ]
 
 

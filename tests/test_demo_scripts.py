@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import eval_demo  # noqa: E402
@@ -33,13 +34,24 @@ def test_held_out_triples_leave_every_part_in_training():
     assert shapes.held_out_triples() == shapes.held_out_triples()  # deterministic
 
 
-def test_eval_prompts_are_held_out_captions():
+def test_eval_prompts_are_held_out_captions_with_and_without_a_position():
     items = shapes.eval_prompts()
-    assert len(items) == 140 and len({i["prompt"] for i in items}) == 140
-    assert items[0]["prompt"] == shapes.caption(
-        items[0]["colour"], items[0]["shape"], items[0]["background"], items[0]["position"]
-    )
+    assert len(items) == 168 and len({i["prompt"] for i in items}) == 168
+    placed, unplaced = items[:140], items[140:]
+    assert all(i["position"] in shapes.POSITIONS for i in placed)
+    assert all(i["position"] is None and "," not in i["prompt"] for i in unplaced)
+    held = shapes.held_out_triples()
+    assert [(i["colour"], i["shape"], i["background"]) for i in unplaced] == held
+    assert {(i["colour"], i["shape"], i["background"]) for i in placed} == set(held)
+    for i in items:
+        assert i["prompt"] == shapes.caption(i["colour"], i["shape"], i["background"], i["position"])
     assert shapes.caption("red", "circle", "blue", "top left") == "a red circle on a blue background, top left"
+    assert shapes.caption("red", "star", "green", None) == "a red star on a green background"
+
+
+def test_training_captions_always_name_a_position():
+    _, records = shapes.make_split(shapes.all_triples()[:3], variants=1, seed=0)
+    assert all(r["caption"].endswith(", " + r["position"]) for r in records)
 
 
 def test_render_puts_the_shape_colour_on_the_background():
@@ -64,7 +76,14 @@ def test_build_writes_the_dataset(tmp_path):
 def test_judge_scores_the_ground_truth_perfectly(judge):
     images, truth = shapes.make_split(shapes.held_out_triples(), variants=2, seed=3)
     result = eval_demo.score([judge(im) for im in images], truth)
-    assert result == {"colour": 1.0, "background": 1.0, "shape": 1.0, "position": 1.0, "all three": 1.0}
+    assert result == {
+        "colour": 1.0,
+        "background": 1.0,
+        "shape": 1.0,
+        "position": 1.0,
+        "all three": 1.0,
+        "all four": 1.0,
+    }
 
 
 def test_judge_tolerates_noise(judge):
@@ -79,6 +98,100 @@ def test_judge_says_none_for_a_blank_picture(judge):
     blank = np.full((32, 32, 3), shapes.PALETTE["green"], np.uint8)
     verdict = judge(blank)
     assert verdict["background"] == "green" and verdict["colour"] is None and verdict["shape"] is None
+    assert verdict["position"] is None
+
+
+def rendered(item: dict, shape: str | None = None, position: str = "center") -> np.ndarray:
+    """The ground-truth picture of an eval item, optionally with another shape or position."""
+    cx, cy = shapes.POSITIONS[item["position"] or position]
+    return shapes.render(item["colour"], shape or item["shape"], item["background"], cx, cy, 16)
+
+
+def test_judge_scores_rendered_eval_prompts_and_any_position_without_one(judge):
+    items = shapes.eval_prompts()
+    unplaced = [i for i in items if i["position"] is None]
+    # without a position phrase, a shape anywhere is right
+    for position in shapes.POSITIONS:
+        judged = [judge(rendered(i, position=position)) for i in unplaced]
+        assert eval_demo.score(judged, unplaced)["all four"] == 1.0
+    # with one, the same picture in the wrong place is wrong on position only
+    placed = [i for i in items if i["position"] == "top left"]
+    judged = [judge(rendered({**i, "position": "bottom right"})) for i in placed]
+    result = eval_demo.score(judged, placed)
+    assert result["position"] == 0.0 and result["all three"] == 1.0 and result["all four"] == 0.0
+
+
+def test_no_shape_is_never_in_the_right_place(judge):
+    item = {"colour": "red", "shape": "star", "background": "green", "position": "center"}
+    blank = np.full((32, 32, 3), shapes.PALETTE["green"], np.uint8)
+    right = eval_demo.verdicts(judge(blank), item)
+    assert right == {"colour": False, "background": True, "shape": False, "position": False}
+    assert eval_demo.verdicts(judge(blank), {**item, "position": None})["position"]
+
+
+def fake_verdict(item: dict, **wrong) -> dict:
+    return {
+        "colour": item["colour"],
+        "background": item["background"],
+        "shape": item["shape"],
+        "position": item["position"] or "center",
+        **wrong,
+    }
+
+
+def test_scores_per_triple_and_per_prompt_form():
+    items = shapes.eval_prompts()
+    first = eval_demo.triple_name(items[0])
+    # the first triple gets the wrong shape at every position; everything else is right
+    judged = [
+        fake_verdict(i, shape="circle" if i["shape"] != "circle" else "star")
+        if eval_demo.triple_name(i) == first
+        else fake_verdict(i)
+        for i in items
+    ]
+    by_triple = eval_demo.score_by(judged, items, eval_demo.triple_name)
+    assert len(by_triple) == 28 and all(r["n"] == 6 for r in by_triple.values())
+    assert by_triple[first]["shape"] == 0.0 and by_triple[first]["colour"] == 1.0
+    assert by_triple[first]["position"] == 1.0 and by_triple[first]["all four"] == 0.0
+    assert all(r["all four"] == 1.0 for name, r in by_triple.items() if name != first)
+    assert eval_demo.score(judged, items)["shape"] == pytest.approx(27 / 28)
+    by_form = eval_demo.score_by(judged, items, eval_demo.prompt_form)
+    assert by_form["with position"]["n"] == 140 and by_form["without position"]["n"] == 28
+    assert by_form["without position"]["shape"] == pytest.approx(27 / 28)
+
+
+def test_contact_sheet_covers_every_triple_and_both_forms(tmp_path):
+    items = shapes.eval_prompts()
+    chosen = [items[i] for i in eval_demo.contact_sheet_indices()]
+    assert len(chosen) == 40 and len(set(eval_demo.contact_sheet_indices())) == 40
+    assert {eval_demo.triple_name(i) for i in chosen} == {eval_demo.triple_name(i) for i in items}
+    assert {eval_demo.prompt_form(i) for i in chosen} == {"with position", "without position"}
+    assert {i["position"] for i in chosen} == {*shapes.POSITIONS, None}
+    images = [rendered(i, position="top right") for i in chosen]
+    judged = [fake_verdict(i) for i in chosen]
+    judged[0] = fake_verdict(chosen[0], colour="purple")
+    path = tmp_path / "sheet.png"
+    eval_demo.save_contact_sheet(images, judged, chosen, eval_demo.contact_sheet_indices(), path, "test")
+    sheet = np.asarray(Image.open(path).convert("RGB"))
+    assert (sheet.shape[1], sheet.shape[0]) == eval_demo.contact_sheet_size(40) == (8 * 160, 20 + 5 * 216)
+    # each picture is scaled up 4x, pixel for pixel
+    x, y = eval_demo.SHEET_PAD, eval_demo.SHEET_HEADER
+    assert np.array_equal(sheet[y : y + 128 : 4, x : x + 128 : 4], images[0])
+    # one wrong verdict: red ink appears in the first cell only, green ink in every cell
+    cell_w, cell_h = eval_demo.SHEET_CELL
+
+    def has(ink, column, row):
+        """Whether the text under a cell's picture has pixels of this ink (antialiased: mostly it)."""
+        cell = sheet[y + row * cell_h + 128 : y + (row + 1) * cell_h, column * cell_w : (column + 1) * cell_w]
+        ink = np.array(ink, np.float32)
+        white = np.array([255, 255, 255], np.float32)
+        t = ((cell - white) @ (ink - white)) / ((ink - white) @ (ink - white))
+        near_line = np.linalg.norm(cell - (white + t[..., None] * (ink - white)), axis=-1) < 12
+        return bool((near_line & (t > 0.5)).any())
+
+    assert has(eval_demo.WRONG_INK, 0, 0) and not has(eval_demo.WRONG_INK, 1, 0)
+    assert all(has(eval_demo.RIGHT_INK, c, r) for c in range(8) for r in range(5))
+    assert not has(eval_demo.WRONG_INK, 7, 4)
 
 
 def test_psnr():
