@@ -421,6 +421,11 @@ def component_dtype(component: str, opts: ConvertOptions, facts: PipelineFacts) 
     return "fp16"
 
 
+def trace_order(wanted: Sequence[str]) -> list[str]:
+    """The order components are traced in: the U-Net, the largest, last."""
+    return sorted(wanted, key=lambda component: component == "unet")
+
+
 def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
     """Every requested component, traced first (the graphs are then finished without torch), and the manifest."""
 
@@ -444,14 +449,22 @@ def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
             f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
             "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16"
         )
-    if not (opts.validate or opts.auto_fp32_fallback):  # validation runs the whole pipeline in PyTorch
-        release_unused(pipe, wanted)
-    check = opts.check and checkable(opts.target)
-    traced = [trace_component(c, pipe, tmp, facts, static, opts.opset, check) for c in wanted]
+    lean = not (opts.validate or opts.auto_fp32_fallback)  # validation runs the whole pipeline in PyTorch
     if "text_encoder" in wanted:
         (tmp / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
         np.savez(tmp / FINAL_LAYER_NORM, **final_layer_norm(pipe))
-    if not (opts.validate or opts.auto_fp32_fallback):  # PyTorch's outputs are kept: ORT loads alone
+    if lean:
+        release_unused(pipe, wanted)
+    check = opts.check and checkable(opts.target)
+    traced = []
+    # the U-Net last, each module freed once its last component is traced: tracing an SDXL U-Net with
+    # the text encoders and VAE still held passed 16 GB
+    for i, component in enumerate(order := trace_order(wanted)):
+        traced.append(trace_component(component, pipe, tmp, facts, static, opts.opset, check))
+        if lean:
+            release_unused(pipe, order[i + 1 :])
+    traced.sort(key=lambda t: wanted.index(t.component))
+    if lean:  # PyTorch's outputs are kept: ORT loads alone
         release_weights(pipe)
     components = {}
     laid_out = False
