@@ -217,14 +217,14 @@ def request(url: str, body: dict | bytes | None = None, timeout: float = 120) ->
 
 @pytest.fixture(scope="module")
 def server(tiny32, tmp_path_factory):
-    # a small queue, so that a burst fills it; batches of up to 4 images
+    # a small queue, so that a burst fills it (8: room for the batching test's 6); batches of up to 4 images
     running = Server(
         tiny32,
         tmp_path_factory.mktemp("serve") / "serve.log",
         "--max-batch",
         "4",
         "--max-queue",
-        "2",
+        "8",
         "--timeout",
         "60",
     )
@@ -256,7 +256,7 @@ def test_concurrent_requests_share_a_unet_batch_and_keep_their_pixels(server):
     bodies = [{"prompt": p, "seed": s, "steps": 20} for s, p in enumerate(["a red circle", "a green star"] * 3)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda b: generate(server, b), bodies))
-    assert [status for status, _, _ in together] == [200] * len(bodies)
+    assert [status for status, _, _ in together] == [200] * len(bodies), [body for _, _, body in together]
     assert max(int(headers["x-batch-images"]) for _, headers, _ in together) > 1
     for body, (_, _, png) in zip(bodies, together):
         status, headers, alone = generate(server, body)
@@ -292,16 +292,21 @@ def test_models_and_health_report_the_manifest(server, tiny32):
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(server):
-    # one replica holds 2 batches of 4; 2 more may wait; the rest of a burst of 24 is turned away
-    body = {"prompt": PROMPT, "steps": 30, "size": "128x128"}
+    # one replica holds 2 batches of 4; 8 more may wait; the rest of a burst of 40 is turned away
+    body = {"prompt": PROMPT, "steps": 20, "size": "128x128"}
     started = time.monotonic()
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(lambda _: generate(server, body), range(24)))
-    statuses = sorted(status for status, _, _ in answers)
-    assert set(statuses) == {200, 503} and statuses.count(200) <= 10, statuses
-    for status, headers, payload in answers:
-        if status == 503:
-            assert int(headers["retry-after"]) >= 1
+
+    def timed(_) -> tuple[int, dict, bytes, float]:
+        sent = time.monotonic()
+        return (*generate(server, body), time.monotonic() - sent)
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(timed, range(40)))
+    statuses = sorted(status for status, _, _, _ in answers)
+    assert set(statuses) == {200, 503}, statuses
+    for status, headers, payload, seconds in answers:
+        if status == 503:  # refused at once, not after waiting its turn
+            assert int(headers["retry-after"]) >= 1 and seconds < 2
             assert json.loads(payload)["error"]["message"] == "the queue is full: retry later"
     assert time.monotonic() - started < 60
 
@@ -327,3 +332,16 @@ def test_a_replica_killed_mid_request_fails_it_cleanly_and_is_replaced(server):
     server.wait_healthy()
     assert server.generator_pids() != [victim]
     assert generate(server, {"prompt": PROMPT, "seed": 1, "steps": 2})[0] == 200
+
+
+@pytest.mark.slow  # a second server: 30-40 s
+def test_a_request_past_the_timeout_gets_504_at_its_limit(tiny32, tmp_path):
+    slow = Server(tiny32, tmp_path / "serve.log", "--timeout", "2")
+    try:
+        slow.wait_healthy()
+        started = time.monotonic()
+        status, _, body = generate(slow, {"prompt": PROMPT, "steps": 150, "size": "256x256"})  # about 10 s
+        assert status == 504 and 2 <= time.monotonic() - started < 10
+        assert json.loads(body)["error"]["message"] == "not drawn within the server's 2 s limit: retry later"
+    finally:
+        slow.stop()
