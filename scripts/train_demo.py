@@ -54,13 +54,40 @@ SD1_SCHEDULER = {
 }
 
 
-def vae_config() -> dict:
+def scheduler_config(beta_end: float = SD1_SCHEDULER["beta_end"]) -> dict:
+    """SD 1.x's PNDM config, with the end of the scaled-linear betas moved to `beta_end` (a larger one
+    leaves less of the image at the first sampling step)."""
+    return {**SD1_SCHEDULER, "beta_end": beta_end}
+
+
+def alphas_cumprod(beta_end: float = SD1_SCHEDULER["beta_end"]) -> torch.Tensor:
+    """The scaled-linear schedule's cumulative alphas, as PNDMScheduler(**scheduler_config(beta_end)) has them."""
+    betas = torch.linspace(SD1_SCHEDULER["beta_start"] ** 0.5, beta_end**0.5, 1000) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sample_noise(shape: tuple, gen: torch.Generator, offset: float) -> torch.Tensor:
+    """Gaussian noise plus `offset` times a per-sample, per-channel constant (offset noise): the model
+    then learns to move a latent's mean too, not only the details around it."""
+    noise = torch.randn(shape, generator=gen)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=gen)
+    return noise
+
+
+def unplaced(caption: str) -> str:
+    """The caption without its position phrase: "a red circle on a blue background"."""
+    return caption.rsplit(", ", 1)[0]
+
+
+def vae_config(widths: tuple[int, int, int] = (8, 16, 32)) -> dict:
+    """The 4x VAE: 32x32 RGB <-> 8x8x4 latents; wider levels draw sharper corners and points."""
     return {
         "in_channels": 3,
         "out_channels": 3,
         "latent_channels": 4,
         "sample_size": 32,
-        "block_out_channels": (8, 16, 32),
+        "block_out_channels": tuple(widths),
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "mid_block_add_attention": False,
@@ -86,6 +113,7 @@ def text_config(width: int, layers: int) -> dict:
 
 
 def unet_config(widths: tuple[int, int], layers: int, cross_dim: int, attn_top: bool) -> dict:
+    """attn_top adds self- and cross-attention at the 8x8 level too (default: only at 4x4 and the middle)."""
     top = "CrossAttnDownBlock2D" if attn_top else "DownBlock2D"
     return {
         "sample_size": 8,
@@ -134,7 +162,7 @@ def train_vae(args, images: torch.Tensor):
 
     ckpt = args.work / "vae.pt"
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL(**vae_config())
+    vae = AutoencoderKL(**vae_config(args.vae_widths))
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     start = 0
     state = {}
@@ -198,8 +226,21 @@ def train_vae(args, images: torch.Tensor):
     return vae.eval()
 
 
+def load_vae(folder: Path):
+    """The VAE of a saved pipeline, in fp32 and frozen: its latent space (and scaling factor) is reused."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32).eval()
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    return vae
+
+
 @torch.no_grad()
-def encode_latents(args, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+def encode_latents(
+    args, vae, images: torch.Tensor, scaling_factor: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Encode the training images once; the scaling factor is 1 / std of the sampled latents unless given."""
     cache = args.work / "latents.pt"
     if cache.is_file():
         state = torch.load(cache)
@@ -211,7 +252,7 @@ def encode_latents(args, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch
         logvars.append(dist.logvar)
     mean, logvar = torch.cat(means), torch.cat(logvars)
     sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=step_generator(args.seed, 0))
-    scaling_factor = float(1.0 / sample.std())
+    scaling_factor = scaling_factor or float(1.0 / sample.std())
     recon = torch.cat([vae.decode(m).sample for m in mean[:512].split(256)])
     psnr = 10 * math.log10(4.0 / F.mse_loss(recon.clamp(-1, 1), images[:512]).item())
     print(
@@ -376,15 +417,49 @@ def end_stage(
     return text_encoder.eval(), unet.eval()
 
 
+class Captions:
+    """Token ids of every training caption, of each caption without its position phrase, and of "".
+
+    `pick` chooses each sample's caption for a step: the empty one with probability `uncond_prob`
+    (for classifier-free guidance), else the caption without its position with probability
+    `unplaced_prob` (the image's position is then any position), else the full caption."""
+
+    def __init__(self, captions: list[str], uncond_prob: float, unplaced_prob: float = 0.0):
+        placed = sorted(set(captions))
+        unique = placed + sorted({unplaced(c) for c in placed}) + [""]
+        lookup = {c: i for i, c in enumerate(unique)}
+        self.ids = make_tokenizer()(
+            unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        self.placed = torch.tensor([lookup[c] for c in captions])
+        self.unplaced = torch.tensor([lookup[unplaced(c)] for c in captions])
+        self.empty = len(unique) - 1
+        self.uncond_prob, self.unplaced_prob = uncond_prob, unplaced_prob
+
+    def pick(self, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids [B, 77], keep [B]: whether the sample has a caption rather than the empty one)."""
+        keep = torch.rand(len(idx), generator=gen) >= self.uncond_prob
+        chosen = self.placed[idx]
+        if self.unplaced_prob:
+            drop = torch.rand(len(idx), generator=gen) < self.unplaced_prob
+            chosen = torch.where(drop, self.unplaced[idx], chosen)
+        return self.ids[torch.where(keep, chosen, torch.full_like(idx, self.empty))], keep
+
+
+def noisy_batch(args, mean, logvar, scaling_factor: float, acp: torch.Tensor, gen: torch.Generator):
+    """One step's batch: (indices, scaled latents, noise, timesteps, noisy latents)."""
+    idx = torch.randint(len(mean), (args.batch,), generator=gen)
+    z = mean[idx] + torch.exp(0.5 * logvar[idx]) * torch.randn(mean[idx].shape, generator=gen)
+    z = z * scaling_factor
+    noise = sample_noise(z.shape, gen, args.offset_noise)
+    t = torch.randint(0, 1000, (args.batch,), generator=gen)
+    a = acp[t].view(-1, 1, 1, 1)
+    return idx, z, noise, t, a.sqrt() * z + (1 - a).sqrt() * noise
+
+
 def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, captions: list[str]):
-    tokenizer = make_tokenizer()
-    unique = sorted(set(captions)) + [""]
-    ids = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    caption_index = torch.tensor([unique.index(c) for c in captions])
-    empty = len(unique) - 1
-    # SD 1.x's scaled-linear betas, as PNDMScheduler(**SD1_SCHEDULER) computes them
-    betas = torch.linspace(SD1_SCHEDULER["beta_start"] ** 0.5, SD1_SCHEDULER["beta_end"] ** 0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    table = Captions(captions, args.uncond_prob, args.unplaced_prob)
+    acp = alphas_cumprod(args.beta_end)
 
     text_encoder, unet = build_models(args)
     params = list(text_encoder.parameters()) + list(unet.parameters())
@@ -411,15 +486,8 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
         if done >= 1.0:
             break
         gen = step_generator(args.seed, step)
-        idx = torch.randint(len(mean), (args.batch,), generator=gen)
-        z = mean[idx] + torch.exp(0.5 * logvar[idx]) * torch.randn(mean[idx].shape, generator=gen)
-        z = z * scaling_factor
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
-        keep = torch.rand(args.batch, generator=gen) >= args.uncond_prob
-        token_ids = ids[torch.where(keep, caption_index[idx], torch.full_like(idx, empty))]
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        idx, z, noise, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
+        token_ids, keep = table.pick(idx, gen)
         lr = cosine_lr(step, done, args.warmup, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -441,19 +509,24 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
     return end_stage("unet", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
+def guided_target(uncond: torch.Tensor, noise: torch.Tensor, effective: float = 1.0) -> torch.Tensor:
+    """What the guided prediction u + w (c - u) is trained towards: classifier-free guidance at scale
+    `effective` with the model's own u and the true noise (1: the noise itself)."""
+    return noise if effective == 1 else uncond + effective * (noise - uncond)
+
+
 def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, captions: list[str]):
     """Fine-tune for the guidance scale the pipeline will be run at (default 7.5): the caption branch
     learns c = sg(u) + (noise - sg(u)) / w, where u is the model's own prediction for the empty prompt,
     so that classifier-free guidance u + w (c - u) lands on the noise instead of overshooting it (a
     small model trained the plain way saturates and loses colours at w = 7.5). Empty-prompt samples
-    keep the plain target, so u stays the unconditional model."""
-    tokenizer = make_tokenizer()
-    unique = sorted(set(captions)) + [""]
-    ids = tokenizer(unique, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    caption_index = torch.tensor([unique.index(c) for c in captions])
-    empty = len(unique) - 1
-    betas = torch.linspace(SD1_SCHEDULER["beta_start"] ** 0.5, SD1_SCHEDULER["beta_end"] ** 0.5, 1000) ** 2
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    keep the plain target, so u stays the unconditional model.
+
+    With --guided-effective g above 1 the target is u + g (noise - u) instead: guidance w then acts
+    like guidance g on the plain model, which follows the caption more closely."""
+    table = Captions(captions, args.uncond_prob, args.unplaced_prob)
+    acp = alphas_cumprod(args.beta_end)
+    ids, empty = table.ids, table.empty
     params = list(text_encoder.parameters()) + list(unet.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -476,15 +549,8 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
         if done >= 1.0:
             break
         gen = step_generator(args.seed + 3, step)
-        idx = torch.randint(len(mean), (args.batch,), generator=gen)
-        z = mean[idx] + torch.exp(0.5 * logvar[idx]) * torch.randn(mean[idx].shape, generator=gen)
-        z = z * scaling_factor
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
-        keep = torch.rand(args.batch, generator=gen) >= args.uncond_prob
-        token_ids = ids[torch.where(keep, caption_index[idx], torch.full_like(idx, empty))]
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        idx, z, noise, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
+        token_ids, keep = table.pick(idx, gen)
         lr = cosine_lr(step, done, 100, args.guided_lr)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -493,7 +559,8 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
             uncond = unet(noisy, t, uncond_hidden).sample
         pred = unet(noisy, t, text_encoder(token_ids).last_hidden_state).sample
         guided = uncond + w * (pred - uncond)
-        per_sample_cond = ((guided - noise) ** 2).mean(dim=(1, 2, 3)) / w
+        target = guided_target(uncond, noise, args.guided_effective)
+        per_sample_cond = ((guided - target) ** 2).mean(dim=(1, 2, 3)) / w
         per_sample_uncond = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
         loss = torch.where(keep, per_sample_cond, per_sample_uncond).mean()
         opt.zero_grad(set_to_none=True)
@@ -510,7 +577,7 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
     return end_stage("guided", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
-def assemble(vae, text_encoder, unet, scaling_factor: float):
+def assemble(vae, text_encoder, unet, scaling_factor: float, beta_end: float = SD1_SCHEDULER["beta_end"]):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -519,7 +586,7 @@ def assemble(vae, text_encoder, unet, scaling_factor: float):
         text_encoder=text_encoder,
         tokenizer=make_tokenizer(),
         unet=unet,
-        scheduler=PNDMScheduler(**SD1_SCHEDULER),
+        scheduler=PNDMScheduler(**scheduler_config(beta_end)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -529,6 +596,7 @@ def assemble(vae, text_encoder, unet, scaling_factor: float):
 def preview(pipe, prompts: list[str], path: Path) -> None:
     from PIL import Image
 
+    pipe.set_progress_bar_config(disable=True)
     tiles = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator("cpu").manual_seed(i)
@@ -551,6 +619,7 @@ def main() -> None:
         "--vae-minutes", type=float, default=10.0, help="wall-time budget of the VAE stage (ends it early)"
     )
     parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-widths", type=int, nargs=3, default=[8, 16, 32], help="VAE channels per level")
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
     parser.add_argument("--decoder-steps", type=int, default=6000, help="decoder fine-tuning steps")
@@ -571,13 +640,32 @@ def main() -> None:
     parser.add_argument("--guided-ema", type=float, default=0.995)
     parser.add_argument("--guidance", type=float, default=7.5, help="the guidance scale the guided stage aims at")
     parser.add_argument("--uncond-prob", type=float, default=0.1)
+    parser.add_argument(
+        "--unplaced-prob", type=float, default=0.0, help="share of captions trained without their position phrase"
+    )
+    parser.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength (0: plain noise)")
+    parser.add_argument(
+        "--beta-end", type=float, default=SD1_SCHEDULER["beta_end"], help="end of the scaled-linear betas"
+    )
+    parser.add_argument(
+        "--guided-effective",
+        type=float,
+        default=1.0,
+        help="the plain guidance the guided stage makes --guidance act as",
+    )
+    parser.add_argument(
+        "--vae-from", type=Path, help="a diffusers pipeline folder whose VAE to reuse (skips the VAE stages)"
+    )
     parser.add_argument("--text-width", type=int, default=128)
     parser.add_argument("--text-layers", type=int, default=3)
     parser.add_argument("--unet-widths", type=int, nargs=2, default=[64, 128])
     parser.add_argument("--unet-layers", type=int, default=1)
-    parser.add_argument("--attn-top", action="store_true", help="cross-attention at the 8x8 level too")
+    parser.add_argument(
+        "--attn-top", action=argparse.BooleanOptionalAction, default=False, help="attention at the 8x8 level too"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16)")
+    parser.add_argument("--preview", type=int, default=16, help="held-out prompts drawn into preview.png (0: none)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -587,27 +675,32 @@ def main() -> None:
     started = time.time()
     images = load_images(args.data)
     records = json.loads((args.data / "records.json").read_text())
-    vae = train_vae(args, images)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    mean, logvar, scaling_factor = encode_latents(args, vae, images)
-    vae = finetune_decoder(args, vae, images, mean, logvar)
+    if args.vae_from:
+        vae = load_vae(args.vae_from)
+        mean, logvar, scaling_factor = encode_latents(args, vae, images, vae.config.scaling_factor)
+    else:
+        vae = train_vae(args, images)
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        mean, logvar, scaling_factor = encode_latents(args, vae, images)
+        vae = finetune_decoder(args, vae, images, mean, logvar)
     if args.decoder_only:
         return
     captions = [r["caption"] for r in records["train"]]
     text_encoder, unet = train_unet(args, mean, logvar, scaling_factor, captions)
     if args.guided_steps:
         text_encoder, unet = train_guided(args, text_encoder, unet, mean, logvar, scaling_factor, captions)
-    pipe = assemble(vae, text_encoder, unet, scaling_factor)
-    held_out = [r["caption"] for r in records["eval"]][::5][:16]
-    preview(pipe, held_out, args.work / "preview.png")
+    pipe = assemble(vae, text_encoder, unet, scaling_factor, args.beta_end)
+    if args.preview:
+        held_out = [r["caption"] for r in records["eval"]][::5][: args.preview]
+        preview(pipe, held_out, args.work / "preview.png")
     if args.out:
         if not args.fp32:
             pipe.to(torch.float16)
         pipe.save_pretrained(args.out, safe_serialization=True)
         size = sum(f.stat().st_size for f in args.out.rglob("*.safetensors"))
         print(f"saved {args.out} ({size / 1e6:.1f} MB of safetensors)", flush=True)
-    print(f"done in {time.time() - started:.0f} s (this invocation); preview {args.work / 'preview.png'}", flush=True)
+    print(f"done in {time.time() - started:.0f} s (this invocation)", flush=True)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,108 @@ def test_psnr():
     a = np.zeros((4, 4, 3), np.uint8)
     assert eval_demo.psnr(a, a) == float("inf")
     assert eval_demo.psnr(a, a + 1) == pytest.approx(48.13, abs=0.01)
+
+
+# scripts/train_demo.py: the recipe's options
+
+
+@pytest.fixture(scope="module")
+def train_demo():
+    import train_demo
+
+    return train_demo
+
+
+def test_captions_without_position_and_empty_ones(train_demo):
+    import torch
+
+    captions = [shapes.caption("red", "circle", "blue", p) for p in shapes.POSITIONS]
+    idx = torch.arange(5).repeat(20)
+    tokenizer = train_demo.make_tokenizer()
+
+    def texts(table):
+        ids, keep = table.pick(idx, torch.Generator().manual_seed(0))
+        return [tokenizer.decode(row, skip_special_tokens=True).replace(" ,", ",") for row in ids], keep
+
+    placed, keep = texts(train_demo.Captions(captions, uncond_prob=0.0))
+    assert placed == [captions[i] for i in idx] and keep.all()
+    unplaced, _ = texts(train_demo.Captions(captions, uncond_prob=0.0, unplaced_prob=1.0))
+    assert set(unplaced) == {"a red circle on a blue background"}
+    empty, keep = texts(train_demo.Captions(captions, uncond_prob=1.0, unplaced_prob=0.5))
+    assert set(empty) == {""} and not keep.any()
+    mixed, _ = texts(train_demo.Captions(captions, uncond_prob=0.0, unplaced_prob=0.3))
+    share = sum("," not in t for t in mixed) / len(mixed)
+    assert 0.15 < share < 0.45
+
+
+def test_offset_noise_moves_each_channels_mean(train_demo):
+    import torch
+
+    plain = train_demo.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(1), 0.0)
+    assert torch.equal(plain, torch.randn((64, 4, 8, 8), generator=torch.Generator().manual_seed(1)))
+    offset = train_demo.sample_noise((64, 4, 8, 8), torch.Generator().manual_seed(1), 0.5)
+    # the spatial mean of plain noise has std 1/8; offset noise adds 0.5 to that in quadrature
+    assert plain.mean(dim=(2, 3)).std() == pytest.approx(0.125, rel=0.2)
+    assert offset.mean(dim=(2, 3)).std() == pytest.approx((0.5**2 + 0.125**2) ** 0.5, rel=0.2)
+
+
+def test_schedule_matches_the_saved_scheduler(train_demo):
+    from diffusers import PNDMScheduler
+
+    for beta_end in (0.012, 0.02):
+        scheduler = PNDMScheduler(**train_demo.scheduler_config(beta_end))
+        assert train_demo.alphas_cumprod(beta_end).numpy() == pytest.approx(scheduler.alphas_cumprod.numpy())
+    # a later beta_end leaves less signal at the first sampling step (t = 961 of 25 steps)
+    assert train_demo.alphas_cumprod(0.02)[961] ** 0.5 < 0.3 * train_demo.alphas_cumprod(0.012)[961] ** 0.5
+
+
+def test_guided_target_is_guidance_at_the_effective_scale(train_demo):
+    import torch
+
+    uncond, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(train_demo.guided_target(uncond, noise), noise)
+    # a caption branch on the target of effective scale 2 makes guidance 7.5 act as guidance 2
+    cond = uncond + 2 / 7.5 * (noise - uncond)
+    guided = uncond + 7.5 * (cond - uncond)
+    assert torch.allclose(guided, train_demo.guided_target(uncond, noise, 2.0), atol=1e-5)
+
+
+def test_unet_attention_at_one_or_both_levels(train_demo):
+    top = train_demo.unet_config((64, 128), 1, 128, attn_top=True)
+    assert top["down_block_types"] == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert top["up_block_types"] == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    bottom = train_demo.unet_config((64, 128), 1, 128, attn_top=False)
+    assert bottom["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D")
+
+
+@pytest.mark.slow
+def test_training_reuses_a_vae_saves_the_schedule_and_resumes(tmp_path):
+    """Two U-Net steps, then two more from the checkpoint, on a reused VAE (two script runs: 20-60 s)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    shapes.build(tmp_path / "data", variants=1)
+    command = [
+        sys.executable,
+        str(repo / "scripts" / "train_demo.py"),
+        *("--data", str(tmp_path / "data"), "--work", str(tmp_path / "work")),
+        *("--vae-from", str(repo / "models" / "shapes"), "--batch", "4", "--guided-steps", "0"),
+        *("--unet-widths", "32", "32", "--text-width", "32", "--text-layers", "1", "--preview", "0"),
+        *("--attn-top", "--unplaced-prob", "0.5", "--offset-noise", "0.1", "--beta-end", "0.02"),
+    ]
+    first = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(
+        [*command, "--steps", "4", "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed at step 2" in second.stdout
+    scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["beta_end"] == 0.02 and scheduler["beta_schedule"] == "scaled_linear"
+    unet = json.loads((tmp_path / "model" / "unet" / "config.json").read_text())
+    assert unet["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    vae = json.loads((tmp_path / "model" / "vae" / "config.json").read_text())
+    assert (
+        vae["scaling_factor"]
+        == json.loads((repo / "models" / "shapes" / "vae" / "config.json").read_text())["scaling_factor"]
+    )
