@@ -58,7 +58,6 @@ def check_loads(component: str, path: Path, provider: str) -> None:
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # the session never runs: the CPU kernels' packed copies of the weights would only add to the peak
-    # (an SDXL U-Net's fp32 load passed 15 GiB with them)
     options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(str(path), options, providers=[provider])
