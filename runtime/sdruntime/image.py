@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -50,15 +51,20 @@ def image_format(path: str | Path) -> str:
     return IMAGE_FORMATS[suffix]
 
 
+def write_png(image: Image.Image, target: str | Path | BinaryIO, parameters: str) -> None:
+    """A PNG with `parameters` in its text chunk, to a path or a binary file (the server's replies)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    image.save(target, format="PNG", pnginfo=info)
+
+
 def save_image(image: Image.Image, path: str | Path, parameters: str) -> Path:
     """Write PNG, JPEG or WebP by the path's extension, with `parameters` where readers look for it:
     a PNG `parameters` text chunk, else the EXIF UserComment (UTF-16, as A1111 writes it)."""
     path = Path(path)
     fmt = image_format(path)
     if fmt == "PNG":
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters)
-        image.save(path, format=fmt, pnginfo=info)
+        write_png(image, path, parameters)
         return path
     exif = Image.Exif()
     exif.endian = ">"  # UserComment's UTF-16 follows the EXIF byte order; A1111 writes big-endian

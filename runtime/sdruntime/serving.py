@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from .errors import InvalidArgument, UserError
+from .image import write_png
 from .schedulers import SCHEDULERS
 
 FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "size", "n", "response_format")
@@ -204,10 +205,8 @@ class DrawResult:
 
 def png_bytes(image: Image.Image, parameters: str) -> bytes:
     """The PNG `sdruntime generate -o x.png` writes (image.save_image), as bytes."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
+    write_png(image, buffer, parameters)
     return buffer.getvalue()
 
 
