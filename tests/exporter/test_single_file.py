@@ -410,3 +410,14 @@ def test_sdxl_checkpoint_with_sd_configs(capsys, sdxl_single_file, checkpoints, 
         str(checkpoints["sd1"]["configs"]),
         says="has no text_encoder_2",
     )
+
+
+def test_sd_checkpoint_with_sdxl_configs(capsys, checkpoints, tmp_path):
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(checkpoints["sd1"]["file"]),
+        "--config",
+        str(models_dir() / "configs" / "sdxl"),
+        says="holds an SDXL pipeline, but the checkpoint is SD 1.x",
+    )
