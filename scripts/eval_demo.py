@@ -194,6 +194,36 @@ def generate_torch(folder: Path, prompts: list[str], steps: int, guidance: float
     return images
 
 
+def same_seed_stats(drawn: list[list[str | None]]) -> dict:
+    """The position test's two numbers, from the positions judged for each seed's run of the five
+    position captions (in `shapes.POSITIONS` order): how often the shape lands where its caption asks,
+    and how often two captions with the same seed put it in the same place. A model that takes the
+    place from the caption scores 1 and 0; one that takes it from the starting noise scores about 0.2
+    and well above 0.2 (1 if the noise alone decides)."""
+    asked = list(shapes.POSITIONS)
+    followed = [d == a for row in drawn for d, a in zip(row, asked)]
+    same = [row[i] is not None and row[i] == row[j] for row in drawn for i in range(5) for j in range(i + 1, 5)]
+    return {"followed": float(np.mean(followed)), "same place": float(np.mean(same)), "runs": len(drawn)}
+
+
+def same_seed_test(folder: Path, judge: Judge, seeds: int, steps: int, guidance: float) -> dict:
+    """The first 4 held-out triples x `seeds` seeds x the 5 position captions, each seed shared by
+    the five captions of its triple."""
+    from sdruntime import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.load(folder)
+    drawn = []
+    for colour, shape, background in shapes.held_out_triples()[:4]:
+        for seed in range(seeds):
+            row = []
+            for position in shapes.POSITIONS:
+                prompt = shapes.caption(colour, shape, background, position)
+                image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed).images[0]
+                row.append(judge(np.asarray(image))["position"])
+            drawn.append(row)
+    return same_seed_stats(drawn)
+
+
 def report(name: str, result: dict, n: int) -> None:
     print(f"{name} ({n} images): " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items()), flush=True)
 
@@ -269,6 +299,13 @@ def main() -> None:
     parser.add_argument("--psnr", type=int, default=10, help="images to generate with PyTorch for PSNR")
     parser.add_argument("--ground-truth", action="store_true", help="score the judge on rendered images")
     parser.add_argument("--out", type=Path, default=Path("out/shapes-eval"), help="grids and results.json")
+    parser.add_argument(
+        "--same-seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the position test: 4 held-out triples x N seeds x the 5 position captions per seed",
+    )
     args = parser.parse_args()
     if not args.export and not args.ground_truth:
         parser.error("give an exported folder, or --ground-truth")
@@ -326,6 +363,14 @@ def main() -> None:
                 flush=True,
             )
             save_grid(reference, args.out / "diffusers.png")
+        if args.same_seed:
+            results["same_seed"] = same_seed_test(args.export, judge, args.same_seed, args.steps, args.guidance)
+            print(
+                f"same seed, five position captions ({results['same_seed']['runs']} runs): shape where asked "
+                f"{results['same_seed']['followed']:.1%}, two captions in the same place "
+                f"{results['same_seed']['same place']:.1%}",
+                flush=True,
+            )
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
 
 

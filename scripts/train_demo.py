@@ -6,20 +6,23 @@
 
 Stages, each resumable from its checkpoint in --work (run the same command again to go on), each
 with a step count and an optional wall-time budget (the learning rate follows whichever runs out
-first; the defaults are the shipped model's run, about 85 minutes on 2 shared CPU cores):
-1. an `AutoencoderKL` with a 4x downsampling (32x32 RGB -> 8x8x4 latents), trained on reconstruction
-   (L1 + MSE) with a tiny KL term;
+first). The defaults are the first shapes model's recipe; models/shapes/README.md gives the command
+and options of the shipped one:
+1. an `AutoencoderKL` (3 levels by default: 32x32 RGB -> 8x8x4 latents; `--vae-widths 16 32`: 2
+   levels, 16x16x4), trained on reconstruction (L1 + MSE) with a tiny KL term;
 2. the training images encoded once (mean and log-variance cached), the latent scaling factor set
    to 1 / std of the sampled latents;
 3. the decoder fine-tuned on those cached latents with the encoder frozen (sharper edges, same
-   latent space);
+   latent space), then the VAE alone judged on held-out renders (`vae_round_trip`);
 4. a small CLIP text encoder (transformers `CLIPTextModel`, the real CLIP vocabulary, 77 positions)
    and a `UNet2DConditionModel` with cross-attention, trained together on the cached latents with
-   epsilon prediction, SD 1.x's scaled-linear betas, 10% caption dropout (for classifier-free
-   guidance), AdamW with warmup and cosine decay, and an EMA of the weights;
+   epsilon or v prediction, SD 1.x's scaled-linear betas (or a later `--beta-end`), 10% caption
+   dropout (for classifier-free guidance), AdamW with warmup and cosine decay, and an EMA of the
+   weights;
 5. a guidance-aware fine-tune (`train_guided`) so that the default guidance 7.5 gives clean pictures.
 The EMA weights are saved once, at the end, with `StableDiffusionPipeline.save_pretrained` (a
-PNDMScheduler with SD 1.x's config, no safety checker), in fp16 unless --fp32.
+PNDMScheduler with SD 1.x's config, the betas and prediction type trained with, no safety checker),
+in fp16 unless --fp32.
 Every random draw of step k comes from a generator seeded by (seed, k), so a resumed run takes the
 same batches as an uninterrupted one. Use --threads 1 on a shared machine: two OpenMP threads
 competing with other jobs ran 5-30x slower here.
@@ -54,10 +57,10 @@ SD1_SCHEDULER = {
 }
 
 
-def scheduler_config(beta_end: float = SD1_SCHEDULER["beta_end"]) -> dict:
+def scheduler_config(beta_end: float = SD1_SCHEDULER["beta_end"], prediction_type: str = "epsilon") -> dict:
     """SD 1.x's PNDM config, with the end of the scaled-linear betas moved to `beta_end` (a larger one
-    leaves less of the image at the first sampling step)."""
-    return {**SD1_SCHEDULER, "beta_end": beta_end}
+    leaves less of the image at the first sampling step) and the model's prediction type."""
+    return {**SD1_SCHEDULER, "beta_end": beta_end, "prediction_type": prediction_type}
 
 
 def alphas_cumprod(beta_end: float = SD1_SCHEDULER["beta_end"]) -> torch.Tensor:
@@ -80,8 +83,9 @@ def unplaced(caption: str) -> str:
     return caption.rsplit(", ", 1)[0]
 
 
-def vae_config(widths: tuple[int, int, int] = (8, 16, 32)) -> dict:
-    """The 4x VAE: 32x32 RGB <-> 8x8x4 latents; wider levels draw sharper corners and points."""
+def vae_config(widths: tuple[int, ...] = (8, 16, 32)) -> dict:
+    """The VAE: one level per width, each but the last halving the side (3 levels: 32x32 RGB <-> 8x8x4
+    latents; 2 levels: 16x16x4, which keeps a star's points)."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -91,8 +95,8 @@ def vae_config(widths: tuple[int, int, int] = (8, 16, 32)) -> dict:
         "layers_per_block": 1,
         "norm_num_groups": 8,
         "mid_block_add_attention": False,
-        "down_block_types": ("DownEncoderBlock2D",) * 3,
-        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "down_block_types": ("DownEncoderBlock2D",) * len(widths),
+        "up_block_types": ("UpDecoderBlock2D",) * len(widths),
     }
 
 
@@ -112,11 +116,21 @@ def text_config(width: int, layers: int) -> dict:
     }
 
 
-def unet_config(widths: tuple[int, int], layers: int, cross_dim: int, attn_top: bool) -> dict:
-    """attn_top adds self- and cross-attention at the 8x8 level too (default: only at 4x4 and the middle)."""
-    top = "CrossAttnDownBlock2D" if attn_top else "DownBlock2D"
+def vae_factor(vae_config: dict) -> int:
+    """How many pixels one latent spans per side."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def unet_config(
+    widths: tuple[int, ...], layers: int, cross_dim: int, attn_levels: int = 1, sample_size: int = 8
+) -> dict:
+    """One level per width; self- and cross-attention in the `attn_levels` lowest-resolution levels
+    (and always in the middle block)."""
+    down = tuple(
+        "CrossAttnDownBlock2D" if level >= len(widths) - attn_levels else "DownBlock2D" for level in range(len(widths))
+    )
     return {
-        "sample_size": 8,
+        "sample_size": sample_size,
         "in_channels": 4,
         "out_channels": 4,
         "layers_per_block": layers,
@@ -124,8 +138,8 @@ def unet_config(widths: tuple[int, int], layers: int, cross_dim: int, attn_top: 
         "norm_num_groups": 32,
         "cross_attention_dim": cross_dim,
         "attention_head_dim": 8,
-        "down_block_types": (top, "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", top.replace("Down", "Up")),
+        "down_block_types": down,
+        "up_block_types": tuple(block.replace("Down", "Up") for block in reversed(down)),
     }
 
 
@@ -337,21 +351,49 @@ def finetune_decoder(args, vae, images: torch.Tensor, mean: torch.Tensor, logvar
     return vae
 
 
+@torch.no_grad()
+def vae_round_trip(vae, variants: int = 2, seed: int = 1) -> dict:
+    """The VAE alone, judged as the generator will be: held-out renders (28 triples x 5 positions x
+    `variants`) encoded to their latent means, decoded, and scored by eval_demo's judge. A shape the
+    VAE cannot give back, the U-Net cannot draw either."""
+    import eval_demo
+    import make_shapes_dataset as shapes
+
+    images, truth = shapes.make_split(shapes.held_out_triples(), variants, seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(256)])
+    pixels = recon.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    judge = eval_demo.Judge()
+    judged = [judge(image) for image in pixels]
+    result = eval_demo.score(judged, truth)
+    result["psnr"] = float(np.mean([eval_demo.psnr(a, b) for a, b in zip(pixels, images)]))
+    by_shape = eval_demo.score_by(judged, truth, lambda item: item["shape"])
+    result["shape by shape"] = {name: r["shape"] for name, r in by_shape.items()}
+    print(
+        f"vae round trip on {len(images)} held-out renders: {result['psnr']:.1f} dB; colour {result['colour']:.1%}, "
+        f"background {result['background']:.1%}, shape {result['shape']:.1%} "
+        f"({', '.join(f'{k} {v:.1%}' for k, v in result['shape by shape'].items())}), position {result['position']:.1%}",
+        flush=True,
+    )
+    return result
+
+
 def make_tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), model_max_length=77)
 
 
-def build_models(args):
+def build_models(args, latent_size: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(args.seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(args.text_width, args.text_layers)))
     torch.manual_seed(args.seed + 3)
+    attn_levels = len(args.unet_widths) if args.attn_top else args.attn_levels
     unet = UNet2DConditionModel(
-        **unet_config(tuple(args.unet_widths), args.unet_layers, args.text_width, args.attn_top)
+        **unet_config(tuple(args.unet_widths), args.unet_layers, args.text_width, attn_levels, latent_size)
     )
     return text_encoder, unet
 
@@ -446,22 +488,34 @@ class Captions:
         return self.ids[torch.where(keep, chosen, torch.full_like(idx, self.empty))], keep
 
 
+def prediction_target(prediction_type: str, z: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What the U-Net learns to output for latents z noised with `noise` at cumulative alpha `a`: the
+    noise (epsilon), or v = sqrt(a) noise - sqrt(1 - a) z (v_prediction). v weights the picture itself
+    at the noisiest steps, where the caption alone has to decide what is drawn and where; epsilon
+    gives those steps almost no say in the loss."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * z
+    raise ValueError(f"prediction_type {prediction_type!r}: choose epsilon or v_prediction")
+
+
 def noisy_batch(args, mean, logvar, scaling_factor: float, acp: torch.Tensor, gen: torch.Generator):
-    """One step's batch: (indices, scaled latents, noise, timesteps, noisy latents)."""
+    """One step's batch: (indices, the prediction target, timesteps, noisy latents)."""
     idx = torch.randint(len(mean), (args.batch,), generator=gen)
     z = mean[idx] + torch.exp(0.5 * logvar[idx]) * torch.randn(mean[idx].shape, generator=gen)
     z = z * scaling_factor
     noise = sample_noise(z.shape, gen, args.offset_noise)
     t = torch.randint(0, 1000, (args.batch,), generator=gen)
     a = acp[t].view(-1, 1, 1, 1)
-    return idx, z, noise, t, a.sqrt() * z + (1 - a).sqrt() * noise
+    return idx, prediction_target(args.prediction_type, z, noise, a), t, a.sqrt() * z + (1 - a).sqrt() * noise
 
 
 def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: float, captions: list[str]):
     table = Captions(captions, args.uncond_prob, args.unplaced_prob)
     acp = alphas_cumprod(args.beta_end)
 
-    text_encoder, unet = build_models(args)
+    text_encoder, unet = build_models(args, mean.shape[-1])
     params = list(text_encoder.parameters()) + list(unet.parameters())
     print(
         f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M params, "
@@ -486,14 +540,14 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
         if done >= 1.0:
             break
         gen = step_generator(args.seed, step)
-        idx, z, noise, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
+        idx, target, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
         token_ids, keep = table.pick(idx, gen)
         lr = cosine_lr(step, done, args.warmup, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
         hidden = text_encoder(token_ids).last_hidden_state
         pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -509,10 +563,10 @@ def train_unet(args, mean: torch.Tensor, logvar: torch.Tensor, scaling_factor: f
     return end_stage("unet", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
-def guided_target(uncond: torch.Tensor, noise: torch.Tensor, effective: float = 1.0) -> torch.Tensor:
+def guided_target(uncond: torch.Tensor, truth: torch.Tensor, effective: float = 1.0) -> torch.Tensor:
     """What the guided prediction u + w (c - u) is trained towards: classifier-free guidance at scale
-    `effective` with the model's own u and the true noise (1: the noise itself)."""
-    return noise if effective == 1 else uncond + effective * (noise - uncond)
+    `effective` with the model's own u and the true target (the noise, or v; 1: the target itself)."""
+    return truth if effective == 1 else uncond + effective * (truth - uncond)
 
 
 def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, captions: list[str]):
@@ -549,7 +603,7 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
         if done >= 1.0:
             break
         gen = step_generator(args.seed + 3, step)
-        idx, z, noise, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
+        idx, target, t, noisy = noisy_batch(args, mean, logvar, scaling_factor, acp, gen)
         token_ids, keep = table.pick(idx, gen)
         lr = cosine_lr(step, done, 100, args.guided_lr)
         for group in opt.param_groups:
@@ -559,9 +613,8 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
             uncond = unet(noisy, t, uncond_hidden).sample
         pred = unet(noisy, t, text_encoder(token_ids).last_hidden_state).sample
         guided = uncond + w * (pred - uncond)
-        target = guided_target(uncond, noise, args.guided_effective)
-        per_sample_cond = ((guided - target) ** 2).mean(dim=(1, 2, 3)) / w
-        per_sample_uncond = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        per_sample_cond = ((guided - guided_target(uncond, target, args.guided_effective)) ** 2).mean(dim=(1, 2, 3)) / w
+        per_sample_uncond = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = torch.where(keep, per_sample_cond, per_sample_uncond).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -577,7 +630,14 @@ def train_guided(args, text_encoder, unet, mean, logvar, scaling_factor: float, 
     return end_stage("guided", ckpt, text_encoder, unet, opt, ema, params, step, start, t0)
 
 
-def assemble(vae, text_encoder, unet, scaling_factor: float, beta_end: float = SD1_SCHEDULER["beta_end"]):
+def assemble(
+    vae,
+    text_encoder,
+    unet,
+    scaling_factor: float,
+    beta_end: float = SD1_SCHEDULER["beta_end"],
+    prediction_type="epsilon",
+):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -586,7 +646,7 @@ def assemble(vae, text_encoder, unet, scaling_factor: float, beta_end: float = S
         text_encoder=text_encoder,
         tokenizer=make_tokenizer(),
         unet=unet,
-        scheduler=PNDMScheduler(**scheduler_config(beta_end)),
+        scheduler=PNDMScheduler(**scheduler_config(beta_end, prediction_type)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -619,7 +679,9 @@ def main() -> None:
         "--vae-minutes", type=float, default=10.0, help="wall-time budget of the VAE stage (ends it early)"
     )
     parser.add_argument("--vae-batch", type=int, default=16)
-    parser.add_argument("--vae-widths", type=int, nargs=3, default=[8, 16, 32], help="VAE channels per level")
+    parser.add_argument(
+        "--vae-widths", type=int, nargs="+", default=[8, 16, 32], help="VAE channels per level (3: 4x, 2: 2x)"
+    )
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
     parser.add_argument("--decoder-steps", type=int, default=6000, help="decoder fine-tuning steps")
@@ -658,10 +720,14 @@ def main() -> None:
     )
     parser.add_argument("--text-width", type=int, default=128)
     parser.add_argument("--text-layers", type=int, default=3)
-    parser.add_argument("--unet-widths", type=int, nargs=2, default=[64, 128])
+    parser.add_argument("--unet-widths", type=int, nargs="+", default=[64, 128], help="U-Net channels per level")
     parser.add_argument("--unet-layers", type=int, default=1)
     parser.add_argument(
-        "--attn-top", action=argparse.BooleanOptionalAction, default=False, help="attention at the 8x8 level too"
+        "--attn-levels", type=int, default=1, help="U-Net levels with attention, counted from the lowest resolution"
+    )
+    parser.add_argument("--attn-top", action="store_true", help="attention at every U-Net level")
+    parser.add_argument(
+        "--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon", help="what the U-Net predicts"
     )
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16)")
@@ -684,13 +750,16 @@ def main() -> None:
             p.requires_grad_(False)
         mean, logvar, scaling_factor = encode_latents(args, vae, images)
         vae = finetune_decoder(args, vae, images, mean, logvar)
+        check = args.work / "vae_round_trip.json"
+        if not check.is_file():
+            check.write_text(json.dumps(vae_round_trip(vae), indent=1))
     if args.decoder_only:
         return
     captions = [r["caption"] for r in records["train"]]
     text_encoder, unet = train_unet(args, mean, logvar, scaling_factor, captions)
     if args.guided_steps:
         text_encoder, unet = train_guided(args, text_encoder, unet, mean, logvar, scaling_factor, captions)
-    pipe = assemble(vae, text_encoder, unet, scaling_factor, args.beta_end)
+    pipe = assemble(vae, text_encoder, unet, scaling_factor, args.beta_end, args.prediction_type)
     if args.preview:
         held_out = [r["caption"] for r in records["eval"]][::5][: args.preview]
         preview(pipe, held_out, args.work / "preview.png")

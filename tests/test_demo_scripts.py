@@ -194,6 +194,15 @@ def test_contact_sheet_covers_every_triple_and_both_forms(tmp_path):
     assert not has(eval_demo.WRONG_INK, 7, 4)
 
 
+def test_same_seed_stats_tell_caption_from_noise():
+    asked = list(shapes.POSITIONS)
+    follows = eval_demo.same_seed_stats([asked, asked])
+    assert follows == {"followed": 1.0, "same place": 0.0, "runs": 2}
+    noise = eval_demo.same_seed_stats([["center"] * 5, ["top left"] * 4 + [None]])
+    assert noise["followed"] == pytest.approx(2 / 10)  # "center" and "top left" land where asked once each
+    assert noise["same place"] == pytest.approx((10 + 6) / 20)  # a missing shape is never in the same place
+
+
 def test_psnr():
     a = np.zeros((4, 4, 3), np.uint8)
     assert eval_demo.psnr(a, a) == float("inf")
@@ -264,12 +273,54 @@ def test_guided_target_is_guidance_at_the_effective_scale(train_demo):
     assert torch.allclose(guided, train_demo.guided_target(uncond, noise, 2.0), atol=1e-5)
 
 
-def test_unet_attention_at_one_or_both_levels(train_demo):
-    top = train_demo.unet_config((64, 128), 1, 128, attn_top=True)
+def test_unet_attention_in_the_lowest_levels(train_demo):
+    top = train_demo.unet_config((64, 128), 1, 128, attn_levels=2)
     assert top["down_block_types"] == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     assert top["up_block_types"] == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    bottom = train_demo.unet_config((64, 128), 1, 128, attn_top=False)
+    bottom = train_demo.unet_config((64, 128), 1, 128, attn_levels=1)
     assert bottom["down_block_types"] == ("DownBlock2D", "CrossAttnDownBlock2D")
+    assert bottom["up_block_types"] == ("CrossAttnUpBlock2D", "UpBlock2D") and bottom["sample_size"] == 8
+    three = train_demo.unet_config((32, 64, 128), 1, 128, attn_levels=1, sample_size=16)
+    assert three["down_block_types"] == ("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D")
+    assert three["up_block_types"] == ("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D")
+    assert three["sample_size"] == 16 and three["block_out_channels"] == (32, 64, 128)
+
+
+def test_vae_levels_set_the_latent_size(train_demo):
+    import torch
+    from diffusers import AutoencoderKL
+
+    for widths, side in (((8, 16, 32), 8), ((16, 32), 16)):
+        config = train_demo.vae_config(widths)
+        assert train_demo.vae_factor(config) == 32 // side
+        vae = AutoencoderKL(**config)
+        with torch.no_grad():
+            assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, side, side)
+
+
+def test_v_prediction_target_recovers_the_latents(train_demo):
+    import torch
+
+    z, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    a = torch.tensor([0.9, 0.5, 1e-4]).view(-1, 1, 1, 1)
+    noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+    assert torch.equal(train_demo.prediction_target("epsilon", z, noise, a), noise)
+    v = train_demo.prediction_target("v_prediction", z, noise, a)
+    # diffusers' and the runtime's conversions: x0 = sqrt(a) x_t - sqrt(1 - a) v, eps = sqrt(a) v + sqrt(1 - a) x_t
+    assert torch.allclose(a.sqrt() * noisy - (1 - a).sqrt() * v, z, atol=1e-5)
+    assert torch.allclose(a.sqrt() * v + (1 - a).sqrt() * noisy, noise, atol=1e-5)
+    # at the noisiest steps v is almost the picture itself (negated), so the loss asks for the picture
+    assert torch.allclose(v[2], -z[2], atol=0.05)
+    with pytest.raises(ValueError, match="v_prediction"):
+        train_demo.prediction_target("sample", z, noise, a)
+
+
+def test_saved_scheduler_takes_the_prediction_type(train_demo):
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(**train_demo.scheduler_config(0.02, "v_prediction"))
+    assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_end == 0.02
+    assert train_demo.scheduler_config()["prediction_type"] == "epsilon"
 
 
 @pytest.mark.slow
@@ -286,6 +337,7 @@ def test_training_reuses_a_vae_saves_the_schedule_and_resumes(tmp_path):
         *("--vae-from", str(repo / "models" / "shapes"), "--batch", "4", "--guided-steps", "0"),
         *("--unet-widths", "32", "32", "--text-width", "32", "--text-layers", "1", "--preview", "0"),
         *("--attn-top", "--unplaced-prob", "0.5", "--offset-noise", "0.1", "--beta-end", "0.02"),
+        *("--prediction-type", "v_prediction"),
     ]
     first = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -296,6 +348,7 @@ def test_training_reuses_a_vae_saves_the_schedule_and_resumes(tmp_path):
     assert "resumed at step 2" in second.stdout
     scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_end"] == 0.02 and scheduler["beta_schedule"] == "scaled_linear"
+    assert scheduler["prediction_type"] == "v_prediction"
     unet = json.loads((tmp_path / "model" / "unet" / "config.json").read_text())
     assert unet["down_block_types"] == ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     vae = json.loads((tmp_path / "model" / "vae" / "config.json").read_text())
