@@ -6,19 +6,19 @@
 
 Stages, each resumable from its checkpoint in --work (run the same command again to go on), each
 with a step count and an optional wall-time budget (the learning rate follows whichever runs out
-first). The defaults are the first shapes model's recipe; models/shapes/README.md gives the command
-and options of the shipped one:
-1. an `AutoencoderKL` (3 levels by default: 32x32 RGB -> 8x8x4 latents; `--vae-widths 16 32`: 2
-   levels, 16x16x4), trained on reconstruction (L1 + MSE) with a tiny KL term;
+first). The defaults are the shipped model's run (models/shapes/README.md), about 2 hours on 2 CPU
+cores:
+1. an `AutoencoderKL` (2 levels by default: 32x32 RGB -> 16x16x4 latents; `--vae-widths 8 16 32`:
+   3 levels, 8x8x4, the first shapes model's), trained on reconstruction (L1 + MSE) with a tiny KL term;
 2. the training images encoded once (mean and log-variance cached), the latent scaling factor set
    to 1 / std of the sampled latents;
 3. the decoder fine-tuned on those cached latents with the encoder frozen (sharper edges, same
    latent space), then the VAE alone judged on held-out renders (`vae_round_trip`);
 4. a small CLIP text encoder (transformers `CLIPTextModel`, the real CLIP vocabulary, 77 positions)
    and a `UNet2DConditionModel` with cross-attention, trained together on the cached latents with
-   epsilon or v prediction, SD 1.x's scaled-linear betas (or a later `--beta-end`), 10% caption
-   dropout (for classifier-free guidance), AdamW with warmup and cosine decay, and an EMA of the
-   weights;
+   v (or epsilon) prediction, scaled-linear betas to `--beta-end`, 10% caption dropout (for
+   classifier-free guidance), 20% of captions without their position phrase, AdamW with warmup and
+   cosine decay, and an EMA of the weights;
 5. a guidance-aware fine-tune (`train_guided`) so that the default guidance 7.5 gives clean pictures.
 The EMA weights are saved once, at the end, with `StableDiffusionPipeline.save_pretrained` (a
 PNDMScheduler with SD 1.x's config, the betas and prediction type trained with, no safety checker),
@@ -673,29 +673,29 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("out/shapes-train"), help="checkpoints and loss logs")
     parser.add_argument("--out", type=Path, help="where to save the diffusers pipeline (omit in a pilot)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     parser.add_argument("--vae-steps", type=int, default=3000)
     parser.add_argument(
-        "--vae-minutes", type=float, default=10.0, help="wall-time budget of the VAE stage (ends it early)"
+        "--vae-minutes", type=float, default=7.0, help="wall-time budget of the VAE stage (ends it early)"
     )
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument(
-        "--vae-widths", type=int, nargs="+", default=[8, 16, 32], help="VAE channels per level (3: 4x, 2: 2x)"
+        "--vae-widths", type=int, nargs="+", default=[16, 32], help="VAE channels per level (3: 4x, 2: 2x)"
     )
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-6)
     parser.add_argument("--decoder-steps", type=int, default=6000, help="decoder fine-tuning steps")
-    parser.add_argument("--decoder-minutes", type=float, default=15.0, help="wall-time budget of the decoder stage")
+    parser.add_argument("--decoder-minutes", type=float, default=7.0, help="wall-time budget of the decoder stage")
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage")
     parser.add_argument("--steps", type=int, default=20000, help="U-Net + text encoder steps")
     parser.add_argument(
-        "--minutes", type=float, default=48.0, help="wall-time budget of the U-Net stage; the LR follows it"
+        "--minutes", type=float, default=85.0, help="wall-time budget of the U-Net stage; the LR follows it"
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--guided-steps", type=int, default=20000, help="guidance-aware fine-tuning steps (0: none)")
     parser.add_argument("--guided-minutes", type=float, default=20.0, help="wall-time budget of the guided stage")
     parser.add_argument("--guided-lr", type=float, default=2e-4)
@@ -703,12 +703,10 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=7.5, help="the guidance scale the guided stage aims at")
     parser.add_argument("--uncond-prob", type=float, default=0.1)
     parser.add_argument(
-        "--unplaced-prob", type=float, default=0.0, help="share of captions trained without their position phrase"
+        "--unplaced-prob", type=float, default=0.2, help="share of captions trained without their position phrase"
     )
-    parser.add_argument("--offset-noise", type=float, default=0.0, help="offset noise strength (0: plain noise)")
-    parser.add_argument(
-        "--beta-end", type=float, default=SD1_SCHEDULER["beta_end"], help="end of the scaled-linear betas"
-    )
+    parser.add_argument("--offset-noise", type=float, default=0.1, help="offset noise strength (0: plain noise)")
+    parser.add_argument("--beta-end", type=float, default=0.02, help="end of the scaled-linear betas")
     parser.add_argument(
         "--guided-effective",
         type=float,
@@ -720,14 +718,14 @@ def main() -> None:
     )
     parser.add_argument("--text-width", type=int, default=128)
     parser.add_argument("--text-layers", type=int, default=3)
-    parser.add_argument("--unet-widths", type=int, nargs="+", default=[64, 128], help="U-Net channels per level")
+    parser.add_argument("--unet-widths", type=int, nargs="+", default=[32, 64, 128], help="U-Net channels per level")
     parser.add_argument("--unet-layers", type=int, default=1)
     parser.add_argument(
         "--attn-levels", type=int, default=1, help="U-Net levels with attention, counted from the lowest resolution"
     )
     parser.add_argument("--attn-top", action="store_true", help="attention at every U-Net level")
     parser.add_argument(
-        "--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon", help="what the U-Net predicts"
+        "--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction", help="what the U-Net predicts"
     )
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--fp32", action="store_true", help="save fp32 weights (default: fp16)")
