@@ -116,11 +116,6 @@ def text_config(width: int, layers: int) -> dict:
     }
 
 
-def vae_factor(vae_config: dict) -> int:
-    """How many pixels one latent spans per side."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def unet_config(
     widths: tuple[int, ...], layers: int, cross_dim: int, attn_levels: int = 1, sample_size: int = 8
 ) -> dict:

@@ -291,9 +291,7 @@ def test_vae_levels_set_the_latent_size(train_demo):
     from diffusers import AutoencoderKL
 
     for widths, side in (((8, 16, 32), 8), ((16, 32), 16)):
-        config = train_demo.vae_config(widths)
-        assert train_demo.vae_factor(config) == 32 // side
-        vae = AutoencoderKL(**config)
+        vae = AutoencoderKL(**train_demo.vae_config(widths))
         with torch.no_grad():
             assert vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape == (1, 4, side, side)
 
