@@ -273,6 +273,21 @@ def test_guided_target_is_guidance_at_the_effective_scale(train_demo):
     assert torch.allclose(guided, train_demo.guided_target(uncond, noise, 2.0), atol=1e-5)
 
 
+def test_guided_teacher_is_a_frozen_copy(train_demo):
+    import torch
+
+    text_encoder, unet = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    teacher = train_demo.frozen_copy(text_encoder, unet)
+    for model, copy in zip((text_encoder, unet), teacher):
+        assert not copy.training and not any(p.requires_grad for p in copy.parameters())
+        assert all(p.requires_grad for p in model.parameters())
+        assert torch.equal(model.weight, copy.weight)
+    # training the student leaves the teacher as it was
+    with torch.no_grad():
+        unet.weight.add_(1.0)
+    assert not torch.equal(unet.weight, teacher[1].weight)
+
+
 def test_unet_attention_in_the_lowest_levels(train_demo):
     top = train_demo.unet_config((64, 128), 1, 128, attn_levels=2)
     assert top["down_block_types"] == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
@@ -323,7 +338,8 @@ def test_saved_scheduler_takes_the_prediction_type(train_demo):
 
 @pytest.mark.slow
 def test_training_reuses_a_vae_saves_the_schedule_and_resumes(tmp_path):
-    """Two U-Net steps, then two more from the checkpoint, on a reused VAE (two script runs: 20-60 s)."""
+    """Two U-Net steps, then two more from the checkpoint and two guided steps with a teacher, on a
+    reused VAE (two script runs: 20-60 s)."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
@@ -339,11 +355,15 @@ def test_training_reuses_a_vae_saves_the_schedule_and_resumes(tmp_path):
     ]
     first = subprocess.run([*command, "--steps", "2"], capture_output=True, text=True, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
+    guided = ("--guided-steps", "2", "--guided-teacher", "--guided-effective", "2.5")
     second = subprocess.run(
-        [*command, "--steps", "4", "--out", str(tmp_path / "model")], capture_output=True, text=True, cwd=tmp_path
+        [*command, "--steps", "4", *guided, "--out", str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed at step 2" in second.stdout
+    assert "resumed at step 2" in second.stdout and "guided: 2 steps" in second.stdout
     scheduler = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["beta_end"] == 0.02 and scheduler["beta_schedule"] == "scaled_linear"
     assert scheduler["prediction_type"] == "v_prediction"
