@@ -704,9 +704,9 @@ def main() -> None:
     parser.add_argument("--decoder-minutes", type=float, default=7.0, help="wall-time budget of the decoder stage")
     parser.add_argument("--decoder-lr", type=float, default=1e-3)
     parser.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage")
-    parser.add_argument("--steps", type=int, default=20000, help="U-Net + text encoder steps")
+    parser.add_argument("--steps", type=int, default=16000, help="U-Net + text encoder steps")
     parser.add_argument(
-        "--minutes", type=float, default=85.0, help="wall-time budget of the U-Net stage; the LR follows it"
+        "--minutes", type=float, default=112.0, help="wall-time budget of the U-Net stage; the LR follows it"
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
