@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 
 import click
-from sdruntime.cli import generate, interpolate  # the same commands as `sdruntime`
+from sdruntime.cli import generate, interpolate, one_line_warnings  # the same commands as `sdruntime`
 from sdruntime.errors import UserError
 from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS
 
 from .errors import GraphCheckFailed, ValidationFailed
 from .presets import DEFAULT_PRESET
+from .thirdparty import quiet_third_party
 
 
 def _split(value: str | None) -> list[str]:
@@ -86,6 +86,7 @@ def cli() -> None:
     metavar="FOLDER",
     help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.",
 )
+@one_line_warnings
 def convert(
     source,
     out,
@@ -110,31 +111,32 @@ def convert(
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
-    from .converter import convert as run_convert
+    with quiet_third_party():  # within one_line_warnings, which would show every warning
+        from .converter import convert as run_convert
 
-    run_convert(
-        source,
-        out,
-        components=_split(components),
-        dtype=dtype,
-        keep_fp32=_split(keep_fp32),
-        target=target,
-        opset=opset,
-        static=static,
-        batch_size=batch_size,
-        height=height,
-        width=width,
-        overwrite=overwrite,
-        check=not no_check,
-        log=lambda line: click.echo(line, err=True),
-        loras=loras,
-        config=config_dir,
-        prediction_type=prediction_type,
-        allow_pickle=allow_pickle,
-        validate=validate_export,
-        auto_fp32_fallback=auto_fp32_fallback,
-        vae=vae,
-    )
+        run_convert(
+            source,
+            out,
+            components=_split(components),
+            dtype=dtype,
+            keep_fp32=_split(keep_fp32),
+            target=target,
+            opset=opset,
+            static=static,
+            batch_size=batch_size,
+            height=height,
+            width=width,
+            overwrite=overwrite,
+            check=not no_check,
+            log=lambda line: click.echo(line, err=True),
+            loras=loras,
+            config=config_dir,
+            prediction_type=prediction_type,
+            allow_pickle=allow_pickle,
+            validate=validate_export,
+            auto_fp32_fallback=auto_fp32_fallback,
+            vae=vae,
+        )
     click.echo(out)
 
 
@@ -168,6 +170,7 @@ def convert(
     "--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert."
 )
 @click.option("--allow-pickle", is_flag=True, help="Single-file SOURCE: as for convert.")
+@one_line_warnings
 def validate_cmd(
     source,
     out,
@@ -189,28 +192,29 @@ def validate_cmd(
     allow_pickle,
 ):
     """Compare the export OUT with SOURCE, per component and end to end; exit 1 when out of tolerance."""
-    from .validate import check_report, format_table, validate, write_report
+    with quiet_third_party():  # within one_line_warnings, which would show every warning
+        from .validate import check_report, format_table, validate, write_report
 
-    report = validate(
-        source,
-        out,
-        provider=provider,
-        scheduler=scheduler,
-        steps=steps,
-        seed=seed,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        height=height,
-        width=width,
-        atol=atol,
-        rtol=rtol,
-        min_psnr=min_psnr,
-        save_images=save_images,
-        log=lambda line: click.echo(line, err=True),
-        config=config_dir,
-        prediction_type=prediction_type,
-        allow_pickle=allow_pickle,
-    )
+        report = validate(
+            source,
+            out,
+            provider=provider,
+            scheduler=scheduler,
+            steps=steps,
+            seed=seed,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            atol=atol,
+            rtol=rtol,
+            min_psnr=min_psnr,
+            save_images=save_images,
+            log=lambda line: click.echo(line, err=True),
+            config=config_dir,
+            prediction_type=prediction_type,
+            allow_pickle=allow_pickle,
+        )
     click.echo(format_table(report))
     if json_path:
         write_report(report, json_path)
@@ -245,9 +249,9 @@ cli.add_command(interpolate)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user mistakes print one line and exit 2; failed checks exit 1."""
-    warnings.filterwarnings("ignore")
     try:
-        cli.main(args=argv, prog_name="sdexport", standalone_mode=False)
+        with quiet_third_party():
+            cli.main(args=argv, prog_name="sdexport", standalone_mode=False)
     except UserError as e:  # SdexportError and the runtime's ExportError, ProviderError, GenerationError
         click.echo(f"sdexport: error: {e}", err=True)
         return 2

@@ -12,8 +12,13 @@ DEFAULT_PRESET = "shapes"  # the small trained model in models/shapes: real pict
 
 
 def models_dir() -> Path:
-    """The repository's `models/` folder (or $SDEXPORT_MODELS)."""
-    return Path(os.environ.get("SDEXPORT_MODELS", Path(__file__).resolve().parent.parent / "models"))
+    """$SDEXPORT_MODELS, else the shipped models: `sdexport/models` in an installed wheel (pyproject.toml
+    maps the repository's `models/` there), else the repository's `models/` (a checkout or editable install)."""
+    if "SDEXPORT_MODELS" in os.environ:
+        return Path(os.environ["SDEXPORT_MODELS"])
+    package = Path(__file__).resolve().parent
+    installed = package / "models"
+    return installed if installed.is_dir() else package.parent / "models"
 
 
 def available_presets() -> dict[str, Path]:

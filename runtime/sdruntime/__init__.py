@@ -5,7 +5,8 @@ pipe = StableDiffusionPipeline.load("OUT", provider="cpu")
 pipe("a red circle on a blue background", seed=0).images[0].save("circle.png")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+
 __all__ = ["GenerationResult", "SessionSettings", "StableDiffusionPipeline", "__version__"]
 
 

@@ -258,18 +258,32 @@ def test_a_locked_temporary_folder_stays(capsys, tmp_path):
     assert not (tmp_path / "out" / ".convert.lock").exists()  # the export never holds the lock file
 
 
-def test_importing_diffusers_through_sdexport_prints_nothing():
-    """diffusers' warning about two distributions of `optimum` (optimum-onnx installed) stays quiet."""
+def test_importing_diffusers_through_sdexport_prints_nothing(tmp_path):
+    """diffusers' notice about two distributions of `optimum` (optimum-onnx installed) stays quiet through
+    sdexport's entry points, the Python API and the command line; the quieting is scoped to the call: no
+    warning filter is left behind."""
     import subprocess
     import sys
 
-    done = subprocess.run(
-        [sys.executable, "-c", "import sdexport.conversion; from diffusers import StableDiffusionPipeline"],
+    script = f"""
+import warnings
+filters = list(warnings.filters)
+from sdexport import convert
+try:
+    convert({str(tmp_path / "missing")!r}, {str(tmp_path / "out")!r})
+except Exception as e:
+    print(type(e).__name__)
+assert warnings.filters == filters, "a warning filter outlived sdexport's call"
+"""
+    api = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert api.returncode == 0 and api.stdout.strip() == "SdexportError", (api.stdout, api.stderr)
+    assert "Multiple distributions" not in api.stderr, api.stderr
+    cli = subprocess.run(
+        [sys.executable, "-m", "sdexport.cli", "convert", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        check=True,
     )
-    assert "Multiple distributions" not in done.stderr, done.stderr
+    assert cli.returncode == 2 and len(cli.stderr.splitlines()) == 1, cli.stderr
 
 
 def test_inspect_of_a_corrupted_graph_is_one_line(tiny32, tmp_path, capsys):
