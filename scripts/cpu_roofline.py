@@ -30,7 +30,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sdruntime.manifest import CPU, read_manifest
-from sdruntime.session import LEVELS, default_level
+from sdruntime.ort_options import LEVELS
+from sdruntime.session import default_level
 
 MULTIPLY_ADD_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
 

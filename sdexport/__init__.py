@@ -8,7 +8,7 @@ def convert(source: str, out, **options):
     from .thirdparty import quiet_third_party
 
     with quiet_third_party():
-        from .converter import convert as _convert
+        from .converting import convert as _convert
 
         return _convert(source, out, **options)
 

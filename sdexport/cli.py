@@ -112,7 +112,7 @@ def convert(
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
     with quiet_third_party():  # within one_line_warnings, which would show every warning
-        from .converter import convert as run_convert
+        from .converting import convert as run_convert
 
         run_convert(
             source,

@@ -16,7 +16,7 @@ from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from .components import text_encoders
+from .specs import text_encoders
 from .errors import SdexportError, first_line
 
 # the key endings of a LoRA's "down" matrix, one per adapted module, in the formats diffusers reads

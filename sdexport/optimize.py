@@ -8,6 +8,8 @@ cuda fusions are kept only where their CUDA kernels accept them (fusion_limits.p
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,26 +18,20 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
 from sdruntime.manifest import TARGETS_TABLE
-from sdruntime.session import LEVELS
+from sdruntime.ort_options import QUIET, WARNINGS, ort_session_options
 
-from .export import EXTERNAL_DATA_NAME, OnDisk, graph_of, is_large, save_model
 from .fusion_limits import keep_within_limits
+from .graph_files import EXTERNAL_DATA_NAME, OnDisk, graph_of, is_large, save_model
 from .precision import fp32_nodes, to_fp16
+from .specs import SPECS
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CPU_LAYOUT_PROBE = "cpu_layout_probe"
-# ORT's optimizer model types for the components (onnxruntime.transformers.optimizer).
-FUSION_MODEL_TYPE = {
-    "unet": "unet",
-    "vae_decoder": "vae",
-    "vae_encoder": "vae",
-    "text_encoder": "clip",
-    "text_encoder_2": "clip",
-}
 
 
 def finish_graph(
@@ -87,7 +83,7 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
     less the fused nodes whose CUDA kernel would refuse their widths (fusion_limits.py): those go back
     to standard ops, and the model's metadata (fusion_limits.UNFUSED_KEY) lists them with the reason."""
 
-    model_type = FUSION_MODEL_TYPE[component]
+    model_type = SPECS[component].fusion_model_type
     options = FusionOptions(model_type)
     if model_type == "unet":
         # packed QKV/KV only pay off (and are only kernels) in fp16
@@ -118,18 +114,33 @@ def cuda_fusions_from_file(component: str, path: Path, fp16: bool) -> onnx.Model
     """cuda_fusions with the weights left on disk until a fusion reads them.
 
     ORT's fusions copy the model for shape inference several times: with an SD 1.5 U-Net's 3.4 GB
-    of weights in memory they ran out of 24 GB here. Tensors stay external (their locations are
-    relative to the traced file, hence the working folder) and load once the graph is fused.
+    of weights in memory they ran out of 24 GB here. A traced file with external weights is fused
+    in a child process whose working folder is the file's (fuse_traced_file): ORT's fusion scripts
+    read external tensors relative to the working folder and take no folder to read them from.
     """
     lazy = onnx.load(str(path), load_external_data=False)
-    cwd = os.getcwd()
-    os.chdir(path.parent)  # a process-wide change: the exporter is single-threaded here
-    try:
-        fused = cuda_fusions(component, lazy, fp16)
-    finally:
-        os.chdir(cwd)
-    onnx.load_external_data_for_model(fused, str(path.parent))
-    return fused
+    if not any(uses_external_data(tensor) for tensor in lazy.graph.initializer):
+        return cuda_fusions(component, lazy, fp16)
+    del lazy
+    with tempfile.TemporaryDirectory(prefix="sdexport-fused-") as tmp:
+        fused = Path(tmp) / "model.onnx"
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        code = "import sys; from sdexport.optimize import fuse_traced_file; fuse_traced_file(*sys.argv[1:])"
+        run = subprocess.run(
+            [sys.executable, "-c", code, component, path.name, str(fused), str(int(fp16))], cwd=path.parent, env=env
+        )
+        if run.returncode:
+            raise RuntimeError(f"the cuda fusions of {component} failed in their child process (exit {run.returncode})")
+        return onnx.load(str(fused), load_external_data=True)
+
+
+def fuse_traced_file(component: str, name: str, out: str, fp16: str) -> None:
+    """The child process of cuda_fusions_from_file, in the traced file's folder: fuse `name` (its
+    tensors stay external until a fusion reads one), then write the fused graph with every weight to `out`."""
+    fused = cuda_fusions(component, onnx.load(name, load_external_data=False), fp16 == "1")
+    onnx.load_external_data_for_model(fused, ".")
+    save_model(fused, Path(out))
 
 
 def ort_offline_optimize(model: onnx.ModelProto | Path, level: str, on_disk: bool = False) -> onnx.ModelProto | OnDisk:
@@ -152,16 +163,16 @@ def ort_offline_optimize(model: onnx.ModelProto | Path, level: str, on_disk: boo
             source = Path(tmp.name) / "in" / "model.onnx"
             save_model(model, source)
         optimized.parent.mkdir()
-        options = ort.SessionOptions()
-        options.graph_optimization_level = LEVELS[level]
-        options.optimized_model_filepath = str(optimized)
-        if level == "all":
-            options.log_severity_level = 3  # its warning that "all" is machine-specific: the layout probe handles that
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_NAME)
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        # the session never runs: the CPU kernels' packed copies of the weights would only double the
-        # MatMul weights in memory (the optimized file is the same either way)
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options = ort_session_options(
+            level,
+            # quiet at "all": its warning that "all" is machine-specific is the layout probe's business
+            log_severity=QUIET if level == "all" else WARNINGS,
+            # the session never runs: the CPU kernels' packed copies of the weights would only double
+            # the MatMul weights in memory (the optimized file is the same either way)
+            prepacking=False,
+            save_optimized_to=optimized,
+            external_data_name=EXTERNAL_DATA_NAME,
+        )
         session = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         del session
         if on_disk:
@@ -203,8 +214,7 @@ def write_cpu_layout_probe(folder: Path, seed: int = 0) -> list[str]:
     out = folder / CPU_LAYOUT_PROBE
     out.mkdir(parents=True, exist_ok=True)
     save_model(probe, out / "model.onnx")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # as the runtime loads it
+    options = ort_session_options("basic", log_severity=WARNINGS)  # as the runtime loads it
     session = ort.InferenceSession(str(out / "model.onnx"), options, providers=["CPUExecutionProvider"])
     np.savez(out / "io.npz", x=x, y=session.run(None, {"x": x})[0])
     return [f"{CPU_LAYOUT_PROBE}/model.onnx", f"{CPU_LAYOUT_PROBE}/io.npz"]

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import replace
-from unittest import mock
 
 import onnx
 from onnx.external_data_helper import uses_external_data
-from onnxruntime.transformers import float16
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from .export import FP16_MAX_FINITE, FP16_MIN_POSITIVE, OnDisk
+from .graph_files import FP16_MAX_FINITE, FP16_MIN_POSITIVE, OnDisk
+from .specs import SPECS
 
-# Inputs that stay float32 in every export (the IO table's fixed "float32" entries); SDXL's time_ids
-# (sizes and crop corners) get a Sin/Cos embedding like the timestep's.
-FP32_INPUTS = {"unet": ["timestep", "time_ids"]}
+# Which inputs stay float32 and whether attention scores may (ComponentSpec.fp32_inputs and
+# .upcast_attention_scores) are per component; the rules below find the nodes they keep in fp32.
 
 # The timestep embedding (Sin/Cos of up to 999 * frequencies) stays fp32 up to the first of these,
 # as diffusers computes it; the projection after it runs in fp16.
@@ -55,15 +53,15 @@ def attention_score_nodes(graph: onnx.GraphProto) -> list[str]:
 
 
 def fp32_nodes(component: str, model: onnx.ModelProto, upcast_attention: bool) -> list[str]:
-    """The nodes an fp16 export keeps in fp32, by the rules above."""
+    """The nodes an fp16 export keeps in fp32, by the component's spec and the rules above."""
+    spec = SPECS[component]
+    inputs = {i.name for i in model.graph.input}
     nodes = []
-    if component == "unet":
-        inputs = {i.name for i in model.graph.input}
-        for name in FP32_INPUTS["unet"]:
-            if name in inputs:
-                nodes += timestep_path(model.graph, name)
-        if upcast_attention:
-            nodes += attention_score_nodes(model.graph)
+    for name in spec.fp32_inputs:
+        if name in inputs:
+            nodes += timestep_path(model.graph, name)
+    if upcast_attention and spec.upcast_attention_scores:
+        nodes += attention_score_nodes(model.graph)
     return list(dict.fromkeys(nodes))
 
 
@@ -72,42 +70,67 @@ def to_fp16(component: str, model: onnx.ModelProto | OnDisk, keep_fp32_nodes: li
 
     The converter places its Casts by the types in `value_info`: every value's type is inferred
     first, on a copy without the weights, so graphs over 2 GB get the same Casts as small ones.
-    An OnDisk model's graph is converted alone: the converter retypes its external tensors without
-    reading them, and the OnDisk names them so that save_model converts their data as it writes.
+    An OnDisk model's graph is converted alone: its external tensors are retyped without being
+    read (convert_with_stand_ins), and the OnDisk names them so that save_model converts their
+    data as it writes.
     """
-    if isinstance(model, OnDisk):
-        graph = model.model
-        external_fp32 = {
-            t.name for t in graph.graph.initializer if uses_external_data(t) and t.data_type == onnx.TensorProto.FLOAT
-        }
-        converted = to_fp16(component, graph, keep_fp32_nodes)
-        retyped = {t.name for t in converted.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-        return replace(model, model=converted, fp16=frozenset(external_fp32 & retyped))
-    inferred = infer_value_types(model)
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred)
-    inputs = {i.name for i in model.graph.input}
-    # the converter's own value_info for a converted weight reads the weight for its shape (loading an
-    # external one into the proto); its dims say the same without reading
-    with mock.patch.object(float16, "make_value_info_from_tensor", value_info_from_dims):
-        converted = convert_float_to_float16(
-            model,
-            min_positive_val=FP16_MIN_POSITIVE,
-            max_finite_val=FP16_MAX_FINITE,
-            keep_io_types=[name for name in FP32_INPUTS.get(component, []) if name in inputs],
-            node_block_list=keep_fp32_nodes,
-            disable_shape_infer=True,  # done above; the converter's own in-memory inference stops at 2 GB
-        )
+    proto = model.model if isinstance(model, OnDisk) else model
+    inferred = infer_value_types(proto)
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred)
+    converted, retyped = convert_with_stand_ins(component, proto, keep_fp32_nodes)
     converted = drop_fp16_round_trips(converted)
     # the converter appends some Casts after their readers (Resize's scales): ONNX wants producers first
     nodes = list(converted.graph.node)
     del converted.graph.node[:]
     converted.graph.node.extend(topological_order(nodes, converted.graph))
-    return converted
+    return replace(model, model=converted, fp16=frozenset(retyped)) if isinstance(model, OnDisk) else converted
 
 
-def value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
-    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+def convert_with_stand_ins(
+    component: str, model: onnx.ModelProto, keep_fp32_nodes: list[str]
+) -> tuple[onnx.ModelProto, set[str]]:
+    """ORT's converter on a model whose value types are inferred, external fp32 weights left unread;
+    returns the model and the external tensors it retyped to fp16.
+
+    The converter reads each weight it converts for its shape (numpy_helper.to_array, which loads an
+    external tensor into the proto, from the working folder). Each external fp32 weight is a
+    one-value stand-in while it converts: the converter decides from names and readers alone, so the
+    stand-ins get the same Casts, whose value_info then gets the weight's real shape back.
+    """
+    external = {
+        i: onnx.TensorProto.FromString(tensor.SerializeToString())
+        for i, tensor in enumerate(model.graph.initializer)
+        if uses_external_data(tensor) and tensor.data_type == onnx.TensorProto.FLOAT
+    }
+    for i, tensor in external.items():
+        model.graph.initializer[i].CopyFrom(onnx.helper.make_tensor(tensor.name, tensor.data_type, [1], [0.0]))
+    inputs = {i.name for i in model.graph.input}
+    converted = convert_float_to_float16(
+        model,
+        min_positive_val=FP16_MIN_POSITIVE,
+        max_finite_val=FP16_MAX_FINITE,
+        keep_io_types=[name for name in SPECS[component].fp32_inputs if name in inputs],
+        node_block_list=keep_fp32_nodes,
+        disable_shape_infer=True,  # done by the caller; the converter's own in-memory inference stops at 2 GB
+    )
+    retyped = set()
+    for i, tensor in external.items():  # the converter retypes initializers in place, in their order
+        tensor.data_type = converted.graph.initializer[i].data_type
+        if tensor.data_type == onnx.TensorProto.FLOAT16:
+            retyped.add(tensor.name)
+        converted.graph.initializer[i].CopyFrom(tensor)
+    dims = {tensor.name: tensor.dims for tensor in external.values()}
+    cast_dims = {
+        n.output[0]: dims[n.input[0]] for n in converted.graph.node if n.op_type == "Cast" and n.input[0] in dims
+    }
+    for value in converted.graph.value_info:
+        if value.name in cast_dims:
+            shape = value.type.tensor_type.shape
+            del shape.dim[:]
+            for size in cast_dims[value.name]:
+                shape.dim.add().dim_value = size
+    return converted, retyped
 
 
 # Initializers larger than this are replaced by a typed, shaped stub for inference; smaller ones

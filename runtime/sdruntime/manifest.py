@@ -57,7 +57,6 @@ DTYPES = ("fp32", "fp16")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL only
 # they see the prompts and the negative prompts in one batch
 GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
-FAMILIES = ("sd1", "sd2", "sdxl")
 
 
 @dataclass(frozen=True)

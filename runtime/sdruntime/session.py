@@ -14,6 +14,7 @@ import onnxruntime as ort
 from .errors import UserError
 from .manifest import TARGETS_TABLE, ExportError, Manifest, TensorEntry
 from .onnx_proto import external_data_locations
+from .ort_options import WARNINGS, ort_session_options
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -21,12 +22,6 @@ PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
-LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 class ProviderError(UserError):
@@ -128,8 +123,7 @@ def check_cpu_layout(manifest: Manifest) -> None:
             raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
     with np.load(io_path) as io:
         x, expected = io["x"], io["y"]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = LEVELS["basic"]
+    options = ort_session_options("basic", log_severity=WARNINGS)
     try:
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         got = session.run(None, {"x": x})[0]
@@ -151,18 +145,15 @@ def check_cpu_layout(manifest: Manifest) -> None:
 def session_options(
     settings: SessionSettings, manifest: Manifest, providers: list, component: str = ""
 ) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = settings.inter_op_threads
-    options.enable_cpu_mem_arena = settings.enable_cpu_mem_arena
-    options.log_severity_level = settings.log_severity
     laid_out = manifest.cpu_layout_probe is not None
-    options.graph_optimization_level = LEVELS[
-        settings.optimization or default_level(manifest.target, providers, component, laid_out)
-    ]
-    for key, value in settings.extra.items():
-        options.add_session_config_entry(key, value)
-    return options
+    return ort_session_options(
+        settings.optimization or default_level(manifest.target, providers, component, laid_out),
+        log_severity=settings.log_severity,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        cpu_mem_arena=settings.enable_cpu_mem_arena,
+        config=settings.extra,
+    )
 
 
 def check_external_data(model_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from sdruntime.manifest import COMPONENT_IO, load_schema, read_manifest, sha256_file
 
-from sdexport.components import example_inputs, size_multiple, vae_scale_factor, wrap
+from sdexport.specs import example_inputs, size_multiple, vae_scale_factor, wrap
 
 from ..conftest import _quiet_convert
 
@@ -214,11 +214,11 @@ def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
     from sdruntime.onnx_proto import external_data_locations
     from sdruntime.session import check_external_data
 
-    import sdexport.export as export
+    import sdexport.graph_files as graph_files
 
-    monkeypatch.setattr(export, "is_large", lambda model: True)
+    monkeypatch.setattr(graph_files, "is_large", lambda model: True)
     model = onnx.load(str(tiny32 / "unet" / "model.onnx"))
-    files = export.save_model(model, tmp_path / "unet" / "model.onnx")
+    files = graph_files.save_model(model, tmp_path / "unet" / "model.onnx")
     assert files == ["model.onnx", "model.onnx_data"]
     assert sorted(p.name for p in (tmp_path / "unet").iterdir()) == files
     modes = {(tmp_path / "unet" / name).stat().st_mode for name in files}
@@ -230,8 +230,8 @@ def test_large_models_get_one_external_data_file(tiny32, tmp_path, monkeypatch):
 
 
 def test_weights_no_wanted_component_uses_are_freed_before_tracing():
-    from sdexport.export import release_unused
     from sdexport.presets import build_from_recipe, resolve_preset
+    from sdexport.trace import release_unused
 
     pipe = build_from_recipe(resolve_preset("sdxl-tiny"))
     assert release_unused(pipe, ["unet", "vae_decoder"]) == ["text_encoder", "text_encoder_2"]
@@ -244,9 +244,9 @@ def test_weights_no_wanted_component_uses_are_freed_before_tracing():
 def test_weightless_trace_gives_the_same_graphs(monkeypatch, tmp_path, tiny_pipe, dtype, target):
     """Past 2 GB a component is traced without its weights, which are written afterwards one at a time
     (export.attach_weights); forced on tiny-sd, every graph still matches PyTorch."""
-    import sdexport.export
+    import sdexport.trace
 
-    monkeypatch.setattr(sdexport.export, "LEAN_TRACE_BYTES", 0)
+    monkeypatch.setattr(sdexport.trace, "LEAN_TRACE_BYTES", 0)
     out = _quiet_convert("tiny-sd", tmp_path / "out", dtype=dtype, target=target)
     manifest = read_manifest(out)
     for component, entry in manifest.components.items():
@@ -262,11 +262,12 @@ def test_weightless_trace_gives_the_same_graphs(monkeypatch, tmp_path, tiny_pipe
 def test_weights_left_on_disk_are_written_as_in_memory(monkeypatch, tmp_path, tiny_pipe, fp16, split):
     """Past 2 GB the finished graph keeps its weights in files (export.OnDisk), and fp16 converts them
     as they are written: the written model equals the one finished in memory, tensor for tensor."""
-    import sdexport.export as export
+    import sdexport.graph_files as export
+    import sdexport.trace as tracing
     from sdexport.optimize import finish_graph
 
-    monkeypatch.setattr(export, "LEAN_TRACE_BYTES", 0)
-    traced = export.trace("unet", tiny_pipe, 17, {}, (8, 8), 2, tmp_path / "traced" / "model.onnx")
+    monkeypatch.setattr(tracing, "LEAN_TRACE_BYTES", 0)
+    traced = tracing.trace("unet", tiny_pipe, 17, {}, (8, 8), 2, tmp_path / "traced" / "model.onnx")
     assert (traced.parent / export.EXTERNAL_DATA_NAME).is_file()
     in_memory, kept = finish_graph("unet", onnx.load(str(traced)), "generic", fp16, True)
     on_disk, kept_on_disk = finish_graph("unet", traced, "generic", fp16, True)
@@ -295,7 +296,7 @@ def test_weights_left_on_disk_are_written_as_in_memory(monkeypatch, tmp_path, ti
 def test_static_exports_larger_than_the_trace_cap_are_traced_small(monkeypatch, tmp_path, tiny_pipe):
     """A static export is traced at most TRACE_MAX_LATENT a side (the tracer holds every activation)
     and gets its sizes written in afterwards: checked at its own size, it still matches PyTorch."""
-    import sdexport.conversion as conversion
+    import sdexport.trace as conversion
 
     traced_at = {}
     real_trace = conversion.trace

@@ -425,12 +425,12 @@ def test_no_record_without_the_cuda_target():
 
 
 @pytest.fixture(scope="module")
-def shapes_graphs():
+def shapes_graphs(tmp_path_factory):
     """{component: (plain fp32 graph, graph after the cuda fusions)} of the shapes U-Net and VAE decoder."""
-    from sdexport.components import set_attention
-    from sdexport.export import export_fp32
     from sdexport.load import load_source
     from sdexport.optimize import cuda_fusions
+    from sdexport.specs import set_attention
+    from sdexport.trace import trace
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -438,7 +438,8 @@ def shapes_graphs():
         set_attention(pipe, "plain")  # the cuda target's export: ORT fuses plain attention only
         graphs = {}
         for component in ("unet", "vae_decoder"):
-            plain = export_fp32(component, pipe, 17, {}, (8, 8), 2)
+            path = trace(component, pipe, 17, {}, (8, 8), 2, tmp_path_factory.mktemp(component) / "model.onnx")
+            plain = onnx.load(str(path), load_external_data=True)
             graphs[component] = (plain, cuda_fusions(component, copy.deepcopy(plain), fp16=True))
     return pipe, graphs
 
@@ -481,8 +482,8 @@ def without_fused_ops(model):
 
 @pytest.mark.parametrize("component", ["unet", "vae_decoder"])
 def test_fused_then_replaced_graph_computes_the_plain_graph(shapes_graphs, component):
-    from sdexport.components import example_inputs
     from sdexport.precision import fp32_nodes, to_fp16
+    from sdexport.specs import example_inputs
 
     pipe, graphs = shapes_graphs
     plain, fused = graphs[component]

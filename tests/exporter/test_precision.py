@@ -10,7 +10,7 @@ import pytest
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from sdruntime.manifest import read_manifest
 
-import sdexport.export as export
+import sdexport.graph_files as export
 import sdexport.optimize as optimize
 from sdexport import convert
 from sdexport.cli import main

@@ -205,7 +205,7 @@ def test_lcm_unet_exports_with_timestep_cond(lcm_case):
         expected, got = run_both(pipe, out, "unet", batch, latent_sizes(pipe)[0])
         assert max_abs(expected, got) <= 1e-4
     # timestep_cond reaches the output: the guidance-scale embedding is not traced away
-    from sdexport.components import example_inputs
+    from sdexport.specs import example_inputs
 
     feeds = {k: v.numpy() for k, v in example_inputs("unet", pipe, 1, 8, 8).items()}
     import onnxruntime as ort

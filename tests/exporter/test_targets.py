@@ -263,7 +263,8 @@ def test_a_missing_probe_file_is_named(cpu32, tmp_path, name):
 
 def test_session_levels_on_the_cpu_ep(cpu32, tiny32):
     """Laid-out graphs load at "basic"; others get the NCHWc layout at load time for the VAE only."""
-    from sdruntime.session import LEVELS, SessionSettings, session_options
+    from sdruntime.ort_options import LEVELS
+    from sdruntime.session import SessionSettings, session_options
 
     cpu = ["CPUExecutionProvider"]
 

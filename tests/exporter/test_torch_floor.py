@@ -10,16 +10,18 @@ imposed by the protobuf library"), as one SD 1.5 image at 512x512 made it (--tar
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
-from sdruntime.manifest import read_manifest
+from sdruntime.manifest import axis_sizes, read_manifest
 
 from sdexport import convert
-from sdexport.components import model_dims, set_attention, static_dims, vae_scale_factor
-from sdexport.export import compare_with_torch, trace
+from sdexport.compare import compare_outputs, reference_outputs
 from sdexport.load import load_source
+from sdexport.specs import model_dims, set_attention, vae_scale_factor
+from sdexport.trace import trace
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,10 @@ def plain_pipe():
 
 
 def static_unet(pipe, size: int, folder):
-    fixed = static_dims("unet", 1, size, size, vae_scale_factor(pipe), model_dims(pipe)["max_length"])
+    facts = SimpleNamespace(
+        vae_scale_factor=vae_scale_factor(pipe), tokenizer_max_length=model_dims(pipe)["max_length"]
+    )
+    fixed = axis_sizes(facts, "unet", 1, size, size)
     latent = (fixed["height"], fixed["width"])
     path = trace("unet", pipe, 17, fixed, latent, fixed["batch"], folder / "unet" / "model.onnx")
     return path, fixed["batch"], latent
@@ -67,7 +72,7 @@ def test_static_trace_with_1gib_of_attention_scores(plain_pipe, tmp_path):
 def test_static_plain_attention_trace_matches_pytorch(plain_pipe, tmp_path):
     path, batch, latent = static_unet(plain_pipe, 128, tmp_path)
     assert io_shapes(path)["sample"] == [batch, 4, *latent]
-    result = compare_with_torch("unet", plain_pipe, path, batch, latent)
+    result = compare_outputs(reference_outputs("unet", plain_pipe, batch, latent), path)
     assert result["finite"] and result["max_abs_diff"] < 1e-4, result
 
 

@@ -58,7 +58,7 @@ def write_source(folder: Path, config: dict) -> Path:
 
 def export_configs(tiny_pipe, scheduler, out: Path) -> Path:
     """The exporter's config writer on a pipeline whose scheduler is `scheduler`."""
-    from sdexport.conversion import write_configs
+    from sdexport.artifacts import write_configs
 
     pipe = diffusers.StableDiffusionPipeline(
         **{**tiny_pipe.components, "scheduler": scheduler}, requires_safety_checker=False
@@ -245,7 +245,7 @@ def test_pipeline_refuses_an_unknown_spacing(ours):
 
 
 def test_cli_timestep_spacing(tiny32, tmp_path, monkeypatch, capsys):
-    import sdruntime.pipeline
+    import sdruntime.plan
 
     made = []
 
@@ -253,7 +253,7 @@ def test_cli_timestep_spacing(tiny32, tmp_path, monkeypatch, capsys):
         made.append((name, dict(overrides or {})))
         return make_scheduler(name, config, steps, overrides, **kwargs)
 
-    monkeypatch.setattr(sdruntime.pipeline, "make_scheduler", recording)
+    monkeypatch.setattr(sdruntime.plan, "make_scheduler", recording)
     args = ["generate", str(tiny32), "x", "--steps", "2", "--scheduler", "euler", "-o", str(tmp_path / "a.png")]
     assert main([*args, "--timestep-spacing", "trailing"]) == 0
     assert made == [("euler", {"timestep_spacing": "trailing"})]

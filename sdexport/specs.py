@@ -1,13 +1,18 @@
-"""PyTorch modules with the fixed signatures of the IO table in `sdruntime.manifest`."""
+"""What each component is, in one place: one `ComponentSpec` per entry of the IO table in
+`sdruntime.manifest` (the PyTorch module it is traced from, its wrapper with the IO table's fixed
+signature, its example inputs, its fusion model type, its fp32 rules, its config file), so that a
+new component is one more spec. The pipeline-wide sizes the specs read (model_dims, size_multiple)
+are here too."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from sdruntime.manifest import COMPONENTS, DYNAMIC_AXES, axis_sizes, component_io
+from sdruntime.manifest import COMPONENTS, DYNAMIC_AXES, FINAL_LAYER_NORM, component_io
 
 ATTENTION_FORMS = ("sdpa", "plain")
 
@@ -98,8 +103,8 @@ def text_encoders(pipe) -> dict[str, torch.nn.Module]:
 
 
 def pipeline_components(pipe) -> tuple[str, ...]:
-    """The IO table's components this pipeline has."""
-    return tuple(c for c in COMPONENTS if not c.startswith("text_encoder") or c in text_encoders(pipe))
+    """The IO table's components this pipeline has (an SDXL refiner has no text_encoder)."""
+    return tuple(c for c in COMPONENTS if getattr(pipe, SPECS[c].module, None) is not None)
 
 
 def is_sdxl(pipe) -> bool:
@@ -114,17 +119,6 @@ def unet_optional_inputs(pipe) -> tuple[str, ...]:
 def first_tokenizer(pipe):
     """tokenizer, or tokenizer_2 for a pipeline without the first (an SDXL refiner)."""
     return pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
-
-
-def wrap(component: str, pipe) -> torch.nn.Module:
-    modules = {
-        "text_encoder": lambda: TextEncoder(pipe.text_encoder),
-        "text_encoder_2": lambda: TextEncoderWithProjection(pipe.text_encoder_2),
-        "unet": lambda: UNet(pipe.unet, unet_optional_inputs(pipe)),
-        "vae_decoder": lambda: VaeDecoder(pipe.vae),
-        "vae_encoder": lambda: VaeEncoder(pipe.vae),
-    }
-    return modules[component]().eval()
 
 
 def vae_scale_factor(pipe) -> int:
@@ -170,16 +164,6 @@ def num_time_ids(pipe) -> int:
     return 5 if pipe.config.get("requires_aesthetics_score") else 6
 
 
-def static_dims(
-    component: str, batch_size: int, height: int, width: int, factor: int, max_length: int
-) -> dict[str, int]:
-    """Concrete values of the dynamic axes for a static export of N images of H x W pixels
-    (sdruntime.manifest.axis_sizes, for a VAE factor and tokenizer length not yet in a manifest)."""
-    return axis_sizes(
-        SimpleNamespace(vae_scale_factor=factor, tokenizer_max_length=max_length), component, batch_size, height, width
-    )
-
-
 def num_hidden_states(pipe, component: str = "text_encoder") -> int:
     """A text encoder's hidden states: the embeddings and one per layer (what clip_skip indexes); 0 when absent."""
     encoder = text_encoders(pipe).get(component)
@@ -216,35 +200,129 @@ def dynamic_axes(component: str, fixed: dict[str, int], pipe) -> dict[str, dict[
     return axes
 
 
+def text_encoder_inputs(component: str, pipe, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random token ids between BOS and EOS, as many as the tokenizer pads to."""
+    tokenizer = pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2
+    encoder = text_encoders(pipe)[component]
+    ids = torch.randint(0, encoder.config.vocab_size - 2, (batch, tokenizer.model_max_length), generator=gen)
+    ids[:, 0] = tokenizer.bos_token_id
+    ids[:, -1] = tokenizer.eos_token_id
+    return {"input_ids": ids}
+
+
+def unet_inputs(
+    component: str, pipe, batch: int, height: int, width: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    dims = model_dims(pipe)
+    inputs = {
+        "sample": torch.randn(batch, dims["latent_channels"], height, width, generator=gen),
+        "timestep": torch.rand(batch, generator=gen) * 999.0,
+        "encoder_hidden_states": torch.randn(batch, dims["max_length"], dims["cross_attention_dim"], generator=gen),
+    }
+    optional = unet_optional_inputs(pipe)
+    if "timestep_cond" in optional:
+        inputs["timestep_cond"] = torch.randn(batch, dims["time_cond_proj_dim"], generator=gen)
+    if "text_embeds" in optional:
+        inputs["text_embeds"] = torch.randn(batch, dims["text_embeds_dim"], generator=gen)
+        # sizes and crop corners in pixels, as SDXL's micro-conditioning gives them
+        inputs["time_ids"] = torch.randint(0, 1025, (batch, dims["time_ids_dim"]), generator=gen).float()
+    return inputs
+
+
+def vae_decoder_inputs(
+    component: str, pipe, batch: int, height: int, width: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    return {"latent_sample": torch.randn(batch, pipe.vae.config.latent_channels, height, width, generator=gen)}
+
+
+def vae_encoder_inputs(
+    component: str, pipe, batch: int, height: int, width: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    factor = vae_scale_factor(pipe)
+    image = torch.rand(batch, model_dims(pipe)["image_channels"], height * factor, width * factor, generator=gen)
+    return {"sample": image * 2.0 - 1.0}
+
+
+def final_layer_norm_file(pipe, folder) -> list[str]:
+    """text_encoder's extra file: CLIP's final LayerNorm, for the hidden state clip_skip picks."""
+    (folder / FINAL_LAYER_NORM).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / FINAL_LAYER_NORM, **final_layer_norm(pipe))
+    return [FINAL_LAYER_NORM]
+
+
+def save_diffusers_config(module, folder) -> None:
+    module.save_config(folder)
+
+
+def save_transformers_config(module, folder) -> None:
+    module.config.save_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exported component: everything the exporter does differently for it."""
+
+    name: str
+    module: str  # the pipeline attribute it is traced from (both VAE parts share `vae`)
+    wrapper: Callable[[object], torch.nn.Module]  # pipe -> the module with the IO table's signature
+    example_inputs: Callable[..., dict[str, torch.Tensor]]  # (component, pipe, batch, h, w, generator)
+    fusion_model_type: str  # ORT's optimizer model type (onnxruntime.transformers.optimizer)
+    save_config: Callable[[object, object], None] = save_diffusers_config  # (module, folder): its config.json
+    fp32_inputs: tuple[str, ...] = ()  # float32 in every export; their Sin/Cos embedding path stays fp32
+    upcast_attention_scores: bool = False  # with the config's upcast_attention, Q.K^T and softmax stay fp32
+    follows_vae_force_upcast: bool = False  # kept fp32 in fp16 exports when the VAE config says force_upcast
+    traced_last: bool = False  # the largest: traced once every other module's weights are freed
+    extra_files: Callable[[object, object], list[str]] | None = None  # (pipe, folder) -> files written
+
+
+def text_encoder_spec(name: str, wrapper: type[torch.nn.Module]) -> ComponentSpec:
+    return ComponentSpec(
+        name,
+        name,
+        lambda pipe: wrapper(getattr(pipe, name)),
+        lambda component, pipe, batch, height, width, gen: text_encoder_inputs(component, pipe, batch, gen),
+        fusion_model_type="clip",
+        save_config=save_transformers_config,
+        extra_files=final_layer_norm_file if name == "text_encoder" else None,
+    )
+
+
+SPECS: dict[str, ComponentSpec] = {
+    "text_encoder": text_encoder_spec("text_encoder", TextEncoder),
+    "text_encoder_2": text_encoder_spec("text_encoder_2", TextEncoderWithProjection),
+    "unet": ComponentSpec(
+        "unet",
+        "unet",
+        lambda pipe: UNet(pipe.unet, unet_optional_inputs(pipe)),
+        unet_inputs,
+        fusion_model_type="unet",
+        fp32_inputs=("timestep", "time_ids"),  # SDXL's time_ids get a Sin/Cos embedding like the timestep's
+        upcast_attention_scores=True,
+        traced_last=True,
+    ),
+    "vae_decoder": ComponentSpec(
+        "vae_decoder",
+        "vae",
+        lambda pipe: VaeDecoder(pipe.vae),
+        vae_decoder_inputs,
+        fusion_model_type="vae",
+        follows_vae_force_upcast=True,
+    ),
+    "vae_encoder": ComponentSpec(
+        "vae_encoder",
+        "vae",
+        lambda pipe: VaeEncoder(pipe.vae),
+        vae_encoder_inputs,
+        fusion_model_type="vae",
+        follows_vae_force_upcast=True,
+    ),
+}
+
+
+def wrap(component: str, pipe) -> torch.nn.Module:
+    return SPECS[component].wrapper(pipe).eval()
+
+
 def example_inputs(component: str, pipe, batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs of the IO table's shapes; height and width in latent pixels."""
-    gen = torch.Generator().manual_seed(seed)
-    dims = model_dims(pipe)
-    factor = vae_scale_factor(pipe)
-    if component in ("text_encoder", "text_encoder_2"):
-        tokenizer = pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2
-        encoder = text_encoders(pipe)[component]
-        ids = torch.randint(0, encoder.config.vocab_size - 2, (batch, tokenizer.model_max_length), generator=gen)
-        ids[:, 0] = tokenizer.bos_token_id
-        ids[:, -1] = tokenizer.eos_token_id
-        return {"input_ids": ids}
-    if component == "unet":
-        inputs = {
-            "sample": torch.randn(batch, dims["latent_channels"], height, width, generator=gen),
-            "timestep": torch.rand(batch, generator=gen) * 999.0,
-            "encoder_hidden_states": torch.randn(batch, dims["max_length"], dims["cross_attention_dim"], generator=gen),
-        }
-        optional = unet_optional_inputs(pipe)
-        if "timestep_cond" in optional:
-            inputs["timestep_cond"] = torch.randn(batch, dims["time_cond_proj_dim"], generator=gen)
-        if "text_embeds" in optional:
-            inputs["text_embeds"] = torch.randn(batch, dims["text_embeds_dim"], generator=gen)
-            # sizes and crop corners in pixels, as SDXL's micro-conditioning gives them
-            inputs["time_ids"] = torch.randint(0, 1025, (batch, dims["time_ids_dim"]), generator=gen).float()
-        return inputs
-    if component == "vae_decoder":
-        return {"latent_sample": torch.randn(batch, pipe.vae.config.latent_channels, height, width, generator=gen)}
-    if component == "vae_encoder":
-        image = torch.rand(batch, dims["image_channels"], height * factor, width * factor, generator=gen)
-        return {"sample": image * 2.0 - 1.0}
-    raise KeyError(component)
+    return SPECS[component].example_inputs(component, pipe, batch, height, width, torch.Generator().manual_seed(seed))

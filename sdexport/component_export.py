@@ -1,0 +1,75 @@
+"""One component from its traced fp32 file to its written graph: finished for the target and dtype
+(optimize.py), written, checked (graph_check.py) and compared with PyTorch (compare.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+from sdruntime.manifest import TARGETS_TABLE, PipelineFacts, StaticShapes, file_entry
+
+from .artifacts import Written
+from .compare import compare_outputs
+from .graph_check import check_written_graph
+from .graph_files import graph_of, save_model
+from .optimize import finish_graph, uses_cpu_layout
+from .trace import Traced, trace_component
+
+
+def checkable(target: str) -> bool:
+    """Whether this machine can run the target's graphs to compare them with PyTorch."""
+
+    return TARGETS_TABLE[target].check_provider in ort.get_available_providers()
+
+
+def check_written(component: str, path: Path, target: str) -> None:
+    """The written graph type-checks and, where this machine runs its target, loads (graph_check.py)."""
+
+    check_written_graph(component, path, TARGETS_TABLE[target].check_provider if checkable(target) else None)
+
+
+def finish_component(
+    traced: Traced,
+    folder: Path,
+    target: str,
+    fp16: bool,
+    upcast_attention: bool,
+    extra_fp32_nodes: Sequence[str] = (),
+) -> Written:
+    """Finish a traced graph for the target and dtype, write it, check it, and compare it with
+    PyTorch's outputs when it was traced with a reference. Returns what the manifest records of it."""
+
+    component = traced.component
+    model, kept = finish_graph(component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes)
+    shutil.rmtree(traced.path.parent)
+    with contextlib.suppress(OSError):
+        traced.path.parent.parent.rmdir()  # the .fp32 folder, once every traced graph is finished
+    path = folder / component / "model.onnx"
+    files = save_model(model, path)
+    laid_out = uses_cpu_layout(graph_of(model))
+    del model
+    check_written(component, path, target)
+    result = None
+    if traced.reference is not None:
+        result = compare_outputs(traced.reference, path, provider=TARGETS_TABLE[target].check_provider)
+    return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
+
+
+def export_component(
+    component: str,
+    pipe,
+    folder: Path,
+    facts: PipelineFacts,
+    static: StaticShapes | None,
+    opset: int,
+    target: str,
+    fp16: bool,
+    extra_fp32_nodes: Sequence[str] = (),
+    compare: bool = True,
+) -> Written:
+    """Trace, finish, write and check one component: the path every export takes (finish_component)."""
+    traced = trace_component(component, pipe, folder, facts, static, opset, compare and checkable(target))
+    return finish_component(traced, folder, target, fp16, bool(facts.upcast_attention), extra_fp32_nodes)

@@ -1,0 +1,123 @@
+"""`sdexport convert`: SOURCE -> an exported folder, in four steps that each read the plan:
+plan (plan.py) -> trace every component (trace.py) -> finish each graph (component_export.py) ->
+configs and manifest (artifacts.py). It is written into a staged folder and put in place when
+complete (staging.py), optionally validated against PyTorch before that (fp32_fallback.py).
+
+(The module is not named convert.py: `sdexport.convert` is the package's function, which a
+submodule of that name would replace once imported.)"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from sdruntime.manifest import ComponentEntry, Manifest, config_file_entries, file_entry, write_manifest
+
+from .artifacts import Written, component_entry, export_manifest, with_cpu_layout_probe, write_configs
+from .component_export import checkable, finish_component
+from .errors import ValidationFailed
+from .fp32_fallback import check_convert_options, validate_conversion
+from .load import load_source, replace_vae
+from .lora import check_loras, fuse_loras
+from .plan import ConvertOptions, ExportPlan, check_options, check_output, force_upcast_note, plan_export
+from .specs import SPECS, set_attention
+from .staging import staged_folder
+from .trace import Traced, release_unused, release_weights, trace_component
+
+
+def convert(source: str, out: str | os.PathLike, **options) -> Path:
+    """Export SOURCE to OUT; see `sdexport convert --help` for the options."""
+    opts = ConvertOptions(**options)
+    check_options(opts)
+    validating = opts.validate or opts.auto_fp32_fallback
+    if validating:
+        check_convert_options(opts.dtype, opts.target, opts.auto_fp32_fallback)
+    loras = check_loras(opts.loras)
+    out = Path(out)
+    check_output(out, opts.overwrite)
+    log = opts.log
+    started = time.perf_counter()
+    # a failed validation's export stays in its temporary folder, with the report, for inspection
+    with staged_folder(out, log, keep=(ValidationFailed,)) as tmp:
+        src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
+        log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+        if opts.vae:
+            replace_vae(src, opts.vae)
+            log(f"replaced the pipeline's VAE with {src.vae}")
+        if loras:
+            src.loras = fuse_loras(src.pipe, loras, log)
+        manifest = export_all(src, tmp, opts)
+        write_configs(src.pipe, src, tmp, list(manifest.components))
+        write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
+        if validating:
+            validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
+    log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:
+    """Every requested component: planned, traced (the graphs are then finished without torch), finished
+    and written, then the manifest."""
+    plan = plan_export(src.pipe, opts, checkable(opts.target))
+    set_attention(src.pipe, plan.attention)
+    if note := force_upcast_note(plan):
+        opts.log(note)
+    extra_files = write_extra_files(src.pipe, tmp, plan)
+    traced = trace_all(src.pipe, tmp, opts.opset, plan)
+    components = {}
+    laid_out = False
+    for item in traced:
+        started = time.perf_counter() - item.seconds  # the logged time includes the component's tracing
+        written = finish_component(
+            item, tmp, opts.target, plan.components[item.component].fp16, bool(plan.facts.upcast_attention)
+        )
+        written = replace(written, files=written.files + extra_files.get(item.component, ()))
+        components[item.component] = entry = component_entry(
+            item.component, plan.components[item.component].dtype, plan, item.dims, written
+        )
+        laid_out = laid_out or written.laid_out
+        opts.log(exported_line(item.component, time.perf_counter() - started, entry, written, opts.check))
+    manifest = export_manifest(src, tmp, opts, plan, components)
+    return with_cpu_layout_probe(tmp, manifest) if laid_out else manifest
+
+
+def write_extra_files(pipe, folder: Path, plan: ExportPlan) -> dict[str, tuple]:
+    """The files some components carry besides their graph (text_encoder's final LayerNorm), written while
+    the weights are still there; their manifest entries by component."""
+    written = {}
+    for component in plan.components:
+        if SPECS[component].extra_files is not None:
+            names = SPECS[component].extra_files(pipe, folder)
+            written[component] = tuple(file_entry(folder, name) for name in names)
+    return written
+
+
+def trace_all(pipe, folder: Path, opset: int, plan: ExportPlan) -> list[Traced]:
+    """Every planned component traced, in the IO table's order, with PyTorch's reference outputs where
+    the plan compares; in a lean plan each module is freed once its last component is traced."""
+    if plan.lean:
+        release_unused(pipe, list(plan.components))
+    traced = []
+    # the U-Net last, each module freed once its last component is traced: tracing an SDXL U-Net with
+    # the text encoders and VAE still held passed 16 GB
+    for i, component in enumerate(order := plan.trace_order()):
+        traced.append(trace_component(component, pipe, folder, plan.facts, plan.static, opset, plan.compare))
+        if plan.lean:
+            release_unused(pipe, order[i + 1 :])
+    if plan.lean:  # PyTorch's outputs are kept: ORT loads alone
+        release_weights(pipe)
+    return sorted(traced, key=lambda t: list(plan.components).index(t.component))
+
+
+def exported_line(component: str, seconds: float, entry: ComponentEntry, written: Written, check: bool) -> str:
+    """The log line of one exported component: its dtype, time, size and error against PyTorch."""
+    size = sum(f.bytes for f in entry.files) / 1e6
+    result = written.compared
+    detail = "" if result or not check else ", not compared with PyTorch (the cuda target runs on the CUDA EP only)"
+    if result:
+        detail = f", max abs diff vs PyTorch {result['max_abs_diff']:.2e} (relative L2 {result['relative_l2']:.1e})"
+        if not result["finite"]:
+            detail += ", NaN/Inf in the output"
+    return f"exported {component} ({entry.dtype}) in {seconds:.1f} s, {size:.1f} MB{detail}"

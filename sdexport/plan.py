@@ -1,0 +1,231 @@
+"""A convert request (ConvertOptions) checked and turned into an ExportPlan, once: which components,
+at which dtype and why, which attention form, which static sizes. Every later stage reads the plan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, TARGETS_TABLE, PipelineFacts, StaticShapes
+
+from .errors import SdexportError
+from .families import pipeline_family
+from .specs import (
+    SPECS,
+    first_tokenizer,
+    num_hidden_states,
+    num_time_ids,
+    pipeline_components,
+    size_multiple,
+    vae_scale_factor,
+)
+
+
+@dataclass
+class ConvertOptions:
+    components: Sequence[str] = COMPONENTS
+    dtype: str = "fp32"
+    keep_fp32: Sequence[str] = ()
+    target: str = "generic"
+    opset: int = 17
+    static: bool = False
+    batch_size: int = 1
+    height: int | None = None
+    width: int | None = None
+    overwrite: bool = False
+    check: bool = True
+    log: Callable[[str], None] = field(default=print)
+    loras: Sequence = ()  # "FILE[:SCALE]" or (FILE, SCALE), fused in order (sdexport/lora.py)
+    config: str | None = None  # single-file checkpoints: a diffusers folder with the configs
+    prediction_type: str | None = None  # single-file checkpoints: epsilon | v_prediction
+    allow_pickle: bool = False  # single-file checkpoints: read a .ckpt with torch.load(weights_only=True)
+    validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
+    auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
+    vae: str | None = None  # a diffusers AutoencoderKL folder that replaces the pipeline's VAE before export
+
+
+def check_options(opts: ConvertOptions) -> None:
+    """Refuse bad options before anything is loaded or written."""
+    unknown = [c for c in opts.components if c not in COMPONENTS]
+    if unknown or not opts.components:
+        raise SdexportError(f"unknown component '{(unknown or [''])[0]}': choose from {', '.join(COMPONENTS)}")
+    bad_keep = [c for c in opts.keep_fp32 if c not in COMPONENTS]
+    if bad_keep:
+        raise SdexportError(f"unknown component '{bad_keep[0]}' in --keep-fp32: choose from {', '.join(COMPONENTS)}")
+    if opts.dtype not in DTYPES:
+        raise SdexportError(f"unknown dtype '{opts.dtype}': choose fp32 or fp16")
+    if opts.target not in TARGETS:
+        raise SdexportError(f"unknown target '{opts.target}': choose from {', '.join(TARGETS)}")
+    if opts.target == "tensorrt" and opts.dtype == "fp16":
+        raise SdexportError(
+            "--target tensorrt exports fp32 graphs: TensorRT builds fp16 engines itself (trt_fp16_enable, "
+            "on by default in sdruntime); drop --dtype fp16"
+        )
+    if not 14 <= opts.opset <= 20:
+        raise SdexportError(f"opset {opts.opset} is not supported: choose 14 to 20 (default 17)")
+    if opts.static and opts.batch_size < 1:
+        raise SdexportError(f"--batch-size must be at least 1, got {opts.batch_size}")
+    if not opts.static and (opts.height or opts.width):
+        raise SdexportError("--height and --width fix the shapes of a static export: add --static")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise SdexportError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise SdexportError(f"{out} exists and is not a folder: choose another -o")
+    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))  # created when missing
+    if not parent.is_dir():
+        raise SdexportError(f"{parent} is not a folder: choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SdexportError(f"{parent} is not writable: choose another -o")
+
+
+def pipeline_facts(pipe, family: str) -> PipelineFacts:
+    factor = vae_scale_factor(pipe)
+    tokenizer = first_tokenizer(pipe)
+    unet = pipe.unet.config
+    sdxl = sdxl_facts(pipe) if family == "sdxl" else {}
+    time_cond = unet.get("time_cond_proj_dim")
+    return PipelineFacts(
+        family=family,
+        prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=factor,
+        latent_channels=int(pipe.unet.config.in_channels),
+        default_height=int(pipe.unet.config.sample_size) * factor,
+        default_width=int(pipe.unet.config.sample_size) * factor,
+        tokenizer_max_length=int(tokenizer.model_max_length),
+        pad_token_id=int(tokenizer.pad_token_id),
+        scheduler_class=pipe.scheduler.__class__.__name__,
+        upcast_attention=bool(pipe.unet.config.get("upcast_attention", False)),
+        num_hidden_states=num_hidden_states(pipe) or None,
+        time_cond_proj_dim=int(time_cond) if time_cond is not None else None,
+        vae_force_upcast=bool(pipe.vae.config.get("force_upcast", True)) if family == "sdxl" else None,
+        **sdxl,
+    )
+
+
+def sdxl_facts(pipe) -> dict:
+    """The SDXL pipeline facts: the second text encoder and tokenizer, the U-Net's added
+    conditioning and the pipeline's config flags (refused when the widths do not add up)."""
+
+    unet = pipe.unet.config
+    encoder = pipe.text_encoder_2.config
+    passed = unet.addition_time_embed_dim * num_time_ids(pipe) + encoder.projection_dim
+    if passed != unet.projection_class_embeddings_input_dim:
+        raise SdexportError(
+            f"the U-Net's projection_class_embeddings_input_dim is {unet.projection_class_embeddings_input_dim}, but "
+            f"{num_time_ids(pipe)} time ids x addition_time_embed_dim {unet.addition_time_embed_dim} + text_encoder_2's "
+            f"projection_dim {encoder.projection_dim} make {passed}: check requires_aesthetics_score in model_index.json"
+        )
+    return {
+        "num_hidden_states_2": num_hidden_states(pipe, "text_encoder_2"),
+        "text_encoder_2_hidden_size": int(encoder.hidden_size),
+        "text_encoder_2_projection_dim": int(encoder.projection_dim),
+        "tokenizer_2_max_length": int(pipe.tokenizer_2.model_max_length),
+        "tokenizer_2_pad_token_id": int(pipe.tokenizer_2.pad_token_id),
+        "force_zeros_for_empty_prompt": bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": bool(pipe.config.get("requires_aesthetics_score", False)),
+        "addition_time_embed_dim": int(unet.addition_time_embed_dim),
+        "projection_class_embeddings_input_dim": int(unet.projection_class_embeddings_input_dim),
+    }
+
+
+def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> StaticShapes | None:
+    """The manifest's `static` entry of a static export (sizes checked against the size multiple)."""
+    if not opts.static:
+        return None
+    height = opts.height or facts.default_height
+    width = opts.width or facts.default_width
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise SdexportError(f"--{name} {value} is not a multiple of {multiple} (this model's size multiple)")
+    return StaticShapes(opts.batch_size, height, width)
+
+
+def export_components(pipe, requested: Sequence[str]) -> list[str]:
+    """The requested components this pipeline has, in the IO table's order. The default request
+    (every component) means all the pipeline has; a component named on purpose must exist."""
+
+    present = pipeline_components(pipe)
+    missing = [c for c in requested if c not in present]
+    if missing and tuple(requested) != COMPONENTS:
+        raise SdexportError(f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}")
+    return [c for c in COMPONENTS if c in requested and c in present]
+
+
+# Why a component of an fp16 export is fp32 (ComponentPlan.reason)
+EXPORT_DTYPE = "the export's dtype"
+KEEP_FP32 = "--keep-fp32"
+FORCE_UPCAST = "force_upcast"
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One component's dtype and the reason for it (EXPORT_DTYPE, KEEP_FP32 or FORCE_UPCAST)."""
+
+    name: str
+    dtype: str
+    reason: str
+
+    @property
+    def fp16(self) -> bool:
+        return self.dtype == "fp16"
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a convert does, decided before anything is traced."""
+
+    facts: PipelineFacts
+    size_multiple: int
+    static: StaticShapes | None
+    attention: str  # the attention form traced, from the target table
+    components: dict[str, ComponentPlan]  # in the IO table's order
+    lean: bool  # free PyTorch's weights as soon as they are traced (no validation follows)
+    compare: bool  # compare every written graph with PyTorch (this machine runs the target)
+
+    def trace_order(self) -> list[str]:
+        """The order components are traced in: the largest (the U-Net) last."""
+        return sorted(self.components, key=lambda name: SPECS[name].traced_last)
+
+
+def component_plan(component: str, opts: ConvertOptions, facts: PipelineFacts) -> ComponentPlan:
+    """fp16 unless the component is kept in fp32: by --keep-fp32, or SDXL's VAE whose config says
+    force_upcast (it overflows in fp16, so diffusers decodes in fp32 too)."""
+    if opts.dtype != "fp16":
+        return ComponentPlan(component, "fp32", EXPORT_DTYPE)
+    if component in opts.keep_fp32:
+        return ComponentPlan(component, "fp32", KEEP_FP32)
+    if SPECS[component].follows_vae_force_upcast and facts.vae_force_upcast:
+        return ComponentPlan(component, "fp32", FORCE_UPCAST)
+    return ComponentPlan(component, "fp16", EXPORT_DTYPE)
+
+
+def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
+    """The plan of one convert of this pipeline; `compare`: this machine runs the target's graphs."""
+    facts = pipeline_facts(pipe, pipeline_family(pipe))
+    multiple = size_multiple(pipe)
+    return ExportPlan(
+        facts=facts,
+        size_multiple=multiple,
+        static=static_shapes(opts, facts, multiple),
+        attention=TARGETS_TABLE[opts.target].attention,
+        components={c: component_plan(c, opts, facts) for c in export_components(pipe, opts.components)},
+        lean=not (opts.validate or opts.auto_fp32_fallback),  # validation runs the whole pipeline in PyTorch
+        compare=opts.check and compare,
+    )
+
+
+def force_upcast_note(plan: ExportPlan) -> str | None:
+    """The log line that says which components force_upcast keeps in fp32, if any."""
+    kept = [c.name for c in plan.components.values() if c.reason == FORCE_UPCAST]
+    if not kept:
+        return None
+    return (
+        f"keeping {' and '.join(kept)} in fp32: the VAE config says force_upcast (SDXL's VAE overflows "
+        "in fp16); pass --vae with an fp16-safe VAE (force_upcast false) to export it in fp16"
+    )
