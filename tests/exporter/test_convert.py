@@ -316,3 +316,23 @@ def test_static_exports_larger_than_the_trace_cap_are_traced_small(monkeypatch, 
         assert entry.export_relative_l2 is not None and entry.export_relative_l2 <= 1e-4, component
     expected, got = run_both(tiny_pipe, out, "unet", 2, (12, 8))
     assert float(np.linalg.norm(expected[0] - got[0]) / np.linalg.norm(expected[0])) <= 1e-4
+
+
+def test_one_spec_per_component_of_the_io_table():
+    from sdexport.specs import SPECS
+
+    assert tuple(SPECS) == tuple(COMPONENT_IO)
+    assert [name for name, spec in SPECS.items() if spec.traced_last] == ["unet"]
+
+
+def test_the_plan_says_why_a_component_stays_fp32():
+    from types import SimpleNamespace
+
+    from sdexport.plan import FORCE_UPCAST, KEEP_FP32, ComponentPlan, ConvertOptions, component_plan
+
+    opts = ConvertOptions(dtype="fp16", keep_fp32=["text_encoder"])
+    upcast = SimpleNamespace(vae_force_upcast=True)
+    assert component_plan("text_encoder", opts, upcast) == ComponentPlan("text_encoder", "fp32", KEEP_FP32)
+    assert component_plan("vae_decoder", opts, upcast).reason == FORCE_UPCAST
+    assert component_plan("unet", opts, upcast).fp16
+    assert component_plan("vae_decoder", opts, SimpleNamespace(vae_force_upcast=None)).fp16
