@@ -1,4 +1,4 @@
-"""`sdexport validate` and `convert --validate`: exit codes, validate.py's tolerances, the fp16 blame, the report schema."""
+"""`sdexport validate` and `convert --validate`: exit codes, validate's tolerances, the fp16 blame, the report schema."""
 
 from __future__ import annotations
 
@@ -293,14 +293,14 @@ def test_psnr_is_capped_at_100_db():
 
 @pytest.mark.parametrize("target", ["generic", "cuda"])
 def test_fallback_rebuild_writes_the_graph_convert_writes(tmp_path, target):
-    """validate's fp32 fallback and convert share one export path: same options, byte-identical graph."""
+    """The fp32 fallback and convert share one export path: same options, byte-identical graph."""
     import hashlib
 
     from sdruntime.manifest import TARGETS_TABLE
 
-    from sdexport.components import set_attention
+    from sdexport.fp32_fallback import rebuild_component
     from sdexport.load import load_source
-    from sdexport.validate import rebuild_component
+    from sdexport.specs import set_attention
 
     out = convert("tiny-sd", tmp_path / "export", dtype="fp16", target=target, components=["unet"], log=lambda s: None)
     before = hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest()

@@ -1,0 +1,146 @@
+"""The inputs each component is checked on: the same arrays go to PyTorch and to ONNX Runtime."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from sdruntime.conditioning import (
+    MicroConditioning,
+    guidance_scale_embedding,
+    img2img_time_ids,
+    txt2img_time_ids,
+)
+from sdruntime.manifest import Manifest, latent_shape
+
+from ..specs import is_sdxl
+from .options import PROMPTS, image_sizes
+
+
+@dataclass
+class Case:
+    """One set of inputs for a component; height and width in image pixels."""
+
+    label: str
+    inputs: dict[str, np.ndarray]
+    batch: int
+    height: int | None = None
+    width: int | None = None
+    timestep: float | None = None
+
+
+def batch_sizes(manifest: Manifest, component: str) -> list[int]:
+    """1 and 2, or the batch a static export fixes."""
+    first = manifest.components[component].inputs[0].shape[0]
+    return [first] if isinstance(first, int) else [1, 2]
+
+
+def token_ids(pipe, prompts: list[str], component: str = "text_encoder") -> np.ndarray:
+    tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
+    )
+    return tokens.input_ids.astype(np.int64)
+
+
+def prompts_for(batch: int, guided: bool) -> list[str]:
+    """Real prompts; guided batches put the negative (empty) prompts first, as the pipelines do."""
+    if not guided or batch == 1:
+        return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    half = batch // 2
+    return [""] * half + [PROMPTS[i % len(PROMPTS)] for i in range(batch - half)]
+
+
+def text_embeddings(pipe, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The U-Net's encoder_hidden_states for `prompts` as the pipeline computes them, and for SDXL the
+    pooled `text_embeds` too (diffusers' own encode_prompt: both encoders' penultimate states)."""
+    with torch.no_grad():
+        if not is_sdxl(pipe):
+            return pipe.text_encoder(torch.from_numpy(token_ids(pipe, prompts)))[0].float().numpy(), {}
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+    return embeds.float().numpy(), {"text_embeds": pooled.float().numpy()}
+
+
+def unet_conditioning(manifest: Manifest, batch: int, height: int, width: int, guidance_scale: float) -> dict:
+    """SDXL's time_ids (the generated size, no crop; a refiner's aesthetic score 6) and an LCM U-Net's
+    timestep_cond (the guidance embedding), as the pipelines make them, where the U-Net takes them."""
+    facts = manifest.pipeline
+    names = {t.name for t in manifest.components["unet"].inputs}
+    extra = {}
+    if "time_ids" in names:  # the runtime's own defaults: no micro-conditioning given, no guidance batch
+        default = MicroConditioning()
+        if facts.requires_aesthetics_score:
+            extra["time_ids"] = img2img_time_ids(default, (height, width), batch, False, aesthetic=True)
+        else:
+            extra["time_ids"] = txt2img_time_ids(default, (height, width), batch, False)
+    if "timestep_cond" in names:
+        extra["timestep_cond"] = guidance_scale_embedding([guidance_scale - 1.0] * batch, facts.time_cond_proj_dim)
+    return extra
+
+
+def gradient_image(height: int, width: int, flip: bool = False) -> Image.Image:
+    """A deterministic RGB test picture: red across, green down, blue along the diagonal."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    x, y = x / max(width - 1, 1), y / max(height - 1, 1)
+    if flip:
+        x, y = 1.0 - x, 1.0 - y
+    rgb = np.stack([x, y, 0.5 * (x + y) * (1.0 - x * y)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def image_batch(height: int, width: int, batch: int) -> np.ndarray:
+    """[batch, 3, H, W] in [-1, 1]: the gradient and its mirror image."""
+    images = [
+        np.asarray(gradient_image(height, width, flip=i % 2 == 1), np.float32) / 127.5 - 1.0 for i in range(batch)
+    ]
+    return np.stack(images).transpose(0, 3, 1, 2).copy()
+
+
+def unet_cases(
+    pipe, manifest: Manifest, batch: int, size: tuple[int, int], timesteps: list[float], gen, guidance_scale: float
+) -> list[Case]:
+    """One case per timestep: fresh noise, PyTorch's embeddings of real prompts, the conditioning the U-Net takes."""
+    height, width = size
+    latent = latent_shape(manifest.pipeline, batch, height, width)
+    embeddings, pooled = text_embeddings(pipe, prompts_for(batch, True))
+    extra = {**pooled, **unet_conditioning(manifest, batch, height, width, guidance_scale)}
+    order = [t.name for t in manifest.components["unet"].inputs]  # the wrapper takes them in order
+    cases = []
+    for t in timesteps:
+        given = {
+            "sample": torch.randn(latent, generator=gen).numpy(),
+            "timestep": np.full(batch, t, np.float32),
+            "encoder_hidden_states": embeddings,
+            **extra,
+        }
+        inputs = {name: given[name] for name in order}
+        cases.append(Case(f"b{batch} {height}x{width} t={t:g}", inputs, batch, height, width, t))
+    return cases
+
+
+def component_cases(
+    component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float = 7.5
+) -> list[Case]:
+    """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net)."""
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch in batch_sizes(manifest, component):
+        if component in ("text_encoder", "text_encoder_2"):
+            ids = token_ids(pipe, prompts_for(batch, False), component)
+            cases.append(Case(f"b{batch} prompts", {"input_ids": ids}, batch))
+            continue
+        for height, width in image_sizes(manifest):
+            size = f"b{batch} {height}x{width}"
+            if component == "unet":
+                cases += unet_cases(pipe, manifest, batch, (height, width), timesteps, gen, guidance_scale)
+            elif component == "vae_decoder":
+                latent = latent_shape(manifest.pipeline, batch, height, width)
+                scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline.vae_scaling_factor
+                cases.append(Case(size, {"latent_sample": scaled.astype(np.float32)}, batch, height, width))
+            else:
+                cases.append(Case(size, {"sample": image_batch(height, width, batch)}, batch, height, width))
+    return cases
