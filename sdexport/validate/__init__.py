@@ -24,7 +24,7 @@ from ..staging import REPORT_NAME  # what `convert --validate` leaves in the exp
 from .cases import component_cases
 from .components import check_component
 from .divergence import locate_fp16_failure
-from .end_to_end import Generation, end_to_end, skipped
+from .end_to_end import Generation, end_to_end, skipped_generations
 from .metrics import FP16_RELATIVE_L2, FULL_SIZE_UNET_PARAMETERS, component_limits, min_psnr, psnr
 from .options import ValidateOptions, check_options, end_to_end_size
 from .reference import reference_for
@@ -101,7 +101,7 @@ def validate(source: str | Source, folder: str | Path, **options) -> ValidationR
     if opts.end_to_end:
         generations = end_to_end(src.pipe, manifest, opts, run)
     else:
-        generations = skipped(run.min_psnr, "not asked for")
+        generations = skipped_generations(run.min_psnr, "not asked for")
     settings = Settings(
         scheduler=scheduler,
         steps=opts.steps,

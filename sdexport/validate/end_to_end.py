@@ -132,7 +132,8 @@ def compare_generation(mode: str, pipe, runtime, run: Generation, opts: Validate
     )
 
 
-def skipped(min_psnr: float, why: str) -> dict[str, GenerationResult]:
+def skipped_generations(min_psnr: float, why: str) -> dict[str, GenerationResult]:
+    """Both modes, not run, for the same reason."""
     return {mode: GenerationResult(mode, min_psnr, skipped=why) for mode in MODES}
 
 
@@ -141,7 +142,7 @@ def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, run: Generation)
     encoder = "text_encoder_2" if manifest.pipeline.family == "sdxl" else "text_encoder"
     missing = [c for c in (encoder, "unet", "vae_decoder") if not manifest.has(c)]
     if missing:
-        return skipped(run.min_psnr, f"the export has no {', '.join(missing)}")
+        return skipped_generations(run.min_psnr, f"the export has no {', '.join(missing)}")
     try:
         runtime = RuntimePipeline.load(manifest.folder, provider=opts.provider, verify=False)
     except ExportError as e:
