@@ -13,7 +13,11 @@ import click
 from . import __version__
 from .errors import UserError
 from .image import IMAGE_FORMATS, contact_sheet, save_image
-from .schedulers import TIMESTEP_SPACINGS
+from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
+from .request import GenerationRequest
+from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
+
+SDXL_DEFAULTS = FAMILY_DEFAULTS["sdxl"]
 
 
 def _provider(value: str):
@@ -80,9 +84,10 @@ common = [
         "--guidance",
         "guidance_scale",
         type=float,
-        help="Classifier-free guidance scale; 1 or less turns it off.  [default: 7.5, SDXL 5.0]",
+        help="Classifier-free guidance scale; 1 or less turns it off.  "
+        f"[default: {SD_DEFAULTS.guidance_scale}, SDXL {SDXL_DEFAULTS.guidance_scale}]",
     ),
-    click.option("--scheduler", default=None, help="pndm, ddim, euler, euler-a, dpm++2m, dpm++2m-karras, lms, lcm"),
+    click.option("--scheduler", default=None, help=", ".join(SCHEDULERS)),
     click.option("--height", type=int),
     click.option("--width", type=int),
     click.option("--negative-prompt", default=None),
@@ -137,7 +142,11 @@ def cli() -> None:
 @click.option("-n", "--num-images", default=1, show_default=True, type=int)
 @click.option("--eta", default=0.0, type=float, help="DDIM's eta.")
 @click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
-@click.option("--strength", type=float, help="How far to noise the init image (0-1].  [default: 0.8, SDXL 0.3]")
+@click.option(
+    "--strength",
+    type=float,
+    help=f"How far to noise the init image (0-1].  [default: {SD_DEFAULTS.strength}, SDXL {SDXL_DEFAULTS.strength}]",
+)
 @click.option(
     "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
 )
@@ -154,19 +163,12 @@ def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_im
     check_output_file(output)
     seeds = list(seed)
     if len(seeds) == 1 and num_images > 1:
-        # seed, seed + 1, ... as A1111 numbers a batch: each image's recorded seed draws it again alone
-        if seeds[0] + num_images > 2**32:
-            raise click.UsageError(f"--seed {seeds[0]} with -n {num_images} runs past 2**32 - 1: choose a smaller seed")
-        seeds = [seeds[0] + i for i in range(num_images)]
-    pipe = _load(folder, provider, threads, no_verify, verbose, img2img=init_image is not None)
-    result = pipe(
-        prompt,
-        seed=seeds[0] if len(seeds) == 1 else (seeds or None),
-        num_images=num_images,
-        image=init_image,
-        progress=True,
-        **kwargs,
+        seeds = batch_seeds(num_images, seeds[0])  # so that each image's recorded seed draws it again alone
+    request = GenerationRequest(
+        prompt, seed=seeds[0] if len(seeds) == 1 else (seeds or None), num_images=num_images, image=init_image, **kwargs
     )
+    pipe = _load(folder, provider, threads, no_verify, verbose, img2img=init_image is not None)
+    result = pipe.generate(request, progress=True)
     for path in result.save(output):
         click.echo(path)
 

@@ -109,6 +109,17 @@ def init_image_hash(image) -> str:
     return short_hash(digest.hexdigest())
 
 
+def init_image_size(image: str | Path | Image.Image) -> tuple[int, int]:
+    """An init image's (height, width), opening a file only to read its header; errors as load_init_image's."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    try:
+        with Image.open(image) as opened:
+            return opened.height, opened.width
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"cannot read the init image {image}: {e}; pass a PNG or JPEG file") from e
+
+
 def load_init_image(image, width: int, height: int) -> np.ndarray:
     """A path or PIL image -> [1, 3, H, W] float32 in [-1, 1], resized as diffusers' VaeImageProcessor does."""
     if not isinstance(image, Image.Image):

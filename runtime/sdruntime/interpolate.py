@@ -10,7 +10,7 @@ from PIL import Image
 
 from .manifest import latent_shape
 from .noise import TorchGenerator
-from .pipeline import GenerationError
+from .request import GenerationError, GenerationRequest
 
 
 def slerp(t: float, a: np.ndarray, b: np.ndarray, dot_threshold: float = 0.9995) -> np.ndarray:
@@ -29,6 +29,12 @@ def _noise(pipe, seed: int, height: int, width: int) -> np.ndarray:
     return TorchGenerator(seed).randn(latent_shape(pipe.manifest.pipeline, 1, height, width))
 
 
+def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """The frames' (height, width): as asked, else the export's default size."""
+    default_height, default_width = pipe.export.sizes.default
+    return height or default_height, width or default_width
+
+
 def _cond(pipe, prompt: str) -> np.ndarray:
     if pipe.xl:
         raise GenerationError("interpolate walks SD 1.x/2.x text embeddings; SDXL's pooled ones are not handled yet")
@@ -39,7 +45,7 @@ def _frame(pipe, noise: np.ndarray, embeds: np.ndarray, label: str, seed: int, w
     """One image from given starting noise and prompt embeddings (noise is scaled by init_noise_sigma inside);
     `seed` draws the noise the steps add (ancestral schedulers). The image's info["parameters"] says how it was
     made: `label` (which prompts, at which weights) stands where a prompt would."""
-    result = pipe(None, latents=noise, prompt_embeds=embeds, num_images=1, seed=seed, **kwargs)
+    result = pipe.generate(GenerationRequest(None, latents=noise, prompt_embeds=embeds, seed=seed, **kwargs))
     image = result.images[0]
     image.info["parameters"] = f"{label}{result.parameters[0]}, Interpolation: {walk}"
     return image
@@ -56,8 +62,7 @@ def pairwise(
     **kwargs,
 ) -> list[Image.Image]:
     """N frames from A to B; starting noise from `seed` (A) and `seed + 1` (B), the steps' noise from `seed`."""
-    height = height or pipe.manifest.pipeline.default_height
-    width = width or pipe.manifest.pipeline.default_width
+    height, width = _size(pipe, height, width)
     noise_a, noise_b = _noise(pipe, seed, height, width), _noise(pipe, seed + 1, height, width)
     cond_a, cond_b = _cond(pipe, prompt_a), _cond(pipe, prompt_b)
     images = []
@@ -79,8 +84,7 @@ def bilinear(
     Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns. The steps'
     noise comes from `seed`.
     """
-    height = height or pipe.manifest.pipeline.default_height
-    width = width or pipe.manifest.pipeline.default_width
+    height, width = _size(pipe, height, width)
     noises = [_noise(pipe, seed + k, height, width) for k in range(4)]
     conds = [_cond(pipe, p) for p in corners]
     images = []

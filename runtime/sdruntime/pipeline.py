@@ -5,8 +5,6 @@ StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ON
 from __future__ import annotations
 
 import hashlib
-import json
-import secrets
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -18,28 +16,18 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .conditioning import MicroConditioning, guidance_scale_embedding, img2img_time_ids, txt2img_time_ids
-from .errors import InvalidArgument
-from .image import init_image_hash, load_init_image, parameters_text, save_image, short_hash, to_pil
-from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, latent_shape, read_manifest
-from .noise import make_generator, randn_tensor
-from .schedulers import (
-    SCHEDULERS,
-    TIMESTEP_SPACINGS,
-    Scheduler,
-    img2img_begin_index,
-    make_scheduler,
-    scheduler_name_for_class,
-)
+from .conditioning import MicroConditioning
+from .image import load_init_image, save_image, short_hash, to_pil
+from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
+from .noise import TorchGenerator, randn_tensor
+from .plan import ExportFacts, Plan, resolve_plan
+from .request import GenerationError, GenerationRequest
+from .schedulers import Scheduler, read_scheduler_config
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
-class GenerationError(InvalidArgument):
-    """A request the pipeline cannot honour; the message says what to change."""
 
 
 @dataclass
@@ -63,30 +51,11 @@ class GenerationResult:
         ]
 
 
-def read_scheduler_config(folder: str | Path) -> dict:
-    """An export's scheduler_config.json, as written: schedulers give the keys it lacks their own defaults.
-
-    Exports made before the exporter kept the source's form have every key; they run as they always did.
-    """
-    path = Path(folder) / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def final_layer_norm(hidden: np.ndarray, norm) -> np.ndarray:
     """CLIP's final LayerNorm (weights from FINAL_LAYER_NORM) over the last axis."""
     mean = hidden.mean(axis=-1, keepdims=True)
     var = np.square(hidden - mean).mean(axis=-1, keepdims=True)
     return ((hidden - mean) / np.sqrt(var + norm["eps"]) * norm["weight"] + norm["bias"]).astype(np.float32)
-
-
-def _as_list(value: str | Sequence[str], what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not value or not all(isinstance(v, str) for v in value):
-        raise GenerationError(f"{what} must be a string or a non-empty list of strings")
-    return list(value)
 
 
 class StableDiffusionPipeline:
@@ -125,7 +94,8 @@ class StableDiffusionPipeline:
         }
         self.tokenizer = self.tokenizers[self.encoders[0]]
         self.scheduler_config = read_scheduler_config(self.folder)
-        self.default_scheduler = scheduler_name_for_class(facts.scheduler_class, self.scheduler_config) or "pndm"
+        self.export = ExportFacts.of(self.manifest, self.scheduler_config)
+        self.default_scheduler = self.export.default_scheduler
         self.model_hash = self._model_hash()
         self._components: dict[str, Component] = {}
         names = (*self.encoders, "unet", "vae_decoder")
@@ -245,52 +215,29 @@ class StableDiffusionPipeline:
 
         return halves(embeddings), halves(pooled)
 
-    def check_size(self, height: int, width: int) -> None:
-        multiple = self.manifest.size_multiple
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % multiple:
-                raise GenerationError(
-                    f"{name} {value} is not a positive multiple of {multiple}, this export's size multiple"
-                )
-        static = self.manifest.static
-        if static and (height, width) != (static.height, static.width):
-            raise GenerationError(
-                f"this export is static at {static.height}x{static.width}: ask for that size or re-export"
-            )
-
     def denoise(
         self,
         latents: np.ndarray,
-        embeddings: np.ndarray,
-        scheduler: Scheduler,
-        guidance_scale: float,
-        generator,
-        callback: StepCallback | None,
-        progress: bool,
-        conditioning: Mapping[str, np.ndarray] | None = None,
+        plan: Plan,
+        unet_inputs: Mapping[str, np.ndarray],
+        generator: TorchGenerator | list[TorchGenerator],
+        callback: StepCallback | None = None,
+        progress: bool = False,
     ) -> np.ndarray:
-        """The classifier-free-guidance loop over the scheduler's steps; the U-Net's inputs stay bound across
-        steps, and the noise a step adds is drawn here, from the run's generator. `conditioning` holds the
-        U-Net's further inputs that stay the same at every step (SDXL's text_embeds and time_ids, an LCM
-        U-Net's timestep_cond)."""
-        guided = embeddings.shape[0] == 2 * latents.shape[0]
+        """The loop over the plan's scheduler steps, guided as the plan's guidance says; the U-Net's inputs
+        stay bound across steps, and the noise a step adds is drawn here, from the run's generator.
+        `unet_inputs` are the U-Net's inputs that stay the same at every step (`encode`)."""
+        guidance, scheduler = plan.guidance, plan.scheduler
         unet = self.component("unet")
-        batch = embeddings.shape[0]
-        sample = np.concatenate([latents] * 2) if guided else latents
-        feeds = {
-            "sample": sample,
-            "timestep": np.zeros(batch, np.float32),
-            "encoder_hidden_states": embeddings,
-            **(conditioning or {}),
-        }
+        batch = guidance.unet_batch_size(plan.batch)
+        feeds = {"sample": guidance.unet_sample(latents), "timestep": np.zeros(batch, np.float32), **unet_inputs}
         binding = unet.bind(feeds) if unet.static_batch in (None, batch) else None
         steps = scheduler.step_indices
         if progress:
             steps = tqdm(steps, desc="denoising", unit="step")
         for n, i in enumerate(steps):
             t = scheduler.timesteps[i]
-            model_input = np.concatenate([latents] * 2) if guided else latents
-            model_input = scheduler.scale_model_input(model_input, i)
+            model_input = scheduler.scale_model_input(guidance.unet_sample(latents), i)
             timestep = np.full(batch, t, np.float32)
             if binding is not None:
                 binding.update("sample", model_input)
@@ -298,9 +245,7 @@ class StableDiffusionPipeline:
                 noise_pred = binding.run()["out_sample"]
             else:  # a static export whose batch differs: pad through the plain call
                 noise_pred = unet(**{**feeds, "sample": model_input, "timestep": timestep})["out_sample"]
-            if guided:
-                uncond, cond = np.split(noise_pred, 2)
-                noise_pred = uncond + np.float32(guidance_scale) * (cond - uncond)
+            noise_pred = guidance.combine(noise_pred)
             noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
             latents = scheduler.step(i, noise_pred, latents, noise)  # float32 already
             if callback is not None:
@@ -334,6 +279,67 @@ class StableDiffusionPipeline:
 
     # -- the call ------------------------------------------------------------------------------
 
+    def generate(
+        self, request: GenerationRequest, callback: StepCallback | None = None, progress: bool = False
+    ) -> GenerationResult:
+        """Draw what `request` asks: resolve it into a plan, then encode, prepare latents, denoise, decode and
+        record, each stage reading the plan. `callback(step, timestep, latents)` runs after each step."""
+        started = time.perf_counter()
+        plan = resolve_plan(request, self.export)
+        generator = plan.seeds.generator()
+        unet_inputs = self.encode(plan)
+        latents = self.prepare_latents(plan, generator)
+        unet = self.component("unet")
+        unet_before, loop_started = unet.run_seconds, time.perf_counter()
+        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress)
+        timings = {
+            "denoise": time.perf_counter() - loop_started,
+            "unet": unet.run_seconds - unet_before,
+            "steps": float(len(plan.scheduler.step_indices)),
+        }
+        images = to_pil(self.vae_decode(final))
+        timings["total"] = time.perf_counter() - started
+        parameters = plan.parameters(self.model_hash, Path(self.manifest.source.name).name)
+        return GenerationResult(images, final, parameters, list(plan.seeds.values), timings)
+
+    def encode(self, plan: Plan) -> dict[str, np.ndarray]:
+        """The U-Net's inputs that stay the same at every step: the text embeddings ([negatives..., prompts...]
+        when the guidance doubles the batch), SDXL's pooled embeddings and time_ids, the guidance's own."""
+        request = plan.request
+        fixed = plan.guidance.fixed_inputs(plan.batch)
+        if self.xl:
+            embeddings, fixed["text_embeds"] = self.encode_prompt_xl(
+                plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip, plan.zero_negative
+            )
+            fixed["time_ids"] = plan.guidance.time_ids(
+                request.micro,
+                (plan.height, plan.width),
+                plan.batch,
+                image_to_image=plan.image_to_image,
+                aesthetic=bool(self.manifest.pipeline.requires_aesthetics_score),
+            )
+        elif request.prompt_embeds is None:
+            embeddings = self.encode_prompt(plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip)
+        else:  # given for the prompts; the negative prompts are still encoded, as in diffusers
+            embeddings = np.repeat(np.asarray(request.prompt_embeds, np.float32), request.num_images, axis=0)
+            if plan.negative_prompts is not None:
+                uncond = self.encode_prompt(plan.negative_prompts, None, request.num_images)
+                embeddings = np.concatenate([uncond, embeddings])
+        return {"encoder_hidden_states": embeddings, **fixed}
+
+    def prepare_latents(self, plan: Plan, generator: TorchGenerator | list[TorchGenerator]) -> np.ndarray:
+        """The loop's starting latents: the init image's, noised to the first step's level, or noise (drawn,
+        or the request's latents) scaled to the scheduler's initial sigma."""
+        request = plan.request
+        if plan.image_to_image:
+            init = load_init_image(request.image, plan.width, plan.height)
+            return self.image_latents(init, plan.batch, generator, plan.scheduler)
+        if request.latents is not None:
+            noise = np.asarray(request.latents, dtype=np.float32)
+        else:
+            noise = randn_tensor(plan.latent_shape, generator)
+        return (noise * np.float32(plan.scheduler.init_noise_sigma)).astype(np.float32)
+
     def __call__(
         self,
         prompt: str | Sequence[str] | None,
@@ -366,7 +372,7 @@ class StableDiffusionPipeline:
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, or their XL forms for an SDXL export). `guidance_scale` and
-        `strength` default to diffusers' 7.5 and 0.8, or 5.0 and 0.3 for SDXL. The sizes, crops and
+        `strength` default to diffusers' values for the family (plan.family_defaults). The sizes, crops and
         aesthetic scores are SDXL's micro-conditioning; sizes are (height, width), None meaning the
         generated size.
 
@@ -377,23 +383,6 @@ class StableDiffusionPipeline:
         `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,
         e.g. {"steps_offset": 1}) override it, as `Cls.from_config(config, **options)` does.
         """
-        call_started = time.perf_counter()
-        if prompt is None and prompt_embeds is None:
-            raise GenerationError("give a prompt, or prompt_embeds")
-        prompts = [""] * len(prompt_embeds) if prompt is None else _as_list(prompt, "prompt")
-        if prompt_embeds is not None and len(prompt_embeds) != len(prompts):
-            raise GenerationError(
-                f"{len(prompt_embeds)} prompt embeddings for {len(prompts)} prompts: give one per prompt"
-            )
-        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
-            negatives = negatives * len(prompts)
-        if negatives is not None and len(negatives) != len(prompts):
-            raise GenerationError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one or as many")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise GenerationError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if num_images < 1:
-            raise GenerationError(f"num_images must be at least 1, got {num_images}")
         micro = MicroConditioning(
             original_size,
             tuple(crops_coords_top_left),
@@ -404,160 +393,24 @@ class StableDiffusionPipeline:
             aesthetic_score,
             negative_aesthetic_score,
         )
-        if not self.xl and micro != MicroConditioning():
-            raise GenerationError("sizes, crops and aesthetic scores condition SDXL exports only; this one is not SDXL")
-        if self.xl and prompt_embeds is not None:
-            raise GenerationError(
-                "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
-            )
-        if strength is None:
-            strength = 0.3 if self.xl else 0.8
-        if guidance_scale is None:
-            guidance_scale = 5.0 if self.xl else 7.5
-        if image is not None and not 0.0 < strength <= 1.0:
-            raise GenerationError(f"strength must be in (0, 1], got {strength}")
-        name = scheduler or self.default_scheduler
-        if name not in SCHEDULERS:
-            raise GenerationError(f"unknown scheduler '{name}': choose one of {', '.join(SCHEDULERS)}")
-        options = dict(scheduler_options or {})
-        if timestep_spacing is not None:
-            if timestep_spacing not in TIMESTEP_SPACINGS:
-                raise GenerationError(
-                    f"unknown timestep_spacing '{timestep_spacing}': choose one of {', '.join(TIMESTEP_SPACINGS)}"
-                )
-            options["timestep_spacing"] = timestep_spacing
-
-        facts = self.manifest.pipeline
-        batch = len(prompts) * num_images
-        if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
-            height, width = self._init_image_size(image)
-        static = self.manifest.static
-        default = (static.height, static.width) if static else (facts.default_height, facts.default_width)
-        height = default[0] if height is None else height
-        width = default[1] if width is None else width
-        self.check_size(height, width)
-
-        # one generator per image for a list of seeds, and for a random batch: each image's seed draws it alone
-        per_image = isinstance(seed, (list, tuple)) or (seed is None and batch > 1)
-        seeds = self._seeds(seed, batch)
-        generator = make_generator(seeds if per_image else seeds[0])
-        sched = make_scheduler(
-            name, self.scheduler_config, num_inference_steps, options, eta=eta if name == "ddim" else 0.0
+        request = GenerationRequest(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            seed=seed,
+            height=height,
+            width=width,
+            num_images=num_images,
+            latents=latents,
+            eta=eta,
+            clip_skip=clip_skip,
+            image=image,
+            strength=strength,
+            prompt_embeds=prompt_embeds,
+            timestep_spacing=timestep_spacing,
+            scheduler_options=scheduler_options,
+            micro=micro,
         )
-        # an LCM U-Net takes the guidance scale as an embedding (timestep_cond) instead of a second batch
-        lcm_dim = facts.time_cond_proj_dim
-        guided = guidance_scale > 1.0 and lcm_dim is None
-        if lcm_dim is None and (guidance_scale < 1.0 or (guidance_scale == 1.0 and negative_prompt)):
-            warnings.warn(
-                f"guidance_scale {guidance_scale:g} <= 1 turns classifier-free guidance off, as in diffusers: the "
-                "prompt alone steers and the negative prompt is unused; use a value above 1 to guide",
-                stacklevel=2,
-            )
-        if eta and name != "ddim":
-            warnings.warn(f"eta {eta:g} only applies to ddim: {name} ignores it", stacklevel=2)
-        zero_negative = bool(self.xl and negatives is None and facts.force_zeros_for_empty_prompt)
-        negatives = (negatives or [""] * len(prompts)) if guided else None
-        conditioning: dict[str, np.ndarray] = {}
-        if lcm_dim is not None:
-            conditioning["timestep_cond"] = guidance_scale_embedding([guidance_scale - 1.0] * batch, lcm_dim)
-        if self.xl:
-            embeddings, pooled = self.encode_prompt_xl(prompts, negatives, num_images, clip_skip, zero_negative)
-            conditioning["text_embeds"] = pooled
-            size = (height, width)
-            if image is None:
-                conditioning["time_ids"] = txt2img_time_ids(micro, size, batch, guided)
-            else:
-                aesthetic = bool(facts.requires_aesthetics_score)
-                conditioning["time_ids"] = img2img_time_ids(micro, size, batch, guided, aesthetic)
-        elif prompt_embeds is None:
-            embeddings = self.encode_prompt(prompts, negatives, num_images, clip_skip)
-        else:
-            embeddings = np.repeat(np.asarray(prompt_embeds, np.float32), num_images, axis=0)
-            if negatives is not None:
-                uncond = self.encode_prompt(negatives, None, num_images)
-                embeddings = np.concatenate([uncond, embeddings])
-
-        shape = latent_shape(facts, batch, height, width)
-        if image is not None:
-            init = load_init_image(image, width, height)
-            begin = img2img_begin_index(num_inference_steps, strength, sched.order)
-            if begin >= len(sched.timesteps):
-                raise GenerationError(
-                    f"strength {strength} with {num_inference_steps} steps leaves no step to run: raise either"
-                )
-            sched = sched.starting_at(begin)
-            start_latents = self.image_latents(init, batch, generator, sched)
-        else:
-            if latents is not None:
-                if tuple(latents.shape) != shape:
-                    raise GenerationError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-                noise = np.asarray(latents, dtype=np.float32)
-            else:
-                noise = randn_tensor(shape, generator)
-            start_latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
-
-        unet = self.component("unet")
-        unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(
-            start_latents, embeddings, sched, guidance_scale, generator, callback, progress, conditioning
-        )
-        timings = {
-            "denoise": time.perf_counter() - loop_started,
-            "unet": unet.run_seconds - unet_before,
-            "steps": float(len(sched.step_indices)),
-        }
-        images = to_pil(self.vae_decode(final))
-        timings["total"] = time.perf_counter() - call_started
-        # A1111's fields first, in its order; then what only this runtime sets
-        method = {
-            "Steps": num_inference_steps,
-            "Sampler": name,
-            "Timestep spacing": sched.config.get("timestep_spacing"),
-            "CFG scale": f"{guidance_scale:g}",
-        }
-        settings = {
-            "Size": f"{width}x{height}",
-            "Model hash": self.model_hash,
-            "Model": Path(self.manifest.source.name).name,
-            "Denoising strength": f"{strength:g}" if image is not None else None,
-            "Init image hash": init_image_hash(image) if image is not None else None,
-            "Clip skip": clip_skip or None,
-            "Eta": f"{eta:g}" if name == "ddim" else None,
-            "Scheduler options": "; ".join(f"{k}={v}" for k, v in (scheduler_options or {}).items()) or None,
-            "Latents": "given" if latents is not None and image is None else None,
-            "Prompt embeds": "given" if prompt_embeds is not None else None,
-        }
-        texts = []
-        for i in range(batch):
-            # a shared generator draws the whole batch: its seed brings image i back only with the batch
-            batch_fields = {} if per_image or batch == 1 else {"Batch size": batch, "Batch pos": i}
-            fields = {**method, "Seed": seeds[i] if per_image else seeds[0], **settings, **batch_fields}
-            negative = (negatives or [""] * len(prompts))[i // num_images]
-            texts.append(parameters_text(prompts[i // num_images], negative, fields))
-        return GenerationResult(images=images, latents=final, parameters=texts, seeds=seeds, timings=timings)
-
-    def _init_image_size(self, image) -> tuple[int, int]:
-        """The init image's size rounded down to the size multiple (diffusers rounds to the VAE factor)."""
-        if not isinstance(image, Image.Image):
-            image = load_init_image_size(image)
-        m = self.manifest.size_multiple
-        return max(m, image.height // m * m), max(m, image.width // m * m)
-
-    @staticmethod
-    def _seeds(seed, batch: int) -> list[int]:
-        if seed is None:
-            start = secrets.randbelow(2**32 - batch + 1)
-            return list(range(start, start + batch))
-        if isinstance(seed, (list, tuple)):
-            if len(seed) != batch:
-                raise GenerationError(f"{len(seed)} seeds for {batch} images: give one seed or one per image")
-            return [int(s) for s in seed]
-        return [int(seed)]
-
-
-def load_init_image_size(path) -> Image.Image:
-    """Open an init image just to read its size; errors as load_init_image's."""
-    try:
-        return Image.open(path)
-    except (OSError, ValueError) as e:
-        raise InvalidArgument(f"cannot read the init image {path}: {e}; pass a PNG or JPEG file") from e
+        return self.generate(request, callback, progress)

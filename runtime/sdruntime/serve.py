@@ -36,7 +36,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .errors import InvalidArgument
 from .manifest import read_manifest
-from .serving import DrawResult, GenerationRequest, ModelFacts, draw_batch, model_facts, parse_request
+from .serving import DrawResult, ImageRequest, ModelFacts, draw_batch, model_facts, parse_request
 
 APP_NAME = "sdexport"
 BATCH_WAIT_S = 0.02  # how long a replica waits for more requests to fill a batch once one has come in
@@ -63,11 +63,11 @@ class ImageGenerator:
     def facts(self) -> ModelFacts:
         return model_facts(self.pipe)
 
-    async def __call__(self, request: GenerationRequest) -> DrawResult:
+    async def __call__(self, request: ImageRequest) -> DrawResult:
         return await self.draw(request)
 
     @serve.batch(max_batch_size=1, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def draw(self, requests: list[GenerationRequest]) -> list[DrawResult]:
+    async def draw(self, requests: list[ImageRequest]) -> list[DrawResult]:
         # a thread, so the replica keeps taking requests into the next batch and answering health checks
         # while ONNX Runtime (which lets go of the GIL) runs this one
         return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch)

@@ -1,5 +1,6 @@
-"""What `sdruntime serve` does without Ray: read an HTTP request's JSON into a checked request, draw a batch
-of requests in as few U-Net batches as their settings allow, and describe the model.
+"""What `sdruntime serve` does without Ray: read an HTTP request's JSON into a checked `ImageRequest`, draw a
+batch of them in as few U-Net batches as their settings allow (each batch one runtime GenerationRequest), and
+describe the model.
 
 Kept apart from serve.py so that the rules (what a request may ask, which requests share a batch, which
 seeds draw which images) are plain code, tested without a Ray cluster, and so that Ray stays an extra.
@@ -8,7 +9,6 @@ seeds draw which images) are plain code, tested without a Ray cluster, and so th
 from __future__ import annotations
 
 import io
-import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +17,16 @@ from PIL import Image
 
 from .errors import InvalidArgument, UserError
 from .image import write_png
-from .schedulers import SCHEDULERS
+from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
+from .request import GenerationRequest
+from .schedulers import SCHEDULERS, scheduler_class
 
 FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "size", "n", "response_format")
 RESPONSE_FORMATS = ("png", "b64_json")
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
 MAX_IMAGES = 8  # per request; a client wanting more sends more requests, which batch with others
 MAX_PROMPT_CHARS = 4000
-SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
+MAX_SIDE = 4096  # pixels, either way: larger sizes only tie a replica up
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,12 @@ class ModelFacts:
     default_guidance: float
     model_hash: str
     source: str
+
+    @property
+    def sizes(self) -> SizeRule:
+        """The export's size rule (heights first, as the runtime takes sizes)."""
+        static = (self.static_size[1], self.static_size[0]) if self.static_size else None
+        return SizeRule(self.size_multiple, static, (self.default_size[1], self.default_size[0]))
 
     def card(self) -> dict[str, object]:
         """The /v1/models entry: OpenAI's model object plus the facts a client needs to ask well."""
@@ -66,26 +74,25 @@ class ModelFacts:
 def model_facts(pipe) -> ModelFacts:
     """A loaded StableDiffusionPipeline's facts."""
     manifest = pipe.manifest
-    facts = manifest.pipeline
-    static = manifest.static
+    sizes = pipe.export.sizes
     return ModelFacts(
         name=pipe.folder.resolve().name,
-        family=facts.family,
+        family=manifest.pipeline.family,
         dtype=manifest.dtype,
         target=manifest.target,
-        default_size=(static.width, static.height) if static else (facts.default_width, facts.default_height),
-        size_multiple=manifest.size_multiple,
-        static_size=(static.width, static.height) if static else None,
+        default_size=(sizes.default[1], sizes.default[0]),
+        size_multiple=sizes.multiple,
+        static_size=(sizes.static[1], sizes.static[0]) if sizes.static else None,
         default_scheduler=pipe.default_scheduler,
-        default_guidance=5.0 if pipe.xl else 7.5,
+        default_guidance=family_defaults(manifest.pipeline.family).guidance_scale,
         model_hash=pipe.model_hash,
         source=Path(manifest.source.name).name,
     )
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """One checked request: `seeds` holds one seed per image (n of them), drawn here when none was asked."""
+class ImageRequest:
+    """One checked HTTP request: `seeds` holds one seed per image (n of them), drawn here when none was asked."""
 
     prompt: str
     negative_prompt: str | None
@@ -133,18 +140,22 @@ def parse_size(value: object, facts: ModelFacts) -> tuple[int, int]:
             f"'size' must be 'WIDTHxHEIGHT' such as '{facts.default_size[0]}x{facts.default_size[1]}', got {value!r}"
         )
     width, height = int(parts[0]), int(parts[1])
-    m = facts.size_multiple
-    if not (0 < width <= 4096 and 0 < height <= 4096) or width % m or height % m:
-        raise InvalidArgument(f"'size' {value} must be multiples of {m} up to 4096 (this export's size multiple)")
-    if facts.static_size and (width, height) != facts.static_size:
-        raise InvalidArgument(
-            f"this export is static at {facts.static_size[0]}x{facts.static_size[1]}: ask for that size"
-        )
+    not_multiples = InvalidArgument(
+        f"'size' {value} must be multiples of {facts.size_multiple} up to {MAX_SIDE} (this export's size multiple)"
+    )
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise not_multiples
+    try:
+        facts.sizes.check(height, width)
+    except SizeError as e:
+        if e.static is None:
+            raise not_multiples from None
+        raise InvalidArgument(f"this export is static at {e.static[1]}x{e.static[0]}: ask for that size") from None
     return width, height
 
 
-def parse_request(body: object, facts: ModelFacts) -> GenerationRequest:
-    """A request's JSON body -> GenerationRequest; any mistake raises InvalidArgument, one line naming the field."""
+def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
+    """A request's JSON body -> ImageRequest; any mistake raises InvalidArgument, one line naming the field."""
     if not isinstance(body, Mapping):
         raise InvalidArgument('the body must be a JSON object such as {"prompt": "a red circle"}')
     unknown = sorted(set(body) - set(FIELDS))
@@ -157,29 +168,23 @@ def parse_request(body: object, facts: ModelFacts) -> GenerationRequest:
     guidance = body.get("guidance", facts.default_guidance)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0:
         raise InvalidArgument(f"'guidance' must be a number from 0 to 50, got {guidance!r}")
-    scheduler = body.get("scheduler") or facts.default_scheduler
-    if scheduler not in SCHEDULERS:
-        raise InvalidArgument(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    seed = body.get("seed")
-    if seed is None:
-        # drawn here, not in the pipeline, so the response can say which seed brings each image back
-        start = secrets.randbelow(SEED_LIMIT - n + 1)
-    else:
-        start = _integer(body, "seed", 0, 0, SEED_LIMIT - n)
+    scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler).NAME
+    # drawn here when not given, not in the pipeline, so that the response can say which seed brings each image back
+    start = None if body.get("seed") is None else _integer(body, "seed", 0, 0, SEED_LIMIT - 1)
+    seeds = batch_seeds(n, start)
     width, height = parse_size(body.get("size"), facts)
     response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
     if response_format == "png" and n > 1:
         raise InvalidArgument(f"a PNG response holds one image: ask n=1, or response_format b64_json for {n}")
-    return GenerationRequest(
+    return ImageRequest(
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
         guidance=float(guidance),
         scheduler=scheduler,
-        # seed, seed + 1, ... as `sdruntime generate --seed S -n N` numbers them
-        seeds=tuple(range(start, start + n)),
+        seeds=tuple(seeds),  # as `sdruntime generate --seed S -n N` numbers them
         width=width,
         height=height,
         response_format=response_format,
@@ -210,7 +215,23 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def draw_batch(pipe, requests: Sequence[GenerationRequest], max_images: int) -> list[DrawResult]:
+def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, int]]) -> GenerationRequest:
+    """The runtime request that draws `images` ((request index, seed) pairs of requests with one batch key)."""
+    first = requests[images[0][0]]
+    negatives = None if first.negative_prompt is None else [requests[i].negative_prompt for i, _ in images]
+    return GenerationRequest(
+        prompt=[requests[i].prompt for i, _ in images],
+        negative_prompt=negatives,
+        num_inference_steps=first.steps,
+        guidance_scale=first.guidance,
+        scheduler=first.scheduler,
+        seed=[seed for _, seed in images],
+        height=first.height,
+        width=first.width,
+    )
+
+
+def draw_batch(pipe, requests: Sequence[ImageRequest], max_images: int) -> list[DrawResult]:
     """Draw every request's images, one pipeline call per group of requests with the same batch key and at
     most `max_images` images, each image with its own prompt and seed.
 
@@ -224,20 +245,8 @@ def draw_batch(pipe, requests: Sequence[GenerationRequest], max_images: int) -> 
     for items in groups.values():
         for start in range(0, len(items), max_images):
             chunk = items[start : start + max_images]
-            first = requests[chunk[0][0]]
             try:
-                drawn = pipe(
-                    [requests[i].prompt for i, _ in chunk],
-                    negative_prompt=None
-                    if first.negative_prompt is None
-                    else [requests[i].negative_prompt for i, _ in chunk],
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance,
-                    scheduler=first.scheduler,
-                    seed=[seed for _, seed in chunk],
-                    height=first.height,
-                    width=first.width,
-                )
+                drawn = pipe.generate(batch_request(requests, chunk))
             except UserError as e:
                 for i, _ in chunk:
                     results[i].error, results[i].user_error = str(e), True

@@ -21,12 +21,15 @@ diffusers' schedulers make from a torch generator::
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from ..errors import InvalidArgument
+from ..manifest import ExportError
 from ._common import DiscreteScheduler
 from .ddim import DDIMScheduler
 from .dpm_solver import DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler
@@ -63,40 +66,61 @@ class Scheduler(Protocol):
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray: ...
 
 
+# The schedulers on offer, in the order help texts list them; each class carries its name and its diffusers class
 SCHEDULERS: dict[str, type[DiscreteScheduler]] = {
-    "pndm": PNDMScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler-a": EulerAncestralDiscreteScheduler,
-    "dpm++2m": DPMSolverMultistepScheduler,
-    "dpm++2m-karras": DPMSolverMultistepKarrasScheduler,
-    "lms": LMSDiscreteScheduler,
-    "lcm": LCMScheduler,
+    cls.NAME: cls
+    for cls in (
+        PNDMScheduler,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverMultistepScheduler,
+        DPMSolverMultistepKarrasScheduler,
+        LMSDiscreteScheduler,
+        LCMScheduler,
+    )
 }
+FALLBACK_SCHEDULER = "pndm"  # for an export whose scheduler class has no port here (diffusers' SD default)
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
-_NAME_FOR_CLASS = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler-a",
-    "DPMSolverMultistepScheduler": "dpm++2m",
-    "LMSDiscreteScheduler": "lms",
-    "LCMScheduler": "lcm",
-}
+
+def scheduler_class(name: str) -> type[DiscreteScheduler]:
+    """The scheduler called `name`; an unknown name is refused in one line that lists the known ones."""
+    try:
+        return SCHEDULERS[name]
+    except KeyError:
+        raise InvalidArgument(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
 
 
 def scheduler_name_for_class(class_name: str, config: Mapping[str, Any] | None = None) -> str | None:
     """Our name for a diffusers scheduler `_class_name`, or None when we have no port of it.
 
-    A DPMSolverMultistepScheduler config with `use_karras_sigmas` true maps to "dpm++2m-karras".
+    A variant is chosen when the config sets what it forces: a DPMSolverMultistepScheduler config with
+    `use_karras_sigmas` true maps to "dpm++2m-karras".
     """
-    name = _NAME_FOR_CLASS.get(class_name)
-    if name == "dpm++2m" and config is not None and config.get("use_karras_sigmas"):
-        return "dpm++2m-karras"
-    return name
+    ports = sorted((c for c in SCHEDULERS.values() if c.DIFFUSERS_CLASS == class_name), key=lambda c: -len(c.OVERRIDES))
+    for cls in ports:
+        if all((config or {}).get(key) == value for key, value in cls.OVERRIDES.items()):
+            return cls.NAME
+    return None
 
 
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+def read_scheduler_config(folder: str | Path) -> dict[str, Any]:
+    """An export's scheduler_config.json, as written: schedulers give the keys it lacks their own defaults.
+
+    Exports made before the exporter kept the source's form have every key; they run as they always did.
+    """
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: run `sdexport convert` again to rewrite the export")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def exported_scheduler_name(config: Mapping[str, Any], class_name: str | None = None) -> str:
+    """The scheduler an export runs unless asked otherwise: the port of its scheduler class (`class_name`,
+    else the config's `_class_name`), or FALLBACK_SCHEDULER."""
+    name = scheduler_name_for_class(class_name or config.get("_class_name", ""), config)
+    return name or FALLBACK_SCHEDULER
 
 
 def img2img_begin_index(num_inference_steps: int, strength: float, order: int = 1) -> int:
@@ -112,7 +136,6 @@ def make_scheduler(
     num_inference_steps: int,
     overrides: Mapping[str, Any] | None = None,
     *,
-    begin_index: int = 0,
     eta: float = 0.0,
 ) -> Scheduler:
     """Build scheduler `name` for `num_inference_steps` steps from a scheduler config dict (any diffusers
@@ -120,12 +143,9 @@ def make_scheduler(
 
     `overrides` replace config values as keyword arguments to diffusers' `from_config(config, **overrides)` do,
     defaulted or not, e.g. {"timestep_spacing": "trailing"}; the variant's own setting (karras sigmas for
-    dpm++2m-karras) still wins. `begin_index` starts the loop part-way in (img2img); `eta` is DDIM's only.
+    dpm++2m-karras) still wins. `eta` is DDIM's only; `starting_at` enters the schedule part-way (img2img).
     """
-    try:
-        cls = SCHEDULERS[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}") from None
+    cls = scheduler_class(name)
     if overrides:
         unknown = sorted(set(overrides) - set(cls.DEFAULTS))
         if unknown:
@@ -135,13 +155,14 @@ def make_scheduler(
         defaulted = [k for k in config.get("_use_default_values") or () if k not in overrides]
         config = {**config, **overrides, "_use_default_values": defaulted}
     if cls is DDIMScheduler:
-        return DDIMScheduler(config, num_inference_steps, begin_index, eta=eta)
+        return DDIMScheduler(config, num_inference_steps, eta=eta)
     if eta:
         raise InvalidArgument(f"eta applies only to ddim, not {name}")
-    return cls(config, num_inference_steps, begin_index)
+    return cls(config, num_inference_steps)
 
 
 __all__ = [
+    "FALLBACK_SCHEDULER",
     "SCHEDULERS",
     "TIMESTEP_SPACINGS",
     "DDIMScheduler",
@@ -153,7 +174,10 @@ __all__ = [
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "Scheduler",
+    "exported_scheduler_name",
     "img2img_begin_index",
     "make_scheduler",
+    "read_scheduler_config",
+    "scheduler_class",
     "scheduler_name_for_class",
 ]

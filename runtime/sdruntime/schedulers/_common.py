@@ -241,19 +241,21 @@ class DiscreteScheduler:
             noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
             latents = scheduler.step(i, eps, latents, noise)
 
-    `begin_index` starts the loop part-way into the schedule (img2img, diffusers' `set_begin_index`).
+    `starting_at(begin_index)` starts the loop part-way into the schedule (img2img, diffusers' `set_begin_index`).
     Subclasses set `DEFAULTS` (their diffusers `__init__` defaults), check their config in `_setup`, build
     the schedule in `_make_schedule` and implement `_update`; the multistep ones keep the past model outputs
     of the current run, which `_reset_history` clears when a run starts at `begin_index`.
     """
 
+    NAME: ClassVar[str]  # what users call it: `--scheduler NAME`, `scheduler=NAME`
+    DIFFUSERS_CLASS: ClassVar[str]  # the diffusers class it ports, as a config's `_class_name` writes it
     DEFAULTS: ClassVar[dict[str, Any]] = BETA_DEFAULTS
     OVERRIDES: ClassVar[dict[str, Any]] = {}  # config values a variant forces, e.g. karras sigmas
     order: int = 1
     init_noise_sigma: float = 1.0
     timesteps: np.ndarray
 
-    def __init__(self, config: Mapping[str, Any], num_inference_steps: int, begin_index: int = 0):
+    def __init__(self, config: Mapping[str, Any], num_inference_steps: int):
         self.config = {**resolve_config(config, self.DEFAULTS), **self.OVERRIDES}
         self.num_train_timesteps: int = self.config["num_train_timesteps"]
         self.betas = make_betas(self.config)
@@ -263,7 +265,7 @@ class DiscreteScheduler:
         check_num_steps(num_inference_steps, self.num_train_timesteps)
         self.num_inference_steps = num_inference_steps
         self.timesteps = self._make_schedule(num_inference_steps)
-        self._start(begin_index)
+        self._start(0)
 
     def starting_at(self, begin_index: int) -> DiscreteScheduler:
         """The same scheduler, its loop starting at step `begin_index` (img2img; diffusers' `set_begin_index`)."""

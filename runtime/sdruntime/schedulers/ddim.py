@@ -39,6 +39,8 @@ def predict_x0_eps(
 
 
 class DDIMScheduler(DiscreteScheduler):
+    NAME: ClassVar[str] = "ddim"
+    DIFFUSERS_CLASS: ClassVar[str] = "DDIMScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "clip_sample": True,
@@ -53,12 +55,12 @@ class DDIMScheduler(DiscreteScheduler):
         "rescale_betas_zero_snr": False,
     }
 
-    def __init__(self, config: Mapping[str, Any], num_inference_steps: int, begin_index: int = 0, eta: float = 0.0):
+    def __init__(self, config: Mapping[str, Any], num_inference_steps: int, eta: float = 0.0):
         """`eta` (DDIM only, as in diffusers): 0 is deterministic DDIM, 1 DDPM's posterior variance."""
         if eta < 0:
             raise InvalidArgument(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
-        super().__init__(config, num_inference_steps, begin_index)
+        super().__init__(config, num_inference_steps)
 
     def _setup(self) -> None:
         check_choice(self.config, "prediction_type", ("epsilon", "sample", "v_prediction"), "ddim")

@@ -37,6 +37,8 @@ def alpha_sigma_lambda(sigma: np.floating) -> tuple[np.floating, np.floating, np
 
 
 class DPMSolverMultistepScheduler(DiscreteScheduler):
+    NAME: ClassVar[str] = "dpm++2m"
+    DIFFUSERS_CLASS: ClassVar[str] = "DPMSolverMultistepScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "solver_order": 2,
@@ -244,4 +246,6 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
 class DPMSolverMultistepKarrasScheduler(DPMSolverMultistepScheduler):
     """`dpm++2m-karras`: DPMSolverMultistepScheduler with `use_karras_sigmas` forced on."""
 
+    NAME: ClassVar[str] = "dpm++2m-karras"
+    DIFFUSERS_CLASS: ClassVar[str] = "DPMSolverMultistepScheduler"
     OVERRIDES: ClassVar[dict[str, Any]] = {"use_karras_sigmas": True}

@@ -24,6 +24,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "original_sample")
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
+    NAME: ClassVar[str] = "euler"
+    DIFFUSERS_CLASS: ClassVar[str] = "EulerDiscreteScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "prediction_type": "epsilon",

@@ -25,6 +25,8 @@ def ancestral_sigmas(sigma_from: np.floating, sigma_to: np.floating) -> tuple[np
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
+    NAME: ClassVar[str] = "euler-a"
+    DIFFUSERS_CLASS: ClassVar[str] = "EulerAncestralDiscreteScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "prediction_type": "epsilon",

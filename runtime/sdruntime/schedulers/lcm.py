@@ -33,6 +33,8 @@ def boundary_condition_scalings(timestep: int, timestep_scaling: float) -> tuple
 
 
 class LCMScheduler(DiscreteScheduler):
+    NAME: ClassVar[str] = "lcm"
+    DIFFUSERS_CLASS: ClassVar[str] = "LCMScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "beta_start": 0.00085,

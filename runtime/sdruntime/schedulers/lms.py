@@ -36,6 +36,8 @@ def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 
 
 class LMSDiscreteScheduler(SigmaScheduler):
+    NAME: ClassVar[str] = "lms"
+    DIFFUSERS_CLASS: ClassVar[str] = "LMSDiscreteScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "use_karras_sigmas": False,

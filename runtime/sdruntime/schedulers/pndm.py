@@ -19,6 +19,8 @@ _PLMS_WEIGHTS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24
 
 
 class PNDMScheduler(DiscreteScheduler):
+    NAME: ClassVar[str] = "pndm"
+    DIFFUSERS_CLASS: ClassVar[str] = "PNDMScheduler"
     DEFAULTS: ClassVar[dict[str, Any]] = {
         **BETA_DEFAULTS,
         "skip_prk_steps": False,

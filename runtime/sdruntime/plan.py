@@ -1,0 +1,324 @@
+"""A `GenerationRequest` resolved against an export, once, into a `Plan` that the pipeline's stages only read.
+
+Every rule that turns what was asked into what runs lives here, each in one place: the family's defaults
+(`family_defaults`), which sizes an export draws (`SizeRule`), the seeds that draw each image (`Seeds`,
+`batch_seeds`), the scheduler built for the run (entered part-way for image-to-image), the guidance mode
+(guidance.py), and the parameters text that reproduces each image.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .conditioning import MicroConditioning
+from .errors import InvalidArgument
+from .guidance import Guidance, choose_guidance
+from .image import init_image_hash, init_image_size, parameters_text
+from .manifest import Manifest, PipelineFacts, latent_shape
+from .noise import TorchGenerator, make_generator
+from .request import GenerationError, GenerationRequest
+from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, img2img_begin_index, make_scheduler
+
+SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a family's diffusers pipelines default to where a request leaves the choice open."""
+
+    guidance_scale: float
+    strength: float  # image-to-image
+
+
+SD_DEFAULTS = FamilyDefaults(guidance_scale=7.5, strength=0.8)  # StableDiffusion(Img2Img)Pipeline
+FAMILY_DEFAULTS = {"sdxl": FamilyDefaults(guidance_scale=5.0, strength=0.3)}  # StableDiffusionXL(Img2Img)Pipeline
+
+
+def family_defaults(family: str) -> FamilyDefaults:
+    return FAMILY_DEFAULTS.get(family, SD_DEFAULTS)
+
+
+# -- sizes ------------------------------------------------------------------------------------------
+
+
+class SizeError(GenerationError):
+    """A size the export cannot draw; `static` is its one size (height, width) when that is why."""
+
+    def __init__(self, message: str, static: tuple[int, int] | None = None):
+        super().__init__(message)
+        self.static = static
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """Which sizes an export draws: positive multiples of its size multiple (tracing fixes the U-Net's
+    upsample sizes), or its static size alone."""
+
+    multiple: int
+    static: tuple[int, int] | None  # (height, width) of a static export
+    default: tuple[int, int]  # (height, width)
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> SizeRule:
+        facts, static = manifest.pipeline, manifest.static
+        fixed = (static.height, static.width) if static else None
+        return cls(manifest.size_multiple, fixed, fixed or (facts.default_height, facts.default_width))
+
+    def check(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % self.multiple:
+                raise SizeError(
+                    f"{name} {value} is not a positive multiple of {self.multiple}, this export's size multiple"
+                )
+        if self.static and (height, width) != self.static:
+            raise SizeError(
+                f"this export is static at {self.static[0]}x{self.static[1]}: ask for that size or re-export",
+                self.static,
+            )
+
+    def round_down(self, height: int, width: int) -> tuple[int, int]:
+        """A size rounded down to the size multiple (diffusers rounds an init image's to the VAE factor)."""
+        m = self.multiple
+        return max(m, height // m * m), max(m, width // m * m)
+
+
+# -- seeds ------------------------------------------------------------------------------------------
+
+
+def batch_seeds(count: int, start: int | None = None) -> list[int]:
+    """One seed per image, start, start + 1, ... as A1111 numbers a batch, so that each image's recorded
+    seed draws it again alone; a random start when none is given."""
+    if start is None:
+        start = secrets.randbelow(SEED_LIMIT - count + 1)
+    elif start + count > SEED_LIMIT:
+        raise InvalidArgument(f"seed {start} with {count} images runs past 2**32 - 1: choose a smaller seed")
+    return list(range(start, start + count))
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds that draw a request's images: one per image, each drawing its image alone from its own
+    generator; or one seed whose generator draws the whole batch, as one torch generator does in diffusers."""
+
+    values: tuple[int, ...]
+    per_image: bool
+
+    @classmethod
+    def for_request(cls, seed: int | Sequence[int] | None, images: int) -> Seeds:
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != images:
+                raise GenerationError(f"{len(seed)} seeds for {images} images: give one seed or one per image")
+            return cls(tuple(int(s) for s in seed), per_image=True)
+        if seed is None:
+            return cls(tuple(batch_seeds(images)), per_image=images > 1)
+        return cls((int(seed),), per_image=False)
+
+    def generator(self) -> TorchGenerator | list[TorchGenerator]:
+        """A fresh generator (or one per image) for a run."""
+        return make_generator(list(self.values) if self.per_image else self.values[0])
+
+    def seed_of(self, i: int) -> int:
+        """The seed recorded for image i."""
+        return self.values[i] if self.per_image else self.values[0]
+
+    def batch_fields(self, i: int, images: int) -> dict[str, int]:
+        """A shared generator's seed brings image i back only with the whole batch: its size and i's place."""
+        return {} if self.per_image or images == 1 else {"Batch size": images, "Batch pos": i}
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportFacts:
+    """What resolving a request reads from an export."""
+
+    pipeline: PipelineFacts
+    sizes: SizeRule
+    scheduler_config: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, manifest: Manifest, scheduler_config: Mapping[str, Any]) -> ExportFacts:
+        return cls(manifest.pipeline, SizeRule.of(manifest), scheduler_config)
+
+    @property
+    def xl(self) -> bool:
+        return self.pipeline.family == "sdxl"
+
+    @property
+    def default_scheduler(self) -> str:
+        return exported_scheduler_name(self.scheduler_config, self.pipeline.scheduler_class)
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """A request with every choice made: what each stage (encode, prepare latents, denoise, decode, record)
+    reads, so none decides anything again."""
+
+    request: GenerationRequest
+    prompts: list[str]
+    negative_prompts: list[str] | None  # those encoded: None when the guidance takes no unconditional half
+    zero_negative: bool  # SDXL without a negative prompt: zeros stand for the unconditional embeddings
+    height: int
+    width: int
+    seeds: Seeds
+    scheduler_name: str
+    scheduler: Scheduler  # built for the run, entered at image-to-image's first step
+    guidance: Guidance
+    strength: float
+    eta: float | None  # DDIM's, None for the schedulers that take none
+    latent_shape: tuple[int, int, int, int]
+
+    @property
+    def batch(self) -> int:
+        """Images drawn: each prompt num_images times."""
+        return len(self.prompts) * self.request.num_images
+
+    @property
+    def image_to_image(self) -> bool:
+        return self.request.image is not None
+
+    def parameters(self, model_hash: str, model_name: str) -> list[str]:
+        """Each image's parameters text: A1111's fields first, in its order; then what only this runtime sets."""
+        request = self.request
+        method = {
+            "Steps": request.num_inference_steps,
+            "Sampler": self.scheduler_name,
+            "Timestep spacing": self.scheduler.config.get("timestep_spacing"),
+            "CFG scale": f"{self.guidance.scale:g}",
+        }
+        settings = {
+            "Size": f"{self.width}x{self.height}",
+            "Model hash": model_hash,
+            "Model": model_name,
+            "Denoising strength": f"{self.strength:g}" if self.image_to_image else None,
+            "Init image hash": init_image_hash(request.image) if self.image_to_image else None,
+            "Clip skip": request.clip_skip or None,
+            "Eta": f"{self.eta:g}" if self.eta is not None else None,
+            "Scheduler options": "; ".join(f"{k}={v}" for k, v in (request.scheduler_options or {}).items()) or None,
+            "Latents": "given" if request.latents is not None and not self.image_to_image else None,
+            "Prompt embeds": "given" if request.prompt_embeds is not None else None,
+        }
+        negatives = self.negative_prompts or [""] * len(self.prompts)
+        texts = []
+        for i in range(self.batch):
+            fields = {**method, "Seed": self.seeds.seed_of(i), **settings, **self.seeds.batch_fields(i, self.batch)}
+            prompt = i // request.num_images
+            texts.append(parameters_text(self.prompts[prompt], negatives[prompt], fields))
+        return texts
+
+
+def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
+    """Check a request against an export and make every choice it leaves open; GenerationError (or another
+    InvalidArgument) names the first thing to change."""
+    prompts, negatives = _prompts(request)
+    _check_request(request, export)
+    defaults = family_defaults(export.pipeline.family)
+    strength = defaults.strength if request.strength is None else request.strength
+    if request.image is not None and not 0.0 < strength <= 1.0:
+        raise GenerationError(f"strength must be in (0, 1], got {strength}")
+    height, width = _size(request, export.sizes)
+    batch = len(prompts) * request.num_images
+    seeds = Seeds.for_request(request.seed, batch)
+    guidance_scale = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
+    guidance = choose_guidance(guidance_scale, export.pipeline.time_cond_proj_dim, bool(request.negative_prompt))
+    name, scheduler, eta = _scheduler(request, export, strength)
+    shape = latent_shape(export.pipeline, batch, height, width)
+    if request.latents is not None and request.image is None and tuple(request.latents.shape) != shape:
+        raise GenerationError(f"latents must have shape {shape}, got {tuple(request.latents.shape)}")
+    return Plan(
+        request=request,
+        prompts=prompts,
+        negative_prompts=guidance.negative_prompts(negatives, len(prompts)),
+        zero_negative=bool(export.xl and negatives is None and export.pipeline.force_zeros_for_empty_prompt),
+        height=height,
+        width=width,
+        seeds=seeds,
+        scheduler_name=name,
+        scheduler=scheduler,
+        guidance=guidance,
+        strength=strength,
+        eta=eta,
+        latent_shape=shape,
+    )
+
+
+def _as_list(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not value or not all(isinstance(v, str) for v in value):
+        raise GenerationError(f"{what} must be a string or a non-empty list of strings")
+    return list(value)
+
+
+def _prompts(request: GenerationRequest) -> tuple[list[str], list[str] | None]:
+    """(prompts, negative prompts as given: one per prompt, or None)."""
+    embeds = request.prompt_embeds
+    if request.prompt is None and embeds is None:
+        raise GenerationError("give a prompt, or prompt_embeds")
+    prompts = [""] * len(embeds) if request.prompt is None else _as_list(request.prompt, "prompt")
+    if embeds is not None and len(embeds) != len(prompts):
+        raise GenerationError(f"{len(embeds)} prompt embeddings for {len(prompts)} prompts: give one per prompt")
+    if request.negative_prompt is None:
+        return prompts, None
+    negatives = _as_list(request.negative_prompt, "negative_prompt")
+    if len(negatives) == 1 and len(prompts) > 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise GenerationError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one or as many")
+    return prompts, negatives
+
+
+def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
+    """The counts, and what only one family takes."""
+    steps = request.num_inference_steps
+    if not isinstance(steps, int) or steps < 1:
+        raise GenerationError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    if request.num_images < 1:
+        raise GenerationError(f"num_images must be at least 1, got {request.num_images}")
+    if not export.xl and request.micro != MicroConditioning():
+        raise GenerationError("sizes, crops and aesthetic scores condition SDXL exports only; this one is not SDXL")
+    if export.xl and request.prompt_embeds is not None:
+        raise GenerationError(
+            "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
+        )
+
+
+def _size(request: GenerationRequest, sizes: SizeRule) -> tuple[int, int]:
+    """(height, width): as asked, else an init image's (rounded down to the size multiple), else the export's."""
+    height, width = request.height, request.width
+    image = request.image
+    if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
+        height, width = sizes.round_down(*init_image_size(image))
+    height = sizes.default[0] if height is None else height
+    width = sizes.default[1] if width is None else width
+    sizes.check(height, width)
+    return height, width
+
+
+def _scheduler(request: GenerationRequest, export: ExportFacts, strength: float) -> tuple[str, Scheduler, float | None]:
+    """(name, the scheduler built from the export's config and the request's overrides, DDIM's eta)."""
+    name = request.scheduler or export.default_scheduler
+    options = dict(request.scheduler_options or {})
+    spacing = request.timestep_spacing
+    if spacing is not None:
+        if spacing not in TIMESTEP_SPACINGS:
+            raise GenerationError(f"unknown timestep_spacing '{spacing}': choose one of {', '.join(TIMESTEP_SPACINGS)}")
+        options["timestep_spacing"] = spacing
+    takes_eta = name == "ddim"
+    steps = request.num_inference_steps
+    scheduler = make_scheduler(name, export.scheduler_config, steps, options, eta=request.eta if takes_eta else 0.0)
+    if request.eta and not takes_eta:
+        warnings.warn(f"eta {request.eta:g} only applies to ddim: {name} ignores it", stacklevel=4)
+    if request.image is not None:
+        begin = img2img_begin_index(steps, strength, scheduler.order)
+        if begin >= len(scheduler.timesteps):
+            raise GenerationError(f"strength {strength} with {steps} steps leaves no step to run: raise either")
+        scheduler = scheduler.starting_at(begin)
+    return name, scheduler, request.eta if takes_eta else None

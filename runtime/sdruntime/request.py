@@ -1,0 +1,46 @@
+"""What a caller asks for: a `GenerationRequest`, in the argument names of diffusers' pipelines, unchecked.
+
+The CLI, the server, the exporter's validator and `StableDiffusionPipeline.__call__` all build one;
+`plan.resolve_plan` checks it once against an export and fills in every default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .conditioning import MicroConditioning
+from .errors import InvalidArgument
+
+
+class GenerationError(InvalidArgument):
+    """A request the pipeline cannot honour; the message says what to change."""
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationRequest:
+    """One call's arguments, as `StableDiffusionPipeline.__call__` takes them (its docstring says what each
+    means); None leaves the choice to the export (sizes, scheduler) or to the family (guidance, strength)."""
+
+    prompt: str | Sequence[str] | None
+    negative_prompt: str | Sequence[str] | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    scheduler: str | None = None
+    seed: int | Sequence[int] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1  # per prompt: diffusers' num_images_per_prompt
+    latents: np.ndarray | None = None
+    eta: float = 0.0
+    clip_skip: int | None = None
+    image: str | Path | Image.Image | None = None  # an init image: image-to-image
+    strength: float | None = None
+    prompt_embeds: np.ndarray | None = None
+    timestep_spacing: str | None = None
+    scheduler_options: Mapping[str, object] | None = None
+    micro: MicroConditioning = field(default_factory=MicroConditioning)  # SDXL's sizes, crops, aesthetic scores
