@@ -140,7 +140,8 @@ def fuse_traced_file(component: str, name: str, out: str, fp16: str) -> None:
     tensors stay external until a fusion reads one), then write the fused graph with every weight to `out`."""
     fused = cuda_fusions(component, onnx.load(name, load_external_data=False), fp16 == "1")
     onnx.load_external_data_for_model(fused, ".")
-    save_model(fused, Path(out))
+    # not save_model: onnx refuses an external data name that exists in the working folder (the traced one's)
+    onnx.save_model(fused, out, save_as_external_data=True, location="fused.onnx_data", size_threshold=1024)
 
 
 def ort_offline_optimize(model: onnx.ModelProto | Path, level: str, on_disk: bool = False) -> onnx.ModelProto | OnDisk:
