@@ -13,6 +13,7 @@ import click
 from sdruntime.cli import generate, interpolate, one_line_warnings  # the same commands as `sdruntime`
 from sdruntime.errors import UserError
 from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS
+from sdruntime.schedulers import SCHEDULERS
 
 from .errors import GraphCheckFailed, ValidationFailed
 from .presets import DEFAULT_PRESET
@@ -148,7 +149,7 @@ def convert(
 )
 @click.option(
     "--scheduler",
-    help="pndm | ddim | euler | euler-a | dpm++2m | dpm++2m-karras | lms | lcm (default: the exported one).",
+    help=f"{' | '.join(SCHEDULERS)} (default: the exported one).",
 )
 @click.option("--steps", default=10, show_default=True, type=int, help="Denoising steps of the end-to-end runs.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -5,6 +5,7 @@ and `sdruntime` draws what the checkout's runtime draws."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,19 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CONSTRAINTS = REPO / ".ci" / "constraints.txt"
 PROMPT = "a red circle on a blue background, center"
+NOT_SOURCE = (
+    ".git",
+    ".venv",
+    "venv",
+    "build",
+    "dist",
+    "out",
+    "exports",
+    ".gpu",
+    "__pycache__",
+    "*.egg-info",
+    ".*_cache",
+)
 
 
 def run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -30,7 +44,11 @@ def run(args: list, cwd: Path, timeout: int = 900) -> subprocess.CompletedProces
 def wheel_venv(tmp_path_factory) -> Path:
     """A venv holding only the two wheels built from the repository (and their dependencies, pinned)."""
     root = tmp_path_factory.mktemp("wheels")
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", REPO, REPO / "runtime"], root)
+    # built from a copy: setuptools reuses a source tree's build/ folder, where a removed module would linger
+    source = shutil.copytree(REPO, root / "source", ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", root / "dist", source, source / "runtime"], root
+    )
     wheels = sorted((root / "dist").glob("*.whl"))
     assert [w.name.split("-")[0] for w in wheels] == ["sdexport", "sdexport_runtime"]
     venv = root / "venv"

@@ -26,7 +26,7 @@ from .components import check_component
 from .divergence import locate_fp16_failure
 from .end_to_end import Generation, end_to_end, skipped_generations
 from .metrics import FP16_RELATIVE_L2, FULL_SIZE_UNET_PARAMETERS, component_limits, min_psnr, psnr
-from .options import ValidateOptions, check_options, end_to_end_size
+from .options import ValidateOptions, check_options, end_to_end_size, guidance_scale
 from .reference import reference_for
 from .report import (
     ComponentResult,
@@ -88,6 +88,7 @@ def validate(source: str | Source, folder: str | Path, **options) -> ValidationR
     started = time.perf_counter()
     manifest = read_manifest(folder)
     height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
+    opts = replace(opts, guidance_scale=guidance_scale(manifest, opts))
     src = reference_for(source, manifest, opts)
     providers = resolve_providers(opts.provider, manifest.target)
     check_cpu_layout(manifest)

@@ -123,7 +123,7 @@ def unet_cases(
 
 
 def component_cases(
-    component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float = 7.5
+    component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float
 ) -> list[Case]:
     """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net)."""
     gen = torch.Generator().manual_seed(seed)

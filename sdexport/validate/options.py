@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdruntime.manifest import Manifest
-from sdruntime.schedulers import SCHEDULERS
+from sdruntime.plan import SizeRule, family_defaults
+from sdruntime.schedulers import scheduler_class
 
 from ..errors import SdexportError
 
@@ -23,7 +24,7 @@ class ValidateOptions:
     scheduler: str | None = None
     steps: int = 10
     seed: int = 0
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the family's default, as the runtime's (plan.family_defaults)
     strength: float = 0.75
     prompt: str | None = None  # the end-to-end runs' (None: PROMPTS[0])
     negative_prompt: str | None = None  # None: NEGATIVE_PROMPT
@@ -47,8 +48,8 @@ class ValidateOptions:
 
 def check_options(opts: ValidateOptions) -> None:
     """Refuse bad options before anything is loaded."""
-    if opts.scheduler is not None and opts.scheduler not in SCHEDULERS:
-        raise SdexportError(f"unknown scheduler '{opts.scheduler}': choose one of {', '.join(SCHEDULERS)}")
+    if opts.scheduler is not None:
+        scheduler_class(opts.scheduler)  # the runtime's one name check
     if opts.steps < 1:
         raise SdexportError(f"--steps must be at least 1, got {opts.steps}")
     for name, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
@@ -72,14 +73,16 @@ def image_sizes(manifest: Manifest) -> list[tuple[int, int]]:
 
 
 def end_to_end_size(manifest: Manifest, opts: ValidateOptions) -> tuple[int, int]:
-    """The end-to-end runs' (height, width): the options' or the export's default size."""
-    default = image_sizes(manifest)[0]
-    height, width = opts.height or default[0], opts.width or default[1]
-    if manifest.static and (height, width) != default:
-        raise SdexportError(f"this export is static at {default[0]}x{default[1]}: drop --height/--width")
-    for name, value in (("height", height), ("width", width)):
-        if value % manifest.size_multiple:
-            raise SdexportError(
-                f"--{name} {value} is not a multiple of {manifest.size_multiple} (this export's size multiple)"
-            )
+    """The end-to-end runs' (height, width): the options' or the export's default size, checked by the
+    runtime's size rule."""
+    sizes = SizeRule.of(manifest)
+    height, width = opts.height or sizes.default[0], opts.width or sizes.default[1]
+    sizes.check(height, width)
     return height, width
+
+
+def guidance_scale(manifest: Manifest, opts: ValidateOptions) -> float:
+    """The end-to-end runs' guidance scale: the options', else the family's default."""
+    return (
+        family_defaults(manifest.pipeline.family).guidance_scale if opts.guidance_scale is None else opts.guidance_scale
+    )

@@ -228,7 +228,7 @@ def test_auto_fp32_fallback_needs_fp16(tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--atol", "-1"], "--atol must be positive"),
         (["--height", "0"], "--height must be positive"),
-        (["--width", "40"], "--width 40 is not a multiple of 16 (this export's size multiple)"),
+        (["--width", "40"], "width 40 is not a positive multiple of 16, this export's size multiple"),
     ],
 )
 def test_bad_options_exit_2(tiny32, args, says):

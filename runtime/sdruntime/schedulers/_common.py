@@ -313,14 +313,6 @@ class DiscreteScheduler:
         ac = self.alphas_cumprod[self.timesteps[np.asarray(i)].astype(np.int64)]
         return expand(ac**0.5, x0.ndim) * x0 + expand((1 - ac) ** 0.5, x0.ndim) * as_f32(noise)
 
-    def index_for_timestep(self, timestep: Any) -> int:
-        """The step index of `timestep`, as diffusers looks it up when no begin index is set: when it occurs
-        twice the second one is taken, so that a schedule entered mid-way does not skip a step."""
-        matches = np.flatnonzero(self.timesteps == timestep)
-        if len(matches) == 0:
-            raise InvalidArgument(f"timestep {timestep} is not in the scheduler's timesteps")
-        return int(matches[1] if len(matches) > 1 else matches[0])
-
     def step(self, i: int, model_output: np.ndarray, sample: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
         """Step `i`: the previous (less noisy) sample as float32, from the model's output at `timesteps[i]`.
 

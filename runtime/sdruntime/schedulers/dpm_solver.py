@@ -130,12 +130,6 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         self.sigmas = np.append(sigmas, final_sigma).astype(np.float32)
         return timesteps.astype(np.int64)
 
-    def index_for_timestep(self, timestep: Any) -> int:
-        """As the base class, but a timestep not in the schedule maps to the last step (diffusers' rule)."""
-        if not np.any(self.timesteps == timestep):
-            return len(self.timesteps) - 1
-        return super().index_for_timestep(timestep)
-
     def add_noise(self, original_samples: np.ndarray, noise: np.ndarray, i: int | np.ndarray) -> np.ndarray:
         """x_t = alpha_t x_0 + sigma_t noise at the noise level of step `i` (one index, or one per sample)."""
         x0 = as_f32(original_samples)
