@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from sdruntime.manifest import CPU, read_manifest
+from sdruntime.manifest import read_manifest
 from sdruntime.ort_options import LEVELS
 from sdruntime.session import default_level
+from sdruntime.targets import CPU
 
 MULTIPLY_ADD_OPS = ("Conv", "FusedConv", "MatMul", "FusedMatMul", "Gemm")
 

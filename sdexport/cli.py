@@ -12,8 +12,9 @@ import sys
 import click
 from sdruntime.cli import generate, interpolate, one_line_warnings  # the same commands as `sdruntime`
 from sdruntime.errors import UserError
-from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS
+from sdruntime.manifest import COMPONENTS, DTYPES
 from sdruntime.schedulers import SCHEDULERS
+from sdruntime.targets import TARGETS
 
 from .errors import GraphCheckFailed, ValidationFailed
 from .presets import DEFAULT_PRESET

@@ -9,26 +9,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
-from sdruntime.manifest import TARGETS_TABLE, PipelineFacts, StaticShapes, file_entry
+from sdruntime.manifest import PipelineFacts, StaticShapes, file_entry
 
 from .artifacts import Written
 from .compare import compare_outputs
 from .graph_check import check_written_graph
 from .graph_files import graph_of, save_model
 from .optimize import finish_graph, uses_cpu_layout
+from .targets import EXPORT_TARGETS
 from .trace import Traced, trace_component
 
 
 def checkable(target: str) -> bool:
     """Whether this machine can run the target's graphs to compare them with PyTorch."""
 
-    return TARGETS_TABLE[target].check_provider in ort.get_available_providers()
+    return EXPORT_TARGETS[target].check_provider in ort.get_available_providers()
 
 
 def check_written(component: str, path: Path, target: str) -> None:
     """The written graph type-checks and, where this machine runs its target, loads (graph_check.py)."""
 
-    check_written_graph(component, path, TARGETS_TABLE[target].check_provider if checkable(target) else None)
+    check_written_graph(component, path, EXPORT_TARGETS[target].check_provider if checkable(target) else None)
 
 
 def finish_component(
@@ -54,7 +55,7 @@ def finish_component(
     check_written(component, path, target)
     result = None
     if traced.reference is not None:
-        result = compare_outputs(traced.reference, path, provider=TARGETS_TABLE[target].check_provider)
+        result = compare_outputs(traced.reference, path, provider=EXPORT_TARGETS[target].check_provider)
     return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
 
 

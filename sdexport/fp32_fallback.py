@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from sdruntime.manifest import TARGETS_TABLE, TensorEntry, read_manifest, write_manifest
+from sdruntime.manifest import TensorEntry, read_manifest, write_manifest
 
 from .artifacts import with_cpu_layout_probe
 from .component_export import checkable, export_component
 from .errors import SdexportError
+from .targets import EXPORT_TARGETS
 from .validate import REPORT_NAME, ValidationReport, check_report, format_table, validate, write_report
 
 FALLBACK_ROUNDS = 3  # rounds of keeping the blamed nodes before keeping the whole component in fp32
@@ -111,7 +112,7 @@ def check_convert_options(dtype: str, target: str, auto_fp32_fallback: bool) -> 
         raise SdexportError("--auto-fp32-fallback applies to fp16 exports: add --dtype fp16 or drop it")
     if not checkable(target):
         raise SdexportError(
-            f"--validate runs the '{target}' export on {TARGETS_TABLE[target].check_provider}, which this onnxruntime lacks: "
+            f"--validate runs the '{target}' export on {EXPORT_TARGETS[target].check_provider}, which this onnxruntime lacks: "
             "drop --validate, or install onnxruntime-gpu"
         )
 
@@ -120,7 +121,7 @@ def validate_conversion(
     src, folder: Path, out: Path, target: str, auto_fp32_fallback: bool, log: Callable[[str], None]
 ) -> None:
     """`convert --validate`: write the report into the export; raise ValidationFailed naming where it was kept."""
-    provider = TARGETS_TABLE[target].check_provider
+    provider = EXPORT_TARGETS[target].check_provider
     report = validate(src, folder, provider=provider, log=log)
     if auto_fp32_fallback:
         report = apply_fp32_fallback(src, folder, report, provider, log)

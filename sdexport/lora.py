@@ -16,8 +16,8 @@ from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from .specs import text_encoders
 from .errors import SdexportError, first_line
+from .specs import text_encoders
 
 # the key endings of a LoRA's "down" matrix, one per adapted module, in the formats diffusers reads
 DOWN_KEYS = (

@@ -1,8 +1,8 @@
 """Per-target graph work after tracing, fp16 conversion included.
 
-What each target means (its offline level, whether it holds the cuda fusions, which providers run
-it) is the target table in sdruntime/manifest.py (TARGETS_TABLE and that module's docstring). The
-cuda fusions are kept only where their CUDA kernels accept them (fusion_limits.py).
+What each target means here (its offline level, whether it holds the cuda fusions) is the exporter's
+target table, sdexport/targets.py. The cuda fusions are kept only where their CUDA kernels accept
+them (fusion_limits.py).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from onnx.external_data_helper import uses_external_data
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from onnxruntime.transformers.fusion_options import FusionOptions
 from onnxruntime.transformers.optimizer import optimize_model
-from sdruntime.manifest import TARGETS_TABLE
 from sdruntime.ort_options import QUIET, WARNINGS, ort_session_options
 
 from .fusion_limits import keep_within_limits
 from .graph_files import EXTERNAL_DATA_NAME, OnDisk, graph_of, is_large, save_model
 from .precision import fp32_nodes, to_fp16
 from .specs import SPECS
+from .targets import EXPORT_TARGETS
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CPU_LAYOUT_PROBE = "cpu_layout_probe"
@@ -51,10 +51,10 @@ def finish_graph(
     save_model writes them (in fp16 where converted). Returns the graph and the nodes an fp16 graph
     keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
     """
-    spec = TARGETS_TABLE[target]
+    export_target = EXPORT_TARGETS[target]
     # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
-    level = "extended" if spec.offline_level == "all" and fp16 else spec.offline_level
-    if isinstance(model, Path) and not spec.fused_ops and level:
+    level = "extended" if export_target.offline_level == "all" and fp16 else export_target.offline_level
+    if isinstance(model, Path) and not export_target.fused_ops and level:
         # ONNX Runtime reads the traced file itself: holding the graph here as well would double an
         # SDXL U-Net's 10.3 GB while ORT optimizes it
         model = ort_offline_optimize(model, level, on_disk=(model.parent / EXTERNAL_DATA_NAME).exists())
@@ -62,10 +62,10 @@ def finish_graph(
         if isinstance(model, Path):
             model = (
                 cuda_fusions_from_file(component, model, fp16)
-                if spec.fused_ops
+                if export_target.fused_ops
                 else onnx.load(str(model), load_external_data=True)
             )
-        elif spec.fused_ops:
+        elif export_target.fused_ops:
             model = cuda_fusions(component, model, fp16)
         if level:
             model = ort_offline_optimize(model, level)

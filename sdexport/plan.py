@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdruntime.manifest import COMPONENTS, DTYPES, TARGETS, TARGETS_TABLE, PipelineFacts, StaticShapes
+from sdruntime.manifest import COMPONENTS, DTYPES, PipelineFacts, StaticShapes
+from sdruntime.targets import TARGETS
 
 from .errors import SdexportError
 from .families import pipeline_family
@@ -21,6 +22,7 @@ from .specs import (
     size_multiple,
     vae_scale_factor,
 )
+from .targets import EXPORT_TARGETS
 
 
 @dataclass
@@ -213,7 +215,7 @@ def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
         facts=facts,
         size_multiple=multiple,
         static=static_shapes(opts, facts, multiple),
-        attention=TARGETS_TABLE[opts.target].attention,
+        attention=EXPORT_TARGETS[opts.target].attention,
         components={c: component_plan(c, opts, facts) for c in export_components(pipe, opts.components)},
         lean=not (opts.validate or opts.auto_fp32_fallback),  # validation runs the whole pipeline in PyTorch
         compare=opts.check and compare,

@@ -1,5 +1,4 @@
-"""The exported folder's contract: the component IO table, the target table, the axis sizes and
-the manifest `sdexport.json`.
+"""The exported folder's contract: the component IO table, the axis sizes and the manifest `sdexport.json`.
 
 The exporter writes what this module describes and the runtime reads it back; neither repeats the
 IO table. The manifest is read and written here only (`Manifest.from_json` / `to_json`,
@@ -7,30 +6,7 @@ IO table. The manifest is read and written here only (`Manifest.from_json` / `to
 Schema beside this file (manifest.schema.json) is tested against them. Torch-free: only the
 standard library.
 
-The target table (TARGETS_TABLE), what each `--target` means from export to session:
-
-target    providers that run it    checked on  attention  offline level  CPU EP load level  fused ops  CUDA graphs
-generic   any                      CPU EP      sdpa       basic          per component      no         yes
-cpu       CPU EP                   CPU EP      sdpa       all (NCHWc)    basic              no         no
-cuda      CUDA EP                  CUDA EP     plain      none           per component      yes        yes
-tensorrt  TensorRT, CUDA, CPU EPs  CPU EP      sdpa       basic          per component      no         yes
-
-"checked on": the provider convert runs the written graphs on to compare them with PyTorch. The
-load level is the session's optimization level on the CPU EP (GPU providers load at "all"); "per
-component" is "all" for the VAE and "basic" for the U-Net and text encoder (session.default_level).
-An fp16 cpu export is optimized offline at "extended" (an fp16 graph cannot follow the NCHWc layout)
-and loads per component.
-
-generic   ORT's basic, provider-independent cleanup; runs on every provider.
-cpu       ORT's "all" level saved with the graph: the extended CPU fusions and the NCHWc layout of
-          the convolutions, so loading does not pay them again ("basic" loads them as they are).
-          The layout depends on the CPU's vector width: the export carries a probe that the
-          runtime checks (cpu_layout_probe).
-cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
-          QKV/KV, BiasAdd) on the fp32 graph, each kept only where its CUDA kernel accepts it,
-          then fp16 with ORT's rules; CUDA EP only.
-tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
-          TensorRT builds fp16 engines itself (trt_fp16_enable).
+The targets' meaning is in targets.py (the runtime's half) and sdexport/targets.py (the exporter's).
 """
 
 from __future__ import annotations
@@ -57,32 +33,6 @@ DTYPES = ("fp32", "fp16")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL only
 # they see the prompts and the negative prompts in one batch
 GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What one `--target` means, from export to session (the table in this module's docstring)."""
-
-    name: str
-    providers: frozenset[str] | None  # the ORT providers that may run its graphs; None: any
-    check_provider: str  # the provider convert runs the written graphs on to compare them with PyTorch
-    attention: str  # the attention form traced: "sdpa" or "plain"
-    offline_level: str | None  # ORT's level applied once at export and saved; None: no offline pass
-    load_level: str | None  # the CPU EP's session level for graphs laid out at export; None: per component
-    fused_ops: bool  # its graphs hold ORT's Stable Diffusion fusions (contrib ops of the CUDA EP)
-    cuda_graphs: bool  # a static U-Net on the CUDA EP may be captured in a CUDA graph
-
-
-CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-TARGETS_TABLE: dict[str, Target] = {
-    "generic": Target("generic", None, CPU, "sdpa", "basic", None, fused_ops=False, cuda_graphs=True),
-    "cpu": Target("cpu", frozenset({CPU}), CPU, "sdpa", "all", "basic", fused_ops=False, cuda_graphs=False),
-    "cuda": Target("cuda", frozenset({CUDA}), CUDA, "plain", None, None, fused_ops=True, cuda_graphs=True),
-    "tensorrt": Target(
-        "tensorrt", frozenset({TENSORRT, CUDA, CPU}), CPU, "sdpa", "basic", None, fused_ops=False, cuda_graphs=True
-    ),
-}
-TARGETS = tuple(TARGETS_TABLE)
 
 
 class ExportError(UserError):

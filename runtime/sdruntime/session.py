@@ -12,9 +12,10 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .manifest import TARGETS_TABLE, ExportError, Manifest, TensorEntry
+from .manifest import ExportError, Manifest, TensorEntry
 from .onnx_proto import external_data_locations
 from .ort_options import WARNINGS, ort_session_options
+from .targets import RUNTIME_TARGETS
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -54,7 +55,7 @@ def resolve_providers(provider: str | Sequence, target: str) -> list:
     (names or (name, options) pairs) falls back in order among those installed that the target supports.
     """
     available = ort.get_available_providers()
-    known = TARGETS_TABLE.get(target)  # which providers may run the target's graphs (manifest.py's target table)
+    known = RUNTIME_TARGETS.get(target)  # which providers may run the target's graphs (targets.py)
     supported = known.providers if known else None
     if isinstance(provider, str):
         if provider not in PROVIDER_NAMES and provider not in PROVIDER_NAMES.values():
@@ -101,7 +102,7 @@ def default_level(target: str, providers: list, component: str = "", laid_out: b
     """
     if first_provider(providers) != "CPUExecutionProvider":
         return "all"
-    known = TARGETS_TABLE.get(target)
+    known = RUNTIME_TARGETS.get(target)
     if laid_out and known and known.load_level:
         return known.load_level
     return "all" if component in ("vae_decoder", "vae_encoder") else "basic"
@@ -224,7 +225,7 @@ def provider_options(providers: list, manifest: Manifest, component: str, settin
 
 
 def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSettings) -> bool:
-    known = TARGETS_TABLE.get(manifest.target)
+    known = RUNTIME_TARGETS.get(manifest.target)
     return (
         settings.cuda_graph
         and component == "unet"

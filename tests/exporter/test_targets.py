@@ -14,14 +14,26 @@ import pytest
 from sdruntime import StableDiffusionPipeline
 from sdruntime.manifest import read_manifest
 from sdruntime.session import ProviderError
+from sdruntime.targets import TARGETS
 
 from sdexport import convert
 from sdexport.cli import main
+from sdexport.targets import EXPORT_TARGETS
 
 from .test_convert import COMPONENTS, latent_sizes, run_both
 
 # tiny-sd's 512-wide feed-forward is not one of BiasSplitGelu's widths: that fusion is undone (fusion_limits.py)
 CUDA_UNET_FUSED_OPS = {"MultiHeadAttention", "GroupNorm", "NhwcConv"}
+
+
+def test_the_exporters_target_table():
+    """The exporter's half; the runtime's is checked in tests/runtime/test_manifest.py. Both name the same targets."""
+    assert tuple(EXPORT_TARGETS) == TARGETS
+    assert (
+        EXPORT_TARGETS["cuda"].attention == "plain" and EXPORT_TARGETS["cuda"].check_provider == "CUDAExecutionProvider"
+    )
+    assert EXPORT_TARGETS["cuda"].offline_level is None and EXPORT_TARGETS["cuda"].fused_ops
+    assert EXPORT_TARGETS["cpu"].offline_level == "all"
 
 
 def quiet_convert(out, **kw):

@@ -296,15 +296,14 @@ def test_fallback_rebuild_writes_the_graph_convert_writes(tmp_path, target):
     """The fp32 fallback and convert share one export path: same options, byte-identical graph."""
     import hashlib
 
-    from sdruntime.manifest import TARGETS_TABLE
-
     from sdexport.fp32_fallback import rebuild_component
     from sdexport.load import load_source
     from sdexport.specs import set_attention
+    from sdexport.targets import EXPORT_TARGETS
 
     out = convert("tiny-sd", tmp_path / "export", dtype="fp16", target=target, components=["unet"], log=lambda s: None)
     before = hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest()
     src = load_source("tiny-sd")
-    set_attention(src.pipe, TARGETS_TABLE[target].attention)
+    set_attention(src.pipe, EXPORT_TARGETS[target].attention)
     rebuild_component("unet", src.pipe, out, [], "rebuilt with no extra fp32 nodes")
     assert hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest() == before
