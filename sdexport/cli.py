@@ -16,6 +16,7 @@ from sdruntime.manifest import COMPONENTS, DTYPES
 from sdruntime.schedulers import SCHEDULERS
 from sdruntime.targets import TARGETS
 
+from .convert_options import ConvertOptions, check_convert
 from .errors import GraphCheckFailed, ValidationFailed
 from .presets import DEFAULT_PRESET
 from .thirdparty import quiet_third_party
@@ -113,32 +114,32 @@ def convert(
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
+    options = dict(
+        components=_split(components),
+        dtype=dtype,
+        keep_fp32=_split(keep_fp32),
+        target=target,
+        opset=opset,
+        static=static,
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        overwrite=overwrite,
+        check=not no_check,
+        log=lambda line: click.echo(line, err=True),
+        loras=loras,
+        config=config_dir,
+        prediction_type=prediction_type,
+        allow_pickle=allow_pickle,
+        validate=validate_export,
+        auto_fp32_fallback=auto_fp32_fallback,
+        vae=vae,
+    )
+    check_convert(source, out, ConvertOptions(**options))  # before torch's import, which takes seconds
     with quiet_third_party():  # within one_line_warnings, which would show every warning
         from .converting import convert as run_convert
 
-        run_convert(
-            source,
-            out,
-            components=_split(components),
-            dtype=dtype,
-            keep_fp32=_split(keep_fp32),
-            target=target,
-            opset=opset,
-            static=static,
-            batch_size=batch_size,
-            height=height,
-            width=width,
-            overwrite=overwrite,
-            check=not no_check,
-            log=lambda line: click.echo(line, err=True),
-            loras=loras,
-            config=config_dir,
-            prediction_type=prediction_type,
-            allow_pickle=allow_pickle,
-            validate=validate_export,
-            auto_fp32_fallback=auto_fp32_fallback,
-            vae=vae,
-        )
+        run_convert(source, out, **options)
     click.echo(out)
 
 

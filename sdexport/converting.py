@@ -17,11 +17,12 @@ from sdruntime.manifest import ComponentEntry, Manifest, config_file_entries, fi
 
 from .artifacts import Written, component_entry, export_manifest, with_cpu_layout_probe, write_configs
 from .component_export import checkable, finish_component
+from .convert_options import ConvertOptions, check_options, check_output
 from .errors import ValidationFailed
 from .fp32_fallback import check_convert_options, validate_conversion
 from .load import load_source, replace_vae
 from .lora import check_loras, fuse_loras
-from .plan import ConvertOptions, ExportPlan, check_options, check_output, force_upcast_note, plan_export
+from .plan import ExportPlan, force_upcast_note, plan_export
 from .specs import SPECS, set_attention
 from .staging import staged_folder
 from .trace import Traced, release_unused, release_weights, trace_component

@@ -1,16 +1,15 @@
-"""A convert request (ConvertOptions) checked and turned into an ExportPlan, once: which components,
-at which dtype and why, which attention form, which static sizes. Every later stage reads the plan."""
+"""A convert request (ConvertOptions, checked in convert_options.py) turned into an ExportPlan, once:
+which components, at which dtype and why, which attention form, which static sizes. Every later stage
+reads the plan."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from sdruntime.manifest import COMPONENTS, DTYPES, PipelineFacts, StaticShapes
-from sdruntime.targets import TARGETS
+from sdruntime.manifest import COMPONENTS, PipelineFacts, StaticShapes
 
+from .convert_options import ConvertOptions
 from .errors import SdexportError
 from .families import pipeline_family
 from .specs import (
@@ -23,66 +22,6 @@ from .specs import (
     vae_scale_factor,
 )
 from .targets import EXPORT_TARGETS
-
-
-@dataclass
-class ConvertOptions:
-    components: Sequence[str] = COMPONENTS
-    dtype: str = "fp32"
-    keep_fp32: Sequence[str] = ()
-    target: str = "generic"
-    opset: int = 17
-    static: bool = False
-    batch_size: int = 1
-    height: int | None = None
-    width: int | None = None
-    overwrite: bool = False
-    check: bool = True
-    log: Callable[[str], None] = field(default=print)
-    loras: Sequence = ()  # "FILE[:SCALE]" or (FILE, SCALE), fused in order (sdexport/lora.py)
-    config: str | None = None  # single-file checkpoints: a diffusers folder with the configs
-    prediction_type: str | None = None  # single-file checkpoints: epsilon | v_prediction
-    allow_pickle: bool = False  # single-file checkpoints: read a .ckpt with torch.load(weights_only=True)
-    validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
-    auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
-    vae: str | None = None  # a diffusers AutoencoderKL folder that replaces the pipeline's VAE before export
-
-
-def check_options(opts: ConvertOptions) -> None:
-    """Refuse bad options before anything is loaded or written."""
-    unknown = [c for c in opts.components if c not in COMPONENTS]
-    if unknown or not opts.components:
-        raise SdexportError(f"unknown component '{(unknown or [''])[0]}': choose from {', '.join(COMPONENTS)}")
-    bad_keep = [c for c in opts.keep_fp32 if c not in COMPONENTS]
-    if bad_keep:
-        raise SdexportError(f"unknown component '{bad_keep[0]}' in --keep-fp32: choose from {', '.join(COMPONENTS)}")
-    if opts.dtype not in DTYPES:
-        raise SdexportError(f"unknown dtype '{opts.dtype}': choose fp32 or fp16")
-    if opts.target not in TARGETS:
-        raise SdexportError(f"unknown target '{opts.target}': choose from {', '.join(TARGETS)}")
-    if opts.target == "tensorrt" and opts.dtype == "fp16":
-        raise SdexportError(
-            "--target tensorrt exports fp32 graphs: TensorRT builds fp16 engines itself (trt_fp16_enable, "
-            "on by default in sdruntime); drop --dtype fp16"
-        )
-    if not 14 <= opts.opset <= 20:
-        raise SdexportError(f"opset {opts.opset} is not supported: choose 14 to 20 (default 17)")
-    if opts.static and opts.batch_size < 1:
-        raise SdexportError(f"--batch-size must be at least 1, got {opts.batch_size}")
-    if not opts.static and (opts.height or opts.width):
-        raise SdexportError("--height and --width fix the shapes of a static export: add --static")
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise SdexportError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise SdexportError(f"{out} exists and is not a folder: choose another -o")
-    parent = next((p for p in out.absolute().parents if p.exists()), Path("/"))  # created when missing
-    if not parent.is_dir():
-        raise SdexportError(f"{parent} is not a folder: choose another -o")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SdexportError(f"{parent} is not writable: choose another -o")
 
 
 def pipeline_facts(pipe, family: str) -> PipelineFacts:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import click
 from . import __version__
 from .errors import UserError
 from .image import IMAGE_FORMATS, contact_sheet, save_image
+from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
 from .request import GenerationRequest
 from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
@@ -25,13 +28,25 @@ def _provider(value: str):
     return [p.strip() for p in value.split(",")] if "," in value else value
 
 
-def _load(folder: str, provider: str, threads: int, no_verify: bool, verbose: bool, img2img: bool = False):
+def _load(
+    folder: str,
+    provider: str,
+    threads: int,
+    no_verify: bool,
+    verbose: bool,
+    img2img: bool = False,
+    max_memory: int | None = None,
+):
     # lazy: ONNX Runtime takes most of a second to import, which `--help` and argument errors need not wait for
     from .pipeline import StableDiffusionPipeline
     from .session import SessionSettings
 
     pipe = StableDiffusionPipeline.load(
-        folder, provider=_provider(provider), settings=SessionSettings(intra_op_threads=threads), verify=not no_verify
+        folder,
+        provider=_provider(provider),
+        settings=SessionSettings(intra_op_threads=threads),
+        verify=not no_verify,
+        max_memory=max_memory,
     )
     if img2img:
         pipe.component("vae_encoder")  # now, so that an export without one is named before anything runs
@@ -39,6 +54,16 @@ def _load(folder: str, provider: str, threads: int, no_verify: bool, verbose: bo
         used = ", ".join(f"{name} {ep}" for name, ep in pipe.component_providers.items())
         click.echo(f"providers: {used}", err=True)
     return pipe
+
+
+max_memory_option = click.option(
+    "--max-memory",
+    metavar="SIZE",
+    default=None,
+    callback=lambda ctx, param, value: None if value is None else parse_memory_size(value),
+    help="Most memory to use while drawing, e.g. 2GiB (default: what the machine has free); a batch past it is "
+    "drawn in pieces, an image past it is refused.",
+)
 
 
 def check_output_file(output: str) -> None:
@@ -49,8 +74,16 @@ def check_output_file(output: str) -> None:
     _check_folder(output, path.parent)
     if path.is_dir():
         raise click.UsageError(f"-o {output} is a folder: name an image file in it")
-    if path.exists() and not os.access(path, os.W_OK):
+    existed = path.exists()
+    if existed and not os.access(path, os.W_OK):
         raise click.UsageError(f"-o {output} exists and is not writable: choose another name")
+    try:  # os.access says yes to root everywhere, and /proc refuses new files: only a write tells
+        with open(path, "ab" if existed else "xb"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as e:
+        raise click.UsageError(f"-o {output} cannot be written ({e.strerror or e}): choose another path") from None
 
 
 def _check_folder(output: str, folder: Path) -> None:
@@ -62,8 +95,22 @@ def _check_folder(output: str, folder: Path) -> None:
         raise click.UsageError(f"-o {output}: the folder {folder} is not writable; choose another")
 
 
+def check_output_folder(output: str) -> None:
+    """Refuse a frames' folder that cannot be made, before any model runs and without making it: it is made
+    when the frames are saved, so that a refused request leaves nothing behind."""
+    folder = Path(output).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise click.UsageError(f"-o {output}: cannot create the folder ({existing} is a file); choose another")
+    _check_folder(output, existing)
+    try:  # as in check_output_file: only a write tells
+        os.rmdir(tempfile.mkdtemp(prefix=".sdruntime-probe-", dir=existing))
+    except OSError as e:
+        raise click.UsageError(f"-o {output}: cannot create the folder ({e.strerror or e}); choose another") from None
+
+
 def make_output_folder(output: str) -> Path:
-    """Create the frames' folder before any model runs; one line if it cannot be."""
+    """Create the frames' folder; one line if it cannot be."""
     folder = Path(output)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -97,8 +144,35 @@ common = [
         default=None,
         help="Override the scheduler's timestep spacing (default: the export's, else the scheduler's own).",
     ),
+    click.option(
+        "--scheduler-option",
+        "scheduler_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=lambda ctx, param, value: parse_scheduler_options(value),
+        help="Override a scheduler_config.json setting, e.g. clip_sample=false (repeatable; VALUE as JSON: "
+        "true, false, numbers, else a string).",
+    ),
     click.option("-v", "--verbose", is_flag=True, help="Print which execution provider runs each component."),
 ]
+
+
+def parse_scheduler_options(items: tuple[str, ...]) -> dict[str, object] | None:
+    """["clip_sample=false", "steps_offset=1"] -> {"clip_sample": False, "steps_offset": 1}; the scheduler
+    refuses keys its diffusers class does not have."""
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--scheduler-option {item!r}: write KEY=VALUE, e.g. clip_sample=false")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text  # a bare word: a string, as "trailing" in timestep_spacing=trailing
+        if isinstance(value, (list, dict)):
+            raise click.UsageError(f"--scheduler-option {item!r}: VALUE must be true, false, a number or a string")
+        options[key.strip()] = value
+    return options or None
 
 
 def one_line_warnings(command):
@@ -157,8 +231,11 @@ def cli() -> None:
     show_default=True,
     help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...",
 )
+@max_memory_option
 @one_line_warnings
-def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_images, output, init_image, **kwargs):
+def generate(
+    folder, prompt, provider, threads, no_verify, verbose, seed, num_images, output, init_image, max_memory, **kwargs
+):
     """Draw PROMPT with the export in FOLDER."""
     check_output_file(output)
     seeds = list(seed)
@@ -167,7 +244,7 @@ def generate(folder, prompt, provider, threads, no_verify, verbose, seed, num_im
     request = GenerationRequest(
         prompt, seed=seeds[0] if len(seeds) == 1 else (seeds or None), num_images=num_images, image=init_image, **kwargs
     )
-    pipe = _load(folder, provider, threads, no_verify, verbose, img2img=init_image is not None)
+    pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)
     result = pipe.generate(request, progress=True)
     for path in result.save(output):
         click.echo(path)
@@ -194,12 +271,13 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
         )
     if (grid or frames) < 2:
         raise click.UsageError("--frames and --grid need at least 2")
-    out = make_output_folder(output)
+    check_output_folder(output)
     pipe = _load(folder, provider, threads, no_verify, verbose)
     if grid:
         images, columns = walk.bilinear(pipe, list(prompts), grid, seed=seed, **kwargs), grid
     else:
         images, columns = walk.pairwise(pipe, prompts[0], prompts[1], frames, seed=seed, **kwargs), frames
+    out = make_output_folder(output)
     for i, image in enumerate(images):
         save_image(image, out / f"frame-{i:03d}.png", image.info["parameters"])
     contact_sheet(images, columns).save(out / "sheet.png")
@@ -229,7 +307,10 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1), help="Requests that may wait.")
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
-def serve_command(folder, replicas, max_batch, port, host, provider, threads, address, max_queue, timeout, no_verify):
+@max_memory_option
+def serve_command(
+    folder, replicas, max_batch, port, host, provider, threads, address, max_queue, timeout, no_verify, max_memory
+):
     """Serve FOLDER over HTTP on Ray Serve: POST /v1/images/generations, GET /v1/models, GET /health."""
     try:
         from . import serve  # lazy: it imports Ray, an optional extra
@@ -251,6 +332,7 @@ def serve_command(folder, replicas, max_batch, port, host, provider, threads, ad
         address=address,
         max_queue=max_queue,
         timeout_s=timeout,
+        max_memory=max_memory,
         echo=lambda line: click.echo(line, err=True),
     )
 

@@ -8,6 +8,8 @@ Every rule that turns what was asked into what runs lives here, each in one plac
 
 from __future__ import annotations
 
+import json
+import math
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
@@ -201,7 +203,7 @@ class Plan:
             "Init image hash": init_image_hash(request.image) if self.image_to_image else None,
             "Clip skip": request.clip_skip or None,
             "Eta": f"{self.eta:g}" if self.eta is not None else None,
-            "Scheduler options": "; ".join(f"{k}={v}" for k, v in (request.scheduler_options or {}).items()) or None,
+            "Scheduler options": _options_text(request.scheduler_options),
             "Latents": "given" if request.latents is not None and not self.image_to_image else None,
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
         }
@@ -214,11 +216,20 @@ class Plan:
         return texts
 
 
+def _options_text(options: Mapping[str, object] | None) -> str | None:
+    """Scheduler options as `--scheduler-option` takes them back: KEY=VALUE, values in JSON but bare strings."""
+    items = (
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in (options or {}).items()
+    )
+    return "; ".join(items) or None
+
+
 def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     """Check a request against an export and make every choice it leaves open; GenerationError (or another
     InvalidArgument) names the first thing to change."""
     prompts, negatives = _prompts(request)
     _check_request(request, export)
+    _check_finite(request)
     defaults = family_defaults(export.pipeline.family)
     strength = defaults.strength if request.strength is None else request.strength
     if request.image is not None and not 0.0 < strength <= 1.0:
@@ -288,6 +299,21 @@ def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
         raise GenerationError(
             "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
         )
+
+
+def _check_finite(request: GenerationRequest) -> None:
+    """The scales are numbers: NaN fails every comparison, so it would slip past the range checks and the
+    guidance mode's choice and draw noise."""
+    scales = {"guidance_scale": request.guidance_scale, "strength": request.strength, "eta": request.eta}
+    for name, value in scales.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise GenerationError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise GenerationError(
+                f"{name} must be a finite number, got {value}: give one, or leave it out for the default"
+            )
 
 
 def _size(request: GenerationRequest, sizes: SizeRule) -> tuple[int, int]:

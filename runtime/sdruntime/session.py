@@ -355,15 +355,19 @@ class Binding:
             elif self.component.device == "cpu":
                 array = array.copy()  # a CPU OrtValue's numpy() is a view of the bound buffer, reused next run
             if not np.isfinite(array).all():
-                raise NonFiniteOutput(self.component.name)
+                raise NonFiniteOutput(
+                    self.component.name, self.component.manifest.components[self.component.name].dtype
+                )
             results[name] = array
         return results
 
 
 class NonFiniteOutput(ExportError):
-    def __init__(self, component: str):
-        super().__init__(
-            f"{component} produced NaN or Inf: its fp16 graph overflows; re-export with "
-            f"`sdexport convert ... --dtype fp16 --keep-fp32 {component}`"
+    def __init__(self, component: str, dtype: str = "fp16"):
+        fix = (
+            f"its fp16 graph overflows; re-export with `sdexport convert ... --dtype fp16 --keep-fp32 {component}`"
+            if dtype == "fp16"  # an fp32 graph does not overflow where PyTorch's fp32 does not
+            else "its fp32 graph or its weights are damaged; re-export it (and drop --no-verify, which skips the files' check)"
         )
+        super().__init__(f"{component} produced NaN or Inf: {fix}")
         self.component = component

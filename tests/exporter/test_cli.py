@@ -114,10 +114,49 @@ def test_unwritable_output(capsys, tmp_path):
         (["--keep-fp32", "vae"], "unknown component 'vae' in --keep-fp32"),
         (["--target", "metal"], "unknown target 'metal'"),
         (["--height", "64"], "add --static"),
+        (["--keep-fp32", "unet"], "--keep-fp32 keeps components of an fp16 export in fp32, and this export is fp32"),
     ],
 )
 def test_bad_options(capsys, tmp_path, args, says):
     assert_refused(capsys, tmp_path / "out", "tiny-sd", *args, says=says)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["tiny-sd", "-o", "out", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["tiny-sd", "-o", "out", "--target", "gpu"], "unknown target 'gpu'"),
+        (["tiny-sd", "-o", "out", "--components", "unet,vea"], "unknown component 'vea'"),
+        (["tiny-sd", "-o", "out", "--keep-fp32", "unet"], "--keep-fp32 keeps components of an fp16 export"),
+        (["./no-such-model", "-o", "out"], "'./no-such-model' not found"),
+        (["tiny-sd", "-o", "exists"], "exists already exists: pass --overwrite"),
+    ],
+)
+def test_argument_errors_are_refused_before_torch_is_imported(tmp_path, args, says):
+    """torch takes seconds to import: a wrong argument is named without it (a fresh interpreter each time)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "exists").mkdir()
+    probe = (
+        "import sys\n"
+        "from sdexport.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('torch imported:', 'torch' in sys.modules, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "convert", *args],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = done.stderr.splitlines()
+    assert done.returncode == 2 and lines[-1] == "torch imported: False", done.stderr
+    assert len(lines) == 2 and lines[0].startswith("sdexport: error: ") and says in lines[0], done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"] and not any((tmp_path / "exists").iterdir())
 
 
 def test_unknown_preset_lists_presets(capsys, tmp_path):

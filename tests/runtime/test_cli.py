@@ -90,6 +90,13 @@ def test_corrupted_model_file(capsys, copy32):
         (["--provider", "metal"], "unknown provider 'metal'"),
         (["--seed", str(2**32)], "seed"),
         (["--seed", str(2**32 - 1), "-n", "2"], "runs past 2**32 - 1"),
+        (["--guidance", "nan"], "guidance_scale must be a finite number, got nan"),
+        (["--guidance", "inf"], "guidance_scale must be a finite number, got inf"),
+        (["--image", "INIT", "--strength", "nan"], "strength must be a finite number, got nan"),
+        (["--scheduler", "ddim", "--eta", "nan"], "eta must be a finite number, got nan"),
+        (["--scheduler-option", "foo=1"], "has no setting 'foo'"),
+        (["--scheduler-option", "clip_sample"], "write KEY=VALUE, e.g. clip_sample=false"),
+        (["--scheduler-option", "trained_betas=[0.1]"], "VALUE must be true, false, a number or a string"),
     ],
 )
 def test_bad_generate_arguments(capsys, tiny32, tmp_path, args, says):
@@ -102,13 +109,30 @@ def test_bad_generate_arguments(capsys, tiny32, tmp_path, args, says):
     code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", *args, "-o", str(tmp_path / "o.png"))
     assert code == 2
     assert says in error_line(err)
+    assert not (tmp_path / "o.png").exists()
 
 
-def test_nan_output_names_the_component(capsys, copy32):
+def test_nan_output_of_an_fp32_export_says_it_is_damaged(capsys, copy32, tmp_path):
     rewrite_model(copy32, "vae_decoder", lambda w: np.full_like(w, np.nan), update_manifest=True)
-    code, err = run(capsys, "generate", str(copy32), "x", "--steps", "2")
+    code, err = run(capsys, "generate", str(copy32), "x", "--steps", "2", "-o", str(tmp_path / "n.png"))
     line = error_line(err)
-    assert code == 2 and "vae_decoder produced NaN or Inf" in line and "--keep-fp32 vae_decoder" in line
+    assert code == 2 and "vae_decoder produced NaN or Inf" in line
+    assert "fp32 graph or its weights are damaged" in line and "re-export" in line and "--no-verify" in line
+    assert "fp16" not in line and not (tmp_path / "n.png").exists()
+
+
+def test_nan_output_of_an_fp16_export_names_the_component_to_keep_in_fp32(capsys, tiny16, tmp_path):
+    copy16 = Path(shutil.copytree(tiny16, tmp_path / "export16"))
+    path = copy16 / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(path))
+    init = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and len(t.dims) == 4)
+    init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.inf), init.name))
+    onnx.save(model, str(path))
+    code, err = run(capsys, "generate", str(copy16), "x", "--steps", "2", "--no-verify", "-o", str(tmp_path / "n.png"))
+    [line] = [line for line in err.splitlines() if line.startswith("sdruntime: error:")]  # after a warning
+    assert "Traceback" not in err
+    assert code == 2 and "vae_decoder produced NaN or Inf: its fp16 graph overflows" in line
+    assert "--keep-fp32 vae_decoder" in line
 
 
 def test_provider_list_falls_back(capsys, tiny32, tmp_path):
@@ -171,6 +195,23 @@ def test_bad_output_path_fails_before_loading(capsys, tiny32, tmp_path, no_load,
     (tmp_path / "adir.png").mkdir()
     code, err = run(capsys, "generate", str(tiny32), "x", "-o", str(tmp_path / output))
     assert code == 2 and says.format(tmp=tmp_path) in error_line(err)
+
+
+def test_output_that_cannot_be_created_fails_before_loading(capsys, tiny32, no_load):
+    """/proc refuses new files, though os.access lets root write anywhere: only a probe write tells."""
+    code, err = run(capsys, "generate", str(tiny32), "x", "-o", "/proc/sdruntime-x.png")
+    assert code == 2 and "-o /proc/sdruntime-x.png cannot be written" in error_line(err)
+
+
+def test_the_output_probe_leaves_nothing_behind(tmp_path):
+    from sdruntime.cli import check_output_file, check_output_folder
+
+    check_output_file(str(tmp_path / "new.png"))
+    check_output_folder(str(tmp_path / "a" / "b" / "frames"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old.png").write_bytes(b"old picture")
+    check_output_file(str(tmp_path / "old.png"))
+    assert (tmp_path / "old.png").read_bytes() == b"old picture"
 
 
 def test_unwritable_output_folder_fails_before_loading(capsys, tiny32, tmp_path, no_load, monkeypatch):
@@ -345,3 +386,65 @@ def test_an_unreadable_init_image_is_a_bad_argument_not_a_broken_export(tiny32, 
     with pytest.raises(InvalidArgument, match="cannot read the init image") as caught:
         pipe("a cat", image=tmp_path / "init.png", num_inference_steps=1)
     assert not isinstance(caught.value, ExportError)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--height", "72"], "height 72 is not a positive multiple of 16"),
+        (["--guidance", "nan"], "guidance_scale must be a finite number"),
+        (["--scheduler-option", "foo=1"], "has no setting 'foo'"),
+    ],
+)
+def test_a_refused_interpolate_leaves_no_folder(capsys, tiny32, tmp_path, args, says):
+    frames = tmp_path / "new" / "frames"
+    code, err = run(capsys, "interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", *args, "-o", str(frames))
+    assert code == 2 and says in error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_sdxl_interpolate_leaves_no_folder(capsys, sdxl32, tmp_path):
+    frames = tmp_path / "frames"
+    code, err = run(capsys, "interpolate", str(sdxl32), "--prompt", "a", "--prompt", "b", "-o", str(frames))
+    assert code == 2 and "SDXL's pooled ones are not handled" in error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scheduler_options_reach_the_scheduler_and_the_parameters(tiny32, tmp_path):
+    from sdruntime.image import read_parameters
+
+    out = tmp_path / "o.png"
+    options = ["--scheduler-option", "clip_sample=false", "--scheduler-option", "timestep_spacing=trailing"]
+    code = main(["generate", str(tiny32), "x", "--steps", "2", "--scheduler", "ddim", *options, "-o", str(out)])
+    text = read_parameters(out)
+    assert code == 0 and "Timestep spacing: trailing" in text
+    assert "Scheduler options: clip_sample=false; timestep_spacing=trailing" in text
+    code = main(
+        ["interpolate", str(tiny32), "--prompt", "a", "--prompt", "b", "--frames", "2", "--steps", "1"]
+        + options
+        + ["--scheduler", "ddim", "-o", str(tmp_path / "walk")]
+    )
+    assert code == 0 and "timestep_spacing=trailing" in read_parameters(tmp_path / "walk" / "frame-000.png")
+
+
+def test_image_to_image_leaves_no_file_open(tiny32, tmp_path):
+    """A file left for the garbage collector warns `unclosed file` at every run (Python's dev mode shows it)."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
+    command = ["generate", str(tiny32), "x", "--steps", "2", "--image", str(tmp_path / "init.png")]
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-m", "sdruntime.cli", *command, "-o", "i.png"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" not in done.stderr and "unclosed" not in done.stderr, done.stderr
+    assert (tmp_path / "i.png").is_file()
