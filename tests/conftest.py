@@ -115,6 +115,12 @@ def tiny16(tmp_path_factory) -> Path:
     return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny16", dtype="fp16")
 
 
+@pytest.fixture(scope="session")
+def shapes32(tmp_path_factory) -> Path:
+    """The shipped shapes model (trained, 22 MB): pictures whose content a test can check."""
+    return _quiet_convert("shapes", tmp_path_factory.mktemp("exports") / "shapes32")
+
+
 @pytest.fixture(scope="session", params=["epsilon", "v_prediction"])
 def sd2_case(request, tmp_path_factory):
     """(pipeline folder, PyTorch pipeline, fp32 export) for each prediction type."""
