@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .conditioning import MicroConditioning
 from .image import load_init_image, save_image, short_hash, to_pil
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
+from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
 from .request import GenerationError, GenerationRequest
@@ -61,7 +62,7 @@ def final_layer_norm(hidden: np.ndarray, norm) -> np.ndarray:
 class StableDiffusionPipeline:
     """An exported folder, loaded on one execution provider."""
 
-    def __init__(self, folder: Path, provider, settings: SessionSettings, verify: bool):
+    def __init__(self, folder: Path, provider, settings: SessionSettings, verify: bool, max_memory: int | None = None):
         self.manifest = read_manifest(folder)
         self.folder = Path(folder)
         facts = self.manifest.pipeline
@@ -106,13 +107,24 @@ class StableDiffusionPipeline:
                 self._components.update(zip(names, pool.map(self._create, names)))
         for name in names:
             self.component(name)
+        self.memory_model = MemoryModel.of(self.manifest)
+        self.memory_budget = MemoryBudget(max_memory)
+        self.loaded_resident = resident_memory()  # what a generation's estimate adds to
 
     @classmethod
     def load(
-        cls, folder: str | Path, provider="cpu", *, settings: SessionSettings | None = None, verify: bool = True
+        cls,
+        folder: str | Path,
+        provider="cpu",
+        *,
+        settings: SessionSettings | None = None,
+        verify: bool = True,
+        max_memory: int | None = None,
     ) -> StableDiffusionPipeline:
-        """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers."""
-        return cls(Path(folder), provider, settings or SessionSettings(), verify)
+        """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers. `max_memory`
+        (bytes) caps this process's resident memory while drawing (default: what the machine has free): a
+        batch past it is drawn in pieces, an image past it is refused (memory.py)."""
+        return cls(Path(folder), provider, settings or SessionSettings(), verify, max_memory)
 
     def component(self, name: str) -> Component:
         """A component's session, created on first use (the VAE encoder only for image-to-image)."""
@@ -223,15 +235,22 @@ class StableDiffusionPipeline:
         generator: TorchGenerator | list[TorchGenerator],
         callback: StepCallback | None = None,
         progress: bool = False,
+        rows: int | None = None,
     ) -> np.ndarray:
         """The loop over the plan's scheduler steps, guided as the plan's guidance says; the U-Net's inputs
         stay bound across steps, and the noise a step adds is drawn here, from the run's generator.
-        `unet_inputs` are the U-Net's inputs that stay the same at every step (`encode`)."""
+        `unet_inputs` are the U-Net's inputs that stay the same at every step (`encode`); the U-Net runs
+        `rows` rows of its batch at a time (all by default), each row computed alone, so pieces change no pixel."""
         guidance, scheduler = plan.guidance, plan.scheduler
         unet = self.component("unet")
         batch = guidance.unet_batch_size(plan.batch)
         feeds = {"sample": guidance.unet_sample(latents), "timestep": np.zeros(batch, np.float32), **unet_inputs}
-        binding = unet.bind(feeds) if unet.static_batch in (None, batch) else None
+        rows = rows or batch
+        cuts = [slice(start, start + rows) for start in range(0, batch, rows)]
+        if unet.static_batch in (None, batch):
+            bindings = [(cut, unet.bind({k: v[cut] for k, v in feeds.items()})) for cut in cuts]
+        else:
+            bindings = None
         steps = scheduler.step_indices
         if progress:
             steps = tqdm(steps, desc="denoising", unit="step")
@@ -239,10 +258,13 @@ class StableDiffusionPipeline:
             t = scheduler.timesteps[i]
             model_input = scheduler.scale_model_input(guidance.unet_sample(latents), i)
             timestep = np.full(batch, t, np.float32)
-            if binding is not None:
-                binding.update("sample", model_input)
-                binding.update("timestep", timestep)
-                noise_pred = binding.run()["out_sample"]
+            if bindings is not None:
+                outputs = []
+                for cut, binding in bindings:
+                    binding.update("sample", model_input[cut])
+                    binding.update("timestep", timestep[cut])
+                    outputs.append(binding.run()["out_sample"])
+                noise_pred = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
             else:  # a static export whose batch differs: pad through the plain call
                 noise_pred = unet(**{**feeds, "sample": model_input, "timestep": timestep})["out_sample"]
             noise_pred = guidance.combine(noise_pred)
@@ -252,9 +274,12 @@ class StableDiffusionPipeline:
                 callback(n, float(t), latents)
         return latents
 
-    def vae_decode(self, latents: np.ndarray) -> np.ndarray:
+    def vae_decode(self, latents: np.ndarray, rows: int | None = None) -> np.ndarray:
+        """Latents -> pixels in [-1, 1], `rows` images per decoder run (all by default)."""
         scaled = latents / np.float32(self.manifest.pipeline.vae_scaling_factor)
-        return self.component("vae_decoder")(latent_sample=scaled)["sample"]
+        decoder, rows = self.component("vae_decoder"), rows or len(latents)
+        pieces = [decoder(latent_sample=scaled[s : s + rows])["sample"] for s in range(0, len(scaled), rows)]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def vae_encode(self, image: np.ndarray, generator) -> np.ndarray:
         """Sample the VAE's latent distribution, scaled, as diffusers' `retrieve_latents` does."""
@@ -286,21 +311,33 @@ class StableDiffusionPipeline:
         record, each stage reading the plan. `callback(step, timestep, latents)` runs after each step."""
         started = time.perf_counter()
         plan = resolve_plan(request, self.export)
+        pieces = self.admit(plan)
         generator = plan.seeds.generator()
         unet_inputs = self.encode(plan)
         latents = self.prepare_latents(plan, generator)
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress)
+        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress, pieces.unet_rows)
         timings = {
             "denoise": time.perf_counter() - loop_started,
             "unet": unet.run_seconds - unet_before,
             "steps": float(len(plan.scheduler.step_indices)),
         }
-        images = to_pil(self.vae_decode(final))
+        images = to_pil(self.vae_decode(final, pieces.decoder_rows))
         timings["total"] = time.perf_counter() - started
         parameters = plan.parameters(self.model_hash, Path(self.manifest.source.name).name)
         return GenerationResult(images, final, parameters, list(plan.seeds.values), timings)
+
+    def admit(self, plan: Plan) -> Pieces:
+        """How the plan is drawn within the memory budget (memory.admit): in one piece when it fits, in pieces
+        of U-Net rows and decoded images when not; MemoryRefused when one image cannot fit. Memory on a GPU
+        is not this budget's: only sessions on the CPU count."""
+        encoded_rows = len(plan.prompts) * (1 if plan.negative_prompts is None else 2)
+        shape = RequestShape(
+            plan.batch, plan.guidance.unet_batch_size(plan.batch), encoded_rows, plan.height, plan.width
+        )
+        total = self.memory_budget.total() if self.component("unet").device == "cpu" else None
+        return admit(self.memory_model, shape, None if total is None else total - self.loaded_resident)
 
     def encode(self, plan: Plan) -> dict[str, np.ndarray]:
         """The U-Net's inputs that stay the same at every step: the text embeddings ([negatives..., prompts...]
