@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -34,8 +35,8 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from .errors import InvalidArgument
-from .manifest import read_manifest
+from .errors import InvalidArgument, UserError
+from .manifest import HashCache, read_manifest
 from .serving import DrawResult, ImageRequest, ModelFacts, draw_batch, model_facts, parse_request
 
 APP_NAME = "sdexport"
@@ -49,12 +50,16 @@ REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailabl
 class ImageGenerator:
     """One replica: the export loaded once, drawing batches of requests."""
 
-    def __init__(self, folder: str, provider, threads: int, verify: bool, max_batch: int):
+    def __init__(self, folder: str, provider, threads: int, verify: bool, max_batch: int, max_memory: int | None):
         from .pipeline import StableDiffusionPipeline
         from .session import SessionSettings
 
         self.pipe = StableDiffusionPipeline.load(
-            folder, provider=provider, settings=SessionSettings(intra_op_threads=threads), verify=verify
+            folder,
+            provider=provider,
+            settings=SessionSettings(intra_op_threads=threads),
+            verify=verify,
+            max_memory=max_memory,
         )
         self.max_batch = max_batch
         self.draw.set_max_batch_size(max_batch)
@@ -180,28 +185,50 @@ def build_app(
     max_queue: int,
     timeout_s: float,
     replica_cpus: float,
+    max_memory: int | None = None,
 ):
     """The application: the generator's replicas behind the ingress.
 
     A replica holds at most two batches (one drawing, one gathering); past that, up to `max_queue`
     requests wait in the ingress's queue, and the next one gets 503 at once instead of waiting forever.
+    `max_memory` is each replica's memory budget (memory.py), reserved for it in Ray's scheduling too.
     """
+    actor_options: dict = {"num_cpus": replica_cpus}
+    if max_memory is not None:
+        actor_options["memory"] = max_memory
     generator = ImageGenerator.options(
         num_replicas=replicas,
         max_ongoing_requests=2 * max_batch,
         max_queued_requests=max_queue,
-        ray_actor_options={"num_cpus": replica_cpus},
-    ).bind(folder, provider, threads, verify, max_batch)
+        ray_actor_options=actor_options,
+    ).bind(folder, provider, threads, verify, max_batch, max_memory)
     # the ingress lets every request in, up to what the generators can hold plus their queue
     capacity = max_queue + 2 * max_batch * replicas + 8
     return Api.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(generator, timeout_s)
 
 
-def check_export(folder: str) -> str:
-    """The export's absolute path, after reading its manifest: a wrong folder fails here, before Ray starts."""
+def check_export(folder: str, verify: bool = True) -> str:
+    """The export's absolute path, after reading its manifest, checking its files' sha256 (unless `verify` is
+    off) and that each model file reads as ONNX: a wrong or damaged folder fails here in one line, before Ray
+    starts (a replica's failure would surface only in Ray's logs)."""
+    from .session import check_external_data  # lazy, as the CLI's: it imports ONNX Runtime
+
     path = Path(folder).resolve()
-    read_manifest(path)
+    manifest = read_manifest(path)
+    if verify:
+        manifest.verify(cache=HashCache())
+    for name in manifest.components:
+        check_external_data(manifest.model_path(name))
     return str(path)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something else listens on, before Ray starts (Serve's proxy would fail in its logs)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port") from None
 
 
 def serve_forever(
@@ -217,13 +244,20 @@ def serve_forever(
     address: str | None = None,
     max_queue: int = 64,
     timeout_s: float = 120.0,
+    max_memory: int | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Serve until SIGINT or SIGTERM. With no `address`, on a Ray instance started here and stopped after;
-    with one, on that cluster, removing the application when stopped (the cluster keeps running)."""
-    folder = check_export(folder)
+    with one, on that cluster, removing the application when stopped (the cluster keeps running).
+    `max_memory` (bytes) is each replica's memory budget (default: what the machine has free)."""
+    folder = check_export(folder, verify)
     local = not address
     if local:
+        check_port(host, port)
+        # Ray's memory monitor kills the newest retriable worker, which may be Serve's controller or the
+        # ingress; without it the kernel's OOM killer takes the largest worker (Ray gives every worker
+        # oom_score_adj 1000), a replica drawing, whose requests then get 503. Admission keeps it rare.
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         cpus = os.cpu_count() or 1
         # the machine's cores shared among the replicas, so that they do not fight over them
         threads = threads or max(1, cpus // replicas)
@@ -249,6 +283,7 @@ def serve_forever(
             max_queue=max_queue,
             timeout_s=timeout_s,
             replica_cpus=threads or 1,
+            max_memory=max_memory,
         )
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
         where = "a local Ray" if local else address

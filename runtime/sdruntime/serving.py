@@ -17,6 +17,7 @@ from PIL import Image
 
 from .errors import InvalidArgument, UserError
 from .image import write_png
+from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .request import GenerationRequest
 from .schedulers import SCHEDULERS, scheduler_class
@@ -44,6 +45,8 @@ class ModelFacts:
     default_guidance: float
     model_hash: str
     source: str
+    largest_side: int | None = None  # the largest square a replica draws within its memory budget (None: unknown)
+    memory_budget: int | None = None  # bytes a replica may hold while drawing
 
     @property
     def sizes(self) -> SizeRule:
@@ -68,6 +71,8 @@ class ModelFacts:
             "default_guidance": self.default_guidance,
             "model_hash": self.model_hash,
             "source": self.source,
+            "largest_size": f"{self.largest_side}x{self.largest_side}" if self.largest_side else None,
+            "memory_budget_bytes": self.memory_budget,
         }
 
 
@@ -75,6 +80,11 @@ def model_facts(pipe) -> ModelFacts:
     """A loaded StableDiffusionPipeline's facts."""
     manifest = pipe.manifest
     sizes = pipe.export.sizes
+    budget = pipe.memory_budget.total()
+    largest = None
+    if budget is not None and pipe.memory_model is not None:
+        largest = largest_side(pipe.memory_model, budget - pipe.loaded_resident)
+        largest = min(largest, MAX_SIDE) // sizes.multiple * sizes.multiple
     return ModelFacts(
         name=pipe.folder.resolve().name,
         family=manifest.pipeline.family,
@@ -87,6 +97,8 @@ def model_facts(pipe) -> ModelFacts:
         default_guidance=family_defaults(manifest.pipeline.family).guidance_scale,
         model_hash=pipe.model_hash,
         source=Path(manifest.source.name).name,
+        largest_side=largest,
+        memory_budget=budget,
     )
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,7 +218,8 @@ def request(url: str, body: dict | bytes | None = None, timeout: float = 120) ->
 
 @pytest.fixture(scope="module")
 def server(tiny32, tmp_path_factory):
-    # a small queue, so that a burst fills it (8: room for the batching test's 6); batches of up to 4 images
+    # a small queue, so that a burst fills it (8: room for the batching test's 6); batches of up to 4 images;
+    # a replica budget that 1024x1024 passes (its VAE's attention alone would take 3 GiB)
     running = Server(
         tiny32,
         tmp_path_factory.mktemp("serve") / "serve.log",
@@ -227,6 +229,8 @@ def server(tiny32, tmp_path_factory):
         "8",
         "--timeout",
         "60",
+        "--max-memory",
+        "1GiB",
     )
     try:
         running.wait_healthy()
@@ -289,6 +293,46 @@ def test_models_and_health_report_the_manifest(server, tiny32):
     assert card["size_multiple"] == manifest.size_multiple and card["dtype"] == manifest.dtype
     status, _, body = request(server.url + "/health")
     assert status == 200 and json.loads(body) == {"status": "ok", "replicas": {"running": 1}}
+
+
+def test_a_request_past_the_replica_memory_gets_400_and_the_server_stays_up(server):
+    status, _, body = request(server.url + "/v1/models")
+    card = json.loads(body)["data"][0]
+    side = int(card["largest_size"].split("x")[0])
+    assert status == 200 and card["memory_budget_bytes"] == 2**30 and 64 <= side < 1024
+    status, headers, body = generate(server, {"prompt": PROMPT, "steps": 2, "size": "1024x1024"})
+    message = json.loads(body)["error"]["message"]
+    assert status == 400 and headers["content-type"] == "application/json"
+    assert message.startswith("1024x1024 needs about ") and f"the largest that fits is {side}x{side}" in message
+    assert request(server.url + "/health")[0] == 200
+    status, _, png = generate(server, {"prompt": PROMPT, "seed": 1, "steps": 2, "size": f"{side}x{side}"})
+    assert status == 200 and Image.open(io.BytesIO(png)).size == (side, side)
+
+
+def test_serve_refuses_a_busy_port_in_one_line_before_starting_ray(tiny32, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        code = sdruntime_main(["serve", str(tiny32), "--port", str(port)])
+    assert code == 2 and time.monotonic() - started < 10
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"sdruntime: error: cannot listen on 127.0.0.1:{port} (")
+    assert line.endswith("choose another --port")
+
+
+def test_serve_refuses_a_damaged_export_in_one_line_before_starting_ray(tiny32, tmp_path, capsys):
+    damaged = shutil.copytree(tiny32, tmp_path / "damaged")
+    unet = damaged / "unet" / "model.onnx"
+    unet.write_bytes(unet.read_bytes()[:1000])
+    started = time.monotonic()
+    code = sdruntime_main(["serve", str(damaged), "--port", str(free_port())])
+    assert code == 2 and time.monotonic() - started < 10
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"sdruntime: error: {unet} has 1000 bytes but the manifest records")
+    code = sdruntime_main(["serve", str(damaged), "--port", str(free_port()), "--no-verify"])
+    assert code == 2 and f"{unet} is not an ONNX model" in capsys.readouterr().err
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(server):
