@@ -22,7 +22,18 @@ from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .request import GenerationRequest
 from .schedulers import SCHEDULERS, scheduler_class
 
-FIELDS = ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "size", "n", "response_format")
+FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "guidance",
+    "scheduler",
+    "scheduler_options",
+    "seed",
+    "size",
+    "n",
+    "response_format",
+)
 RESPONSE_FORMATS = ("png", "b64_json")
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
 MAX_IMAGES = 8  # per request; a client wanting more sends more requests, which batch with others
@@ -115,13 +126,22 @@ class ImageRequest:
     width: int
     height: int
     response_format: str
+    scheduler_options: tuple[tuple[str, object], ...] = ()  # sorted (key, value) pairs, hashable for batch_key
 
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys run in one U-Net batch: the same latent size, the same schedule and the
         same guidance (one scale per pipeline call), and a negative prompt on all or none (SDXL tells an
         absent one from an empty one)."""
-        return (self.width, self.height, self.steps, self.scheduler, self.guidance, self.negative_prompt is None)
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.scheduler,
+            self.scheduler_options,
+            self.guidance,
+            self.negative_prompt is None,
+        )
 
 
 def _integer(body: Mapping, name: str, default: int, low: int, high: int) -> int:
@@ -181,6 +201,7 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0:
         raise InvalidArgument(f"'guidance' must be a number from 0 to 50, got {guidance!r}")
     scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler).NAME
+    options = _scheduler_options(body, scheduler)
     # drawn here when not given, not in the pipeline, so that the response can say which seed brings each image back
     start = None if body.get("seed") is None else _integer(body, "seed", 0, 0, SEED_LIMIT - 1)
     seeds = batch_seeds(n, start)
@@ -200,7 +221,22 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         width=width,
         height=height,
         response_format=response_format,
+        scheduler_options=options,
     )
+
+
+def _scheduler_options(body: Mapping, scheduler: str) -> tuple[tuple[str, object], ...]:
+    """`scheduler_options`: a JSON object of scalars, keys of the scheduler's config (as --scheduler-option)."""
+    options = body.get("scheduler_options") or {}
+    if not isinstance(options, Mapping) or not all(
+        isinstance(v, (str, int, float, bool)) or v is None for v in options.values()
+    ):
+        raise InvalidArgument("'scheduler_options' must be an object of plain values, e.g. {\"clip_sample\": false}")
+    known = scheduler_class(scheduler).DEFAULTS
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InvalidArgument(f"{scheduler} has no setting {unknown[0]!r}: choose among {', '.join(sorted(known))}")
+    return tuple(sorted(options.items()))
 
 
 @dataclass
@@ -237,6 +273,7 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         num_inference_steps=first.steps,
         guidance_scale=first.guidance,
         scheduler=first.scheduler,
+        scheduler_options=dict(first.scheduler_options) or None,
         seed=[seed for _, seed in images],
         height=first.height,
         width=first.width,

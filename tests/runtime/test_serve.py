@@ -70,6 +70,9 @@ def test_request_defaults_and_seeds_follow_the_cli(facts):
         ({"prompt": PROMPT, "size": "20x16"}, "'size' 20x16 must be multiples of 16"),  # tiny-sd's multiple
         ({"prompt": PROMPT, "size": "big"}, "'size' must be 'WIDTHxHEIGHT'"),
         ({"prompt": PROMPT, "scheduler": "heun"}, "unknown scheduler 'heun'"),
+        ({"prompt": PROMPT, "scheduler": "ddim", "scheduler_options": {"karras": 1}}, "ddim has no setting 'karras'"),
+        ({"prompt": PROMPT, "scheduler_options": {"clip_sample": [1]}}, "'scheduler_options' must be an object"),
+        ({"prompt": PROMPT, "scheduler_options": "clip_sample=false"}, "'scheduler_options' must be an object"),
         ({"prompt": PROMPT, "seed": 2**32}, "'seed' must be an integer from 0 to 4294967295"),
         ({"prompt": PROMPT, "n": 2, "response_format": "png"}, "a PNG response holds one image"),
         ([PROMPT], "the body must be a JSON object"),
@@ -79,6 +82,24 @@ def test_bad_requests_are_refused_in_one_line(facts, body, message):
     with pytest.raises(InvalidArgument, match=message) as caught:
         parse_request(body, facts)
     assert "\n" not in str(caught.value)
+
+
+def test_scheduler_options_reach_the_scheduler_and_split_batches(tiny_pipe32, facts):
+    """The field does what `--scheduler-option` does: the picture of the same options given to the pipeline;
+    requests with other options run in another batch."""
+    body = {"prompt": PROMPT, "seed": 3, "steps": 3, "scheduler": "ddim"}
+    plain, clipped = (
+        parse_request(body, facts),
+        parse_request({**body, "scheduler_options": {"clip_sample": False}}, facts),
+    )
+    assert clipped.scheduler_options == (("clip_sample", False),) and plain.batch_key != clipped.batch_key
+    results = draw_batch(tiny_pipe32, [plain, clipped], max_images=4)
+    assert [[i.batch_images for i in r.images] for r in results] == [[1], [1]]
+    alone = tiny_pipe32(
+        PROMPT, num_inference_steps=3, scheduler="ddim", seed=3, scheduler_options={"clip_sample": False}
+    )
+    assert "Scheduler options: clip_sample=false" in results[1].images[0].parameters
+    assert results[1].images[0].parameters == alone.parameters[0]
 
 
 # -- batches -----------------------------------------------------------------------------------------
