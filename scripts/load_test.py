@@ -2,6 +2,11 @@
 throughput, latency percentiles and every request that did not come back with an image.
 
     python scripts/load_test.py --url http://127.0.0.1:8000 --concurrency 20 --duration 60
+    python scripts/load_test.py --mix valid=3,oversized=1,malformed=1 --duration 300   # a soak run
+
+With --mix, requests cycle through kinds in the given proportions: valid ones, oversized ones (a size no
+replica's memory admits: 400 expected) and malformed ones (400 expected); the report counts outcomes per kind
+and names every outcome a kind should not get (a valid request may get 503 when the queue is full).
 
 Bounded on purpose: it stops at --duration seconds or --max-requests requests, whichever comes first, each
 request gives up after --request-timeout, and it talks to this machine only (localhost), so it cannot be
@@ -33,11 +38,33 @@ PROMPTS = (
 )
 
 
+# what each kind of request adds to the body, and the outcomes a server that survives should give it
+KINDS = {
+    "valid": ({}, {"ok", "503"}),
+    "oversized": ({"size": "4096x4096"}, {"400"}),
+    "malformed": ({"steps": 0}, {"400"}),
+}
+
+
 @dataclass
 class Outcome:
     started: float  # seconds since the run began
     latency: float
     status: str  # "ok", an HTTP status such as "503", "timeout" or "connection"
+    kind: str = "valid"
+
+
+def parse_mix(text: str) -> list[str]:
+    """ "valid=3,oversized=1" -> the kinds in one cycle: ["valid", "valid", "valid", "oversized"]."""
+    cycle = []
+    for part in text.split(","):
+        kind, _, count = part.partition("=")
+        if kind.strip() not in KINDS or not count.strip().isdigit():
+            raise ValueError(f"--mix {text!r}: write KIND=COUNT,... with kinds {', '.join(KINDS)}")
+        cycle += [kind.strip()] * int(count)
+    if not cycle:
+        raise ValueError(f"--mix {text!r}: give at least one request")
+    return cycle
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -79,8 +106,11 @@ def run(
     request_timeout: float,
     steps: int | None = None,
     size: str | None = None,
+    mix: list[str] | None = None,
 ) -> dict:
-    """Drive `concurrency` clients until `duration` seconds or `max_requests` requests; the report as a dict."""
+    """Drive `concurrency` clients until `duration` seconds or `max_requests` requests; the report as a dict.
+    `mix` cycles the kinds of request (parse_mix); by default all are valid."""
+    cycle = mix or ["valid"]
     endpoint = check_local(url)
     outcomes: list[Outcome] = []
     lock = threading.Lock()
@@ -95,12 +125,14 @@ def run(
                     return
                 number = issued
                 issued += 1
+            kind = cycle[number % len(cycle)]
             body = {"prompt": PROMPTS[number % len(PROMPTS)], "seed": number}
             body.update({k: v for k, v in (("steps", steps), ("size", size)) if v is not None})
+            body.update(KINDS[kind][0])
             started = time.monotonic()
             status = post(endpoint, body, request_timeout)
             with lock:
-                outcomes.append(Outcome(started - begin, time.monotonic() - started, status))
+                outcomes.append(Outcome(started - begin, time.monotonic() - started, status, kind))
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
@@ -109,6 +141,7 @@ def run(
         thread.join()
     wall = time.monotonic() - begin
     ok = [o.latency for o in outcomes if o.status == "ok"]
+    by_kind = {kind: dict(Counter(o.status for o in outcomes if o.kind == kind)) for kind in dict.fromkeys(cycle)}
     return {
         "concurrency": concurrency,
         "requests": len(outcomes),
@@ -119,6 +152,13 @@ def run(
         "wall_s": round(wall, 2),
         "images_per_s": round(len(ok) / wall, 3) if wall else 0.0,
         "latency_s": {f"p{q}": round(percentile(ok, q), 3) for q in (50, 95, 99)},
+        "by_kind": by_kind,
+        # what a kind should never get: a lost request, a 5xx other than a full queue's 503, a wrong answer
+        "unexpected": {
+            kind: {status: n for status, n in counts.items() if status not in KINDS[kind][1]}
+            for kind, counts in by_kind.items()
+            if any(status not in KINDS[kind][1] for status in counts)
+        },
     }
 
 
@@ -131,13 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-timeout", type=float, default=300.0, help="Seconds one request may take.")
     parser.add_argument("--steps", type=int, help="Steps per image (default: the server's).")
     parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's).")
+    parser.add_argument("--mix", help="Kinds of request in proportion, e.g. valid=3,oversized=1,malformed=1.")
     parser.add_argument("--json", dest="json_path", help="Also write the report here.")
     args = parser.parse_args(argv)
     if not (1 <= args.concurrency <= 256 and args.duration > 0 and args.max_requests >= 1):
         parser.error("--concurrency 1-256, a positive --duration and --max-requests are needed")
     try:
+        mix = parse_mix(args.mix) if args.mix else None
         report = run(
-            args.url, args.concurrency, args.duration, args.max_requests, args.request_timeout, args.steps, args.size
+            args.url,
+            args.concurrency,
+            args.duration,
+            args.max_requests,
+            args.request_timeout,
+            args.steps,
+            args.size,
+            mix,
         )
     except ValueError as e:
         print(f"load_test: error: {e}", file=sys.stderr)
@@ -148,9 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['images_per_s']} images/s; latency p50 {latency['p50']} s, p95 {latency['p95']} s, "
         f"p99 {latency['p99']} s; errors {report['errors'] or 'none'}, lost {report['lost']}"
     )
+    if mix:
+        print(f"by kind {report['by_kind']}; unexpected {report['unexpected'] or 'none'}")
     if args.json_path:
         with open(args.json_path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+    if mix:  # the errors a mix asks for are expected
+        return 0 if not report["unexpected"] else 1
     return 0 if not report["errors"] else 1
 
 

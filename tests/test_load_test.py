@@ -24,6 +24,8 @@ class StandIn(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(self.delay)
         status, payload = (503, b"{}") if body["seed"] % 3 == 0 else (200, load_test.PNG_SIGNATURE + b"rest")
+        if body.get("steps") == 0 or body.get("size") == "4096x4096":
+            status, payload = (400, b"{}") if body["seed"] % 5 else (500, b"{}")  # a 500 now and then
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -61,6 +63,22 @@ def test_stops_at_the_time_limit_and_counts_timeouts_as_lost(stand_in):
     report = load_test.run(url, concurrency=2, duration=0.5, max_requests=1000, request_timeout=0.2)
     assert time.monotonic() - started < 2 and 0 < report["requests"] <= 6
     assert report["ok"] == 0 and report["lost"] == report["requests"] == report["errors"]["timeout"]
+
+
+def test_a_mix_counts_each_kind_and_names_what_it_should_not_get(stand_in, capsys):
+    url = f"http://127.0.0.1:{stand_in.server_port}"
+    report = load_test.run(url, 4, 30, 20, 5, mix=load_test.parse_mix("valid=2,oversized=1,malformed=1"))
+    kinds = report["by_kind"]
+    assert sum(sum(c.values()) for c in kinds.values()) == report["requests"] == 20
+    assert sum(kinds["valid"].values()) == 10 and sum(kinds["oversized"].values()) == 5
+    # seeds 2, 6, 10, ... are oversized and 3, 7, 11, ... malformed; the stand-in answers 500 to those
+    # divisible by 5 (10 and 15); the valid ones' 503s are expected
+    assert report["unexpected"] == {"oversized": {"500": 1}, "malformed": {"500": 1}}
+    assert "503" in kinds["valid"] and "503" not in report["unexpected"].get("valid", {})
+    assert load_test.main(["--url", url, "--max-requests", "8", "--mix", "valid=1,malformed=1"]) == 1
+    assert "unexpected {'malformed'" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="kinds valid, oversized, malformed"):
+        load_test.parse_mix("valid=1,huge=2")
 
 
 def test_percentile_is_nearest_rank():
