@@ -24,9 +24,22 @@ folder, size, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 pipe = StableDiffusionPipeline.load(folder, settings=SessionSettings(intra_op_threads=1))
 loaded = status("VmRSS")
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on
-pipe("a red circle", num_inference_steps=1, seed=list(range(images)), num_images=images, height=size, width=size)
+pipe(sys.argv[4], num_inference_steps=1, seed=list(range(images)), num_images=images, height=size, width=size)
 print(json.dumps({"loaded": loaded, "measured": status("VmHWM") - loaded}))
 """
+
+
+def measure(folder: str, side: int, images: int, prompt: str = "a red circle") -> dict[str, int]:
+    """One generation (1 step, CFG, one thread) in a fresh process: its loaded RSS and the peak it adds, bytes."""
+    run = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(folder), str(side), str(images), prompt],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if run.returncode:
+        raise RuntimeError(run.stderr[-2000:])
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -39,12 +52,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for case in args.case or ["32x50", "256x1", "384x1", "512x1"]:
         side, images = (int(x) for x in case.split("x"))
-        run = subprocess.run(
-            [sys.executable, "-c", MEASURE, args.folder, str(side), str(images)], capture_output=True, text=True
-        )
-        if run.returncode:
-            sys.exit(run.stderr[-2000:])
-        result = json.loads(run.stdout.strip().splitlines()[-1])
+        result = measure(args.folder, side, images)
         estimate = model.peak(RequestShape(images, 2 * images, 2, side, side), 2 * images, images)
         print(
             f"| {side}x{side} | {images} | {result['loaded'] / 2**20:.0f} | {result['measured'] / 2**20:.0f} "

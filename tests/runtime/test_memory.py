@@ -3,7 +3,6 @@ the budget is drawn in pieces with the same pixels, and an image past it is refu
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -27,20 +26,10 @@ from sdruntime.pipeline import StableDiffusionPipeline
 from sdruntime.request import GenerationError, GenerationRequest
 from sdruntime.session import SessionSettings
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from memory_estimate import measure  # noqa: E402
+
 PROMPT = "a red circle on a blue background, center"
-MEASURE = """
-import json, re, sys
-from sdruntime.pipeline import StableDiffusionPipeline
-from sdruntime.session import SessionSettings
-def status(key):
-    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
-folder, size, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-pipe = StableDiffusionPipeline.load(folder, settings=SessionSettings(intra_op_threads=1))
-loaded = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here on
-pipe(sys.argv[4], num_inference_steps=1, seed=list(range(images)), num_images=images, height=size, width=size)
-print(json.dumps({"measured": status("VmHWM") - loaded}))
-"""
 # `sdruntime ARGS...` in a fresh process that prints its peak resident memory last
 # (VmHWM, not getrusage's ru_maxrss, which a child keeps from the parent it was forked from)
 PEAK_OF_CLI = """
@@ -85,14 +74,7 @@ def test_a_bad_memory_size_is_one_line(text):
 
 @pytest.mark.parametrize(("size", "images"), [(32, 50), (256, 1), (384, 1)])
 def test_the_estimate_stays_above_the_measured_peak(shapes, size, images):
-    run = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(shapes), str(size), str(images), PROMPT],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    measured = json.loads(run.stdout.strip().splitlines()[-1])["measured"]
+    measured = measure(str(shapes), size, images, PROMPT)["measured"]
     model = MemoryModel.of(read_manifest(shapes))
     shape = RequestShape(images, 2 * images, 2, size, size)
     estimate = model.peak(shape, 2 * images, images)
