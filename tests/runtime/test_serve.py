@@ -410,3 +410,24 @@ def test_a_request_past_the_timeout_gets_504_at_its_limit(tiny32, tmp_path):
         assert json.loads(body)["error"]["message"] == "not drawn within the server's 2 s limit: retry later"
     finally:
         slow.stop()
+
+
+@pytest.mark.slow  # a second server: 30-40 s
+def test_a_shapes_replica_refuses_1024_within_its_budget_and_stays_up(shapes32, tmp_path):
+    """The shipped model on a replica budget that its 1024x1024 would pass many times (the estimate: about
+    26 GiB): 400 naming the largest size, then that size and the default one draw, and /health stays 200."""
+    shapes = Server(shapes32, tmp_path / "serve.log", "--max-memory", "1GiB")
+    try:
+        shapes.wait_healthy()
+        card = json.loads(request(shapes.url + "/v1/models")[2])["data"][0]
+        side = int(card["largest_size"].split("x")[0])
+        status, _, body = generate(shapes, {"prompt": PROMPT, "steps": 2, "size": "1024x1024"})
+        message = json.loads(body)["error"]["message"]
+        assert status == 400 and f"the largest that fits is {side}x{side}" in message
+        assert request(shapes.url + "/health")[0] == 200
+        for size in (f"{side}x{side}", "32x32"):
+            status, _, png = generate(shapes, {"prompt": PROMPT, "seed": 0, "steps": 2, "size": size})
+            assert status == 200 and Image.open(io.BytesIO(png)).size == tuple(map(int, size.split("x")))
+        assert request(shapes.url + "/health")[0] == 200
+    finally:
+        shapes.stop()
