@@ -7,6 +7,7 @@ from .errors import SdexportError
 SD_PIPELINES = {
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
     "OnnxStableDiffusionPipeline",
     "LatentConsistencyModelPipeline",
 }
@@ -24,9 +25,10 @@ def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
     cls = model_index.get("_class_name", "")
     if "controlnet" in model_index or "ControlNet" in cls:
         raise SdexportError(f"{where} is a ControlNet pipeline ({cls}): ControlNet is not supported yet")
-    if unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls:
+    inpainting = unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls
+    if inpainting and is_sdxl_index(model_index, unet_config):
         raise SdexportError(
-            f"{where} is an inpainting pipeline ({cls or '9-channel U-Net'}): inpainting is not supported yet"
+            f"{where} is an SDXL inpainting pipeline ({cls or '9-channel U-Net'}): inpainting is not supported yet"
         )
     embed = unet_config.get("addition_embed_type")
     if embed not in (None, "text_time"):
@@ -41,7 +43,7 @@ def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
     if cls and cls not in SUPPORTED_PIPELINES:
         raise SdexportError(
             f"{where} is a {cls}: only Stable Diffusion 1.x/2.x and SDXL text-to-image and image-to-image "
-            "pipelines are supported"
+            "pipelines (and 1.x/2.x inpainting) are supported"
         )
     if is_sdxl_index(model_index, unet_config) and embed != "text_time" and unet_config:
         raise SdexportError(f"{where} is an SDXL pipeline whose U-Net lacks addition_embed_type 'text_time'")

@@ -96,10 +96,10 @@ def replace_vae(src: Source, vae: str) -> None:
     config = read_json(folder / "config.json")
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise SdexportError(f"--vae {vae} is a {config['_class_name']}: pass a diffusers AutoencoderKL folder")
-    latent = src.pipe.unet.config.in_channels
+    latent = src.pipe.vae.config.latent_channels
     if config.get("latent_channels", 4) != latent:
         raise SdexportError(
-            f"--vae {vae} has {config.get('latent_channels', 4)} latent channels, the U-Net {latent}: "
+            f"--vae {vae} has {config.get('latent_channels', 4)} latent channels, the model's VAE {latent}: "
             "choose a VAE made for this model family"
         )
     try:

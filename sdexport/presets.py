@@ -43,12 +43,13 @@ def preset_description(folder: Path) -> str:
 
 def build_from_recipe(folder: Path):
     """Build a diffusers pipeline with seeded random weights from `recipe.json`: a
-    StableDiffusionPipeline, or for family "sdxl" a StableDiffusionXLPipeline (an
+    StableDiffusionPipeline (or the recipe's "pipeline" class: StableDiffusionInpaintPipeline), or for family "sdxl" a StableDiffusionXLPipeline (an
     StableDiffusionXLImg2ImgPipeline refiner when the recipe has no text_encoder)."""
     # torch, diffusers and transformers load lazily here and below: `sdexport --help` and `presets`
     # read this module, and importing them takes seconds
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     recipe = json.loads((folder / "recipe.json").read_text())
     family = recipe.get("family", "sd1")
@@ -65,7 +66,8 @@ def build_from_recipe(folder: Path):
     text_encoder = _text_encoder(configs["text_encoder"])
     # SD 2.x pads with "!" (id 0), SD 1.x with <|endoftext|>
     tokenizer = _tokenizer(folder / recipe["tokenizer"], configs["text_encoder"], pad_with_bang=family == "sd2")
-    return StableDiffusionPipeline(
+    pipeline_class = getattr(diffusers, recipe.get("pipeline", "StableDiffusionPipeline"))
+    return pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -136,7 +136,8 @@ def model_dims(pipe) -> dict[str, int]:
     unet = pipe.unet.config
     dims = {
         "max_length": first_tokenizer(pipe).model_max_length,
-        "latent_channels": unet.in_channels,
+        "latent_channels": pipe.vae.config.latent_channels,
+        "unet_in_channels": unet.in_channels,
         "out_channels": unet.out_channels,
         "cross_attention_dim": unet.cross_attention_dim,
         "image_channels": pipe.vae.config.in_channels,
@@ -215,7 +216,7 @@ def unet_inputs(
 ) -> dict[str, torch.Tensor]:
     dims = model_dims(pipe)
     inputs = {
-        "sample": torch.randn(batch, dims["latent_channels"], height, width, generator=gen),
+        "sample": torch.randn(batch, dims["unet_in_channels"], height, width, generator=gen),
         "timestep": torch.rand(batch, generator=gen) * 999.0,
         "encoder_hidden_states": torch.randn(batch, dims["max_length"], dims["cross_attention_dim"], generator=gen),
     }

@@ -79,7 +79,8 @@ COMPONENT_IO: dict[str, ComponentIO] = {
     ),
     "unet": ComponentIO(
         inputs=(
-            TensorSpec("sample", "float", ("batch", "latent_channels", "height", "width")),
+            # latent_channels, or 9 for inpainting: latents, mask and masked-image latents
+            TensorSpec("sample", "float", ("batch", "unet_in_channels", "height", "width")),
             # float32 in every export: fp16 cannot hold timesteps such as 957.375
             TensorSpec("timestep", "float32", ("batch",)),
             TensorSpec("encoder_hidden_states", "float", ("batch", "sequence", "cross_attention_dim")),
@@ -266,6 +267,7 @@ class PipelineFacts(_JsonFields):
     # LCM-distilled U-Nets (SD or SDXL): the width of `timestep_cond`, the guidance-scale embedding
     time_cond_proj_dim: int | None = None
     vae_force_upcast: bool | None = None  # the VAE config's force_upcast (SDXL's VAE overflows in fp16)
+    unet_in_channels: int | None = None  # the U-Net's `sample` channels; None: an export that predates the fact
 
     OMITTED_WHEN_EMPTY = (
         "upcast_attention",
@@ -281,7 +283,13 @@ class PipelineFacts(_JsonFields):
         "projection_class_embeddings_input_dim",
         "time_cond_proj_dim",
         "vae_force_upcast",
+        "unet_in_channels",
     )
+
+    @property
+    def unet_channels(self) -> int:
+        """The U-Net's input channels: 9 for an inpainting U-Net, else the latent channels."""
+        return int(self.unet_in_channels or self.latent_channels)
 
     @property
     def num_time_ids(self) -> int | None:

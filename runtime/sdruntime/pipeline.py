@@ -1,5 +1,5 @@
-"""Text-to-image and image-to-image on an exported folder, step for step as diffusers'
-StableDiffusionPipeline and StableDiffusionImg2ImgPipeline do, with NumPy and ONNX Runtime only.
+"""Text-to-image, image-to-image and inpainting on an exported folder, step for step as diffusers'
+StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline do, with NumPy and ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import MicroConditioning
 from .image import load_init_image, save_image, short_hash, to_pil
+from .inpaint import Inpainting, load_mask, mask_to_latents
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
@@ -236,15 +237,25 @@ class StableDiffusionPipeline:
         callback: StepCallback | None = None,
         progress: bool = False,
         rows: int | None = None,
+        inpainting: Inpainting | None = None,
     ) -> np.ndarray:
         """The loop over the plan's scheduler steps, guided as the plan's guidance says; the U-Net's inputs
         stay bound across steps, and the noise a step adds is drawn here, from the run's generator.
         `unet_inputs` are the U-Net's inputs that stay the same at every step (`encode`); the U-Net runs
-        `rows` rows of its batch at a time (all by default), each row computed alone, so pieces change no pixel."""
+        `rows` rows of its batch at a time (all by default), each row computed alone, so pieces change no pixel.
+        `inpainting` (prepare_latents) adds a 9-channel U-Net's input channels, or blends a plain one's latents."""
         guidance, scheduler = plan.guidance, plan.scheduler
         unet = self.component("unet")
         batch = guidance.unet_batch_size(plan.batch)
-        feeds = {"sample": guidance.unet_sample(latents), "timestep": np.zeros(batch, np.float32), **unet_inputs}
+
+        def unet_sample(sample: np.ndarray) -> np.ndarray:
+            return sample if inpainting is None else inpainting.unet_sample(sample)
+
+        feeds = {
+            "sample": unet_sample(guidance.unet_sample(latents)),
+            "timestep": np.zeros(batch, np.float32),
+            **unet_inputs,
+        }
         rows = rows or batch
         cuts = [slice(start, start + rows) for start in range(0, batch, rows)]
         if unet.static_batch in (None, batch):
@@ -256,7 +267,7 @@ class StableDiffusionPipeline:
             steps = tqdm(steps, desc="denoising", unit="step")
         for n, i in enumerate(steps):
             t = scheduler.timesteps[i]
-            model_input = scheduler.scale_model_input(guidance.unet_sample(latents), i)
+            model_input = unet_sample(scheduler.scale_model_input(guidance.unet_sample(latents), i))
             timestep = np.full(batch, t, np.float32)
             if bindings is not None:
                 outputs = []
@@ -270,6 +281,8 @@ class StableDiffusionPipeline:
             noise_pred = guidance.combine(noise_pred)
             noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
             latents = scheduler.step(i, noise_pred, latents, noise)  # float32 already
+            if inpainting is not None:
+                latents = inpainting.after_step(latents, scheduler, i)
             if callback is not None:
                 callback(n, float(t), latents)
         return latents
@@ -314,10 +327,10 @@ class StableDiffusionPipeline:
         pieces = self.admit(plan)
         generator = plan.seeds.generator()
         unet_inputs = self.encode(plan)
-        latents = self.prepare_latents(plan, generator)
+        latents, inpainting = self.prepare_latents(plan, generator)
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress, pieces.unet_rows)
+        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress, pieces.unet_rows, inpainting)
         timings = {
             "denoise": time.perf_counter() - loop_started,
             "unet": unet.run_seconds - unet_before,
@@ -364,18 +377,52 @@ class StableDiffusionPipeline:
                 embeddings = np.concatenate([uncond, embeddings])
         return {"encoder_hidden_states": embeddings, **fixed}
 
-    def prepare_latents(self, plan: Plan, generator: TorchGenerator | list[TorchGenerator]) -> np.ndarray:
+    def prepare_latents(
+        self, plan: Plan, generator: TorchGenerator | list[TorchGenerator]
+    ) -> tuple[np.ndarray, Inpainting | None]:
         """The loop's starting latents: the init image's, noised to the first step's level, or noise (drawn,
-        or the request's latents) scaled to the scheduler's initial sigma."""
+        or the request's latents) scaled to the scheduler's initial sigma; and what inpainting adds to the loop."""
         request = plan.request
+        if plan.inpaint:
+            return self.inpaint_latents(plan, generator)
         if plan.image_to_image:
             init = load_init_image(request.image, plan.width, plan.height)
-            return self.image_latents(init, plan.batch, generator, plan.scheduler)
+            return self.image_latents(init, plan.batch, generator, plan.scheduler), None
         if request.latents is not None:
             noise = np.asarray(request.latents, dtype=np.float32)
         else:
             noise = randn_tensor(plan.latent_shape, generator)
-        return (noise * np.float32(plan.scheduler.init_noise_sigma)).astype(np.float32)
+        return (noise * np.float32(plan.scheduler.init_noise_sigma)).astype(np.float32), None
+
+    def inpaint_latents(
+        self, plan: Plan, generator: TorchGenerator | list[TorchGenerator]
+    ) -> tuple[np.ndarray, Inpainting]:
+        """StableDiffusionInpaintPipeline's prepare_latents and prepare_mask_latents, drawing from the generator
+        in their order: the init image's latents (a plain U-Net's, or for strength < 1), the noise, the masked
+        image's latents. Strength 1 starts from noise alone, as diffusers does."""
+        request, scheduler, batch = plan.request, plan.scheduler, plan.batch
+        image = load_init_image(request.image, plan.width, plan.height)
+        mask = load_mask(request.mask_image, plan.width, plan.height)
+        # diffusers encodes the one init image with the first of several generators
+        first = generator[0] if isinstance(generator, list) else generator
+        from_noise = plan.strength == 1.0
+        image_latents = None
+        if not plan.unet_takes_mask or not from_noise:
+            image_latents = np.repeat(self.vae_encode(image, first), batch, axis=0)
+        noise = randn_tensor(plan.latent_shape, generator)
+        if from_noise:
+            latents = noise * np.float32(scheduler.init_noise_sigma)
+        else:
+            latents = scheduler.add_noise(image_latents, noise, scheduler.begin_index)
+        masked_image_latents = self.vae_encode(image * (mask < 0.5), first)
+        inpainting = Inpainting(
+            mask=np.repeat(mask_to_latents(mask, int(self.manifest.pipeline.vae_scale_factor)), batch, axis=0),
+            masked_image_latents=np.repeat(masked_image_latents, batch, axis=0),
+            concatenated=plan.unet_takes_mask,
+            image_latents=image_latents,
+            noise=noise,
+        )
+        return latents.astype(np.float32), inpainting
 
     def __call__(
         self,
@@ -393,6 +440,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback: StepCallback | None = None,
         image: str | Path | Image.Image | None = None,
+        mask_image: str | Path | Image.Image | None = None,
         strength: float | None = None,
         progress: bool = False,
         prompt_embeds: np.ndarray | None = None,
@@ -408,7 +456,8 @@ class StableDiffusionPipeline:
         negative_aesthetic_score: float = 2.5,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
-        StableDiffusionImg2ImgPipeline, or their XL forms for an SDXL export). `guidance_scale` and
+        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
+        first two for an SDXL export). `guidance_scale` and
         `strength` default to diffusers' values for the family (plan.family_defaults). The sizes, crops and
         aesthetic scores are SDXL's micro-conditioning; sizes are (height, width), None meaning the
         generated size.
@@ -444,6 +493,7 @@ class StableDiffusionPipeline:
             eta=eta,
             clip_skip=clip_skip,
             image=image,
+            mask_image=mask_image,
             strength=strength,
             prompt_embeds=prompt_embeds,
             timestep_spacing=timestep_spacing,

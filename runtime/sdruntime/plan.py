@@ -27,6 +27,7 @@ from .noise import TorchGenerator, make_generator
 from .request import GenerationError, GenerationRequest
 from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, img2img_begin_index, make_scheduler
 
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
 SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
 
 
@@ -36,6 +37,7 @@ class FamilyDefaults:
 
     guidance_scale: float
     strength: float  # image-to-image
+    inpaint_strength: float = 1.0  # StableDiffusionInpaintPipeline's
 
 
 SD_DEFAULTS = FamilyDefaults(guidance_scale=7.5, strength=0.8)  # StableDiffusion(Img2Img)Pipeline
@@ -154,6 +156,11 @@ class ExportFacts:
         return self.pipeline.family == "sdxl"
 
     @property
+    def unet_takes_mask(self) -> bool:
+        """A 9-channel inpainting U-Net: more input channels than latent channels."""
+        return self.pipeline.unet_channels != self.pipeline.latent_channels
+
+    @property
     def default_scheduler(self) -> str:
         return exported_scheduler_name(self.scheduler_config, self.pipeline.scheduler_class)
 
@@ -176,6 +183,8 @@ class Plan:
     strength: float
     eta: float | None  # DDIM's, None for the schedulers that take none
     latent_shape: tuple[int, int, int, int]
+    mode: str = TEXT_TO_IMAGE  # TEXT_TO_IMAGE, IMAGE_TO_IMAGE or INPAINT
+    unet_takes_mask: bool = False  # inpainting on a 9-channel U-Net: the mask and masked image are its input
 
     @property
     def batch(self) -> int:
@@ -184,7 +193,12 @@ class Plan:
 
     @property
     def image_to_image(self) -> bool:
-        return self.request.image is not None
+        """Drawn from an init image: image-to-image, or inpainting."""
+        return self.mode != TEXT_TO_IMAGE
+
+    @property
+    def inpaint(self) -> bool:
+        return self.mode == INPAINT
 
     def parameters(self, model_hash: str, model_name: str) -> list[str]:
         """Each image's parameters text: A1111's fields first, in its order; then what only this runtime sets."""
@@ -201,6 +215,7 @@ class Plan:
             "Model": model_name,
             "Denoising strength": f"{self.strength:g}" if self.image_to_image else None,
             "Init image hash": init_image_hash(request.image) if self.image_to_image else None,
+            "Mask hash": init_image_hash(request.mask_image) if self.inpaint else None,
             "Clip skip": request.clip_skip or None,
             "Eta": f"{self.eta:g}" if self.eta is not None else None,
             "Scheduler options": _options_text(request.scheduler_options),
@@ -230,8 +245,10 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     prompts, negatives = _prompts(request)
     _check_request(request, export)
     _check_finite(request)
+    mode = _mode(request, export)
     defaults = family_defaults(export.pipeline.family)
-    strength = defaults.strength if request.strength is None else request.strength
+    default_strength = defaults.inpaint_strength if mode == INPAINT else defaults.strength
+    strength = default_strength if request.strength is None else request.strength
     if request.image is not None and not 0.0 < strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {strength}")
     height, width = _size(request, export.sizes)
@@ -257,6 +274,8 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         strength=strength,
         eta=eta,
         latent_shape=shape,
+        mode=mode,
+        unet_takes_mask=mode == INPAINT and export.unet_takes_mask,
     )
 
 
@@ -299,6 +318,27 @@ def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
         raise GenerationError(
             "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
         )
+
+
+def _mode(request: GenerationRequest, export: ExportFacts) -> str:
+    """Text-to-image, image-to-image or inpainting, from what was asked and what the U-Net takes."""
+    if request.mask_image is None:
+        if export.unet_takes_mask:
+            raise GenerationError(
+                f"this export's U-Net inpaints ({export.pipeline.unet_channels} input channels): pass image and mask_image"
+            )
+        return TEXT_TO_IMAGE if request.image is None else IMAGE_TO_IMAGE
+    if request.image is None:
+        raise GenerationError("mask_image needs the image to inpaint: pass image too")
+    if export.xl:
+        raise GenerationError("inpainting takes SD 1.x/2.x exports only; this one is SDXL")
+    if not isinstance(request.image, np.ndarray) and not isinstance(request.mask_image, np.ndarray):
+        image, mask = init_image_size(request.image), init_image_size(request.mask_image)
+        if image != mask:
+            raise GenerationError(
+                f"mask_image is {mask[1]}x{mask[0]}, the image {image[1]}x{image[0]}: give a mask of the image's size"
+            )
+    return INPAINT
 
 
 def _check_finite(request: GenerationRequest) -> None:

@@ -38,7 +38,8 @@ class GenerationRequest:
     latents: np.ndarray | None = None
     eta: float = 0.0
     clip_skip: int | None = None
-    image: str | Path | Image.Image | None = None  # an init image: image-to-image
+    image: str | Path | Image.Image | None = None  # an init image: image-to-image, or the image to inpaint
+    mask_image: str | Path | Image.Image | None = None  # inpainting: white repaints, black keeps
     strength: float | None = None
     prompt_embeds: np.ndarray | None = None
     timestep_spacing: str | None = None

@@ -66,7 +66,6 @@ def test_folder_missing_a_component(capsys, tmp_path, sd2_case):
             {"text_encoder_2": ["transformers", "X"]},
             "inpainting is not supported yet",
         ),
-        ("StableDiffusionInpaintPipeline", {"in_channels": 9}, None, "inpainting is not supported yet"),
         (
             "StableDiffusionUpscalePipeline",
             {"class_embed_type": "timestep"},
