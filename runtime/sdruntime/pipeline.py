@@ -440,7 +440,6 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         callback: StepCallback | None = None,
         image: str | Path | Image.Image | None = None,
-        mask_image: str | Path | Image.Image | None = None,
         strength: float | None = None,
         progress: bool = False,
         prompt_embeds: np.ndarray | None = None,
@@ -454,6 +453,7 @@ class StableDiffusionPipeline:
         negative_target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
+        mask_image: str | Path | Image.Image | None = None,  # last: the arguments before it keep their places
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
