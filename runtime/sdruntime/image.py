@@ -120,15 +120,21 @@ def init_image_size(image: str | Path | Image.Image) -> tuple[int, int]:
         raise InvalidArgument(f"cannot read the init image {image}: {e}; pass a PNG or JPEG file") from e
 
 
+def open_image(image, what: str = "init image") -> Image.Image:
+    """A PIL image as given, or read from a path; one line naming `what` when it cannot be read."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        opened = Image.open(image)
+        opened.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidArgument(f"cannot read the {what} {image}: {e}; pass a PNG or JPEG file") from e
+    return opened
+
+
 def load_init_image(image, width: int, height: int) -> np.ndarray:
     """A path or PIL image -> [1, 3, H, W] float32 in [-1, 1], resized as diffusers' VaeImageProcessor does."""
-    if not isinstance(image, Image.Image):
-        try:
-            image = Image.open(image)
-            image.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise InvalidArgument(f"cannot read the init image {image}: {e}; pass a PNG or JPEG file") from e
-    image = image.convert("RGB")
+    image = open_image(image).convert("RGB")
     image = image.resize((width, height), resample=Image.LANCZOS)
     array = np.asarray(image).astype(np.float32) / 255.0
     return (2.0 * array - 1.0).transpose(2, 0, 1)[None]

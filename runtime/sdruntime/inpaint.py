@@ -8,22 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .errors import InvalidArgument
+from .image import open_image
 from .schedulers import Scheduler
 
 
 def load_mask(mask: str | Path | Image.Image, width: int, height: int) -> np.ndarray:
     """A path or PIL image -> [1, 1, H, W] float32 of 0 (keep) and 1 (repaint), as diffusers' mask processor
     makes it: resized (Lanczos) before it turns grayscale, then binarized at 0.5."""
-    if not isinstance(mask, Image.Image):
-        try:
-            mask = Image.open(mask)
-            mask.load()
-        except (OSError, UnidentifiedImageError) as e:
-            raise InvalidArgument(f"cannot read the mask image {mask}: {e}; pass a PNG or JPEG file") from e
-    gray = mask.resize((width, height), resample=Image.LANCZOS).convert("L")
+    gray = open_image(mask, "mask image").resize((width, height), resample=Image.LANCZOS).convert("L")
     values = np.asarray(gray).astype(np.float32) / 255.0
     return (values >= 0.5).astype(np.float32)[None, None]
 
