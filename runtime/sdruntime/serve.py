@@ -202,9 +202,11 @@ def build_app(
         max_queued_requests=max_queue,
         ray_actor_options=actor_options,
     ).bind(folder, provider, threads, verify, max_batch, max_memory)
-    # the ingress lets every request in, up to what the generators can hold plus their queue
+    # the ingress takes up to what the generators can hold plus their queue at once; no limit on what waits
+    # for it: Serve's proxy would answer a request past that limit 503 itself, without Retry-After, while the
+    # ingress forwards or refuses (503, Retry-After) each one at once
     capacity = max_queue + 2 * max_batch * replicas + 8
-    return Api.options(max_ongoing_requests=capacity, max_queued_requests=capacity).bind(generator, timeout_s)
+    return Api.options(max_ongoing_requests=capacity, max_queued_requests=-1).bind(generator, timeout_s)
 
 
 def check_export(folder: str, verify: bool = True) -> str:
