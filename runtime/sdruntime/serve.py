@@ -97,14 +97,19 @@ class Api:
         self.generator = generator
         self.timeout_s = timeout_s
         self._facts: ModelFacts | None = None
+        self._facts_call: asyncio.Future | None = None
         self.seconds_per_request = 1.0  # a running mean of answered requests' time, for Retry-After
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.seconds_per_request))
 
     async def facts(self) -> ModelFacts:
+        """The model's facts, asked of a replica once: a burst of first requests shares one call instead of
+        filling the replicas' queue with its own."""
         if self._facts is None:
-            self._facts = await self.generator.facts.remote()
+            if self._facts_call is None or self._facts_call.done():
+                self._facts_call = asyncio.ensure_future(self.generator.facts.remote())
+            self._facts = await asyncio.shield(self._facts_call)
         return self._facts
 
     @api.get("/health")
