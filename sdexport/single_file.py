@@ -8,7 +8,6 @@ know. Detection reads only key names and shapes (safetensors headers), never the
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import zipfile
@@ -25,6 +24,7 @@ from transformers import CLIPTokenizer
 from .errors import SdexportError, first_line
 from .families import check_supported
 from .presets import models_dir
+from .sources import read_json
 
 UNET = "model.diffusion_model."
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
@@ -298,10 +298,7 @@ def scheduler(folder: Path, prediction_type: str | None):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise SdexportError(f"{path} is not readable JSON ({e}): pass a diffusers pipeline folder as --config") from e
+    return read_json(path, "pass a diffusers pipeline folder as --config")
 
 
 def _summary(shapes: dict) -> str:

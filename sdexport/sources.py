@@ -74,11 +74,12 @@ def _looks_like_hub_id(source: str) -> bool:
     return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, fix: str = "is this a diffusers pipeline folder?") -> dict:
+    """A config file's JSON; one line naming the file and `fix` when it cannot be read."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SdexportError(f"{path} is not readable JSON ({e}): is this a diffusers pipeline folder?") from e
+        raise SdexportError(f"{path} is not readable JSON ({e}): {fix}") from e
 
 
 def check_pipeline_folder(folder: Path) -> None:
