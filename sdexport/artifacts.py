@@ -34,7 +34,7 @@ from . import __version__
 from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
 from .plan import ExportPlan
 from .scheduler_config import write_scheduler_config
-from .specs import SPECS
+from .specs import spec_of
 
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
@@ -76,6 +76,7 @@ INDEX_KEYS = (
 ORT_CLASSES = {
     "StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline": "ORTStableDiffusionXLInpaintPipeline",
 }
 
 
@@ -102,8 +103,8 @@ def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
             write_tokenizer(getattr(pipe, name), tmp / name)
     write_scheduler_config(pipe.scheduler, tmp / "scheduler")
     for component in components:
-        spec = SPECS[component]
-        spec.save_config(getattr(pipe, spec.module), tmp / component)
+        spec = spec_of(component)
+        spec.save_config(spec.module_of(pipe, component), tmp / component)
     (tmp / "model_index.json").write_text(json.dumps(model_index(pipe), indent=2) + "\n")
     if source.folder is not None:
         for name in SOURCE_DOCS:

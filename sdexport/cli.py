@@ -89,6 +89,14 @@ def cli() -> None:
     metavar="FOLDER",
     help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.",
 )
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="Export a ControlNet (a diffusers ControlNetModel folder, a .safetensors beside its config.json, or a "
+    "ControlNet preset) as controlnet/NAME; repeatable.",
+)
 @one_line_warnings
 def convert(
     source,
@@ -111,6 +119,7 @@ def convert(
     validate_export,
     auto_fp32_fallback,
     vae,
+    controlnets,
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
@@ -134,6 +143,7 @@ def convert(
         validate=validate_export,
         auto_fp32_fallback=auto_fp32_fallback,
         vae=vae,
+        controlnets=controlnets,
     )
     check_convert(source, out, ConvertOptions(**options))  # before torch's import, which takes seconds
     with quiet_third_party():  # within one_line_warnings, which would show every warning

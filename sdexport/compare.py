@@ -31,7 +31,10 @@ def ort_outputs(
     options = ort_session_options("basic", prepacking=False)
     session = ort.InferenceSession(str(model_path), options, providers=[provider])
     feed = {}
-    for spec in session.get_inputs():
+    # the inputs with defaults (the U-Net's ControlNet residuals) too, when the reference has them
+    for spec in (*session.get_inputs(), *session.get_overridable_initializers()):
+        if spec.name not in inputs:
+            continue
         value = inputs[spec.name]
         feed[spec.name] = value.astype(np.float16) if spec.type == "tensor(float16)" else value
     return [o.astype(np.float32) for o in session.run(None, feed)]

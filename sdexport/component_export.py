@@ -8,8 +8,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
-from sdruntime.manifest import PipelineFacts, StaticShapes, file_entry
+from sdruntime.manifest import UNET_RESIDUAL_INPUTS, PipelineFacts, StaticShapes, file_entry
 
 from .artifacts import Written
 from .compare import compare_outputs
@@ -45,6 +48,9 @@ def finish_component(
 
     component = traced.component
     model, kept = finish_graph(component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes)
+    if component == "unet" and EXPORT_TARGETS[target].residual_defaults:
+        graph = graph_of(model).graph
+        add_zero_defaults(graph, residual_input_names(graph))
     shutil.rmtree(traced.path.parent)
     with contextlib.suppress(OSError):
         traced.path.parent.parent.rmdir()  # the .fp32 folder, once every traced graph is finished
@@ -57,6 +63,24 @@ def finish_component(
     if traced.reference is not None:
         result = compare_outputs(traced.reference, path, provider=EXPORT_TARGETS[target].check_provider)
     return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
+
+
+def residual_input_names(graph: onnx.GraphProto) -> list[str]:
+    """The U-Net's ControlNet residual inputs."""
+    down, mid = UNET_RESIDUAL_INPUTS
+    prefix = down.format("")
+    return [i.name for i in graph.input if i.name.startswith(prefix) or i.name == mid]
+
+
+def add_zero_defaults(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Give inputs [batch, C, h, w] a default: an initializer of zeros [1, C, 1, 1] by the same name, which
+    ONNX Runtime uses when the input is not fed and which broadcasts in the U-Net's residual Add."""
+    inputs = {i.name: i for i in graph.input}
+    for name in names:
+        tensor_type = inputs[name].type.tensor_type
+        channels = tensor_type.shape.dim[1].dim_value
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, channels, 1, 1), dtype), name))
 
 
 def export_component(

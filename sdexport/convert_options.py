@@ -12,6 +12,7 @@ from pathlib import Path
 from sdruntime.manifest import COMPONENTS, DTYPES
 from sdruntime.targets import TARGETS
 
+from .controlnet import check_controlnet_sources
 from .errors import SdexportError
 from .sources import locate_source
 
@@ -37,6 +38,7 @@ class ConvertOptions:
     validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
     auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
     vae: str | None = None  # a diffusers AutoencoderKL folder that replaces the pipeline's VAE before export
+    controlnets: Sequence[str] = ()  # "[NAME=]PATH": each exported as controlnet/NAME (controlnet.py)
 
 
 def check_options(opts: ConvertOptions) -> None:
@@ -67,6 +69,12 @@ def check_options(opts: ConvertOptions) -> None:
         raise SdexportError(f"--batch-size must be at least 1, got {opts.batch_size}")
     if not opts.static and (opts.height or opts.width):
         raise SdexportError("--height and --width fix the shapes of a static export: add --static")
+    if opts.controlnets and "unet" not in opts.components:
+        raise SdexportError(
+            "--controlnet exports ControlNets beside the U-Net: keep unet in --components, or add them to an "
+            "export with `sdexport add-controlnet OUT [NAME=]PATH`"
+        )
+    check_controlnet_sources(opts.controlnets)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -17,13 +17,14 @@ from sdruntime.manifest import ComponentEntry, Manifest, config_file_entries, fi
 
 from .artifacts import Written, component_entry, export_manifest, with_cpu_layout_probe, write_configs
 from .component_export import checkable, finish_component
+from .controlnet import attach_controlnets, check_controlnet_sources
 from .convert_options import ConvertOptions, check_options, check_output
 from .errors import ValidationFailed
 from .fp32_fallback import check_convert_options, validate_conversion
 from .load import load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .plan import ExportPlan, force_upcast_note, plan_export
-from .specs import SPECS, set_attention
+from .specs import set_attention, spec_of
 from .staging import staged_folder
 from .trace import Traced, release_unused, release_weights, trace_component
 
@@ -49,6 +50,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
             log(f"replaced the pipeline's VAE with {src.vae}")
         if loras:
             src.loras = fuse_loras(src.pipe, loras, log)
+        attach_controlnets(src.pipe, check_controlnet_sources(opts.controlnets), log)
         manifest = export_all(src, tmp, opts)
         write_configs(src.pipe, src, tmp, list(manifest.components))
         write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
@@ -89,8 +91,8 @@ def write_extra_files(pipe, folder: Path, plan: ExportPlan) -> dict[str, tuple]:
     the weights are still there; their manifest entries by component."""
     written = {}
     for component in plan.components:
-        if SPECS[component].extra_files is not None:
-            names = SPECS[component].extra_files(pipe, folder)
+        if spec_of(component).extra_files is not None:
+            names = spec_of(component).extra_files(pipe, folder)
             written[component] = tuple(file_entry(folder, name) for name in names)
     return written
 

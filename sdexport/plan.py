@@ -13,12 +13,14 @@ from .convert_options import ConvertOptions
 from .errors import SdexportError
 from .families import pipeline_family
 from .specs import (
-    SPECS,
+    controlnet_models,
     first_tokenizer,
     num_hidden_states,
     num_time_ids,
     pipeline_components,
+    residual_layout,
     size_multiple,
+    spec_of,
     vae_scale_factor,
 )
 from .targets import EXPORT_TARGETS
@@ -46,6 +48,8 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
         num_hidden_states=num_hidden_states(pipe) or None,
         time_cond_proj_dim=int(time_cond) if time_cond is not None else None,
         vae_force_upcast=bool(pipe.vae.config.get("force_upcast", True)) if family == "sdxl" else None,
+        unet_residual_scales=residual_layout(unet)[0],
+        unet_residual_channels=residual_layout(unet)[1],
         **sdxl,
     )
 
@@ -96,7 +100,8 @@ def export_components(pipe, requested: Sequence[str]) -> list[str]:
     missing = [c for c in requested if c not in present]
     if missing and tuple(requested) != COMPONENTS:
         raise SdexportError(f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}")
-    return [c for c in COMPONENTS if c in requested and c in present]
+    # the attached ControlNets (controlnet.attach_controlnets), after the IO table's components
+    return [c for c in COMPONENTS if c in requested and c in present] + list(controlnet_models(pipe))
 
 
 # Why a component of an fp16 export is fp32 (ComponentPlan.reason)
@@ -132,7 +137,7 @@ class ExportPlan:
 
     def trace_order(self) -> list[str]:
         """The order components are traced in: the largest (the U-Net) last."""
-        return sorted(self.components, key=lambda name: SPECS[name].traced_last)
+        return sorted(self.components, key=lambda name: spec_of(name).traced_last)
 
 
 def component_plan(component: str, opts: ConvertOptions, facts: PipelineFacts) -> ComponentPlan:
@@ -142,7 +147,7 @@ def component_plan(component: str, opts: ConvertOptions, facts: PipelineFacts) -
         return ComponentPlan(component, "fp32", EXPORT_DTYPE)
     if component in opts.keep_fp32:
         return ComponentPlan(component, "fp32", KEEP_FP32)
-    if SPECS[component].follows_vae_force_upcast and facts.vae_force_upcast:
+    if spec_of(component).follows_vae_force_upcast and facts.vae_force_upcast:
         return ComponentPlan(component, "fp32", FORCE_UPCAST)
     return ComponentPlan(component, "fp16", EXPORT_DTYPE)
 

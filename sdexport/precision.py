@@ -10,7 +10,7 @@ from onnx.external_data_helper import uses_external_data
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from .graph_files import FP16_MAX_FINITE, FP16_MIN_POSITIVE, OnDisk
-from .specs import SPECS
+from .specs import spec_of
 
 # Which inputs stay float32 and whether attention scores may (ComponentSpec.fp32_inputs and
 # .upcast_attention_scores) are per component; the rules below find the nodes they keep in fp32.
@@ -54,7 +54,7 @@ def attention_score_nodes(graph: onnx.GraphProto) -> list[str]:
 
 def fp32_nodes(component: str, model: onnx.ModelProto, upcast_attention: bool) -> list[str]:
     """The nodes an fp16 export keeps in fp32, by the component's spec and the rules above."""
-    spec = SPECS[component]
+    spec = spec_of(component)
     inputs = {i.name for i in model.graph.input}
     nodes = []
     for name in spec.fp32_inputs:
@@ -110,7 +110,7 @@ def convert_with_stand_ins(
         model,
         min_positive_val=FP16_MIN_POSITIVE,
         max_finite_val=FP16_MAX_FINITE,
-        keep_io_types=[name for name in SPECS[component].fp32_inputs if name in inputs],
+        keep_io_types=[name for name in spec_of(component).fp32_inputs if name in inputs],
         node_block_list=keep_fp32_nodes,
         disable_shape_infer=True,  # done by the caller; the converter's own in-memory inference stops at 2 GB
     )

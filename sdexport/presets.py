@@ -28,9 +28,49 @@ def available_presets() -> dict[str, Path]:
         return {}
     found = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (folder / "recipe.json").is_file() or (folder / "model_index.json").is_file():
+        if (folder / "recipe.json").is_file() and _recipe_kind(folder) != "controlnet":
+            found[folder.name] = folder
+        elif (folder / "model_index.json").is_file():
             found[folder.name] = folder
     return found
+
+
+def _recipe_kind(folder: Path) -> str:
+    return json.loads((folder / "recipe.json").read_text()).get("kind", "pipeline")
+
+
+def controlnet_presets() -> dict[str, Path]:
+    """ControlNet preset name -> its folder: a `recipe.json` of kind "controlnet" (random weights)."""
+    root = models_dir()
+    if not root.is_dir():
+        return {}
+    folders = sorted(p for p in root.iterdir() if (p / "recipe.json").is_file())
+    return {folder.name: folder for folder in folders if _recipe_kind(folder) == "controlnet"}
+
+
+def build_controlnet_from_recipe(folder: Path):
+    """A ControlNetModel with seeded random weights that fits the U-Net of the preset the recipe names
+    ("for"): diffusers' from_unet layout, not its weights; the zero convolutions diffusers starts at zero
+    get PyTorch's default initialization, so the residuals are not zeros."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    recipe = json.loads((folder / "recipe.json").read_text())
+    target = folder.parent / recipe["for"]
+    unet_config = recipe_configs(target, json.loads((target / "recipe.json").read_text()))["unet"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    torch.manual_seed(int(recipe.get("seed", 0)))
+    options = {"conditioning_embedding_out_channels": tuple(recipe["conditioning_embedding_out_channels"])}
+    model = ControlNetModel.from_unet(unet, load_weights_from_unet=False, **options)
+    zero_initialized = [
+        *model.controlnet_down_blocks,
+        model.controlnet_mid_block,
+        model.controlnet_cond_embedding.conv_out,
+    ]
+    for conv in zero_initialized:
+        conv.reset_parameters()
+    return model.eval()
 
 
 def preset_description(folder: Path) -> str:
@@ -96,6 +136,12 @@ def _build_sdxl(folder: Path, recipe: dict, configs: dict, seed: int, unet, vae,
         "force_zeros_for_empty_prompt": bool(recipe.get("force_zeros_for_empty_prompt", True)),
         "add_watermarker": False,
     }
+    if recipe.get("pipeline") == "StableDiffusionXLInpaintPipeline":
+        from diffusers import StableDiffusionXLInpaintPipeline
+
+        aesthetic = bool(recipe.get("requires_aesthetics_score", False))
+        encoder = {"text_encoder": parts.pop("text_encoder", None), "tokenizer": parts.pop("tokenizer", None)}
+        return StableDiffusionXLInpaintPipeline(**encoder, **parts, **flags, requires_aesthetics_score=aesthetic)
     if "text_encoder" not in configs or recipe.get("requires_aesthetics_score"):
         return StableDiffusionXLImg2ImgPipeline(
             text_encoder=parts.pop("text_encoder", None),

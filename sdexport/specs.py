@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-from sdruntime.manifest import COMPONENTS, DYNAMIC_AXES, FINAL_LAYER_NORM, component_io
+from sdruntime.manifest import (
+    COMPONENTS,
+    CONTROLNET,
+    DYNAMIC_AXES,
+    FINAL_LAYER_NORM,
+    UNET_OPTIONAL_INPUTS,
+    component_io,
+    component_kind,
+)
 
 ATTENTION_FORMS = ("sdpa", "plain")
 
@@ -41,14 +49,17 @@ class TextEncoderWithProjection(torch.nn.Module):
 
 class UNet(torch.nn.Module):
     """The U-Net with the IO table's inputs; the optional ones (sdruntime.manifest.UNET_OPTIONAL_INPUTS)
-    follow encoder_hidden_states in the order `optional` names them."""
+    follow encoder_hidden_states in the order `optional` names them, then `residuals` ControlNet residuals
+    (the down blocks', then the mid block's)."""
 
-    def __init__(self, unet, optional: tuple[str, ...] = ()):
+    def __init__(self, unet, optional: tuple[str, ...] = (), residuals: int = 0):
         super().__init__()
         self.unet = unet
         self.optional = optional
+        self.residuals = residuals
 
-    def forward(self, sample, timestep, encoder_hidden_states, *conditioning):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        conditioning, residuals = rest[: len(self.optional)], rest[len(self.optional) :]
         given = dict(zip(self.optional, conditioning))
         added = {k: given[k] for k in ("text_embeds", "time_ids") if k in given}
         return self.unet(
@@ -57,8 +68,32 @@ class UNet(torch.nn.Module):
             encoder_hidden_states,
             timestep_cond=given.get("timestep_cond"),
             added_cond_kwargs=added or None,
+            down_block_additional_residuals=tuple(residuals[:-1]) if residuals else None,
+            mid_block_additional_residual=residuals[-1] if residuals else None,
             return_dict=False,
         )[0]
+
+
+class ControlNet(torch.nn.Module):
+    """diffusers' ControlNetModel with the IO table's inputs: each residual times its own factor of
+    `conditioning_scale` (the scale, or guess mode's ramp times it, computed by the runtime)."""
+
+    def __init__(self, controlnet, text_time: bool):
+        super().__init__()
+        self.controlnet = controlnet
+        self.text_time = text_time
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale, *added):
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond,
+            conditioning_scale=1.0,
+            added_cond_kwargs=dict(zip(("text_embeds", "time_ids"), added)) if self.text_time else None,
+            return_dict=False,
+        )
+        return (*(d * conditioning_scale[i] for i, d in enumerate(down)), mid * conditioning_scale[-1])
 
 
 class VaeDecoder(torch.nn.Module):
@@ -113,7 +148,7 @@ def is_sdxl(pipe) -> bool:
 
 def unet_optional_inputs(pipe) -> tuple[str, ...]:
     """The U-Net's optional inputs, in the IO table's order."""
-    return tuple(s.name for s in io_of("unet", pipe).inputs[3:])
+    return tuple(s.name for s in io_of("unet", pipe).inputs[3:] if s.name in UNET_OPTIONAL_INPUTS)
 
 
 def first_tokenizer(pipe):
@@ -156,7 +191,33 @@ def model_dims(pipe) -> dict[str, int]:
         dims["time_ids_dim"] = num_time_ids(pipe)
     if unet.get("time_cond_proj_dim") is not None:
         dims["time_cond_proj_dim"] = unet.time_cond_proj_dim
+    scales, channels = residual_layout(unet)
+    dims["residuals"] = len(scales)
+    dims.update({f"residual_channels_{i}": width for i, width in enumerate(channels)})
     return dims
+
+
+def residual_layout(unet_config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(latent size divisor, channels) of each residual a ControlNet adds to this U-Net, as diffusers'
+    UNet2DConditionModel collects its down-block outputs: conv_in's, each resnet's and each downsampler's,
+    then the mid block's."""
+    channels = list(unet_config.block_out_channels)
+    per_block = unet_config.layers_per_block
+    per_block = [per_block] * len(channels) if isinstance(per_block, int) else list(per_block)
+    scales, widths, scale = [1], [channels[0]], 1
+    for i, (width, layers) in enumerate(zip(channels, per_block)):
+        scales += [scale] * layers
+        widths += [width] * layers
+        if i < len(channels) - 1:
+            scale *= 2
+            scales.append(scale)
+            widths.append(width)
+    return (*scales, scale), (*widths, channels[-1])
+
+
+def controlnet_models(pipe) -> dict[str, torch.nn.Module]:
+    """The ControlNets attached to a pipeline for export (load.attach_controlnets), by component name."""
+    return getattr(pipe, "sdexport_controlnets", None) or {}
 
 
 def num_time_ids(pipe) -> int:
@@ -187,6 +248,7 @@ def io_of(component: str, pipe):
         num_hidden_states(pipe, component),
         text_time=is_sdxl(pipe),
         timestep_cond=pipe.unet.config.get("time_cond_proj_dim") is not None,
+        residual_scales=residual_layout(pipe.unet.config)[0],
     )
 
 
@@ -224,9 +286,41 @@ def unet_inputs(
     if "timestep_cond" in optional:
         inputs["timestep_cond"] = torch.randn(batch, dims["time_cond_proj_dim"], generator=gen)
     if "text_embeds" in optional:
-        inputs["text_embeds"] = torch.randn(batch, dims["text_embeds_dim"], generator=gen)
-        # sizes and crop corners in pixels, as SDXL's micro-conditioning gives them
-        inputs["time_ids"] = torch.randint(0, 1025, (batch, dims["time_ids_dim"]), generator=gen).float()
+        inputs.update(text_time_inputs(dims, batch, gen))
+    inputs.update(residual_inputs(io_of(component, pipe).inputs[3 + len(optional) :], dims, batch, height, width, gen))
+    return inputs
+
+
+def text_time_inputs(dims: dict[str, int], batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """SDXL's pooled text embeddings and time ids; sizes and crop corners in pixels, as its micro-conditioning gives them."""
+    return {
+        "text_embeds": torch.randn(batch, dims["text_embeds_dim"], generator=gen),
+        "time_ids": torch.randint(0, 1025, (batch, dims["time_ids_dim"]), generator=gen).float(),
+    }
+
+
+def residual_inputs(specs, dims: dict[str, int], batch: int, height: int, width: int, gen) -> dict[str, torch.Tensor]:
+    """Random ControlNet residuals of the specs' shapes for a latent of height x width."""
+    sizes = {**dims, "batch": batch, "height": height, "width": width}
+    for axis in ("height", "width"):
+        sizes.update({f"{axis}_{2**k}": -(-sizes[axis] // 2**k) for k in range(1, 6)})
+    return {s.name: 0.5 * torch.randn(*(sizes[a] for a in s.shape), generator=gen) for s in specs}
+
+
+def controlnet_inputs(
+    component: str, pipe, batch: int, height: int, width: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    dims = model_dims(pipe)
+    factor = vae_scale_factor(pipe)
+    inputs = {
+        "sample": torch.randn(batch, dims["latent_channels"], height, width, generator=gen),
+        "timestep": torch.rand(batch, generator=gen) * 999.0,
+        "encoder_hidden_states": torch.randn(batch, dims["max_length"], dims["cross_attention_dim"], generator=gen),
+        "controlnet_cond": torch.rand(batch, 3, height * factor, width * factor, generator=gen),
+        "conditioning_scale": 0.5 + torch.rand(dims["residuals"], generator=gen),
+    }
+    if is_sdxl(pipe):
+        inputs.update(text_time_inputs(dims, batch, gen))
     return inputs
 
 
@@ -275,12 +369,16 @@ class ComponentSpec:
     traced_last: bool = False  # the largest: traced once every other module's weights are freed
     extra_files: Callable[[object, object], list[str]] | None = None  # (pipe, folder) -> files written
 
+    def module_of(self, pipe, component: str) -> torch.nn.Module:
+        """The PyTorch module a component is traced from (a ControlNet's by its component name)."""
+        return controlnet_models(pipe)[component] if self.name == CONTROLNET else getattr(pipe, self.module)
+
 
 def text_encoder_spec(name: str, wrapper: type[torch.nn.Module]) -> ComponentSpec:
     return ComponentSpec(
         name,
         name,
-        lambda pipe: wrapper(getattr(pipe, name)),
+        lambda pipe, component: wrapper(getattr(pipe, name)),
         lambda component, pipe, batch, height, width, gen: text_encoder_inputs(component, pipe, batch, gen),
         fusion_model_type="clip",
         save_config=save_transformers_config,
@@ -294,7 +392,7 @@ SPECS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
         "unet",
         "unet",
-        lambda pipe: UNet(pipe.unet, unet_optional_inputs(pipe)),
+        lambda pipe, component: UNet(pipe.unet, unet_optional_inputs(pipe), len(residual_layout(pipe.unet.config)[0])),
         unet_inputs,
         fusion_model_type="unet",
         fp32_inputs=("timestep", "time_ids"),  # SDXL's time_ids get a Sin/Cos embedding like the timestep's
@@ -304,7 +402,7 @@ SPECS: dict[str, ComponentSpec] = {
     "vae_decoder": ComponentSpec(
         "vae_decoder",
         "vae",
-        lambda pipe: VaeDecoder(pipe.vae),
+        lambda pipe, component: VaeDecoder(pipe.vae),
         vae_decoder_inputs,
         fusion_model_type="vae",
         follows_vae_force_upcast=True,
@@ -312,18 +410,34 @@ SPECS: dict[str, ComponentSpec] = {
     "vae_encoder": ComponentSpec(
         "vae_encoder",
         "vae",
-        lambda pipe: VaeEncoder(pipe.vae),
+        lambda pipe, component: VaeEncoder(pipe.vae),
         vae_encoder_inputs,
         fusion_model_type="vae",
         follows_vae_force_upcast=True,
     ),
+    # one per ControlNet, as "controlnet/NAME"; its module is pipe.sdexport_controlnets[component]
+    CONTROLNET: ComponentSpec(
+        CONTROLNET,
+        CONTROLNET,
+        lambda pipe, component: ControlNet(controlnet_models(pipe)[component], is_sdxl(pipe)),
+        controlnet_inputs,
+        fusion_model_type="unet",
+        fp32_inputs=("timestep", "time_ids"),
+        upcast_attention_scores=True,
+    ),
 }
 
 
+def spec_of(component: str) -> ComponentSpec:
+    """A component's spec: "controlnet/NAME" has the ControlNet's."""
+    return SPECS[component_kind(component)]
+
+
 def wrap(component: str, pipe) -> torch.nn.Module:
-    return SPECS[component].wrapper(pipe).eval()
+    return spec_of(component).wrapper(pipe, component).eval()
 
 
 def example_inputs(component: str, pipe, batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random inputs of the IO table's shapes; height and width in latent pixels."""
-    return SPECS[component].example_inputs(component, pipe, batch, height, width, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    return spec_of(component).example_inputs(component, pipe, batch, height, width, generator)

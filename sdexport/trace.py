@@ -16,7 +16,17 @@ from sdruntime.manifest import PipelineFacts, StaticShapes, axis_sizes
 
 from .compare import Reference, reference_outputs
 from .graph_files import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT, set_external_location
-from .specs import SPECS, dynamic_axes, example_inputs, io_of, model_dims, size_multiple, text_encoders, wrap
+from .specs import (
+    controlnet_models,
+    dynamic_axes,
+    example_inputs,
+    io_of,
+    model_dims,
+    size_multiple,
+    spec_of,
+    text_encoders,
+    wrap,
+)
 
 LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are traced without them
 
@@ -117,7 +127,7 @@ def release_weights(pipe) -> None:
     ONNX Runtime then holds the weights alone (ORT's fusions of an SD 1.5 U-Net need most of a
     24 GB machine on their own)."""
 
-    for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values()):
+    for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values(), *controlnet_models(pipe).values()):
         module.to("meta")
     gc.collect()
 
@@ -125,8 +135,9 @@ def release_weights(pipe) -> None:
 def release_unused(pipe, wanted: list[str]) -> list[str]:
     """Free the PyTorch weights of the modules no wanted component is traced from (an SDXL U-Net export
     need not hold SDXL's 3.5 GB of text encoders and VAE); their configs stay. Returns their names."""
-    modules = {"unet": pipe.unet, "vae": pipe.vae, **text_encoders(pipe)}
-    used = {SPECS[c].module for c in wanted}
+    modules = {"unet": pipe.unet, "vae": pipe.vae, **text_encoders(pipe), **controlnet_models(pipe)}
+    # a ControlNet's module goes by its component name
+    used = {c if c in controlnet_models(pipe) else spec_of(c).module for c in wanted}
     unused = [name for name in modules if name not in used]
     for name in unused:
         modules[name].to("meta")

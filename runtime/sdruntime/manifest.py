@@ -32,7 +32,18 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 DTYPES = ("fp32", "fp16")
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL only
 # they see the prompts and the negative prompts in one batch
-GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "controlnet")
+# ControlNets are components named "controlnet/NAME", each in its own folder; their IO is the "controlnet" entry
+CONTROLNET = "controlnet"
+
+
+def component_kind(component: str) -> str:
+    """The IO table's entry of a component: "controlnet" for "controlnet/NAME", else the name itself."""
+    return component.split("/", 1)[0]
+
+
+def controlnet_component(name: str) -> str:
+    return f"{CONTROLNET}/{name}"
 
 
 class ExportError(UserError):
@@ -58,7 +69,9 @@ class ComponentIO:
     outputs: tuple[TensorSpec, ...]
 
 
-DYNAMIC_AXES = ("batch", "sequence", "height", "width", "image_height", "image_width")
+# ControlNet residuals: the latent size divided by 2, 4, ... (each U-Net down block halves it)
+RESIDUAL_AXES = tuple(f"{axis}_{2**k}" for k in range(1, 6) for axis in ("height", "width"))
+DYNAMIC_AXES = ("batch", "sequence", "height", "width", "image_height", "image_width", *RESIDUAL_AXES)
 
 COMPONENT_IO: dict[str, ComponentIO] = {
     "text_encoder": ComponentIO(
@@ -95,7 +108,39 @@ COMPONENT_IO: dict[str, ComponentIO] = {
         inputs=(TensorSpec("sample", "float", ("batch", "image_channels", "image_height", "image_width")),),
         outputs=(TensorSpec("latent_parameters", "float", ("batch", "latent_parameters", "height", "width")),),
     ),
+    # diffusers' ControlNetModel; the outputs (residuals, as many as the U-Net's) come from residual_specs
+    CONTROLNET: ComponentIO(
+        inputs=(
+            TensorSpec("sample", "float", ("batch", "latent_channels", "height", "width")),
+            TensorSpec("timestep", "float32", ("batch",)),
+            TensorSpec("encoder_hidden_states", "float", ("batch", "sequence", "cross_attention_dim")),
+            # the control image: RGB in [0, 1], not normalized, as diffusers prepares it
+            TensorSpec("controlnet_cond", "float", ("batch", "image_channels", "image_height", "image_width")),
+            # one factor per residual: the conditioning scale, or guess mode's 0.1 ... 1.0 ramp times it
+            TensorSpec("conditioning_scale", "float", ("residuals",)),
+        ),
+        outputs=(),
+    ),
 }
+
+# The U-Net's ControlNet inputs and a ControlNet's outputs, named after diffusers' arguments and fields
+UNET_RESIDUAL_INPUTS = ("down_block_additional_residual_{}", "mid_block_additional_residual")
+CONTROLNET_OUTPUTS = ("down_block_res_sample_{}", "mid_block_res_sample")
+
+
+def residual_specs(scales: tuple[int, ...], names: tuple[str, str]) -> tuple[TensorSpec, ...]:
+    """The residuals a ControlNet adds to a U-Net: one per down-block output (the first conv's, each
+    resnet's, each downsampler's), then the mid block's; `scales` is each one's latent size divisor."""
+
+    def spatial(axis: str, scale: int) -> str:
+        return axis if scale == 1 else f"{axis}_{scale}"
+
+    specs = []
+    for i, scale in enumerate(scales):
+        name = names[1] if i == len(scales) - 1 else names[0].format(i)
+        shape = ("batch", f"residual_channels_{i}", spatial("height", scale), spatial("width", scale))
+        specs.append(TensorSpec(name, "float", shape))
+    return tuple(specs)
 
 
 def resolve_dtype(spec_dtype: str, export_dtype: str) -> str:
@@ -128,21 +173,30 @@ TEXT_ENCODER_HIDDEN = {
 
 
 def component_io(
-    component: str, num_hidden_states: int = 0, text_time: bool = False, timestep_cond: bool = False
+    component: str,
+    num_hidden_states: int = 0,
+    text_time: bool = False,
+    timestep_cond: bool = False,
+    residual_scales: tuple[int, ...] = (),
 ) -> ComponentIO:
     """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
     i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
     layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
-    `time_ids` when `text_time` (SDXL)."""
-    io = COMPONENT_IO[component]
-    if component in TEXT_ENCODER_HIDDEN and num_hidden_states:
-        shape = ("batch", *TEXT_ENCODER_HIDDEN[component])
+    `time_ids` when `text_time` (SDXL), then a ControlNet's residuals when `residual_scales` says
+    their sizes; a ControlNet takes SDXL's two too and outputs those residuals."""
+    kind = component_kind(component)
+    io = COMPONENT_IO[kind]
+    if kind in TEXT_ENCODER_HIDDEN and num_hidden_states:
+        shape = ("batch", *TEXT_ENCODER_HIDDEN[kind])
         hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
         return ComponentIO(io.inputs, io.outputs + hidden)
-    if component == "unet":
+    if kind == "unet":
         wanted = {"timestep_cond": timestep_cond, "text_embeds": text_time, "time_ids": text_time}
         extra = tuple(spec for name, spec in UNET_OPTIONAL_INPUTS.items() if wanted[name])
-        return ComponentIO(io.inputs + extra, io.outputs)
+        return ComponentIO(io.inputs + extra + residual_specs(residual_scales, UNET_RESIDUAL_INPUTS), io.outputs)
+    if kind == CONTROLNET:
+        extra = tuple(UNET_OPTIONAL_INPUTS[name] for name in ("text_embeds", "time_ids") if text_time)
+        return ComponentIO(io.inputs + extra, residual_specs(residual_scales, CONTROLNET_OUTPUTS))
     return io
 
 
@@ -154,6 +208,7 @@ def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
         int(hidden or 0),
         text_time=facts.family == "sdxl",
         timestep_cond=facts.time_cond_proj_dim is not None,
+        residual_scales=tuple(facts.unet_residual_scales or ()),
     )
 
 
@@ -268,6 +323,10 @@ class PipelineFacts(_JsonFields):
     time_cond_proj_dim: int | None = None
     vae_force_upcast: bool | None = None  # the VAE config's force_upcast (SDXL's VAE overflows in fp16)
     unet_in_channels: int | None = None  # the U-Net's `sample` channels; None: an export that predates the fact
+    # the latent size divisor of each ControlNet residual the U-Net takes (down blocks', then the mid
+    # block's), and its channels; None: a U-Net that takes none (an export that predates ControlNet)
+    unet_residual_scales: tuple[int, ...] | None = None
+    unet_residual_channels: tuple[int, ...] | None = None
 
     OMITTED_WHEN_EMPTY = (
         "upcast_attention",
@@ -284,6 +343,8 @@ class PipelineFacts(_JsonFields):
         "time_cond_proj_dim",
         "vae_force_upcast",
         "unet_in_channels",
+        "unet_residual_scales",
+        "unet_residual_channels",
     )
 
     @property
@@ -302,7 +363,11 @@ class PipelineFacts(_JsonFields):
 
     @classmethod
     def from_json(cls, data: Mapping) -> PipelineFacts:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for name in ("unet_residual_scales", "unet_residual_channels"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -506,14 +571,18 @@ def axis_sizes(
     see the negative and the positive prompts in one batch, twice the images.
     """
     factor = int(facts.vae_scale_factor)
-    return {
-        "batch": 2 * images if guidance and component in GUIDED_COMPONENTS else images,
+    sizes = {
+        "batch": 2 * images if guidance and component_kind(component) in GUIDED_COMPONENTS else images,
         "sequence": int(facts.tokenizer_max_length),
         "height": height // factor,
         "width": width // factor,
         "image_height": height,
         "image_width": width,
     }
+    for axis in RESIDUAL_AXES:  # "height_2": the latent height halved, as a stride-2 convolution halves it
+        name, divisor = axis.rsplit("_", 1)
+        sizes[axis] = -(-sizes[name] // int(divisor))
+    return sizes
 
 
 def latent_shape(facts: PipelineFacts, images: int, height: int, width: int) -> tuple[int, int, int, int]:
