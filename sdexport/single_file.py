@@ -1,6 +1,7 @@
 """Single-file SD 1.x / 2.x / SDXL checkpoints in the original (LDM / SGM) layout: detect the family
 from the key names, refuse what we do not convert, and load offline with diffusers and configs
-shipped in `models/`.
+shipped in `models/`. A 9-channel U-Net (SD 1.5-inpainting, SD 2's 512-inpainting) loads as
+StableDiffusionInpaintPipeline with the shipped inpainting configs, as diffusers' `from_single_file` does.
 
 Our own detection, because diffusers' `infer_diffusers_model_type` answers "v1" for keys it does not
 know. Detection reads only key names and shapes (safetensors headers), never the weights.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 from transformers import CLIPTokenizer
@@ -36,6 +37,8 @@ SDXL_OPEN_CLIP = "conditioner.embedders.1.model."  # SDXL: OpenCLIP bigG, with i
 REFINER_OPEN_CLIP = "conditioner.embedders.0.model."  # SDXL refiner: OpenCLIP bigG alone
 CONV_IN = UNET + "input_blocks.0.0.weight"
 SHIPPED_CONFIGS = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}
+SHIPPED_INPAINTING_CONFIGS = {"sd1": "sd15-inpainting", "sd2": "sd2-inpainting"}
+INPAINTING_CHANNELS = 9  # 4 latent + 1 mask + 4 masked-image latent channels
 CONFIG_FILES = (
     "model_index.json",
     "unet/config.json",
@@ -129,12 +132,10 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
             f"{where} does not look like a Stable Diffusion 1.x/2.x checkpoint: {EXPECTED}; found {_summary(shapes)}"
         )
     channels = shapes[CONV_IN][1]
-    if channels == 9:
-        raise SdexportError(f"{where} is an inpainting checkpoint (9-channel U-Net): inpainting is not supported yet")
-    if channels != 4:
+    if channels not in (4, INPAINTING_CHANNELS):
         raise SdexportError(
             f"{where} has a U-Net with {channels} input channels (instruct-pix2pix has 8, the x4 "
-            "upscaler 7): only 4-channel text-to-image U-Nets are supported"
+            "upscaler 7): only 4-channel text-to-image and 9-channel inpainting U-Nets are supported"
         )
     if not has(VAE):
         raise SdexportError(f"{where} has no VAE weights ({VAE}* keys): only complete checkpoints are supported")
@@ -144,6 +145,10 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
             raise SdexportError(
                 f"{where} is an SDXL checkpoint without its {'second' if missing == SDXL_OPEN_CLIP else 'first'} "
                 f"text encoder ({missing}* keys): only complete checkpoints are supported"
+            )
+        if channels == INPAINTING_CHANNELS:
+            raise SdexportError(
+                f"{where} is an SDXL inpainting checkpoint (9-channel U-Net): SDXL inpainting is not supported yet"
             )
         return "sdxl"
     if has(CLIP):
@@ -156,11 +161,17 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
     )
 
 
-def config_folder(family: str, config: str | None) -> Path:
+def is_inpainting(shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A 9-channel U-Net takes the mask and the masked image's latents beside the noisy latents."""
+    return shapes[CONV_IN][1] == INPAINTING_CHANNELS
+
+
+def config_folder(family: str, config: str | None, inpainting: bool = False) -> Path:
     """The diffusers configs to build the pipeline from: --config DIR, or the ones shipped for the family."""
 
     if config is None:
-        folder = models_dir() / "configs" / SHIPPED_CONFIGS[family]
+        shipped = SHIPPED_INPAINTING_CONFIGS if inpainting else SHIPPED_CONFIGS
+        folder = models_dir() / "configs" / shipped[family]
         where = f"the shipped configs ({folder})"
     else:
         folder = Path(config).expanduser()
@@ -192,7 +203,10 @@ def check_fits(shapes: dict[str, tuple[int, ...]], family: str, folder: Path, cu
     """Compare a few widths of the checkpoint with the configs before building anything."""
     unet = _read_json(folder / "unet" / "config.json")
     cross = next((s for k, s in shapes.items() if k.startswith(UNET) and k.endswith("attn2.to_k.weight")), None)
-    widths = [("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0])]
+    widths = [
+        ("U-Net's input (9 channels to inpaint, else 4)", shapes[CONV_IN][1], unet.get("in_channels", 4)),
+        ("U-Net's first block", shapes[CONV_IN][0], unet.get("block_out_channels", [None])[0]),
+    ]
     for subfolder, token in TOKEN_EMBEDDINGS[family].items():
         text = _read_json(folder / subfolder / "config.json")
         found = shapes[token][-1] if token in shapes else None
@@ -215,10 +229,11 @@ def load_single_file(
         raise SdexportError(f"unknown prediction type '{prediction_type}': choose epsilon or v_prediction")
     shapes = read_shapes(path, allow_pickle)
     family = checkpoint_family(shapes, str(path))
-    folder = config_folder(family, config)
+    inpainting = is_inpainting(shapes)
+    folder = config_folder(family, config, inpainting)
     check_fits(shapes, family, folder, custom=config is not None)
     del shapes  # diffusers reads the file itself (a pickle again with torch.load(weights_only=True), mmapped)
-    pipe = _from_single_file(path, folder, family, prediction_type)
+    pipe = _from_single_file(path, folder, family, prediction_type, inpainting)
     for name in ("unet", "vae", "text_encoder", "text_encoder_2")[: 4 if family == "sdxl" else 3]:
         missing = [n for n, p in getattr(pipe, name).named_parameters() if p.is_meta]
         if missing:
@@ -230,7 +245,7 @@ def load_single_file(
     return pipe, family
 
 
-def _from_single_file(path: Path, folder: Path, family: str, prediction_type: str | None):
+def _from_single_file(path: Path, folder: Path, family: str, prediction_type: str | None, inpainting: bool):
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its dtype and unused-key warnings are noise here; we check ourselves
     common = {
@@ -247,7 +262,8 @@ def _from_single_file(path: Path, folder: Path, family: str, prediction_type: st
                 tokenizer_2=clip_tokenizer("sd2", folder, "text_encoder_2"),
                 **common,
             )
-        return StableDiffusionPipeline.from_single_file(
+        sd = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+        return sd.from_single_file(
             str(path),
             tokenizer=clip_tokenizer(family, folder),
             safety_checker=None,

@@ -1,5 +1,6 @@
 """Single-file SD 1.x / 2.x checkpoints: our detection and refusals, offline loading with the shipped
-or given configs, and exports that match PyTorch. The checkpoints are written by tests/exporter/ldm_layout.py."""
+or given configs, and exports that match PyTorch; 9-channel inpainting ones inpaint as diffusers'
+StableDiffusionInpaintPipeline does. The checkpoints are written by tests/exporter/ldm_layout.py."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sdexport import convert
 from sdexport.presets import models_dir
 from sdexport.single_file import checkpoint_family
 
-from ..conftest import build, recipe_of
+from ..conftest import build, recipe_of, sd2_style_pipeline
 from .ldm_layout import (
     SDXL_CLIP,
     SDXL_OPEN_CLIP,
@@ -124,11 +125,18 @@ def test_pickle_checkpoint_with_allow_pickle(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("family", "shipped", "text_encoder"), [("sd1", "sd15", clip_to_ldm), ("sd2", "sd21", open_clip_to_ldm)]
+    ("family", "shipped", "text_encoder"),
+    [
+        ("sd1", "sd15", clip_to_ldm),
+        ("sd2", "sd21", open_clip_to_ldm),
+        ("sd1", "sd15-inpainting", clip_to_ldm),
+        ("sd2", "sd2-inpainting", open_clip_to_ldm),
+    ],
 )
 def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
-    """SD 1.5 / 2.1-sized models on the meta device, written in the original layout: our detection says
-    the family, and diffusers' own converters turn every key back into the shipped configs' shapes."""
+    """SD 1.5 / 2.1-sized models (and the 9-channel inpainting ones) on the meta device, written in the
+    original layout: our detection says the family, and diffusers' own converters turn every key back
+    into the shipped configs' shapes."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
@@ -138,7 +146,7 @@ def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdexport.single_file import check_fits, config_folder
+    from sdexport.single_file import check_fits, config_folder, is_inpainting
 
     folder = models_dir() / "configs" / shipped
     configs = {
@@ -151,7 +159,8 @@ def test_shipped_configs_take_full_size_layouts(family, shipped, text_encoder):
     state = {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder(text)}
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert checkpoint_family(shapes, "model") == family
-    assert config_folder(family, None) == folder
+    assert is_inpainting(shapes) == shipped.endswith("-inpainting")
+    assert config_folder(family, None, is_inpainting(shapes)) == folder
     check_fits(shapes, family, folder, custom=False)
     converted = {
         "unet": convert_ldm_unet_checkpoint(state, configs["unet"]),
@@ -195,7 +204,17 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
             },
             "is an SDXL refiner checkpoint",
         ),
-        ({CONV_IN: torch.zeros(8, 9, 3, 3), **SD_VAE, **SD1_TEXT}, "inpainting is not supported yet"),
+        (
+            {
+                **tensors(
+                    conditioner__embedders__0__transformer__text_model__embeddings__position_embedding__weight=(77, 8),
+                    conditioner__embedders__1__model__text_projection=(8, 8),
+                ),
+                CONV_IN: torch.zeros(8, 9, 3, 3),
+                **SD_VAE,
+            },
+            "is an SDXL inpainting checkpoint (9-channel U-Net): SDXL inpainting is not supported yet",
+        ),
         ({CONV_IN: torch.zeros(8, 8, 3, 3), **SD_VAE, **SD1_TEXT}, "8 input channels"),
         (
             {
@@ -219,7 +238,7 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
     ids=[
         "sdxl-one-encoder",
         "sdxl-refiner",
-        "inpainting",
+        "sdxl-inpainting",
         "pix2pix",
         "controlnet",
         "unknown",
@@ -420,4 +439,105 @@ def test_sd_checkpoint_with_sdxl_configs(capsys, checkpoints, tmp_path):
         "--config",
         str(models_dir() / "configs" / "sdxl"),
         says="holds an SDXL pipeline, but the checkpoint is SD 1.x",
+    )
+
+
+# --- inpainting (9-channel U-Nets) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def inpaint_single_file(tmp_path_factory):
+    """(file, configs folder, pipeline, export): the tiny-sd-inpaint preset in the original layout, converted."""
+    from sdexport.presets import build_from_recipe, resolve_preset
+
+    root = tmp_path_factory.mktemp("inpaint-single-file")
+    pipe = build_from_recipe(resolve_preset("tiny-sd-inpaint"))
+    file = root / "inpaint.safetensors"
+    save_file(pipeline_to_ldm(pipe, "sd1"), file)
+    configs = save_configs(pipe, root / "configs")
+    return file, configs, pipe, quiet_convert(file, root / "out", config=str(configs))
+
+
+def test_inpainting_single_file_records_nine_channels(inpaint_single_file):
+    from sdexport.artifacts import model_index
+
+    file, _, pipe, out = inpaint_single_file
+    manifest = read_manifest(out)
+    assert manifest.source.kind == "single_file" and manifest.pipeline.family == "sd1"
+    assert (manifest.pipeline.latent_channels, manifest.pipeline.unet_in_channels) == (4, 9)
+    sample = next(t for t in manifest.components["unet"].inputs if t.name == "sample")
+    assert sample.shape[1] == 9
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == model_index(pipe)["_class_name"]  # what the preset's own export writes
+
+
+def test_inpainting_single_file_loads_as_inpaint_pipeline(inpaint_single_file):
+    from sdexport.single_file import load_single_file
+
+    file, configs, pipe, _ = inpaint_single_file
+    loaded, family = load_single_file(file, str(configs))
+    assert family == "sd1" and type(loaded).__name__ == "StableDiffusionInpaintPipeline"
+    assert loaded.unet.config.in_channels == 9
+    for key, value in pipe.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("component", ["unet", "vae_encoder"])
+def test_inpainting_single_file_matches_pytorch(inpaint_single_file, component):
+    _, _, pipe, out = inpaint_single_file
+    for batch, hw in ((1, latent_sizes(pipe)[0]), (2, latent_sizes(pipe)[1])):
+        expected, got = run_both(pipe, out, component, batch, hw)
+        for e, g in zip(expected, got):
+            assert e.shape == g.shape
+            assert np.max(np.abs(e - g)) <= 1e-4
+
+
+def test_inpainting_single_file_inpaints_like_diffusers(inpaint_single_file):
+    pytest.importorskip("ftfy")  # the reference tokenizer must read prompts as CLIP does
+    import diffusers
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+
+    _, _, pipe, out = inpaint_single_file
+    y, x = np.mgrid[0:64, 0:64]
+    image = Image.fromarray(np.stack([x * 4, y * 4, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8))
+    mask = Image.fromarray((((x > 20) & (x < 50) & (y > 12)) * 255).astype(np.uint8))
+    prompt, args = "a red circle on a blue background", {"num_inference_steps": 6, "guidance_scale": 7.5}
+    reference = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    theirs = reference(prompt, image=image, mask_image=mask, generator=torch.Generator().manual_seed(3), **args)
+    mine = StableDiffusionPipeline.load(out)(prompt, image=image, mask_image=mask, seed=3, **args)
+    a, b = np.asarray(theirs.images[0], np.float64), np.asarray(mine.images[0], np.float64)
+    mse = np.mean((a - b) ** 2)
+    assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 45.0
+
+
+def test_sd2_inpainting_single_file_loads(tmp_path):
+    """SD 2's 512-inpainting layout: OpenCLIP text, a 9-channel U-Net with linear projections."""
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    from sdexport.single_file import load_single_file
+
+    base = sd2_style_pipeline("epsilon")
+    torch.manual_seed(9)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    pipe = StableDiffusionInpaintPipeline(**{**base.components, "unet": unet})
+    save_file(pipeline_to_ldm(pipe, "sd2"), tmp_path / "sd2-inpaint.safetensors")
+    loaded, family = load_single_file(tmp_path / "sd2-inpaint.safetensors", str(save_configs(pipe, tmp_path / "c")))
+    assert family == "sd2" and type(loaded).__name__ == "StableDiffusionInpaintPipeline"
+    for name in ("unet", "vae", "text_encoder"):
+        expected, got = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(got[key], value) for key, value in expected.items()), name
+
+
+def test_inpainting_checkpoint_with_text_to_image_configs(capsys, inpaint_single_file, checkpoints, tmp_path):
+    file, _, _, _ = inpaint_single_file
+    assert_refused(
+        capsys,
+        tmp_path / "out",
+        str(file),
+        "--config",
+        str(checkpoints["sd1"]["configs"]),
+        says="its U-Net's input (9 channels to inpaint, else 4) is 9 wide, the config says 4",
     )
