@@ -11,7 +11,7 @@ SD_PIPELINES = {
     "OnnxStableDiffusionPipeline",
     "LatentConsistencyModelPipeline",
 }
-SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"}
+SDXL_PIPELINES = {"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"}
 SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES
 
 
@@ -25,11 +25,6 @@ def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
     cls = model_index.get("_class_name", "")
     if "controlnet" in model_index or "ControlNet" in cls:
         raise SdexportError(f"{where} is a ControlNet pipeline ({cls}): ControlNet is not supported yet")
-    inpainting = unet_config.get("in_channels", 4) == 9 or "Inpaint" in cls
-    if inpainting and is_sdxl_index(model_index, unet_config):
-        raise SdexportError(
-            f"{where} is an SDXL inpainting pipeline ({cls or '9-channel U-Net'}): inpainting is not supported yet"
-        )
     embed = unet_config.get("addition_embed_type")
     if embed not in (None, "text_time"):
         raise SdexportError(
@@ -42,8 +37,8 @@ def check_supported(model_index: dict, unet_config: dict, where: str) -> None:
         )
     if cls and cls not in SUPPORTED_PIPELINES:
         raise SdexportError(
-            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x and SDXL text-to-image and image-to-image "
-            "pipelines (and 1.x/2.x inpainting) are supported"
+            f"{where} is a {cls}: only Stable Diffusion 1.x/2.x and SDXL text-to-image, image-to-image "
+            "and inpainting pipelines are supported"
         )
     if is_sdxl_index(model_index, unet_config) and embed != "text_time" and unet_config:
         raise SdexportError(f"{where} is an SDXL pipeline whose U-Net lacks addition_embed_type 'text_time'")

@@ -10,6 +10,7 @@ from diffusers import (
     AutoencoderKL,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from huggingface_hub import snapshot_download
@@ -39,6 +40,8 @@ def _load_folder(folder: Path):
         cls = model_index.get("_class_name", "")
         refiner = "Img2Img" in cls or model_index.get("text_encoder", [None])[0] is None
         sdxl = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
+        if "Inpaint" in cls:  # keeps its requires_aesthetics_score, which the text-to-image class drops
+            sdxl = StableDiffusionXLInpaintPipeline
         return sdxl.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     return StableDiffusionPipeline.from_pretrained(
         folder,

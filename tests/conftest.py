@@ -117,6 +117,12 @@ def tiny_inpaint32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_inpaint32(tmp_path_factory) -> Path:
+    """The tiny-sdxl-inpaint preset (SDXL with a 9-channel U-Net), exported fp32."""
+    return _quiet_convert("tiny-sdxl-inpaint", tmp_path_factory.mktemp("exports") / "tiny_sdxl_inpaint32")
+
+
+@pytest.fixture(scope="session")
 def tiny16(tmp_path_factory) -> Path:
     return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny16", dtype="fp16")
 

@@ -1,6 +1,6 @@
-"""Inpainting, as diffusers' StableDiffusionInpaintPipeline does it: the mask, binarized and resized to the
-latents, and what the denoising loop does with it (a 9-channel U-Net's extra input channels, or a 4-channel
-U-Net's blend of the kept region back after each step)."""
+"""Inpainting, as diffusers' StableDiffusionInpaintPipeline and StableDiffusionXLInpaintPipeline do it: the mask,
+binarized and resized to the latents, and what the denoising loop does with it (a 9-channel U-Net's extra input
+channels, or a 4-channel U-Net's blend of the kept region back after each step)."""
 
 from __future__ import annotations
 

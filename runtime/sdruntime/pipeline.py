@@ -1,5 +1,6 @@
 """Text-to-image, image-to-image and inpainting on an exported folder, step for step as diffusers'
-StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and StableDiffusionInpaintPipeline do, with NumPy and ONNX Runtime only.
+StableDiffusion(XL)Pipeline, StableDiffusion(XL)Img2ImgPipeline and StableDiffusion(XL)InpaintPipeline do, with NumPy
+and ONNX Runtime only.
 """
 
 from __future__ import annotations
@@ -397,9 +398,11 @@ class StableDiffusionPipeline:
     def inpaint_latents(
         self, plan: Plan, generator: TorchGenerator | list[TorchGenerator]
     ) -> tuple[np.ndarray, Inpainting]:
-        """StableDiffusionInpaintPipeline's prepare_latents and prepare_mask_latents, drawing from the generator
+        """StableDiffusion(XL)InpaintPipeline's prepare_latents and prepare_mask_latents, drawing from the generator
         in their order: the init image's latents (a plain U-Net's, or for strength < 1), the noise, the masked
-        image's latents. Strength 1 starts from noise alone, as diffusers does."""
+        image's latents. Strength 1 starts from noise alone, as diffusers does; SDXL's default 0.9999 starts from
+        the image's latents noised to the first step. An SDXL VAE with force_upcast encodes in fp32, as diffusers
+        upcasts it: the export keeps it fp32 (sdexport/plan.py), so nothing is cast here."""
         request, scheduler, batch = plan.request, plan.scheduler, plan.batch
         image = load_init_image(request.image, plan.width, plan.height)
         mask = load_mask(request.mask_image, plan.width, plan.height)
@@ -457,7 +460,7 @@ class StableDiffusionPipeline:
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
-        first two for an SDXL export). `guidance_scale` and
+        three for an SDXL export). `guidance_scale` and
         `strength` default to diffusers' values for the family (plan.family_defaults). The sizes, crops and
         aesthetic scores are SDXL's micro-conditioning; sizes are (height, width), None meaning the
         generated size.

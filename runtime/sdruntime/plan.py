@@ -13,7 +13,7 @@ import math
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -38,10 +38,18 @@ class FamilyDefaults:
     guidance_scale: float
     strength: float  # image-to-image
     inpaint_strength: float = 1.0  # StableDiffusionInpaintPipeline's
+    inpaint_guidance_scale: float = 7.5  # both inpainting pipelines'
+
+    def for_mode(self, mode: str) -> FamilyDefaults:
+        """The defaults of the pipeline that draws `mode`: inpainting has its own guidance scale and strength."""
+        if mode != INPAINT:
+            return self
+        return replace(self, guidance_scale=self.inpaint_guidance_scale, strength=self.inpaint_strength)
 
 
-SD_DEFAULTS = FamilyDefaults(guidance_scale=7.5, strength=0.8)  # StableDiffusion(Img2Img)Pipeline
-FAMILY_DEFAULTS = {"sdxl": FamilyDefaults(guidance_scale=5.0, strength=0.3)}  # StableDiffusionXL(Img2Img)Pipeline
+SD_DEFAULTS = FamilyDefaults(guidance_scale=7.5, strength=0.8)  # StableDiffusion(Img2Img|Inpaint)Pipeline
+# StableDiffusionXL(Img2Img|Inpaint)Pipeline: the inpainting one starts just short of pure noise, from the image
+FAMILY_DEFAULTS = {"sdxl": FamilyDefaults(guidance_scale=5.0, strength=0.3, inpaint_strength=0.9999)}
 
 
 def family_defaults(family: str) -> FamilyDefaults:
@@ -246,9 +254,8 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     _check_request(request, export)
     _check_finite(request)
     mode = _mode(request, export)
-    defaults = family_defaults(export.pipeline.family)
-    default_strength = defaults.inpaint_strength if mode == INPAINT else defaults.strength
-    strength = default_strength if request.strength is None else request.strength
+    defaults = family_defaults(export.pipeline.family).for_mode(mode)
+    strength = defaults.strength if request.strength is None else request.strength
     if request.image is not None and not 0.0 < strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {strength}")
     height, width = _size(request, export.sizes)
@@ -330,8 +337,6 @@ def _mode(request: GenerationRequest, export: ExportFacts) -> str:
         return TEXT_TO_IMAGE if request.image is None else IMAGE_TO_IMAGE
     if request.image is None:
         raise GenerationError("mask_image needs the image to inpaint: pass image too")
-    if export.xl:
-        raise GenerationError("inpainting takes SD 1.x/2.x exports only; this one is SDXL")
     if not isinstance(request.image, np.ndarray) and not isinstance(request.mask_image, np.ndarray):
         image, mask = init_image_size(request.image), init_image_size(request.mask_image)
         if image != mask:

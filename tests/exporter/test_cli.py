@@ -61,12 +61,6 @@ def test_folder_missing_a_component(capsys, tmp_path, sd2_case):
     ("class_name", "unet", "extra", "says"),
     [
         (
-            "StableDiffusionXLInpaintPipeline",
-            {"addition_embed_type": "text_time", "in_channels": 9},
-            {"text_encoder_2": ["transformers", "X"]},
-            "inpainting is not supported yet",
-        ),
-        (
             "StableDiffusionUpscalePipeline",
             {"class_embed_type": "timestep"},
             None,

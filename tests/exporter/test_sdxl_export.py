@@ -292,12 +292,6 @@ def test_convert_validate_sdxl_fp16(tmp_path):
     ("class_name", "unet", "extra", "says"),
     [
         (
-            "StableDiffusionXLInpaintPipeline",
-            {"addition_embed_type": "text_time", "in_channels": 9},
-            {},
-            "inpainting is not supported yet",
-        ),
-        (
             "StableDiffusionXLControlNetPipeline",
             {"addition_embed_type": "text_time"},
             {"controlnet": ["diffusers", "ControlNetModel"]},
