@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -95,9 +96,12 @@ def short_hash(digest: str) -> str:
 
 
 def init_image_hash(image) -> str:
-    """Short sha256 of an init image: of the file for a path, of the RGB pixels for a PIL image or array."""
+    """Short sha256 of an init image: of the file for a path or a file's bytes, of the RGB pixels for a PIL
+    image or array."""
     digest = hashlib.sha256()
-    if isinstance(image, Image.Image):
+    if isinstance(image, bytes):
+        digest.update(image)
+    elif isinstance(image, Image.Image):
         digest.update(f"{image.width}x{image.height}".encode())
         digest.update(image.convert("RGB").tobytes())
     elif isinstance(image, np.ndarray):
@@ -109,10 +113,23 @@ def init_image_hash(image) -> str:
     return short_hash(digest.hexdigest())
 
 
-def init_image_size(image: str | Path | Image.Image) -> tuple[int, int]:
+class _EncodedFile(io.BytesIO):
+    """An image file's bytes (as the server receives them) opened as the file; messages give its size, not its bytes."""
+
+    def __repr__(self) -> str:
+        return f"({len(self.getbuffer())} bytes)"
+
+
+def _file(image):
+    """What Pillow opens and a message names: a path as given, a file's bytes as a file."""
+    return _EncodedFile(image) if isinstance(image, bytes) else image
+
+
+def init_image_size(image: str | Path | bytes | Image.Image) -> tuple[int, int]:
     """An init image's (height, width), opening a file only to read its header; errors as load_init_image's."""
     if isinstance(image, Image.Image):
         return image.height, image.width
+    image = _file(image)
     try:
         with Image.open(image) as opened:
             return opened.height, opened.width
@@ -121,9 +138,10 @@ def init_image_size(image: str | Path | Image.Image) -> tuple[int, int]:
 
 
 def open_image(image, what: str = "init image") -> Image.Image:
-    """A PIL image as given, or read from a path; one line naming `what` when it cannot be read."""
+    """A PIL image as given, or read from a path or a file's bytes; one line naming `what` when it cannot be read."""
     if isinstance(image, Image.Image):
         return image
+    image = _file(image)
     try:
         opened = Image.open(image)
         opened.load()
