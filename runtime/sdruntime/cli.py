@@ -14,7 +14,7 @@ import click
 
 from . import __version__
 from .errors import UserError
-from .image import IMAGE_FORMATS, contact_sheet, save_image
+from .image import IMAGE_FORMATS, contact_sheet, open_image, save_image
 from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
 from .request import GenerationRequest
@@ -107,6 +107,14 @@ def check_output_folder(output: str) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=".sdruntime-probe-", dir=existing))
     except OSError as e:
         raise click.UsageError(f"-o {output}: cannot create the folder ({e.strerror or e}); choose another") from None
+
+
+def image_input(path: str | None, what: str) -> str | None:
+    """An image option's path, read once here so that a missing or unreadable file is one line before any model
+    loads; the runtime reads the path itself and records the file's sha256 in the parameters."""
+    if path is not None:
+        open_image(path, what).close()
+    return path
 
 
 def make_output_folder(output: str) -> Path:
@@ -215,11 +223,13 @@ def cli() -> None:
 @click.option("--seed", type=int, multiple=True, help="One seed, or one per image (repeat the option).")
 @click.option("-n", "--num-images", default=1, show_default=True, type=int)
 @click.option("--eta", default=0.0, type=float, help="DDIM's eta.")
-@click.option("--image", "init_image", default=None, help="Init image for image-to-image.")
+@click.option("--image", "init_image", default=None, help="Init image for image-to-image, or the image to inpaint.")
+@click.option("--mask", "mask_image", default=None, help="Inpaint --image: white is repainted, black kept.")
 @click.option(
     "--strength",
     type=float,
-    help=f"How far to noise the init image (0-1].  [default: {SD_DEFAULTS.strength}, SDXL {SDXL_DEFAULTS.strength}]",
+    help=f"How far to noise the init image (0-1].  [default: {SD_DEFAULTS.strength}, SDXL {SDXL_DEFAULTS.strength}; "
+    f"inpainting {SD_DEFAULTS.inpaint_strength:g}, SDXL {SDXL_DEFAULTS.inpaint_strength:g}]",
 )
 @click.option(
     "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
@@ -234,7 +244,19 @@ def cli() -> None:
 @max_memory_option
 @one_line_warnings
 def generate(
-    folder, prompt, provider, threads, no_verify, verbose, seed, num_images, output, init_image, max_memory, **kwargs
+    folder,
+    prompt,
+    provider,
+    threads,
+    no_verify,
+    verbose,
+    seed,
+    num_images,
+    output,
+    init_image,
+    mask_image,
+    max_memory,
+    **kwargs,
 ):
     """Draw PROMPT with the export in FOLDER."""
     check_output_file(output)
@@ -242,7 +264,12 @@ def generate(
     if len(seeds) == 1 and num_images > 1:
         seeds = batch_seeds(num_images, seeds[0])  # so that each image's recorded seed draws it again alone
     request = GenerationRequest(
-        prompt, seed=seeds[0] if len(seeds) == 1 else (seeds or None), num_images=num_images, image=init_image, **kwargs
+        prompt,
+        seed=seeds[0] if len(seeds) == 1 else (seeds or None),
+        num_images=num_images,
+        image=image_input(init_image, "init image"),
+        mask_image=image_input(mask_image, "mask image"),
+        **kwargs,
     )
     pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)
     result = pipe.generate(request, progress=True)

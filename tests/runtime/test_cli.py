@@ -86,6 +86,10 @@ def test_corrupted_model_file(capsys, copy32):
         (["--image", "INIT", "--strength", "1.5"], "strength must be in (0, 1]"),
         (["--image", "INIT", "--strength", "0"], "strength must be in (0, 1]"),
         (["--image", "NOTANIMAGE"], "cannot read the init image"),
+        (["--mask", "MASK"], "mask_image needs the image to inpaint: pass image too"),
+        (["--image", "INIT", "--mask", "MISSING"], "cannot read the mask image"),
+        (["--image", "INIT", "--mask", "NOTANIMAGE"], "cannot read the mask image"),
+        (["--image", "INIT", "--mask", "SMALLMASK"], "mask_image is 32x32, the image 64x64"),
         (["--provider", "cuda"], "CUDAExecutionProvider is not installed"),
         (["--provider", "metal"], "unknown provider 'metal'"),
         (["--seed", str(2**32)], "seed"),
@@ -105,7 +109,11 @@ def test_bad_generate_arguments(capsys, tiny32, tmp_path, args, says):
 
     Image.new("RGB", (64, 64), (200, 30, 30)).save(init)
     (tmp_path / "bad.png").write_text("not an image")
-    args = [a.replace("NOTANIMAGE", str(tmp_path / "bad.png")).replace("INIT", str(init)) for a in args]
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "small.png")
+    files = {"NOTANIMAGE": "bad.png", "INIT": "init.png", "MASK": "mask.png", "SMALLMASK": "small.png"}
+    files["MISSING"] = "missing.png"  # never written
+    args = [str(tmp_path / files[a]) if a in files else a for a in args]
     code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", *args, "-o", str(tmp_path / "o.png"))
     assert code == 2
     assert says in error_line(err)
@@ -427,16 +435,15 @@ def test_scheduler_options_reach_the_scheduler_and_the_parameters(tiny32, tmp_pa
     assert code == 0 and "timestep_spacing=trailing" in read_parameters(tmp_path / "walk" / "frame-000.png")
 
 
-def test_image_to_image_leaves_no_file_open(tiny32, tmp_path):
+@pytest.mark.parametrize("mask", [[], ["--mask", "mask.png"]], ids=["image-to-image", "inpainting"])
+def test_image_inputs_leave_no_file_open(tiny32, tmp_path, mask):
     """A file left for the garbage collector warns `unclosed file` at every run (Python's dev mode shows it)."""
     import os
     import subprocess
     import sys
 
-    from PIL import Image
-
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "init.png")
-    command = ["generate", str(tiny32), "x", "--steps", "2", "--image", str(tmp_path / "init.png")]
+    write_inpaint_files(tmp_path)
+    command = ["generate", str(tiny32), "x", "--steps", "2", "--image", str(tmp_path / "init.png"), *mask]
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-m", "sdruntime.cli", *command, "-o", "i.png"],
         cwd=tmp_path,
@@ -448,3 +455,67 @@ def test_image_to_image_leaves_no_file_open(tiny32, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ResourceWarning" not in done.stderr and "unclosed" not in done.stderr, done.stderr
     assert (tmp_path / "i.png").is_file()
+
+
+# -- inpainting ----------------------------------------------------------------------------------------
+
+INPAINT_PROMPT = "a red circle on a blue background, top left"
+
+
+def write_inpaint_files(folder: Path, width: int = 64, height: int = 64) -> tuple[Path, Path]:
+    """init.png (a colour ramp) and mask.png (a white rectangle to repaint, on black to keep) in `folder`."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 4, y * 4, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "init.png")
+    inside = (x > width // 3) & (x < 4 * width // 5) & (y > height // 5)
+    Image.fromarray((inside * 255).astype(np.uint8)).save(folder / "mask.png")
+    return folder / "init.png", folder / "mask.png"
+
+
+def parameter_fields(text: str) -> dict[str, str]:
+    """The "Key: value" pairs of a parameters text's last line (none of these values holds a comma)."""
+    return dict(item.split(": ", 1) for item in text.splitlines()[-1].split(", "))
+
+
+def test_inpainting_from_the_cli_is_the_python_api_picture_and_its_parameters_draw_it_again(tiny_inpaint32, tmp_path):
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.image import read_parameters
+
+    init, mask = write_inpaint_files(tmp_path)
+    out = tmp_path / "cli.png"
+    options = ["--image", str(init), "--mask", str(mask), "--strength", "0.75", "--seed", "3", "--steps", "4"]
+    assert main(["generate", str(tiny_inpaint32), INPAINT_PROMPT, *options, "-o", str(out)]) == 0
+    api = StableDiffusionPipeline.load(tiny_inpaint32)(
+        INPAINT_PROMPT, image=init, mask_image=mask, strength=0.75, seed=3, num_inference_steps=4
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api.images[0]))
+    text = read_parameters(out)
+    assert text == api.parameters[0]
+    fields = parameter_fields(text)
+    assert fields["Init image hash"] == sha256_file(init)[:10] and fields["Mask hash"] == sha256_file(mask)[:10]
+    assert fields["Denoising strength"] == "0.75"
+    width, height = fields["Size"].split("x")
+    again = tmp_path / "again.png"
+    recorded = [
+        *("--steps", fields["Steps"], "--scheduler", fields["Sampler"], "--guidance", fields["CFG scale"]),
+        *("--seed", fields["Seed"], "--width", width, "--height", height),
+        *("--timestep-spacing", fields["Timestep spacing"], "--strength", fields["Denoising strength"]),
+    ]
+    code = main(
+        ["generate", str(tiny_inpaint32), text.splitlines()[0], "--image", str(init), "--mask", str(mask)]
+        + recorded
+        + ["-o", str(again)]
+    )
+    assert code == 0 and again.read_bytes() == out.read_bytes()
+
+
+def test_an_unreadable_mask_fails_before_loading(capsys, tiny32, tmp_path, no_load):
+    init, _ = write_inpaint_files(tmp_path)
+    (tmp_path / "mask.png").write_bytes(b"not a picture")
+    code, err = run(capsys, "generate", str(tiny32), "x", "--image", str(init), "--mask", str(tmp_path / "mask.png"))
+    line = error_line(err)
+    assert code == 2 and f"cannot read the mask image {tmp_path / 'mask.png'}: cannot identify image file" in line
+    assert line.endswith("pass a PNG or JPEG file")
