@@ -2,7 +2,7 @@
 
 Two deployments. `ImageGenerator` replicas each load the export once (ONNX Runtime sessions, the NumPy
 loop) and draw requests that Ray Serve's `@serve.batch` gathers, one U-Net batch per group of requests that
-share a size, steps, scheduler and guidance. `Api` is the HTTP ingress: it checks requests (400 before a
+share a size, steps, scheduler and guidance (a request with an image runs alone). `Api` is the HTTP ingress: it checks requests (400 before a
 replica is bothered), forwards them through a bounded queue, and turns Ray's failures into HTTP answers
 (503 with Retry-After when the queue is full or a replica died, 504 past the request's time limit), so
 every request gets an image or an error. Ray replaces a replica that dies.
@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .errors import InvalidArgument, UserError
 from .manifest import HashCache, read_manifest
+from .memory import resident_memory
 from .serving import DrawResult, ImageRequest, ModelFacts, draw_batch, model_facts, parse_request
 
 APP_NAME = "sdexport"
@@ -61,6 +62,10 @@ class ImageGenerator:
             verify=verify,
             max_memory=max_memory,
         )
+        if self.pipe.manifest.has("vae_encoder"):
+            # now, not at the first request with an image: the memory budget's base then holds its weights
+            self.pipe.component("vae_encoder")
+            self.pipe.loaded_resident = resident_memory()
         self.max_batch = max_batch
         self.draw.set_max_batch_size(max_batch)
         self.draw.set_batch_wait_timeout_s(BATCH_WAIT_S)
@@ -142,7 +147,8 @@ class Api:
         except (asyncio.TimeoutError, *REPLICA_FAILURES, BackPressureError):
             return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
         try:
-            request = parse_request(body, facts)
+            # a thread: decoding a sent image would hold up every other request's answer
+            request = await asyncio.to_thread(parse_request, body, facts)
         except InvalidArgument as e:
             return error_response(400, str(e))
         response = self.generator.remote(request)

@@ -8,6 +8,8 @@ seeds draw which images) are plain code, tested without a Ray cluster, and so th
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import InvalidArgument, UserError
-from .image import write_png
+from .image import open_image, write_png
 from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .request import GenerationRequest
@@ -33,6 +35,9 @@ FIELDS = (
     "size",
     "n",
     "response_format",
+    "image",
+    "mask",
+    "strength",
 )
 RESPONSE_FORMATS = ("png", "b64_json")
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
@@ -58,6 +63,7 @@ class ModelFacts:
     source: str
     largest_side: int | None = None  # the largest square a replica draws within its memory budget (None: unknown)
     memory_budget: int | None = None  # bytes a replica may hold while drawing
+    image_inputs: bool = False  # the export has a VAE encoder: requests may send an image (and a mask)
 
     @property
     def sizes(self) -> SizeRule:
@@ -84,6 +90,7 @@ class ModelFacts:
             "source": self.source,
             "largest_size": f"{self.largest_side}x{self.largest_side}" if self.largest_side else None,
             "memory_budget_bytes": self.memory_budget,
+            "image_inputs": self.image_inputs,
         }
 
 
@@ -110,7 +117,44 @@ def model_facts(pipe) -> ModelFacts:
         source=Path(manifest.source.name).name,
         largest_side=largest,
         memory_budget=budget,
+        image_inputs=manifest.has("vae_encoder"),
     )
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image a request sent: the file's bytes, which the runtime opens and records the sha256 of as it does a
+    file's (so the parameters match `sdruntime generate --image FILE`), and the picture's size."""
+
+    data: bytes
+    width: int
+    height: int
+
+
+def decode_image(body: Mapping, name: str, what: str) -> EncodedImage | None:
+    """The field `name`, a base64-encoded PNG or JPEG file, read once here with the runtime's reader (its
+    messages name `what`), so that a bad one gets 400 before a replica draws; None when the field is absent."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"'{name}' must be a base64-encoded PNG or JPEG file, got {type(value).__name__}")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidArgument(f"'{name}' is not base64 ({e}): send the image file's bytes base64-encoded") from None
+    too_large = InvalidArgument(f"'{name}' is larger than {MAX_SIDE}x{MAX_SIDE} pixels: send a smaller image")
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the header alone: a huge picture is refused undecoded
+            width, height = header.size
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except (OSError, ValueError):
+        width = height = 0  # open_image says what is wrong
+    if max(width, height) > MAX_SIDE:
+        raise too_large
+    open_image(data, what).close()  # the whole file: a damaged one fails here, not on a replica
+    return EncodedImage(data, width, height)
 
 
 @dataclass(frozen=True)
@@ -120,19 +164,29 @@ class ImageRequest:
     prompt: str
     negative_prompt: str | None
     steps: int
-    guidance: float
+    guidance: float | None  # None: the family's default for the mode
     scheduler: str
     seeds: tuple[int, ...]
     width: int
     height: int
     response_format: str
     scheduler_options: tuple[tuple[str, object], ...] = ()  # sorted (key, value) pairs, hashable for batch_key
+    image: EncodedImage | None = None  # image-to-image, or the image to inpaint
+    mask: EncodedImage | None = None  # inpainting: white is repainted, black kept
+    strength: float | None = None  # None: the mode's default (image-to-image's, inpainting's)
 
     @property
-    def batch_key(self) -> tuple:
+    def batch_key(self) -> tuple | None:
         """Requests with equal keys run in one U-Net batch: the same latent size, the same schedule and the
         same guidance (one scale per pipeline call), and a negative prompt on all or none (SDXL tells an
-        absent one from an empty one)."""
+        absent one from an empty one).
+
+        None for a request with an image: it runs alone. A pipeline call takes one image and mask, and even
+        with the same ones diffusers encodes them with the batch's first generator, so a request sharing
+        another's call would not draw what it draws alone with its seeds.
+        """
+        if self.image is not None or self.mask is not None:
+            return None
         return (
             self.width,
             self.height,
@@ -162,8 +216,12 @@ def _text(body: Mapping, name: str, required: bool) -> str | None:
     return value
 
 
-def parse_size(value: object, facts: ModelFacts) -> tuple[int, int]:
-    """'WIDTHxHEIGHT' as OpenAI's `size` writes it, checked against the export's size multiple."""
+def parse_size(value: object, facts: ModelFacts, image: EncodedImage | None = None) -> tuple[int, int]:
+    """'WIDTHxHEIGHT' as OpenAI's `size` writes it, checked against the export's size multiple; when absent, the
+    image's size rounded down to the size multiple (as `sdruntime generate --image` draws), else the default."""
+    if value is None and image is not None:
+        height, width = facts.sizes.round_down(image.height, image.width)
+        value = f"{width}x{height}"
     if value is None:
         return facts.default_size
     parts = value.lower().split("x") if isinstance(value, str) else []
@@ -197,15 +255,23 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     negative = _text(body, "negative_prompt", required=False)
     steps = _integer(body, "steps", 25, 1, MAX_STEPS)
     n = _integer(body, "n", 1, 1, MAX_IMAGES)
-    guidance = body.get("guidance", facts.default_guidance)
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0:
+    guidance = body.get("guidance")  # None: the plan's default, for the family and the mode
+    if guidance is not None and (
+        isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0
+    ):
         raise InvalidArgument(f"'guidance' must be a number from 0 to 50, got {guidance!r}")
     scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler).NAME
     options = _scheduler_options(body, scheduler)
     # drawn here when not given, not in the pipeline, so that the response can say which seed brings each image back
     start = None if body.get("seed") is None else _integer(body, "seed", 0, 0, SEED_LIMIT - 1)
     seeds = batch_seeds(n, start)
-    width, height = parse_size(body.get("size"), facts)
+    image, mask = decode_image(body, "image", "init image"), decode_image(body, "mask", "mask image")
+    if (image or mask) and not facts.image_inputs:
+        raise InvalidArgument(
+            "this export has no VAE encoder, so it draws from prompts alone: leave out 'image' and 'mask'"
+        )
+    strength = _strength(body, image)
+    width, height = parse_size(body.get("size"), facts, image)
     response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
@@ -215,14 +281,29 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
-        guidance=float(guidance),
+        guidance=None if guidance is None else float(guidance),
         scheduler=scheduler,
         seeds=tuple(seeds),  # as `sdruntime generate --seed S -n N` numbers them
         width=width,
         height=height,
         response_format=response_format,
         scheduler_options=options,
+        image=image,
+        mask=mask,
+        strength=strength,
     )
+
+
+def _strength(body: Mapping, image: EncodedImage | None) -> float | None:
+    """`strength`: how far the image is noised, (0, 1]; the mode's default when absent (as `--strength`)."""
+    value = body.get("strength")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise InvalidArgument(f"'strength' must be a number in (0, 1], got {value!r}")
+    if image is None:
+        raise InvalidArgument("'strength' says how far to noise 'image': send an image, or leave strength out")
+    return float(value)
 
 
 def _scheduler_options(body: Mapping, scheduler: str) -> tuple[tuple[str, object], ...]:
@@ -277,6 +358,9 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         seed=[seed for _, seed in images],
         height=first.height,
         width=first.width,
+        image=None if first.image is None else first.image.data,
+        mask_image=None if first.mask is None else first.mask.data,
+        strength=first.strength,
     )
 
 
@@ -290,7 +374,8 @@ def draw_batch(pipe, requests: Sequence[ImageRequest], max_images: int) -> list[
     results = [DrawResult() for _ in requests]
     groups: dict[tuple, list[tuple[int, int]]] = {}  # key -> (request index, seed)
     for index, request in enumerate(requests):
-        groups.setdefault(request.batch_key, []).extend((index, seed) for seed in request.seeds)
+        key = request.batch_key or ("alone", index)
+        groups.setdefault(key, []).extend((index, seed) for seed in request.seeds)
     for items in groups.values():
         for start in range(0, len(items), max_images):
             chunk = items[start : start + max_images]

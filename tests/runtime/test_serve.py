@@ -12,12 +12,14 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +35,27 @@ from sdruntime.serving import ModelFacts, draw_batch, model_facts, parse_request
 
 PROMPT = "a red circle on a blue background, center"
 GENERATOR_TITLE = "ServeReplica:sdexport:ImageGenerator"
+
+
+def png_file(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header says width x height: Pillow reads the size without decoding a pixel."""
+    data = bytearray(png_file(Image.new("L", (1, 1))))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])  # depth, colour type, ...
+    data[12:33] = header + struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+INIT_B64 = b64(png_file(Image.new("RGB", (64, 64), (200, 30, 30))))
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +75,8 @@ def test_request_defaults_and_seeds_follow_the_cli(facts):
     request = parse_request({"prompt": PROMPT, "seed": 7, "n": 3}, facts)
     assert request.seeds == (7, 8, 9)  # as `sdruntime generate --seed 7 -n 3` numbers them
     assert (request.width, request.height) == facts.default_size
-    assert request.steps == 25 and request.guidance == 7.5 and request.scheduler == facts.default_scheduler
+    assert request.steps == 25 and request.scheduler == facts.default_scheduler
+    assert request.guidance is None and facts.default_guidance == 7.5  # None: the plan's, as the CLI leaves it
     assert request.response_format == "b64_json" and request.negative_prompt is None
     m = facts.size_multiple
     single = parse_request({"prompt": PROMPT, "size": f"{2 * m}x{3 * m}"}, facts)
@@ -76,6 +100,16 @@ def test_request_defaults_and_seeds_follow_the_cli(facts):
         ({"prompt": PROMPT, "seed": 2**32}, "'seed' must be an integer from 0 to 4294967295"),
         ({"prompt": PROMPT, "n": 2, "response_format": "png"}, "a PNG response holds one image"),
         ([PROMPT], "the body must be a JSON object"),
+        ({"prompt": PROMPT, "image": "not base64!"}, "'image' is not base64 .*: send the image file's bytes base64"),
+        ({"prompt": PROMPT, "image": b64(b"not an image")}, r"cannot read the init image \(12 bytes\): cannot ident"),
+        ({"prompt": PROMPT, "image": INIT_B64, "mask": b64(b"GIF89a")}, r"cannot read the mask image \(6 bytes\)"),
+        ({"prompt": PROMPT, "image": INIT_B64, "mask": 3}, "'mask' must be a base64-encoded PNG or JPEG file, got int"),
+        ({"prompt": PROMPT, "image": b64(png_claiming(4097, 8))}, "'image' is larger than 4096x4096 pixels"),
+        ({"prompt": PROMPT, "image": b64(png_claiming(20000, 20000))}, "'image' is larger than 4096x4096 pixels"),
+        ({"prompt": PROMPT, "strength": 0.5}, "'strength' says how far to noise 'image': send an image, or leave"),
+        ({"prompt": PROMPT, "image": INIT_B64, "strength": 0}, r"'strength' must be a number in \(0, 1\], got 0"),
+        ({"prompt": PROMPT, "image": INIT_B64, "strength": float("nan")}, "'strength' must be a number in"),
+        ({"prompt": PROMPT, "image": INIT_B64, "strength": True}, "'strength' must be a number in"),
     ],
 )
 def test_bad_requests_are_refused_in_one_line(facts, body, message):
@@ -100,6 +134,69 @@ def test_scheduler_options_reach_the_scheduler_and_split_batches(tiny_pipe32, fa
     )
     assert "Scheduler options: clip_sample=false" in results[1].images[0].parameters
     assert results[1].images[0].parameters == alone.parameters[0]
+
+
+# -- image inputs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inpaint_files(tmp_path_factory) -> tuple[Path, Path]:
+    """init.png and mask.png at 72x56, which draw at 64x48 (rounded down to tiny-sd's multiple of 16)."""
+    folder = tmp_path_factory.mktemp("inpaint")
+    y, x = np.mgrid[0:56, 0:72]
+    rgb = np.stack([x * 3, y * 4, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(rgb).save(folder / "init.png")
+    Image.fromarray((((x > 20) & (x < 60) & (y > 10)) * 255).astype(np.uint8)).save(folder / "mask.png")
+    return folder / "init.png", folder / "mask.png"
+
+
+def image_body(init: Path, mask: Path | None, **fields) -> dict:
+    body = {"prompt": PROMPT, "image": b64(init.read_bytes()), **fields}
+    return body if mask is None else {**body, "mask": b64(mask.read_bytes())}
+
+
+@pytest.mark.parametrize("inpaint", [False, True], ids=["image-to-image", "inpainting"])
+def test_image_inputs_draw_the_png_of_sdruntime_generate(tiny_pipe32, facts, tiny32, inpaint_files, tmp_path, inpaint):
+    """The same PNG, byte for byte: the pixels, the size taken from the image, and the parameters with the
+    sha256 of the files the fields carried."""
+    init, mask = inpaint_files[0], inpaint_files[1] if inpaint else None
+    request = parse_request(image_body(init, mask, seed=4, steps=4, strength=0.75), facts)
+    assert (request.width, request.height) == (64, 48) and request.batch_key is None
+    [result] = draw_batch(tiny_pipe32, [request], max_images=4)
+    assert result.error is None
+    out = tmp_path / "cli.png"
+    masks = ["--mask", str(mask)] if inpaint else []
+    options = ["--seed", "4", "--steps", "4", "--strength", "0.75", "--image", str(init), *masks, "-o", str(out)]
+    assert sdruntime_main(["generate", str(tiny32), PROMPT, *options]) == 0
+    assert result.images[0].png == out.read_bytes()
+    assert ("Mask hash: " in result.images[0].parameters) == inpaint
+
+
+def test_requests_with_images_run_alone(tiny_pipe32, facts, inpaint_files):
+    """Even with the very same files: diffusers encodes a call's image with its first generator."""
+    same = image_body(*inpaint_files, seed=1, steps=2)
+    bodies = [same, same, {"prompt": PROMPT, "seed": 1, "steps": 2}, {"prompt": PROMPT, "seed": 2, "steps": 2}]
+    results = draw_batch(tiny_pipe32, [parse_request(b, facts) for b in bodies], max_images=8)
+    assert [[i.batch_images for i in r.images] for r in results] == [[1], [1], [2], [2]]
+    assert results[0].images[0].png == results[1].images[0].png
+
+
+def test_image_requests_the_runtime_refuses_get_its_line_as_a_400(tiny_pipe32, facts, inpaint_files):
+    init, mask = inpaint_files
+    small = b64(png_file(Image.new("L", (32, 32), 255)))
+    refused = {
+        "mask_image needs the image to inpaint: pass image too": {"prompt": PROMPT, "mask": b64(mask.read_bytes())},
+        "mask_image is 32x32, the image 72x56: give a mask of the image's size": {
+            **image_body(init, None),
+            "mask": small,
+        },
+    }
+    requests = [parse_request({**body, "steps": 2}, facts) for body in refused.values()]
+    for message, result in zip(refused, draw_batch(tiny_pipe32, requests, max_images=4)):
+        assert result.user_error and result.error == message and not result.images
+    no_encoder = dataclasses.replace(facts, image_inputs=False)
+    with pytest.raises(InvalidArgument, match="this export has no VAE encoder, so it draws from prompts alone"):
+        parse_request(image_body(init, mask), no_encoder)
 
 
 # -- batches -----------------------------------------------------------------------------------------
@@ -304,6 +401,18 @@ def test_bad_requests_get_400_with_one_message(server):
     assert json.loads(body)["error"]["message"] == "'steps' must be an integer from 1 to 150, got 0"
     status, _, body = request(server.url + "/v1/images/generations", b"{not json")
     assert status == 400 and json.loads(body)["error"]["message"].startswith("the body is not JSON")
+    status, _, body = generate(server, {"prompt": PROMPT, "image": "not base64!"})
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("'image' is not base64")
+
+
+def test_http_inpaints_as_sdruntime_generate(server, tiny32, inpaint_files, tmp_path):
+    status, headers, png = generate(server, image_body(*inpaint_files, seed=8, steps=3))
+    assert status == 200 and headers["content-type"] == "image/png" and headers["x-batch-images"] == "1"
+    out = tmp_path / "cli.png"
+    init, mask = (str(path) for path in inpaint_files)
+    options = ["--seed", "8", "--steps", "3", "--image", init, "--mask", mask, "-o", str(out)]
+    assert sdruntime_main(["generate", str(tiny32), PROMPT, *options]) == 0
+    assert png == out.read_bytes()
 
 
 def test_models_and_health_report_the_manifest(server, tiny32):
@@ -312,6 +421,7 @@ def test_models_and_health_report_the_manifest(server, tiny32):
     manifest = read_manifest(tiny32)
     assert status == 200 and card["id"] == tiny32.name and card["family"] == manifest.pipeline.family
     assert card["size_multiple"] == manifest.size_multiple and card["dtype"] == manifest.dtype
+    assert card["image_inputs"] is True
     status, _, body = request(server.url + "/health")
     assert status == 200 and json.loads(body) == {"status": "ok", "replicas": {"running": 1}}
 
