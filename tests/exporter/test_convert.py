@@ -25,7 +25,9 @@ def run_both(pipe, folder, component, batch, latent_hw):
     expected = expected if isinstance(expected, tuple) else (expected,)
     session = ort.InferenceSession(str(folder / component / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {}
-    for spec in session.get_inputs():
+    # a U-Net's ControlNet residuals are overridable initializers (zeros unless fed), not inputs
+    residuals = [spec for spec in session.get_overridable_initializers() if spec.name in inputs]
+    for spec in [*session.get_inputs(), *residuals]:
         value = inputs[spec.name].numpy()
         feed[spec.name] = value.astype(np.float16) if spec.type == "tensor(float16)" else value
     got = session.run(None, feed)
