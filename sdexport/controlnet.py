@@ -118,16 +118,19 @@ def load_controlnet(source: ControlNetSource):
     return ControlNetModel.from_pretrained(source.path, torch_dtype=torch.float32, local_files_only=True).eval()
 
 
-def check_fits(name: str, controlnet, unet) -> None:
-    """A ControlNet runs beside this U-Net only when its residuals fit the U-Net's inputs and it reads the
-    same text embeddings and added conditioning; one line names the first difference."""
-    from .specs import residual_layout
+def check_fits(name: str, controlnet, pipe) -> None:
+    """A ControlNet runs beside this pipeline's U-Net only when its residuals fit the U-Net's inputs, it reads
+    the same text embeddings and added conditioning, and its control image embedding shrinks pixels to the
+    latents' size as the VAE does; one line names the first difference."""
+    from .specs import residual_layout, vae_scale_factor
 
-    ours, theirs = unet.config, controlnet.config
+    ours, theirs = pipe.unet.config, controlnet.config
+    embedding_factor = 2 ** (len(theirs.conditioning_embedding_out_channels) - 1)
     checks = (
         ("cross_attention_dim", ours.cross_attention_dim, theirs.cross_attention_dim),
         ("addition_embed_type", ours.get("addition_embed_type"), theirs.get("addition_embed_type")),
         ("residuals (block_out_channels, layers_per_block)", residual_layout(ours), residual_layout(theirs)),
+        ("control image downscaling", vae_scale_factor(pipe), embedding_factor),
     )
     for what, expected, found in checks:
         if expected != found:
@@ -142,7 +145,7 @@ def attach_controlnets(pipe, sources: list[ControlNetSource], log) -> None:
     models = {}
     for source in sources:
         model = load_controlnet(source)
-        check_fits(source.name, model, pipe.unet)
+        check_fits(source.name, model, pipe)
         models[source.component] = model
         log(f"loaded ControlNet '{source.name}' from {source.path}")
     pipe.sdexport_controlnets = models

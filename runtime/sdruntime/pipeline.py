@@ -18,18 +18,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .conditioning import MicroConditioning
+from .control import ControlRun, load_control_image
 from .image import load_init_image, save_image, short_hash, to_pil
 from .inpaint import Inpainting, load_mask, mask_to_latents
-from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest
+from .manifest import FINAL_LAYER_NORM, UNET_RESIDUAL_INPUTS, ExportError, HashCache, read_manifest
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
 from .request import GenerationError, GenerationRequest
 from .schedulers import Scheduler, read_scheduler_config
-from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers
+from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers, shape_of
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
+RESIDUAL_PREFIX = UNET_RESIDUAL_INPUTS[0].format("")
+RESIDUAL_INPUT_NAMES = (UNET_RESIDUAL_INPUTS[1],)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -239,15 +242,18 @@ class StableDiffusionPipeline:
         progress: bool = False,
         rows: int | None = None,
         inpainting: Inpainting | None = None,
+        control: ControlRun | None = None,
     ) -> np.ndarray:
         """The loop over the plan's scheduler steps, guided as the plan's guidance says; the U-Net's inputs
         stay bound across steps, and the noise a step adds is drawn here, from the run's generator.
         `unet_inputs` are the U-Net's inputs that stay the same at every step (`encode`); the U-Net runs
         `rows` rows of its batch at a time (all by default), each row computed alone, so pieces change no pixel.
-        `inpainting` (prepare_latents) adds a 9-channel U-Net's input channels, or blends a plain one's latents."""
+        `inpainting` (prepare_latents) adds a 9-channel U-Net's input channels, or blends a plain one's latents;
+        `control` (prepare_control) gives the ControlNets' residuals at each step."""
         guidance, scheduler = plan.guidance, plan.scheduler
         unet = self.component("unet")
         batch = guidance.unet_batch_size(plan.batch)
+        zeros = self.zero_residuals(batch, plan, always=control is not None)
 
         def unet_sample(sample: np.ndarray) -> np.ndarray:
             return sample if inpainting is None else inpainting.unet_sample(sample)
@@ -256,6 +262,7 @@ class StableDiffusionPipeline:
             "sample": unet_sample(guidance.unet_sample(latents)),
             "timestep": np.zeros(batch, np.float32),
             **unet_inputs,
+            **zeros,
         }
         rows = rows or batch
         cuts = [slice(start, start + rows) for start in range(0, batch, rows)]
@@ -268,17 +275,19 @@ class StableDiffusionPipeline:
             steps = tqdm(steps, desc="denoising", unit="step")
         for n, i in enumerate(steps):
             t = scheduler.timesteps[i]
-            model_input = unet_sample(scheduler.scale_model_input(guidance.unet_sample(latents), i))
-            timestep = np.full(batch, t, np.float32)
+            scaled = scheduler.scale_model_input(guidance.unet_sample(latents), i)
+            step = {"sample": unet_sample(scaled), "timestep": np.full(batch, t, np.float32)}
+            if control is not None:
+                step.update(self.control_residuals(control, plan, n, i, latents, scaled) or zeros)
             if bindings is not None:
                 outputs = []
                 for cut, binding in bindings:
-                    binding.update("sample", model_input[cut])
-                    binding.update("timestep", timestep[cut])
+                    for name, value in step.items():
+                        binding.update(name, value[cut])
                     outputs.append(binding.run()["out_sample"])
                 noise_pred = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
             else:  # a static export whose batch differs: pad through the plain call
-                noise_pred = unet(**{**feeds, "sample": model_input, "timestep": timestep})["out_sample"]
+                noise_pred = unet(**{**feeds, **step})["out_sample"]
             noise_pred = guidance.combine(noise_pred)
             noise = randn_tensor(latents.shape, generator) if scheduler.needs_noise(i) else None
             latents = scheduler.step(i, noise_pred, latents, noise)  # float32 already
@@ -287,6 +296,51 @@ class StableDiffusionPipeline:
             if callback is not None:
                 callback(n, float(t), latents)
         return latents
+
+    def zero_residuals(self, batch: int, plan: Plan, always: bool) -> dict[str, np.ndarray]:
+        """Zeros for the U-Net's ControlNet residual inputs: fed when ControlNets run (a step where none is on
+        feeds them), or when the U-Net requires them (the tensorrt target's); else its defaults stand."""
+        unet = self.component("unet")
+        names = [name for name in unet.inputs if name in RESIDUAL_INPUT_NAMES or name.startswith(RESIDUAL_PREFIX)]
+        if not always:
+            names = [name for name in names if name in unet.required_inputs]
+        sizes = {**self.manifest.axis_sizes("unet", batch, plan.height, plan.width, guidance=False)}
+        return {name: np.zeros(shape_of(unet.inputs[name].shape, sizes), np.float32) for name in names}
+
+    def control_residuals(
+        self, control: ControlRun, plan: Plan, n: int, i: int, latents: np.ndarray, scaled: np.ndarray
+    ) -> dict[str, np.ndarray] | None:
+        """The ControlNets' summed residuals at loop step n (scheduler index i). In guess mode under
+        classifier-free guidance they see the prompts' half only and the negative half gets zeros, as in diffusers."""
+        t = plan.scheduler.timesteps[i]
+        if plan.control.guess_mode and plan.guidance.doubles_batch:
+            sample, zeros_first = plan.scheduler.scale_model_input(latents, i), plan.batch
+        else:
+            sample, zeros_first = scaled, 0
+        return control.residuals(n, sample, np.full(len(sample), t, np.float32), zeros_first)
+
+    def prepare_control(self, plan: Plan, unet_inputs: Mapping[str, np.ndarray]) -> ControlRun | None:
+        """The plan's ControlNets bound to their control images (RGB in [0, 1] at the drawn size, one row per
+        image, twice under classifier-free guidance unless in guess mode) and the text conditioning they read."""
+        control = plan.control
+        if control is None:
+            return None
+        if not any(name.startswith(RESIDUAL_PREFIX) for name in self.component("unet").inputs):
+            raise GenerationError(
+                "this export's U-Net takes no ControlNet residuals (it predates them): re-export it with `sdexport convert`"
+            )
+        halve = control.guess_mode and plan.guidance.doubles_batch
+        fixed = {
+            name: np.split(unet_inputs[name], 2)[1] if halve else unet_inputs[name]
+            for name in ("encoder_hidden_states", "text_embeds", "time_ids")
+            if name in unet_inputs
+        }
+        images = []
+        for unit in control.units:
+            image = np.repeat(load_control_image(unit.image, plan.width, plan.height), plan.batch, axis=0)
+            images.append(np.concatenate([image] * 2) if plan.guidance.doubles_batch and not halve else image)
+        components = [self.component(unit.component) for unit in control.units]
+        return ControlRun(control, components, images, fixed, len(plan.scheduler.step_indices))
 
     def vae_decode(self, latents: np.ndarray, rows: int | None = None) -> np.ndarray:
         """Latents -> pixels in [-1, 1], `rows` images per decoder run (all by default)."""
@@ -329,9 +383,12 @@ class StableDiffusionPipeline:
         generator = plan.seeds.generator()
         unet_inputs = self.encode(plan)
         latents, inpainting = self.prepare_latents(plan, generator)
+        control = self.prepare_control(plan, unet_inputs)
         unet = self.component("unet")
         unet_before, loop_started = unet.run_seconds, time.perf_counter()
-        final = self.denoise(latents, plan, unet_inputs, generator, callback, progress, pieces.unet_rows, inpainting)
+        final = self.denoise(
+            latents, plan, unet_inputs, generator, callback, progress, pieces.unet_rows, inpainting, control
+        )
         timings = {
             "denoise": time.perf_counter() - loop_started,
             "unet": unet.run_seconds - unet_before,
@@ -456,7 +513,13 @@ class StableDiffusionPipeline:
         negative_target_size: tuple[int, int] | None = None,
         aesthetic_score: float = 6.0,
         negative_aesthetic_score: float = 2.5,
-        mask_image: str | Path | Image.Image | None = None,  # last: the arguments before it keep their places
+        mask_image: str | Path | Image.Image | None = None,  # after the others: their places stay
+        control_image: str | Path | Image.Image | Sequence[str | Path | Image.Image] | None = None,
+        controlnet: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        guess_mode: bool = False,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
@@ -471,6 +534,11 @@ class StableDiffusionPipeline:
         The scheduler is built from the export's scheduler config as `Cls.from_config(config)` builds it;
         `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,
         e.g. {"steps_offset": 1}) override it, as `Cls.from_config(config, **options)` does.
+
+        `control_image` runs the export's ControlNets (StableDiffusion(XL)ControlNet(Img2Img|Inpaint)Pipeline):
+        one image per ControlNet, `controlnet` naming them (default: all exported); the scale and the span of
+        the steps each is on are one value for all or one each (control.py). The scale defaults to diffusers'
+        for the pipeline (1.0; 0.8 for image-to-image; 0.5 for SD inpainting).
         """
         micro = MicroConditioning(
             original_size,
@@ -502,5 +570,11 @@ class StableDiffusionPipeline:
             timestep_spacing=timestep_spacing,
             scheduler_options=scheduler_options,
             micro=micro,
+            control_image=control_image,
+            controlnet=controlnet,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            guess_mode=guess_mode,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
         )
         return self.generate(request, callback, progress)

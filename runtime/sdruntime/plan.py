@@ -13,12 +13,13 @@ import math
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .conditioning import MicroConditioning
+from .control import ControlPlan, exported_controlnets, resolve_control
 from .errors import InvalidArgument
 from .guidance import Guidance, choose_guidance
 from .image import init_image_hash, init_image_size, parameters_text
@@ -39,6 +40,17 @@ class FamilyDefaults:
     strength: float  # image-to-image
     inpaint_strength: float = 1.0  # StableDiffusionInpaintPipeline's
     inpaint_guidance_scale: float = 7.5  # both inpainting pipelines'
+    controlnet_scale: float = 1.0  # controlnet_conditioning_scale (with_control)
+
+    def with_control(self, mode: str, xl: bool) -> FamilyDefaults:
+        """The defaults of diffusers' ControlNet pipelines for `mode`, where they differ from the plain ones':
+        the conditioning scale (0.8 for image-to-image, 0.5 for SD inpainting), SDXL's image-to-image strength
+        (0.8) and SDXL's inpainting guidance (5.0)."""
+        if mode == IMAGE_TO_IMAGE:
+            return replace(self, strength=0.8, controlnet_scale=0.8)
+        if mode == INPAINT and xl:
+            return replace(self, guidance_scale=5.0, controlnet_scale=1.0)
+        return replace(self, controlnet_scale=0.5 if mode == INPAINT else 1.0)
 
     def for_mode(self, mode: str) -> FamilyDefaults:
         """The defaults of the pipeline that draws `mode`: inpainting has its own guidance scale and strength."""
@@ -154,10 +166,11 @@ class ExportFacts:
     pipeline: PipelineFacts
     sizes: SizeRule
     scheduler_config: Mapping[str, Any]
+    controlnets: Mapping[str, bool] = field(default_factory=dict)  # name -> global_pool_conditions
 
     @classmethod
     def of(cls, manifest: Manifest, scheduler_config: Mapping[str, Any]) -> ExportFacts:
-        return cls(manifest.pipeline, SizeRule.of(manifest), scheduler_config)
+        return cls(manifest.pipeline, SizeRule.of(manifest), scheduler_config, exported_controlnets(manifest))
 
     @property
     def xl(self) -> bool:
@@ -193,6 +206,7 @@ class Plan:
     latent_shape: tuple[int, int, int, int]
     mode: str = TEXT_TO_IMAGE  # TEXT_TO_IMAGE, IMAGE_TO_IMAGE or INPAINT
     unet_takes_mask: bool = False  # inpainting on a 9-channel U-Net: the mask and masked image are its input
+    control: ControlPlan | None = None  # the ControlNets that run beside the U-Net
 
     @property
     def batch(self) -> int:
@@ -255,6 +269,9 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     _check_finite(request)
     mode = _mode(request, export)
     defaults = family_defaults(export.pipeline.family).for_mode(mode)
+    if request.control_image is not None:
+        defaults = defaults.with_control(mode, export.xl)
+    control = resolve_control(request, export.controlnets, defaults.controlnet_scale)
     strength = defaults.strength if request.strength is None else request.strength
     if request.image is not None and not 0.0 < strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {strength}")
@@ -283,6 +300,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         latent_shape=shape,
         mode=mode,
         unet_takes_mask=mode == INPAINT and export.unet_takes_mask,
+        control=control,
     )
 
 
@@ -362,9 +380,13 @@ def _check_finite(request: GenerationRequest) -> None:
 
 
 def _size(request: GenerationRequest, sizes: SizeRule) -> tuple[int, int]:
-    """(height, width): as asked, else an init image's (rounded down to the size multiple), else the export's."""
+    """(height, width): as asked, else an init image's or the first control image's (rounded down to the size
+    multiple), else the export's."""
     height, width = request.height, request.width
     image = request.image
+    if image is None and request.control_image is not None:
+        control = request.control_image
+        image = control[0] if isinstance(control, (list, tuple)) and control else control
     if image is not None and height is None and width is None and not isinstance(image, np.ndarray):
         height, width = sizes.round_down(*init_image_size(image))
     height = sizes.default[0] if height is None else height

@@ -45,3 +45,11 @@ class GenerationRequest:
     timestep_spacing: str | None = None
     scheduler_options: Mapping[str, object] | None = None
     micro: MicroConditioning = field(default_factory=MicroConditioning)  # SDXL's sizes, crops, aesthetic scores
+    # ControlNet (control.py): one control image per ControlNet, the ControlNets by name (default: all exported),
+    # each one's scale and active span of the steps (one value for all, or one each)
+    control_image: object | Sequence[object] | None = None
+    controlnet: str | Sequence[str] | None = None
+    controlnet_conditioning_scale: float | Sequence[float] | None = None  # None: the pipeline's default
+    guess_mode: bool = False
+    control_guidance_start: float | Sequence[float] = 0.0
+    control_guidance_end: float | Sequence[float] = 1.0

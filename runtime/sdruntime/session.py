@@ -258,6 +258,8 @@ class Component:
         except Exception as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{self.path} could not be loaded by ONNX Runtime: {message}") from e
+        # inputs ORT must be fed; those with a default (the U-Net's ControlNet residuals) are not among them
+        self.required_inputs = {i.name for i in self.session.get_inputs()}
         used = self.session.get_providers()
         self.provider = used[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
