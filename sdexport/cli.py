@@ -234,6 +234,28 @@ def validate_cmd(
     check_report(report)
 
 
+@cli.command("add-controlnet")
+@click.argument("out")
+@click.argument("controlnet", metavar="[NAME=]PATH")
+@click.option("--overwrite", is_flag=True, help="Replace a ControlNet of the same name.")
+@click.option("--no-check", is_flag=True, help="Skip the comparison with PyTorch after the export.")
+@one_line_warnings
+def add_controlnet_cmd(out, controlnet, overwrite, no_check):
+    """Add a ControlNet (a diffusers ControlNetModel folder, a .safetensors beside its config.json, or a
+    ControlNet preset) to the export OUT as controlnet/NAME, at OUT's dtype and target; no other graph is
+    exported again."""
+    from .controlnet import parse_controlnet
+
+    parse_controlnet(controlnet)  # a wrong PATH is one line before torch's import
+    with quiet_third_party():
+        from .adding import add_controlnet
+
+        add_controlnet(
+            out, controlnet, check=not no_check, overwrite=overwrite, log=lambda line: click.echo(line, err=True)
+        )
+    click.echo(out)
+
+
 @cli.command()
 def presets() -> None:
     """List the offline presets."""

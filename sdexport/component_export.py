@@ -52,8 +52,12 @@ def finish_component(
         graph = graph_of(model).graph
         add_zero_defaults(graph, residual_input_names(graph))
     shutil.rmtree(traced.path.parent)
+    # the folders above it up to .fp32 (controlnet/ for "controlnet/NAME"), once every traced graph is finished
+    for empty in Path(component).parents[:-1]:
+        with contextlib.suppress(OSError):
+            (folder / ".fp32" / empty).rmdir()
     with contextlib.suppress(OSError):
-        traced.path.parent.parent.rmdir()  # the .fp32 folder, once every traced graph is finished
+        (folder / ".fp32").rmdir()
     path = folder / component / "model.onnx"
     files = save_model(model, path)
     laid_out = uses_cpu_layout(graph_of(model))

@@ -122,13 +122,17 @@ class VaeEncoder(torch.nn.Module):
 
 
 def set_attention(pipe, form: str) -> None:
-    """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE and CLIP)."""
+    """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE, ControlNets and CLIP)."""
 
-    processor = AttnProcessor2_0 if form == "sdpa" else AttnProcessor
-    pipe.unet.set_attn_processor(processor())
-    pipe.vae.set_attn_processor(processor())
+    for module in (pipe.unet, pipe.vae, *controlnet_models(pipe).values()):
+        set_module_attention(module, form)
     for encoder in text_encoders(pipe).values():
         encoder.set_attn_implementation("sdpa" if form == "sdpa" else "eager")
+
+
+def set_module_attention(module, form: str) -> None:
+    """SDPA or diffusers' plain attention in one diffusers module."""
+    module.set_attn_processor(AttnProcessor2_0() if form == "sdpa" else AttnProcessor())
 
 
 def text_encoders(pipe) -> dict[str, torch.nn.Module]:
