@@ -78,10 +78,13 @@ def residual_input_names(graph: onnx.GraphProto) -> list[str]:
 
 def add_zero_defaults(graph: onnx.GraphProto, names: list[str]) -> None:
     """Give inputs [batch, C, h, w] a default: an initializer of zeros [1, C, 1, 1] by the same name, which
-    ONNX Runtime uses when the input is not fed and which broadcasts in the U-Net's residual Add."""
+    ONNX Runtime uses when the input is not fed and which broadcasts in the U-Net's residual Add. Inputs of
+    fixed sizes (static exports) get none: they stay required, and the runtime feeds them zeros."""
     inputs = {i.name: i for i in graph.input}
     for name in names:
         tensor_type = inputs[name].type.tensor_type
+        if tensor_type.shape.dim[0].HasField("dim_value"):
+            continue  # a static export's: ONNX checks a default against the fixed shape, so it stays required
         channels = tensor_type.shape.dim[1].dim_value
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, channels, 1, 1), dtype), name))

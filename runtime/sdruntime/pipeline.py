@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
 RESIDUAL_PREFIX = UNET_RESIDUAL_INPUTS[0].format("")
+MICRO_CONDITIONING = tuple(f.name for f in fields(MicroConditioning))
 RESIDUAL_INPUT_NAMES = (UNET_RESIDUAL_INPUTS[1],)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -540,41 +541,10 @@ class StableDiffusionPipeline:
         the steps each is on are one value for all or one each (control.py). The scale defaults to diffusers'
         for the pipeline (1.0; 0.8 for image-to-image; 0.5 for SD inpainting).
         """
-        micro = MicroConditioning(
-            original_size,
-            tuple(crops_coords_top_left),
-            target_size,
-            negative_original_size,
-            tuple(negative_crops_coords_top_left),
-            negative_target_size,
-            aesthetic_score,
-            negative_aesthetic_score,
-        )
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            seed=seed,
-            height=height,
-            width=width,
-            num_images=num_images,
-            latents=latents,
-            eta=eta,
-            clip_skip=clip_skip,
-            image=image,
-            mask_image=mask_image,
-            strength=strength,
-            prompt_embeds=prompt_embeds,
-            timestep_spacing=timestep_spacing,
-            scheduler_options=scheduler_options,
-            micro=micro,
-            control_image=control_image,
-            controlnet=controlnet,
-            controlnet_conditioning_scale=controlnet_conditioning_scale,
-            guess_mode=guess_mode,
-            control_guidance_start=control_guidance_start,
-            control_guidance_end=control_guidance_end,
-        )
+        # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "callback", "progress")}
+        micro = {k: arguments.pop(k) for k in MICRO_CONDITIONING}
+        micro["crops_coords_top_left"] = tuple(micro["crops_coords_top_left"])
+        micro["negative_crops_coords_top_left"] = tuple(micro["negative_crops_coords_top_left"])
+        request = GenerationRequest(**arguments, micro=MicroConditioning(**micro))
         return self.generate(request, callback, progress)

@@ -15,7 +15,8 @@ from sdexport.specs import example_inputs, size_multiple, vae_scale_factor, wrap
 
 from ..conftest import _quiet_convert
 
-COMPONENTS = [c for c in COMPONENT_IO if c != "text_encoder_2"]  # SDXL only (tests/exporter/test_sdxl_export.py)
+# text_encoder_2: SDXL only (tests/exporter/test_sdxl_export.py); ControlNets: tests/exporter/test_controlnet_export.py
+COMPONENTS = [c for c in COMPONENT_IO if c not in ("text_encoder_2", "controlnet")]
 
 
 def run_both(pipe, folder, component, batch, latent_hw):
@@ -103,6 +104,9 @@ def test_fp16_io_types_and_fp32_timestep_path(tiny16):
         "timestep": "float32",
         "encoder_hidden_states": "float16",
         "out_sample": "float16",
+        # a ControlNet's residuals, fp16 like the activations they are added to
+        **{f"down_block_additional_residual_{i}": "float16" for i in range(4)},
+        "mid_block_additional_residual": "float16",
     }
     model = onnx.load(str(tiny16 / "unet" / "model.onnx"))
     inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}

@@ -8,6 +8,8 @@ import json
 import pytest
 from sdruntime.manifest import (
     COMPONENT_IO,
+    CONTROLNET,
+    RESIDUAL_AXES,
     MANIFEST_NAME,
     ComponentEntry,
     ExportError,
@@ -20,7 +22,9 @@ from sdruntime.manifest import (
     StaticShapes,
     TensorEntry,
     axis_sizes,
+    controlnet_component,
     describe_io,
+    facts_io,
     latent_shape,
     load_schema,
     read_manifest,
@@ -41,6 +45,8 @@ FACTS = PipelineFacts(
     scheduler_class="PNDMScheduler",
     upcast_attention=False,
     num_hidden_states=13,
+    unet_residual_scales=(1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8),  # SD 1.5's 12 down residuals and the mid one
+    unet_residual_channels=(320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280),
 )
 DIMS = {
     "max_length": 77,
@@ -60,8 +66,10 @@ def a_file(path: str) -> FileEntry:
 def full_manifest() -> Manifest:
     """Every optional key filled in."""
     components = {}
-    for name in COMPONENT_IO:
-        inputs, outputs = describe_io(name, "fp16", DIMS, FACTS.num_hidden_states)
+    for kind in COMPONENT_IO:
+        name = controlnet_component("edges") if kind == CONTROLNET else kind
+        dims = {**DIMS, **{f"residual_channels_{i}": c for i, c in enumerate(FACTS.unet_residual_channels)}}
+        inputs, outputs = describe_io(name, "fp16", dims, io=facts_io(FACTS, name))
         components[name] = ComponentEntry(
             path=f"{name}/model.onnx",
             files=(a_file(f"{name}/model.onnx"),),
@@ -170,7 +178,8 @@ def test_a_manifest_without_a_required_key_is_one_line(tmp_path):
 
 
 def test_axis_sizes_double_the_guided_batch():
-    assert axis_sizes(FACTS, "unet", 2, 512, 768) == {
+    sizes = axis_sizes(FACTS, "unet", 2, 512, 768)
+    assert {k: v for k, v in sizes.items() if k not in RESIDUAL_AXES} == {
         "batch": 4,
         "sequence": 77,
         "height": 64,
@@ -178,6 +187,10 @@ def test_axis_sizes_double_the_guided_batch():
         "image_height": 512,
         "image_width": 768,
     }
+    # a ControlNet's residuals: the latents halved by each down block, rounding up as a stride-2 conv does
+    assert [sizes[f"height_{2**k}"] for k in range(1, 6)] == [32, 16, 8, 4, 2]
+    assert [sizes[f"width_{2**k}"] for k in range(1, 6)] == [48, 24, 12, 6, 3]
+    assert axis_sizes(FACTS, "controlnet/edges", 1, 512, 512)["batch"] == 2
     assert axis_sizes(FACTS, "text_encoder", 1, 512, 512)["batch"] == 2
     assert axis_sizes(FACTS, "vae_decoder", 3, 512, 512)["batch"] == 3
     assert axis_sizes(FACTS, "unet", 3, 512, 512, guidance=False)["batch"] == 3
