@@ -9,8 +9,8 @@ import pytest
 from sdruntime.manifest import (
     COMPONENT_IO,
     CONTROLNET,
-    RESIDUAL_AXES,
     MANIFEST_NAME,
+    RESIDUAL_AXES,
     ComponentEntry,
     ExportError,
     ExportSource,
