@@ -106,6 +106,44 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     return m.finish()
 
 
+CONTROLNET = "control_model."
+
+
+def controlnet_to_ldm(controlnet, prefix: str = CONTROLNET) -> dict[str, torch.Tensor]:
+    """ControlNet (lllyasviel's layout): the U-Net's time_embed, label_emb, input_blocks and middle_block, plus
+    zero_convs.N.0 (controlnet_down_blocks), middle_block_out.0 and input_hint_block, a Sequential whose
+    convolutions sit at even indices between SiLUs: conv_in at 0, the blocks at 2, 4, ..., conv_out last."""
+    m = _Mapper(controlnet.state_dict(), prefix)
+    for diffusers, ldm in UNET_TOP.items():
+        if diffusers.startswith("time_embedding") or diffusers == "conv_in":
+            m.move(ldm, diffusers)
+    if controlnet.config.addition_embed_type == "text_time":
+        m.move("label_emb.0.0", "add_embedding.linear_1")
+        m.move("label_emb.0.2", "add_embedding.linear_2")
+    index = 1
+    for b, block in enumerate(controlnet.down_blocks):
+        for j in range(len(block.resnets)):
+            m.move(f"input_blocks.{index}.0", f"down_blocks.{b}.resnets.{j}", UNET_RESNET)
+            if getattr(block, "attentions", None):
+                m.move(f"input_blocks.{index}.1", f"down_blocks.{b}.attentions.{j}")
+            index += 1
+        if block.downsamplers:
+            m.move(f"input_blocks.{index}.0.op", f"down_blocks.{b}.downsamplers.0.conv")
+            index += 1
+    m.move("middle_block.0", "mid_block.resnets.0", UNET_RESNET)
+    m.move("middle_block.1", "mid_block.attentions.0")
+    m.move("middle_block.2", "mid_block.resnets.1", UNET_RESNET)
+    for i in range(len(controlnet.controlnet_down_blocks)):
+        m.move(f"zero_convs.{i}.0", f"controlnet_down_blocks.{i}")
+    m.move("middle_block_out.0", "controlnet_mid_block")
+    embedding = controlnet.controlnet_cond_embedding
+    m.move("input_hint_block.0", "controlnet_cond_embedding.conv_in")
+    for k in range(len(embedding.blocks)):
+        m.move(f"input_hint_block.{2 * k + 2}", f"controlnet_cond_embedding.blocks.{k}")
+    m.move(f"input_hint_block.{2 * len(embedding.blocks) + 2}", "controlnet_cond_embedding.conv_out")
+    return {k: v.detach().contiguous().clone() for k, v in m.finish().items()}
+
+
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     """VAE: encoder.down.N.block.M, mid.block_1/attn_1/block_2, decoder.up.N (numbered from the bottom)."""
     m = _Mapper(vae.state_dict(), VAE)
