@@ -123,6 +123,13 @@ def tiny_sdxl_inpaint32(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_controlnet32(tmp_path_factory) -> Path:
+    """tiny-sd with the tiny-controlnet preset as the ControlNet "edges", exported fp32."""
+    folder = tmp_path_factory.mktemp("exports") / "tiny_controlnet32"
+    return _quiet_convert("tiny-sd", folder, controlnets=["edges=tiny-controlnet"])
+
+
+@pytest.fixture(scope="session")
 def tiny16(tmp_path_factory) -> Path:
     return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny16", dtype="fp16")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -115,6 +116,53 @@ def image_input(path: str | None, what: str) -> str | None:
     if path is not None:
         open_image(path, what).close()
     return path
+
+
+def parse_control(text: str) -> tuple[str | None, str, float | None]:
+    """`--control [NAME=]IMAGE[:SCALE]` -> (NAME or None, IMAGE, SCALE or None). NAME is what comes before the first
+    '=' unless that holds a '/' (then it is all the path); SCALE only when what follows the last ':' is a number."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or "/" in name or os.sep in name:
+        name, rest = None, text
+    path, sep, tail = rest.rpartition(":")
+    scale = _finite_number(tail) if sep and path else None
+    if scale is None:
+        path = rest
+    if not path:
+        raise click.UsageError(f"--control {text}: name a control image, as [NAME=]IMAGE[:SCALE]")
+    return name, path, scale
+
+
+def _finite_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def control_request(
+    controls: tuple[str, ...], guess_mode: bool, start: float | None, end: float | None
+) -> dict[str, object]:
+    """--control, --guess-mode, --control-start and --control-end as the request's ControlNet fields, each control
+    image read once here (as image_input); the export's ControlNets and the values are checked by the plan."""
+    if not controls:
+        if guess_mode or start is not None or end is not None:
+            raise click.UsageError("--guess-mode, --control-start and --control-end need --control [NAME=]IMAGE")
+        return {}
+    units = [parse_control(text) for text in controls]
+    if len(units) > 1 and any(name is None for name, _, _ in units):
+        bare = next(text for text, (name, _, _) in zip(controls, units) if name is None)
+        raise click.UsageError(f"--control {bare}: with several control images, name each one's ControlNet: NAME=IMAGE")
+    scales = [scale for _, _, scale in units]
+    return {
+        "control_image": [image_input(path, "control image") for _, path, _ in units],
+        "controlnet": None if units[0][0] is None else [name for name, _, _ in units],
+        "controlnet_conditioning_scale": None if all(s is None for s in scales) else scales,
+        "guess_mode": guess_mode,
+        "control_guidance_start": 0.0 if start is None else start,
+        "control_guidance_end": 1.0 if end is None else end,
+    }
 
 
 def make_output_folder(output: str) -> Path:
@@ -235,6 +283,22 @@ def cli() -> None:
     "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
 )
 @click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    metavar="[NAME=]IMAGE[:SCALE]",
+    help="Run the exported ControlNet NAME on the control IMAGE at SCALE (default: diffusers' for the mode, 1.0; "
+    "image-to-image 0.8; SD inpainting 0.5); repeatable, one per ControlNet; NAME may be left out when the export "
+    "has one.",
+)
+@click.option("--guess-mode", is_flag=True, help="The ControlNets see the prompt's half of the batch only.")
+@click.option(
+    "--control-start", type=float, help="Fraction of the steps before which the ControlNets are off.  [default: 0]"
+)
+@click.option(
+    "--control-end", type=float, help="Fraction of the steps after which the ControlNets are off.  [default: 1]"
+)
+@click.option(
     "-o",
     "--output",
     default="image.png",
@@ -256,6 +320,10 @@ def generate(
     init_image,
     mask_image,
     max_memory,
+    controls,
+    guess_mode,
+    control_start,
+    control_end,
     **kwargs,
 ):
     """Draw PROMPT with the export in FOLDER."""
@@ -269,6 +337,7 @@ def generate(
         num_images=num_images,
         image=image_input(init_image, "init image"),
         mask_image=image_input(mask_image, "mask image"),
+        **control_request(controls, guess_mode, control_start, control_end),
         **kwargs,
     )
     pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)

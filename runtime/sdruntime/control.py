@@ -119,6 +119,7 @@ def resolve_control(
             raise GenerationError(
                 f"ControlNet '{name}': control_guidance_start {start:g} and end {end:g} must satisfy 0 <= start < end <= 1"
             )
+        scale = default_scale if scale is None else scale  # None in a list: that one's default (the server's)
         units.append(
             ControlUnit(name, image, _number(scale, "controlnet_conditioning_scale"), start, end, exported[name])
         )

@@ -243,6 +243,7 @@ class Plan:
             "Scheduler options": _options_text(request.scheduler_options),
             "Latents": "given" if request.latents is not None and not self.image_to_image else None,
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
+            **_control_fields(self.control),
         }
         negatives = self.negative_prompts or [""] * len(self.prompts)
         texts = []
@@ -251,6 +252,29 @@ class Plan:
             prompt = i // request.num_images
             texts.append(parameters_text(self.prompts[prompt], negatives[prompt], fields))
         return texts
+
+
+def _control_fields(control: ControlPlan | None) -> dict[str, str | None]:
+    """Each ControlNet as A1111's ControlNet extension records a unit ("ControlNet 0": its name as Model, its scale
+    as Weight, its span of the steps), with its control image's hash; `generate --control MODEL=IMAGE:WEIGHT
+    --control-start --control-end [--guess-mode]` draws it again."""
+    if control is None:
+        return {}
+    fields: dict[str, str | None] = {
+        f"ControlNet {i}": (
+            f"Model: {unit.name}, Weight: {_exact(unit.scale)}, Guidance Start: {_exact(unit.start)}, "
+            f"Guidance End: {_exact(unit.end)}, Image hash: {init_image_hash(unit.image)}"
+        )
+        for i, unit in enumerate(control.units)
+    }
+    fields["Guess mode"] = "True" if control.guess_mode else None
+    return fields
+
+
+def _exact(value: float) -> str:
+    """A number as %g writes it when that reads back as the same float, else in full: a rerun gets the same value."""
+    text = f"{value:g}"
+    return text if float(text) == value else repr(value)
 
 
 def _options_text(options: Mapping[str, object] | None) -> str | None:

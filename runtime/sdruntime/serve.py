@@ -2,10 +2,11 @@
 
 Two deployments. `ImageGenerator` replicas each load the export once (ONNX Runtime sessions, the NumPy
 loop) and draw requests that Ray Serve's `@serve.batch` gathers, one U-Net batch per group of requests that
-share a size, steps, scheduler and guidance (a request with an image runs alone). `Api` is the HTTP ingress: it checks requests (400 before a
-replica is bothered), forwards them through a bounded queue, and turns Ray's failures into HTTP answers
-(503 with Retry-After when the queue is full or a replica died, 504 past the request's time limit), so
-every request gets an image or an error. Ray replaces a replica that dies.
+share a size, steps, scheduler and guidance (a request with an image or control images runs alone). `Api`
+is the HTTP ingress: it checks requests (400 before a replica is bothered), forwards them through a bounded
+queue, and turns Ray's failures into HTTP answers (503 with Retry-After when the queue is full or a replica
+died, 504 past the request's time limit), so every request gets an image or an error. Ray replaces a
+replica that dies.
 
 Importing this module imports Ray; `sdruntime` imports it only for the serve command.
 """
@@ -36,7 +37,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from .errors import InvalidArgument, UserError
-from .manifest import HashCache, read_manifest
+from .manifest import HashCache, controlnet_component, read_manifest
 from .memory import resident_memory
 from .serving import DrawResult, ImageRequest, ModelFacts, draw_batch, model_facts, parse_request
 
@@ -62,9 +63,11 @@ class ImageGenerator:
             verify=verify,
             max_memory=max_memory,
         )
-        if self.pipe.manifest.has("vae_encoder"):
-            # now, not at the first request with an image: the memory budget's base then holds its weights
-            self.pipe.component("vae_encoder")
+        extra = [controlnet_component(name) for name in self.pipe.export.controlnets]
+        extra += ["vae_encoder"] if self.pipe.manifest.has("vae_encoder") else []
+        for name in extra:  # now, not at a request's first use: the memory budget's base then holds their weights
+            self.pipe.component(name)
+        if extra:
             self.pipe.loaded_resident = resident_memory()
         self.max_batch = max_batch
         self.draw.set_max_batch_size(max_batch)

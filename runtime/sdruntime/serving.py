@@ -38,12 +38,17 @@ FIELDS = (
     "image",
     "mask",
     "strength",
+    "control",
+    "guess_mode",
 )
+CONTROL_FIELDS = ("name", "image", "scale", "start", "end")
 RESPONSE_FORMATS = ("png", "b64_json")
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
 MAX_IMAGES = 8  # per request; a client wanting more sends more requests, which batch with others
 MAX_PROMPT_CHARS = 4000
 MAX_SIDE = 4096  # pixels, either way: larger sizes only tie a replica up
+MAX_CONTROLS = 8  # control images per request
+MAX_CONTROL_SCALE = 10.0  # a ControlNet's scale; diffusers' pipelines default to 0.5-1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class ModelFacts:
     largest_side: int | None = None  # the largest square a replica draws within its memory budget (None: unknown)
     memory_budget: int | None = None  # bytes a replica may hold while drawing
     image_inputs: bool = False  # the export has a VAE encoder: requests may send an image (and a mask)
+    controlnets: tuple[str, ...] = ()  # the export's ControlNets, by name: requests may send control images
 
     @property
     def sizes(self) -> SizeRule:
@@ -91,6 +97,7 @@ class ModelFacts:
             "largest_size": f"{self.largest_side}x{self.largest_side}" if self.largest_side else None,
             "memory_budget_bytes": self.memory_budget,
             "image_inputs": self.image_inputs,
+            "controlnets": list(self.controlnets),
         }
 
 
@@ -118,6 +125,7 @@ def model_facts(pipe) -> ModelFacts:
         largest_side=largest,
         memory_budget=budget,
         image_inputs=manifest.has("vae_encoder"),
+        controlnets=tuple(pipe.export.controlnets),
     )
 
 
@@ -131,12 +139,14 @@ class EncodedImage:
     height: int
 
 
-def decode_image(body: Mapping, name: str, what: str) -> EncodedImage | None:
+def decode_image(body: Mapping, name: str, what: str, label: str | None = None) -> EncodedImage | None:
     """The field `name`, a base64-encoded PNG or JPEG file, read once here with the runtime's reader (its
-    messages name `what`), so that a bad one gets 400 before a replica draws; None when the field is absent."""
+    messages name `what`), so that a bad one gets 400 before a replica draws; None when the field is absent.
+    Messages call the field `label` (default: `name`)."""
     value = body.get(name)
     if value is None:
         return None
+    name = label or name
     if not isinstance(value, str):
         raise InvalidArgument(f"'{name}' must be a base64-encoded PNG or JPEG file, got {type(value).__name__}")
     try:
@@ -158,6 +168,18 @@ def decode_image(body: Mapping, name: str, what: str) -> EncodedImage | None:
 
 
 @dataclass(frozen=True)
+class ControlImage:
+    """One entry of a request's `control`: the ControlNet, its control image, its scale (None: diffusers' for the
+    mode, as `--control NAME=IMAGE` without SCALE) and the fractions of the steps between which it runs."""
+
+    name: str
+    image: EncodedImage
+    scale: float | None
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     """One checked HTTP request: `seeds` holds one seed per image (n of them), drawn here when none was asked."""
 
@@ -174,6 +196,8 @@ class ImageRequest:
     image: EncodedImage | None = None  # image-to-image, or the image to inpaint
     mask: EncodedImage | None = None  # inpainting: white is repainted, black kept
     strength: float | None = None  # None: the mode's default (image-to-image's, inpainting's)
+    control: tuple[ControlImage, ...] = ()  # the ControlNets to run, each with its control image
+    guess_mode: bool = False
 
     @property
     def batch_key(self) -> tuple | None:
@@ -183,9 +207,10 @@ class ImageRequest:
 
         None for a request with an image: it runs alone. A pipeline call takes one image and mask, and even
         with the same ones diffusers encodes them with the batch's first generator, so a request sharing
-        another's call would not draw what it draws alone with its seeds.
+        another's call would not draw what it draws alone with its seeds. A request with control images runs
+        alone too: a call takes one set of them.
         """
-        if self.image is not None or self.mask is not None:
+        if self.image is not None or self.mask is not None or self.control:
             return None
         return (
             self.width,
@@ -271,7 +296,10 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
             "this export has no VAE encoder, so it draws from prompts alone: leave out 'image' and 'mask'"
         )
     strength = _strength(body, image)
-    width, height = parse_size(body.get("size"), facts, image)
+    control = parse_control(body, facts)
+    guess_mode = _guess_mode(body, control)
+    # the drawn size follows the init image, else the first control image (plan._size)
+    width, height = parse_size(body.get("size"), facts, image or (control[0].image if control else None))
     response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
@@ -291,7 +319,71 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         image=image,
         mask=mask,
         strength=strength,
+        control=control,
+        guess_mode=guess_mode,
     )
+
+
+def parse_control(body: Mapping, facts: ModelFacts) -> tuple[ControlImage, ...]:
+    """`control`: a list of {"name", "image", "scale", "start", "end"}, one per ControlNet to run (as `generate
+    --control NAME=IMAGE:SCALE --control-start --control-end`); `name` may be left out when the export has one."""
+    entries = body.get("control")
+    if entries is None:
+        return ()
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, Mapping) for e in entries):
+        raise InvalidArgument(
+            '\'control\' must be a non-empty list of objects such as {"name": "canny", "image": "<base64 PNG>"}'
+        )
+    if not facts.controlnets:
+        raise InvalidArgument(
+            "this export has no ControlNet: leave out 'control', or add one with `sdexport add-controlnet OUT [NAME=]PATH`"
+        )
+    if len(entries) > MAX_CONTROLS:
+        raise InvalidArgument(f"'control' has {len(entries)} entries: send at most {MAX_CONTROLS}")
+    return tuple(_control_entry(entry, f"control[{i}]", facts.controlnets) for i, entry in enumerate(entries))
+
+
+def _control_entry(entry: Mapping, where: str, exported: Sequence[str]) -> ControlImage:
+    unknown = sorted(set(entry) - set(CONTROL_FIELDS))
+    if unknown:
+        raise InvalidArgument(f"unknown field '{where}.{unknown[0]}': an entry has {', '.join(CONTROL_FIELDS)}")
+    name = entry.get("name")
+    if name is None and len(exported) != 1:
+        raise InvalidArgument(
+            f"'{where}' has no 'name' and this export has {len(exported)} ControlNets ({', '.join(exported)}): "
+            "name the one its image is for"
+        )
+    if name is not None and name not in exported:
+        raise InvalidArgument(f"unknown ControlNet {name!r} in '{where}.name': this export has {', '.join(exported)}")
+    image = decode_image(entry, "image", "control image", f"{where}.image")
+    if image is None:
+        raise InvalidArgument(f"'{where}' has no 'image': send the control image, a base64-encoded PNG or JPEG file")
+    scale = _number(entry, "scale", where, 0.0, MAX_CONTROL_SCALE)
+    start, end = _number(entry, "start", where, 0.0, 1.0), _number(entry, "end", where, 0.0, 1.0)
+    start, end = 0.0 if start is None else start, 1.0 if end is None else end
+    if start >= end:
+        raise InvalidArgument(f"'{where}': 'start' {start:g} must be below 'end' {end:g} (fractions of the steps)")
+    return ControlImage(name or exported[0], image, scale, start, end)
+
+
+def _guess_mode(body: Mapping, control: Sequence[ControlImage]) -> bool:
+    """`guess_mode`, as `--guess-mode`: the ControlNets see the prompt's half of the batch only."""
+    value = body.get("guess_mode", False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"'guess_mode' must be true or false, got {value!r}")
+    if value and not control:
+        raise InvalidArgument("'guess_mode' applies to ControlNets: send 'control' too, or leave guess_mode out")
+    return value
+
+
+def _number(entry: Mapping, name: str, where: str, low: float, high: float) -> float | None:
+    """A number field of a `control` entry, from `low` to `high`; None when absent."""
+    value = entry.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise InvalidArgument(f"'{where}.{name}' must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
 
 
 def _strength(body: Mapping, image: EncodedImage | None) -> float | None:
@@ -361,6 +453,12 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         image=None if first.image is None else first.image.data,
         mask_image=None if first.mask is None else first.mask.data,
         strength=first.strength,
+        control_image=[c.image.data for c in first.control] or None,
+        controlnet=[c.name for c in first.control] or None,
+        controlnet_conditioning_scale=[c.scale for c in first.control] or None,
+        guess_mode=first.guess_mode,
+        control_guidance_start=[c.start for c in first.control] or 0.0,
+        control_guidance_end=[c.end for c in first.control] or 1.0,
     )
 
 

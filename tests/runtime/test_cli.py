@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,12 @@ def test_corrupted_model_file(capsys, copy32):
         (["--scheduler-option", "foo=1"], "has no setting 'foo'"),
         (["--scheduler-option", "clip_sample"], "write KEY=VALUE, e.g. clip_sample=false"),
         (["--scheduler-option", "trained_betas=[0.1]"], "VALUE must be true, false, a number or a string"),
+        (["--control", "INIT"], "this export has no ControlNet: add one with `sdexport add-controlnet"),
+        (["--control", "INIT", "--guess-mode"], "this export has no ControlNet"),
+        (["--control", "MISSING"], "cannot read the control image"),
+        (["--control", "edges="], "--control edges=: name a control image, as [NAME=]IMAGE[:SCALE]"),
+        (["--guess-mode"], "--guess-mode, --control-start and --control-end need --control [NAME=]IMAGE"),
+        (["--control-end", "0.5"], "need --control [NAME=]IMAGE"),
     ],
 )
 def test_bad_generate_arguments(capsys, tiny32, tmp_path, args, says):
@@ -519,3 +526,177 @@ def test_an_unreadable_mask_fails_before_loading(capsys, tiny32, tmp_path, no_lo
     line = error_line(err)
     assert code == 2 and f"cannot read the mask image {tmp_path / 'mask.png'}: cannot identify image file" in line
     assert line.endswith("pass a PNG or JPEG file")
+
+
+# -- ControlNet ----------------------------------------------------------------------------------------
+
+# A1111's own pattern for a parameters line's "Key: value" pairs, a value JSON-quoted when it holds a comma
+PARAMETER_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def fields_of(line: str) -> dict[str, str]:
+    """A parameters line's fields, quoted values unquoted."""
+    return {key: json.loads(value) if value.startswith('"') else value for key, value in PARAMETER_FIELD.findall(line)}
+
+
+def write_control_image(path: Path, width: int = 64, height: int = 64, seed: int = 0) -> Path:
+    """A control image: random 8-pixel blocks, as an edge or depth map would be."""
+    from PIL import Image
+
+    blocks = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))).save(path)
+    return path
+
+
+def recorded_arguments(text: str, control: Path) -> list[str]:
+    """The generate options that a parameters text records, `control` standing for each control image."""
+    fields = fields_of(text.splitlines()[-1])
+    width, height = fields["Size"].split("x")
+    arguments = [
+        *("--steps", fields["Steps"], "--scheduler", fields["Sampler"], "--guidance", fields["CFG scale"]),
+        *("--seed", fields["Seed"], "--width", width, "--height", height),
+        *("--timestep-spacing", fields["Timestep spacing"]),
+    ]
+    if "Denoising strength" in fields:
+        arguments += ["--strength", fields["Denoising strength"]]
+    units = [fields_of(value) for key, value in fields.items() if key.startswith("ControlNet ")]
+    for unit in units:
+        assert unit["Image hash"] == sha256_file(control)[:10]
+        arguments += ["--control", f"{unit['Model']}={control}:{unit['Weight']}"]
+    arguments += ["--control-start", units[0]["Guidance Start"], "--control-end", units[0]["Guidance End"]]
+    return arguments + (["--guess-mode"] if fields.get("Guess mode") == "True" else [])
+
+
+CONTROL_CASES = {
+    "text-to-image": (
+        ["--control", "edges=CONTROL:0.7", "--control-start", "0.2", "--control-end", "0.9", "--guess-mode"],
+        dict(
+            controlnet=["edges"],
+            controlnet_conditioning_scale=0.7,
+            guess_mode=True,
+            control_guidance_start=0.2,
+            control_guidance_end=0.9,
+        ),
+    ),
+    # the bare form: the export's one ControlNet
+    "image-to-image": (
+        ["--image", "INIT", "--strength", "0.7", "--control", "CONTROL:1.3"],
+        dict(image="INIT", strength=0.7, controlnet_conditioning_scale=1.3),
+    ),
+    "inpainting": (
+        ["--image", "INIT", "--mask", "MASK", "--control", "CONTROL"],
+        dict(image="INIT", mask_image="MASK"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTROL_CASES))
+def test_controlnet_from_the_cli_is_the_python_api_picture_and_its_parameters_draw_it_again(
+    tiny_controlnet32, tmp_path, case
+):
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.image import read_parameters
+
+    init, mask = write_inpaint_files(tmp_path)
+    control = write_control_image(tmp_path / "control.png")
+    files = {"INIT": init, "MASK": mask, "CONTROL": control}
+    options, api_options = CONTROL_CASES[case]
+    options = [re.sub("INIT|MASK|CONTROL", lambda m: str(files[m.group()]), option) for option in options]
+    out = tmp_path / "cli.png"
+    common = ["--seed", "5", "--steps", "4", "--scheduler", "euler-a"]
+    assert main(["generate", str(tiny_controlnet32), INPAINT_PROMPT, *common, *options, "-o", str(out)]) == 0
+    api_options = {
+        key: files.get(value, value) if isinstance(value, str) else value for key, value in api_options.items()
+    }
+    api = StableDiffusionPipeline.load(tiny_controlnet32)(
+        INPAINT_PROMPT, control_image=control, seed=5, num_inference_steps=4, scheduler="euler-a", **api_options
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api.images[0]))
+    text = read_parameters(out)
+    assert text == api.parameters[0]
+    fields = fields_of(text.splitlines()[-1])
+    weight = {"text-to-image": "0.7", "image-to-image": "1.3", "inpainting": "0.5"}[case]  # 0.5: diffusers' default
+    assert fields_of(fields["ControlNet 0"])["Weight"] == weight and "ControlNet 1" not in fields
+    assert ("Guess mode" in fields) == (case == "text-to-image")
+    again = tmp_path / "again.png"
+    inputs = ["--image", str(init)] if case != "text-to-image" else []
+    inputs += ["--mask", str(mask)] if case == "inpainting" else []
+    code = main(
+        ["generate", str(tiny_controlnet32), text.splitlines()[0], *inputs, *recorded_arguments(text, control)]
+        + ["-o", str(again)]
+    )
+    assert code == 0 and again.read_bytes() == out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def two_controlnets(tiny_controlnet32, tmp_path_factory) -> Path:
+    """The ControlNet export with a second ControlNet, "depth": a copy of its "edges"."""
+    folder = Path(shutil.copytree(tiny_controlnet32, tmp_path_factory.mktemp("two-controlnets") / "export"))
+    shutil.copytree(folder / "controlnet" / "edges", folder / "controlnet" / "depth")
+    manifest = json.loads((folder / "sdexport.json").read_text())
+    edges = json.dumps(manifest["components"]["controlnet/edges"])
+    manifest["components"]["controlnet/depth"] = json.loads(edges.replace("controlnet/edges/", "controlnet/depth/"))
+    (folder / "sdexport.json").write_text(json.dumps(manifest))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("export", "args", "says"),
+    [
+        ("one", ["--control", "pose=CONTROL"], "unknown ControlNet 'pose': this export has edges"),
+        ("one", ["--control", "CONTROL", "--control", "edges=CONTROL"], "with several control images, name each"),
+        ("one", ["--control", "CONTROL", "--control-start", "0.8", "--control-end", "0.2"], "0 <= start < end <= 1"),
+        ("one", ["--control", "CONTROL", "--control-start", "nan"], "control_guidance_start must be a finite number"),
+        ("one", ["--control", "CONTROL:0.5", "--control", "edges=CONTROL"], "name each one's ControlNet: NAME=IMAGE"),
+        ("two", ["--control", "CONTROL"], "1 control images for 2 ControlNets (edges, depth): give one image per"),
+        ("two", ["--control", "edges=CONTROL", "--control", "depth=NOTANIMAGE"], "cannot read the control image"),
+    ],
+)
+def test_bad_control_arguments(capsys, tiny_controlnet32, two_controlnets, tmp_path, export, args, says):
+    control = write_control_image(tmp_path / "control.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    args = [a.replace("CONTROL", str(control)).replace("NOTANIMAGE", str(tmp_path / "bad.png")) for a in args]
+    folder = tiny_controlnet32 if export == "one" else two_controlnets
+    code, err = run(capsys, "generate", str(folder), "x", "--steps", "2", *args, "-o", str(tmp_path / "o.png"))
+    assert code == 2 and says in error_line(err)
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_two_controlnets_by_name_draw(two_controlnets, tmp_path):
+    control = write_control_image(tmp_path / "control.png")
+    controls = ["--control", f"edges={control}:0.5", "--control", f"depth={control}"]
+    out = tmp_path / "two.png"
+    assert main(["generate", str(two_controlnets), "x", "--steps", "2", *controls, "-o", str(out)]) == 0
+    from sdruntime.image import read_parameters
+
+    fields = fields_of(read_parameters(out).splitlines()[-1])
+    assert [fields_of(fields[f"ControlNet {i}"])["Model"] for i in (0, 1)] == ["edges", "depth"]
+    assert [fields_of(fields[f"ControlNet {i}"])["Weight"] for i in (0, 1)] == ["0.5", "1"]
+
+
+def test_a_missing_control_image_fails_before_loading(capsys, tiny_controlnet32, tmp_path, no_load):
+    missing = tmp_path / "edges.png"
+    code, err = run(capsys, "generate", str(tiny_controlnet32), "x", "--control", f"edges={missing}")
+    line = error_line(err)
+    assert code == 2 and f"cannot read the control image {missing}: [Errno 2] No such file" in line
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("edges=c.png", ("edges", "c.png", None)),
+        ("edges=c.png:0.75", ("edges", "c.png", 0.75)),
+        ("c.png:2", (None, "c.png", 2.0)),
+        ("c.png", (None, "c.png", None)),
+        ("edges=a:b.png", ("edges", "a:b.png", None)),  # a ':' in the path, not followed by a number
+        ("a:b.png:1e-1", (None, "a:b.png", 0.1)),
+        ("c.png:nan", (None, "c.png:nan", None)),  # not a finite number: part of the path
+        ("dir/x=y.png", (None, "dir/x=y.png", None)),  # a '/' before '=': all of it is the path
+        ("depth=dir/x=y.png:0", ("depth", "dir/x=y.png", 0.0)),
+    ],
+)
+def test_control_option_parsing(text, parsed):
+    from sdruntime.cli import parse_control
+
+    assert parse_control(text) == parsed

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -197,6 +198,143 @@ def test_image_requests_the_runtime_refuses_get_its_line_as_a_400(tiny_pipe32, f
     no_encoder = dataclasses.replace(facts, image_inputs=False)
     with pytest.raises(InvalidArgument, match="this export has no VAE encoder, so it draws from prompts alone"):
         parse_request(image_body(init, mask), no_encoder)
+
+
+# -- ControlNet -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def control_pipe32(tiny_controlnet32):
+    return StableDiffusionPipeline.load(tiny_controlnet32)
+
+
+@pytest.fixture(scope="module")
+def control_facts(control_pipe32) -> ModelFacts:
+    return model_facts(control_pipe32)
+
+
+@pytest.fixture(scope="module")
+def control_file(tmp_path_factory) -> Path:
+    """A 72x56 control image of random 8-pixel blocks, as an edge map would be: it draws at 64x48."""
+    path = tmp_path_factory.mktemp("control") / "control.png"
+    blocks = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    Image.fromarray(np.kron(blocks, np.ones((8, 8, 1), np.uint8))).save(path)
+    return path
+
+
+CONTROL_REQUESTS = {
+    "text-to-image": (
+        dict(control=[dict(image="CONTROL", scale=0.8, start=0.1)], guess_mode=True),
+        ["--control", "CONTROL:0.8", "--control-start", "0.1", "--guess-mode"],
+    ),
+    "inpainting": (
+        dict(image="INIT", mask="MASK", control=[dict(name="edges", image="CONTROL", end=0.75)]),
+        ["--image", "INIT", "--mask", "MASK", "--control", "edges=CONTROL", "--control-end", "0.75"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTROL_REQUESTS))
+def test_control_draws_the_png_of_sdruntime_generate(
+    control_pipe32, control_facts, tiny_controlnet32, control_file, inpaint_files, tmp_path, case
+):
+    """The same PNG, byte for byte, as `generate --control`: the size from the control image (or the init image),
+    the scale (diffusers' for the mode when absent), the span, and the control file's sha256 in the parameters."""
+    files = {"CONTROL": control_file, "INIT": inpaint_files[0], "MASK": inpaint_files[1]}
+    fields, options = CONTROL_REQUESTS[case]
+    body = json.loads(re.sub("INIT|MASK|CONTROL", lambda m: b64(files[m.group()].read_bytes()), json.dumps(fields)))
+    request = parse_request({"prompt": PROMPT, "seed": 6, "steps": 3, **body}, control_facts)
+    assert (request.width, request.height) == (64, 48) and request.batch_key is None
+    [result] = draw_batch(control_pipe32, [request], max_images=4)
+    assert result.error is None
+    out = tmp_path / "cli.png"
+    options = [re.sub("INIT|MASK|CONTROL", lambda m: str(files[m.group()]), option) for option in options]
+    assert (
+        sdruntime_main(
+            ["generate", str(tiny_controlnet32), PROMPT, "--seed", "6", "--steps", "3", *options, "-o", str(out)]
+        )
+        == 0
+    )
+    assert result.images[0].png == out.read_bytes()
+    weight = "0.8" if case == "text-to-image" else "0.5"  # 0.5: diffusers' for SD inpainting
+    assert f'ControlNet 0: "Model: edges, Weight: {weight}, ' in result.images[0].parameters
+
+
+def test_models_list_the_controlnets(control_facts, facts):
+    assert control_facts.card()["controlnets"] == ["edges"] and facts.card()["controlnets"] == []
+
+
+CONTROL_B64 = b64(png_file(Image.new("RGB", (64, 64), (0, 0, 0))))
+
+
+@pytest.mark.parametrize(
+    ("exported", "body", "message"),
+    [
+        ("edges", {"control": {"image": CONTROL_B64}}, "'control' must be a non-empty list of objects"),
+        ("edges", {"control": []}, "'control' must be a non-empty list of objects"),
+        ("edges", {"control": [CONTROL_B64]}, "'control' must be a non-empty list of objects"),
+        ("edges", {"control": [{"image": "not base64!"}]}, r"'control\[0\].image' is not base64 .*: send the"),
+        ("edges", {"control": [{"image": b64(b"nope")}]}, r"cannot read the control image \(4 bytes\): cannot ident"),
+        ("edges", {"control": [{"image": b64(png_claiming(5000, 8))}]}, r"'control\[0\].image' is larger than 4096"),
+        ("edges", {"control": [{"name": "edges"}]}, r"'control\[0\]' has no 'image': send the control image"),
+        (
+            "edges",
+            {"control": [{"name": "pose", "image": CONTROL_B64}]},
+            r"unknown ControlNet 'pose' in 'control\[0\].name': this export has edges",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64, "weight": 1}]},
+            r"unknown field 'control\[0\].weight': an entry has name, image",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64, "scale": "high"}]},
+            r"'control\[0\].scale' must be a number from 0 to 10, got 'high'",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64, "scale": float("nan")}]},
+            r"'control\[0\].scale' must be a number",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64, "end": 1.5}]},
+            r"'control\[0\].end' must be a number from 0 to 1, got 1.5",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64, "start": 0.8, "end": 0.2}]},
+            r"'control\[0\]': 'start' 0.8 must be below 'end' 0.2",
+        ),
+        ("edges", {"control": [{"image": CONTROL_B64}] * 9}, "'control' has 9 entries: send at most 8"),
+        (
+            "edges",
+            {"guess_mode": True},
+            "'guess_mode' applies to ControlNets: send 'control' too, or leave guess_mode out",
+        ),
+        (
+            "edges",
+            {"control": [{"image": CONTROL_B64}], "guess_mode": "yes"},
+            "'guess_mode' must be true or false, got 'yes'",
+        ),
+        (
+            "edges,depth",
+            {"control": [{"image": CONTROL_B64}]},
+            r"'control\[0\]' has no 'name' and this export has 2 ControlNets \(edges, depth\): name the one",
+        ),
+        (
+            "",
+            {"control": [{"image": CONTROL_B64}]},
+            "this export has no ControlNet: leave out 'control', or add one with `sdexport add-controlnet",
+        ),
+    ],
+)
+def test_bad_control_requests_are_refused_in_one_line(control_facts, exported, body, message):
+    facts = dataclasses.replace(control_facts, controlnets=tuple(filter(None, exported.split(","))))
+    with pytest.raises(InvalidArgument, match=message) as caught:
+        parse_request({"prompt": PROMPT, **body}, facts)
+    assert "\n" not in str(caught.value)
 
 
 # -- batches -----------------------------------------------------------------------------------------
@@ -403,6 +541,8 @@ def test_bad_requests_get_400_with_one_message(server):
     assert status == 400 and json.loads(body)["error"]["message"].startswith("the body is not JSON")
     status, _, body = generate(server, {"prompt": PROMPT, "image": "not base64!"})
     assert status == 400 and json.loads(body)["error"]["message"].startswith("'image' is not base64")
+    status, _, body = generate(server, {"prompt": PROMPT, "control": [{"image": INIT_B64}]})
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("this export has no ControlNet")
 
 
 def test_http_inpaints_as_sdruntime_generate(server, tiny32, inpaint_files, tmp_path):
@@ -421,7 +561,7 @@ def test_models_and_health_report_the_manifest(server, tiny32):
     manifest = read_manifest(tiny32)
     assert status == 200 and card["id"] == tiny32.name and card["family"] == manifest.pipeline.family
     assert card["size_multiple"] == manifest.size_multiple and card["dtype"] == manifest.dtype
-    assert card["image_inputs"] is True
+    assert card["image_inputs"] is True and card["controlnets"] == []
     status, _, body = request(server.url + "/health")
     assert status == 200 and json.loads(body) == {"status": "ok", "replicas": {"running": 1}}
 
