@@ -94,7 +94,7 @@ def cli() -> None:
     "controlnets",
     multiple=True,
     metavar="[NAME=]PATH",
-    help="Export a ControlNet (a diffusers ControlNetModel folder, a .safetensors beside its config.json, or a "
+    help="Export a ControlNet (a diffusers ControlNetModel folder, a .safetensors in the original layout or beside its diffusers config.json, or a "
     "ControlNet preset) as controlnet/NAME; repeatable.",
 )
 @one_line_warnings
@@ -183,6 +183,14 @@ def convert(
     "--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), help="Single-file SOURCE: as for convert."
 )
 @click.option("--allow-pickle", is_flag=True, help="Single-file SOURCE: as for convert.")
+@click.option(
+    "--controlnet",
+    "controlnets",
+    multiple=True,
+    metavar="[NAME=]PATH",
+    help="The PyTorch ControlNet the export's controlnet/NAME came from (as for convert); repeatable. "
+    "An exported ControlNet without one is reported as not checked.",
+)
 @one_line_warnings
 def validate_cmd(
     source,
@@ -203,6 +211,7 @@ def validate_cmd(
     config_dir,
     prediction_type,
     allow_pickle,
+    controlnets,
 ):
     """Compare the export OUT with SOURCE, per component and end to end; exit 1 when out of tolerance."""
     with quiet_third_party():  # within one_line_warnings, which would show every warning
@@ -227,6 +236,7 @@ def validate_cmd(
             config=config_dir,
             prediction_type=prediction_type,
             allow_pickle=allow_pickle,
+            controlnets=controlnets,
         )
     click.echo(format_table(report))
     if json_path:
@@ -241,7 +251,7 @@ def validate_cmd(
 @click.option("--no-check", is_flag=True, help="Skip the comparison with PyTorch after the export.")
 @one_line_warnings
 def add_controlnet_cmd(out, controlnet, overwrite, no_check):
-    """Add a ControlNet (a diffusers ControlNetModel folder, a .safetensors beside its config.json, or a
+    """Add a ControlNet (a diffusers ControlNetModel folder, a .safetensors in the original layout or beside its diffusers config.json, or a
     ControlNet preset) to the export OUT as controlnet/NAME, at OUT's dtype and target; no other graph is
     exported again."""
     from .controlnet import parse_controlnet
