@@ -77,6 +77,7 @@ ORT_CLASSES = {
     "StableDiffusionXLPipeline": "ORTStableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline": "ORTStableDiffusionXLInpaintPipeline",
+    "StableDiffusionInpaintPipeline": "ORTStableDiffusionInpaintPipeline",
 }
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -43,7 +44,9 @@ def _load_folder(folder: Path):
         if "Inpaint" in cls:  # keeps its requires_aesthetics_score, which the text-to-image class drops
             sdxl = StableDiffusionXLInpaintPipeline
         return sdxl.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
-    return StableDiffusionPipeline.from_pretrained(
+    # an inpainting folder loads as the inpainting class, so the export's model_index names optimum's
+    sd = StableDiffusionInpaintPipeline if "Inpaint" in model_index.get("_class_name", "") else StableDiffusionPipeline
+    return sd.from_pretrained(
         folder,
         torch_dtype=torch.float32,
         safety_checker=None,

@@ -28,3 +28,28 @@ def test_optimum_runs_our_export(tiny32):
     assert a.shape == b.shape == (64, 64, 3)
     mse = np.mean((a - b) ** 2)
     assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 45.0
+
+
+def test_optimum_inpaints_with_our_inpainting_export(tiny_inpaint32):
+    """The export's model_index names ORTStableDiffusionInpaintPipeline, which optimum's generic loader picks."""
+    import json
+
+    from PIL import Image
+
+    optimum = pytest.importorskip("optimum.onnxruntime")
+    index = json.loads((tiny_inpaint32 / "model_index.json").read_text())
+    assert index["_class_name"] == "ORTStableDiffusionInpaintPipeline"
+    y, x = np.mgrid[0:64, 0:64]
+    image = Image.fromarray(np.stack([x * 4, y * 4, 255 - (x + y) * 2], axis=-1).clip(0, 255).astype(np.uint8))
+    mask = Image.fromarray((((x > 16) & (y > 20)) * 255).astype(np.uint8))
+    args = {"num_inference_steps": 5, "guidance_scale": 7.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = optimum.ORTStableDiffusionInpaintPipeline.from_pretrained(str(tiny_inpaint32))
+        theirs = pipe(
+            "a red circle", image=image, mask_image=mask, generator=torch.Generator("cpu").manual_seed(3), **args
+        ).images[0]
+    ours = StableDiffusionPipeline.load(tiny_inpaint32)("a red circle", image=image, mask_image=mask, seed=3, **args)
+    a, b = np.asarray(theirs, np.float64), np.asarray(ours.images[0], np.float64)
+    mse = np.mean((a - b) ** 2)
+    assert mse == 0 or 10 * np.log10(255.0**2 / mse) >= 45.0
