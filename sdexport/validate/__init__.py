@@ -1,4 +1,5 @@
-"""`sdexport validate`: an export against its PyTorch source, per component and end to end.
+"""`sdexport validate`: an export against its PyTorch source, per component and end to end (ControlNets too,
+given their PyTorch models as `--controlnet NAME=PATH`).
 
 The reference is always diffusers/PyTorch in fp32; the tolerances are metrics.py's constants (overridable).
 Modules: options (what is asked), cases (the inputs), components (each component against PyTorch),
@@ -20,13 +21,21 @@ from sdruntime.session import check_cpu_layout, first_provider, resolve_provider
 
 from ..artifacts import versions as export_versions
 from ..load import Source
+from ..specs import controlnet_models
 from ..staging import REPORT_NAME  # what `convert --validate` leaves in the export
 from .cases import component_cases
 from .components import check_component
 from .divergence import locate_fp16_failure
-from .end_to_end import Generation, end_to_end, skipped_generations
-from .metrics import FP16_RELATIVE_L2, FULL_SIZE_UNET_PARAMETERS, component_limits, min_psnr, psnr
-from .options import ValidateOptions, check_options, end_to_end_size, guidance_scale
+from .end_to_end import Generation, end_to_end, planned_draws, skipped_generations
+from .metrics import FP16_RELATIVE_L2, FULL_SIZE_UNET_PARAMETERS, NO_NUMBERS, Limits, component_limits, min_psnr, psnr
+from .options import (
+    ValidateOptions,
+    check_controlnets,
+    check_options,
+    end_to_end_size,
+    exported_controlnets,
+    guidance_scale,
+)
 from .reference import reference_for
 from .report import (
     ComponentResult,
@@ -59,6 +68,13 @@ def versions() -> dict[str, str]:
     return {**export_versions(), "sdexport-runtime": sdruntime.__version__, "numpy": np.__version__}
 
 
+def not_checked(component: str, dtype: str, limits: Limits) -> ComponentResult:
+    """An exported ControlNet whose PyTorch model was not given: reported, not failed."""
+    name = component.split("/", 1)[1]
+    why = f"not checked: no PyTorch ControlNet given (--controlnet {name}=PATH)"
+    return ComponentResult(dtype, None, limits, True, (), NO_NUMBERS, (), skipped=why)
+
+
 def check_components(
     pipe, manifest: Manifest, opts: ValidateOptions, full_size: bool, timesteps: list[float], providers: list
 ) -> dict[str, ComponentResult]:
@@ -67,6 +83,9 @@ def check_components(
     for component, entry in manifest.components.items():
         started = time.perf_counter()
         limits = component_limits(entry.dtype, full_size, opts.atol, opts.rtol)
+        if component in exported_controlnets(manifest) and component not in controlnet_models(pipe):
+            results[component] = not_checked(component, entry.dtype, limits)
+            continue
         cases = component_cases(component, pipe, manifest, timesteps, opts.seed, opts.guidance_scale)
         check = check_component(component, pipe, manifest, cases, limits, providers)
         result = check.result
@@ -88,8 +107,9 @@ def validate(source: str | Source, folder: str | Path, **options) -> ValidationR
     started = time.perf_counter()
     manifest = read_manifest(folder)
     height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
+    controlnets = check_controlnets(manifest, opts)
     opts = replace(opts, guidance_scale=guidance_scale(manifest, opts))
-    src = reference_for(source, manifest, opts)
+    src = reference_for(source, manifest, opts, controlnets)
     providers = resolve_providers(opts.provider, manifest.target)
     check_cpu_layout(manifest)
     scheduler, config = chosen_scheduler(manifest.folder, opts.scheduler)
@@ -99,10 +119,12 @@ def validate(source: str | Source, folder: str | Path, **options) -> ValidationR
     components = check_components(src.pipe, manifest, opts, full_size, timesteps, providers)
     any_fp16 = any(entry.dtype == "fp16" for entry in manifest.components.values())
     run = Generation(scheduler, config, (height, width), min_psnr(any_fp16, opts.min_psnr))
+    checked = [c for c in exported_controlnets(manifest) if c in controlnet_models(src.pipe)]
+    draws = planned_draws(manifest, checked[0] if checked else None)
     if opts.end_to_end:
-        generations = end_to_end(src.pipe, manifest, opts, run)
+        generations = end_to_end(src.pipe, manifest, opts, run, draws)
     else:
-        generations = skipped_generations(run.min_psnr, "not asked for")
+        generations = skipped_generations(draws, run.min_psnr, "not asked for")
     settings = Settings(
         scheduler=scheduler,
         steps=opts.steps,

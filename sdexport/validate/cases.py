@@ -13,9 +13,10 @@ from sdruntime.conditioning import (
     img2img_time_ids,
     txt2img_time_ids,
 )
-from sdruntime.manifest import Manifest, latent_shape
+from sdruntime.manifest import CONTROLNET, UNET_RESIDUAL_INPUTS, Manifest, component_kind, latent_shape
 
 from ..specs import is_sdxl
+from ..targets import EXPORT_TARGETS
 from .options import PROMPTS, image_sizes
 
 
@@ -65,11 +66,13 @@ def text_embeddings(pipe, prompts: list[str]) -> tuple[np.ndarray, dict[str, np.
     return embeds.float().numpy(), {"text_embeds": pooled.float().numpy()}
 
 
-def unet_conditioning(manifest: Manifest, batch: int, height: int, width: int, guidance_scale: float) -> dict:
+def unet_conditioning(
+    manifest: Manifest, batch: int, height: int, width: int, guidance_scale: float, component: str = "unet"
+) -> dict:
     """SDXL's time_ids (the generated size, no crop; a refiner's aesthetic score 6) and an LCM U-Net's
-    timestep_cond (the guidance embedding), as the pipelines make them, where the U-Net takes them."""
+    timestep_cond (the guidance embedding), as the pipelines make them, where the component takes them."""
     facts = manifest.pipeline
-    names = {t.name for t in manifest.components["unet"].inputs}
+    names = {t.name for t in manifest.components[component].inputs}
     extra = {}
     if "time_ids" in names:  # the runtime's own defaults: no micro-conditioning given, no guidance batch
         default = MicroConditioning()
@@ -92,6 +95,12 @@ def gradient_image(height: int, width: int, flip: bool = False) -> Image.Image:
     return Image.fromarray((rgb * 255).round().astype(np.uint8))
 
 
+def rectangle_mask(height: int, width: int) -> Image.Image:
+    """A deterministic inpainting mask: white (repainted) right of the first quarter and below the first third."""
+    y, x = np.mgrid[0:height, 0:width]
+    return Image.fromarray(((x >= width // 4) & (y >= height // 3)).astype(np.uint8) * 255)
+
+
 def image_batch(height: int, width: int, batch: int) -> np.ndarray:
     """[batch, 3, H, W] in [-1, 1]: the gradient and its mirror image."""
     images = [
@@ -100,32 +109,106 @@ def image_batch(height: int, width: int, batch: int) -> np.ndarray:
     return np.stack(images).transpose(0, 3, 1, 2).copy()
 
 
+def input_shape(manifest: Manifest, component: str, name: str, batch: int, height: int, width: int) -> tuple:
+    """An input's shape as the manifest records it, its dynamic axes sized for batch x height x width pixels."""
+    sizes = manifest.axis_sizes(component, batch, height, width, guidance=False)
+    return tuple(sizes[axis] if isinstance(axis, str) else axis for axis in manifest.input_spec(component, name).shape)
+
+
+def residual_names(manifest: Manifest) -> list[str]:
+    """The U-Net's ControlNet residual inputs (none in an export that predates them)."""
+    down, mid = UNET_RESIDUAL_INPUTS
+    names = [t.name for t in manifest.components["unet"].inputs]
+    return [name for name in names if name.startswith(down.format("")) or name == mid]
+
+
+def residuals(manifest: Manifest, case: Case, gen: torch.Generator | None = None) -> dict[str, np.ndarray]:
+    """The U-Net's residual inputs for a case: random ones (as a ControlNet adds), or zeros when `gen` is None."""
+    shapes = {
+        name: input_shape(manifest, "unet", name, case.batch, case.height, case.width)
+        for name in residual_names(manifest)
+    }
+    if gen is None:
+        return {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    return {name: 0.5 * torch.randn(shape, generator=gen).numpy() for name, shape in shapes.items()}
+
+
+def full_inputs(manifest: Manifest, component: str, case: Case) -> dict[str, np.ndarray]:
+    """A case's inputs with the residuals it leaves to the U-Net's defaults given as the zeros they are
+    (for a graph without defaults: the tensorrt target's, or a fresh trace)."""
+    if component != "unet":
+        return case.inputs
+    return {**residuals(manifest, case), **case.inputs}
+
+
+def denoiser_case(
+    component: str, manifest: Manifest, given: dict[str, np.ndarray], label: str, batch: int, size: tuple, t: float
+) -> Case:
+    """A U-Net or ControlNet case: the inputs it takes, in the manifest's order (the wrappers take them so)."""
+    case = Case(label, {}, batch, size[0], size[1], t)
+    if component == "unet" and not EXPORT_TARGETS[manifest.target].residual_defaults:
+        given = {**residuals(manifest, case), **given}  # no defaults: zeros fed, as the runtime feeds them
+    case.inputs = {spec.name: given[spec.name] for spec in manifest.components[component].inputs if spec.name in given}
+    return case
+
+
 def unet_cases(
     pipe, manifest: Manifest, batch: int, size: tuple[int, int], timesteps: list[float], gen, guidance_scale: float
 ) -> list[Case]:
-    """One case per timestep: fresh noise, PyTorch's embeddings of real prompts, the conditioning the U-Net takes."""
+    """One case per timestep: fresh noise, PyTorch's embeddings of real prompts, the conditioning the U-Net
+    takes, the ControlNet residuals left to their defaults (zeros); then the first timestep again with random
+    residuals, as a ControlNet adds them."""
     height, width = size
-    latent = latent_shape(manifest.pipeline, batch, height, width)
     embeddings, pooled = text_embeddings(pipe, prompts_for(batch, True))
     extra = {**pooled, **unet_conditioning(manifest, batch, height, width, guidance_scale)}
-    order = [t.name for t in manifest.components["unet"].inputs]  # the wrapper takes them in order
+    label = f"b{batch} {height}x{width}"
     cases = []
     for t in timesteps:
         given = {
-            "sample": torch.randn(latent, generator=gen).numpy(),
+            "sample": torch.randn(input_shape(manifest, "unet", "sample", batch, height, width), generator=gen).numpy(),
             "timestep": np.full(batch, t, np.float32),
             "encoder_hidden_states": embeddings,
             **extra,
         }
-        inputs = {name: given[name] for name in order}
-        cases.append(Case(f"b{batch} {height}x{width} t={t:g}", inputs, batch, height, width, t))
+        cases.append(denoiser_case("unet", manifest, given, f"{label} t={t:g}", batch, size, t))
+    if residual_names(manifest):
+        first = cases[0]
+        given = {**first.inputs, **residuals(manifest, first, gen)}
+        cases.append(denoiser_case("unet", manifest, given, f"{first.label} +residuals", batch, size, first.timestep))
+    return cases
+
+
+def controlnet_cases(
+    component: str, pipe, manifest: Manifest, batch: int, size: tuple[int, int], timesteps: list[float], gen
+) -> list[Case]:
+    """One case per timestep: fresh latents, PyTorch's embeddings of real prompts, the gradient picture as
+    the control image (RGB in [0, 1]) and guess mode's ramp of scales (a different factor per residual)."""
+    height, width = size
+    embeddings, pooled = text_embeddings(pipe, prompts_for(batch, True))
+    # SDXL's time_ids as the U-Net's; a ControlNet takes no timestep_cond, so the guidance scale is moot
+    extra = {**pooled, **unet_conditioning(manifest, batch, height, width, 1.0, component)}
+    scales = input_shape(manifest, component, "conditioning_scale", batch, height, width)
+    cases = []
+    for t in timesteps:
+        given = {
+            "sample": torch.randn(
+                input_shape(manifest, component, "sample", batch, height, width), generator=gen
+            ).numpy(),
+            "timestep": np.full(batch, t, np.float32),
+            "encoder_hidden_states": embeddings,
+            "controlnet_cond": (image_batch(height, width, batch) + 1.0) / 2.0,
+            "conditioning_scale": np.logspace(-1, 0, scales[0]).astype(np.float32),
+            **extra,
+        }
+        cases.append(denoiser_case(component, manifest, given, f"b{batch} {height}x{width} t={t:g}", batch, size, t))
     return cases
 
 
 def component_cases(
     component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float
 ) -> list[Case]:
-    """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net)."""
+    """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net and the
+    ControlNets)."""
     gen = torch.Generator().manual_seed(seed)
     cases = []
     for batch in batch_sizes(manifest, component):
@@ -137,6 +220,8 @@ def component_cases(
             size = f"b{batch} {height}x{width}"
             if component == "unet":
                 cases += unet_cases(pipe, manifest, batch, (height, width), timesteps, gen, guidance_scale)
+            elif component_kind(component) == CONTROLNET:
+                cases += controlnet_cases(component, pipe, manifest, batch, (height, width), timesteps, gen)
             elif component == "vae_decoder":
                 latent = latent_shape(manifest.pipeline, batch, height, width)
                 scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline.vae_scaling_factor

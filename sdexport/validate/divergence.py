@@ -13,7 +13,7 @@ from sdruntime.manifest import Manifest
 
 from ..graph_files import save_model
 from ..trace import trace_component
-from .cases import Case
+from .cases import Case, full_inputs
 from .components import feeds_for, open_session
 from .metrics import FP16_MAX, error_metrics
 from .report import Blame
@@ -99,7 +99,8 @@ def locate_fp16_failure(component: str, pipe, manifest: Manifest, case: Case, rt
     fp32 = trace_fp32(component, pipe, manifest)
     fp16 = onnx.load(str(manifest.model_path(component)))
     with tempfile.TemporaryDirectory(prefix="sdexport-locate-") as tmp:
-        reference = all_tensor_values(fp32, case.inputs, Path(tmp) / "fp32", manifest, providers)
+        fp32_feeds = full_inputs(manifest, component, case)  # a fresh trace has no residual defaults
+        reference = all_tensor_values(fp32, fp32_feeds, Path(tmp) / "fp32", manifest, providers)
         fp16_feeds = feeds_for(manifest, component, case.inputs)
         got = all_tensor_values(fp16, fp16_feeds, Path(tmp) / "fp16", manifest, providers)
     found = first_divergence(fp16.graph, reference, got, rtol)

@@ -1,4 +1,5 @@
-"""End to end: diffusers and `sdruntime.StableDiffusionPipeline` draw the same image (text2img and img2img)."""
+"""End to end: diffusers and `sdruntime.StableDiffusionPipeline` draw the same image: text-to-image and
+image-to-image, or inpainting in their place for a U-Net that takes the mask, and one ControlNet picture."""
 
 from __future__ import annotations
 
@@ -6,29 +7,38 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
 from PIL import Image
 from sdruntime.manifest import ExportError, Manifest
 from sdruntime.pipeline import StableDiffusionPipeline as RuntimePipeline
 from sdruntime.session import NonFiniteOutput
 
 from ..errors import SdexportError
-from ..specs import is_sdxl
-from .cases import gradient_image
+from ..specs import controlnet_models, is_sdxl
+from .cases import gradient_image, rectangle_mask
 from .metrics import json_number, psnr
-from .options import ValidateOptions
+from .options import ValidateOptions, exported_controlnets
 from .report import GenerationResult, Problem
 from .schedulers import diffusers_scheduler, quiet_diffusers
 
-MODES = ("text2img", "img2img")
 DIFF_AMPLIFY = 16  # the saved difference image, |diffusers - runtime| times this
+CONTROLNET_SCALE = 1.0  # given to both pipelines: their defaults differ by mode
+REFINER = "an SDXL refiner draws from an image only"
+# diffusers' pipeline for (SDXL, mode, with a ControlNet)
+REFERENCE_CLASSES = {
+    (False, "text2img", False): "StableDiffusionPipeline",
+    (False, "img2img", False): "StableDiffusionImg2ImgPipeline",
+    (False, "inpaint", False): "StableDiffusionInpaintPipeline",
+    (False, "text2img", True): "StableDiffusionControlNetPipeline",
+    (False, "inpaint", True): "StableDiffusionControlNetInpaintPipeline",
+    (True, "text2img", False): "StableDiffusionXLPipeline",
+    (True, "img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    (True, "inpaint", False): "StableDiffusionXLInpaintPipeline",
+    (True, "text2img", True): "StableDiffusionXLControlNetPipeline",
+    (True, "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
 
 
 @dataclass(frozen=True)
@@ -41,36 +51,71 @@ class Generation:
     min_psnr: float
 
 
-def reference_pipeline(pipe, scheduler, img2img: bool):
-    """diffusers' text-to-image or image-to-image pipeline over the source's components and `scheduler`."""
-    parts = {**pipe.components, "scheduler": scheduler}
-    if is_sdxl(pipe):  # no watermark, as the runtime adds none
-        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-        flags = {"force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True)}
-        if img2img:
-            flags["requires_aesthetics_score"] = pipe.config.get("requires_aesthetics_score", False)
-        elif parts.get("text_encoder") is None:
-            raise SdexportError("an SDXL refiner draws from an image only: validate it with img2img")
-        extra = {**flags, "add_watermarker": False}
+@dataclass(frozen=True)
+class Draw:
+    """One end-to-end case: its name in the report, what it draws, the ControlNet it draws with, or why not."""
+
+    name: str
+    mode: str  # text2img | img2img | inpaint
+    controlnet: str | None = None  # its NAME
+    skipped: str | None = None
+
+    def result(self, min_psnr: float, **fields) -> GenerationResult:
+        return GenerationResult(self.name, self.mode, min_psnr, controlnet=self.controlnet, **fields)
+
+
+def planned_draws(manifest: Manifest, controlnet: str | None) -> list[Draw]:
+    """text2img and img2img, or inpaint in their place for a U-Net that takes the mask (it draws nothing
+    else); then, for an export with ControlNets, one picture with `controlnet` ("controlnet/NAME") in the
+    export's first mode."""
+    facts = manifest.pipeline
+    refiner = REFINER if facts.family == "sdxl" and not manifest.has("text_encoder") else None
+    no_encoder = None if manifest.has("vae_encoder") else "the export has no vae_encoder"
+    if facts.unet_channels != facts.latent_channels:
+        why = f"a {facts.unet_channels}-channel U-Net inpaints only: see inpaint"
+        first = Draw("inpaint", "inpaint", skipped=no_encoder)
+        draws = [Draw("text2img", "text2img", skipped=why), Draw("img2img", "img2img", skipped=why), first]
     else:
-        cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
+        first = Draw("text2img", "text2img", skipped=refiner)
+        draws = [first, Draw("img2img", "img2img", skipped=no_encoder)]
+    if exported_controlnets(manifest):
+        name = controlnet.split("/", 1)[1] if controlnet else None
+        why = first.skipped if controlnet else "no --controlnet NAME=PATH given"
+        draws.append(Draw("controlnet", first.mode, name, why))
+    return draws
+
+
+def reference_pipeline(pipe, scheduler, draw: Draw):
+    """diffusers' pipeline for the draw's mode over the source's components, `scheduler` and its ControlNet."""
+    parts = {**pipe.components, "scheduler": scheduler}
+    if draw.controlnet:
+        parts["controlnet"] = controlnet_models(pipe)[f"controlnet/{draw.controlnet}"]
+    if is_sdxl(pipe):  # no watermark, as the runtime adds none
+        extra = {"force_zeros_for_empty_prompt": pipe.config.get("force_zeros_for_empty_prompt", True)}
+        if draw.mode != "text2img":
+            extra["requires_aesthetics_score"] = pipe.config.get("requires_aesthetics_score", False)
+        elif parts.get("text_encoder") is None:
+            raise SdexportError(f"{REFINER}: validate it with img2img")
+        extra["add_watermarker"] = False
+    else:
         extra = {"requires_safety_checker": False}
+    cls = getattr(diffusers, REFERENCE_CLASSES[is_sdxl(pipe), draw.mode, draw.controlnet is not None])
     with quiet_diffusers():
         reference = cls(**parts, **extra)
     reference.set_progress_bar_config(disable=True)
     return reference
 
 
-def diffusers_generate(pipe, scheduler, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 image [H, W, 3], final latents) from diffusers' text-to-image or image-to-image pipeline."""
-    reference = reference_pipeline(pipe, scheduler, "image" in kwargs)
+def diffusers_generate(pipe, scheduler, draw: Draw, seed: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image [H, W, 3], final latents) from diffusers' pipeline for the draw."""
+    reference = reference_pipeline(pipe, scheduler, draw)
     final = {}
 
     def keep_latents(_pipe, _i, _t, tensors):
         final["latents"] = tensors["latents"]
         return tensors
 
-    with torch.no_grad():
+    with torch.no_grad(), quiet_diffusers():  # its notes on its own dtype handling say nothing of the export
         out = reference(
             **kwargs,
             generator=torch.Generator("cpu").manual_seed(seed),
@@ -82,48 +127,64 @@ def diffusers_generate(pipe, scheduler, seed: int, **kwargs) -> tuple[np.ndarray
     return image, final["latents"].float().numpy()
 
 
-def save_comparison(folder: Path, mode: str, reference: np.ndarray, ours: np.ndarray) -> str:
+def save_comparison(folder: Path, name: str, reference: np.ndarray, ours: np.ndarray) -> str:
     """diffusers | runtime | |difference| x DIFF_AMPLIFY, side by side in one PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     diff = np.clip(np.abs(reference.astype(np.int16) - ours.astype(np.int16)) * DIFF_AMPLIFY, 0, 255).astype(np.uint8)
-    path = folder / f"{mode}.png"
+    path = folder / f"{name}.png"
     Image.fromarray(np.concatenate([reference, ours, diff], axis=1)).save(path)
     return str(path)
 
 
-def generation_kwargs(mode: str, opts: ValidateOptions, size: tuple[int, int]) -> dict[str, Any]:
-    """What both pipelines are called with; the same prompt, steps and guidance."""
+def generation_kwargs(draw: Draw, opts: ValidateOptions, size: tuple[int, int]) -> dict[str, Any]:
+    """What the runtime is called with: the same prompt, steps and guidance for every draw; the gradient as the
+    init image, a rectangle to repaint as the mask and the mirrored gradient as the control image."""
     kwargs: dict[str, Any] = {
         "prompt": opts.prompt,
         "negative_prompt": opts.negative_prompt,
         "num_inference_steps": opts.steps,
         "guidance_scale": opts.guidance_scale,
     }
-    if mode == "img2img":
+    if draw.mode == "img2img":
         return {**kwargs, "image": gradient_image(*size), "strength": opts.strength}
-    return {**kwargs, "height": size[0], "width": size[1]}
+    kwargs.update(height=size[0], width=size[1])
+    if draw.mode == "inpaint":
+        kwargs.update(image=gradient_image(*size), mask_image=rectangle_mask(*size), strength=opts.strength)
+    if draw.controlnet:
+        control = gradient_image(*size, flip=True)
+        kwargs.update(control_image=control, controlnet=draw.controlnet, controlnet_conditioning_scale=CONTROLNET_SCALE)
+    return kwargs
 
 
-def compare_generation(mode: str, pipe, runtime, run: Generation, opts: ValidateOptions) -> GenerationResult:
+def diffusers_kwargs(draw: Draw, ours: dict[str, Any]) -> dict[str, Any]:
+    """The runtime's arguments as diffusers' pipeline takes them: its ControlNet is built in, and its
+    text-to-image pipeline calls the control image `image`."""
+    kwargs = {k: v for k, v in ours.items() if k != "controlnet"}
+    if draw.controlnet and draw.mode == "text2img":
+        kwargs["image"] = kwargs.pop("control_image")
+    return kwargs
+
+
+def compare_generation(draw: Draw, pipe, runtime, run: Generation, opts: ValidateOptions) -> GenerationResult:
     """One generation by diffusers and by the runtime with the same prompt, seed, steps and scheduler."""
-    kwargs = generation_kwargs(mode, opts, run.size)
-    result = GenerationResult(mode, run.min_psnr)
-    image, latents = diffusers_generate(pipe, diffusers_scheduler(run.scheduler, run.config), opts.seed, **kwargs)
+    kwargs = generation_kwargs(draw, opts, run.size)
+    scheduler = diffusers_scheduler(run.scheduler, run.config)
+    image, latents = diffusers_generate(pipe, scheduler, draw, opts.seed, **diffusers_kwargs(draw, kwargs))
     try:
         ours = runtime(**kwargs, scheduler=run.scheduler, seed=opts.seed)
     except NonFiniteOutput as e:
-        return replace(result, finite=False, problems=(Problem(mode, "non_finite", str(e)),))
+        return draw.result(run.min_psnr, finite=False, problems=(Problem(draw.name, "non_finite", str(e)),))
     ours_image = np.asarray(ours.images[0])
     psnr_db = psnr(image, ours_image)
     finite = bool(np.isfinite(ours.latents).all())
     problems = []
     if psnr_db < run.min_psnr:
-        problems.append(Problem(mode, "tolerance", f"PSNR {psnr_db:.1f} dB < {run.min_psnr:g} dB"))
+        problems.append(Problem(draw.name, "tolerance", f"PSNR {psnr_db:.1f} dB < {run.min_psnr:g} dB"))
     if not finite:
-        problems.append(Problem(mode, "non_finite", "NaN/Inf in the final latents"))
-    saved = save_comparison(Path(opts.save_images), mode, image, ours_image) if opts.save_images else None
-    return replace(
-        result,
+        problems.append(Problem(draw.name, "non_finite", "NaN/Inf in the final latents"))
+    saved = save_comparison(Path(opts.save_images), draw.name, image, ours_image) if opts.save_images else None
+    return draw.result(
+        run.min_psnr,
         psnr_db=psnr_db,
         latent_max_abs=json_number(np.abs(latents - ours.latents).max()),
         finite=finite,
@@ -132,28 +193,28 @@ def compare_generation(mode: str, pipe, runtime, run: Generation, opts: Validate
     )
 
 
-def skipped_generations(min_psnr: float, why: str) -> dict[str, GenerationResult]:
-    """Both modes, not run, for the same reason."""
-    return {mode: GenerationResult(mode, min_psnr, skipped=why) for mode in MODES}
+def skipped_generations(draws: list[Draw], min_psnr: float, why: str) -> dict[str, GenerationResult]:
+    """Every draw, not run, for the same reason."""
+    return {draw.name: draw.result(min_psnr, skipped=why) for draw in draws}
 
 
-def end_to_end(pipe, manifest: Manifest, opts: ValidateOptions, run: Generation) -> dict[str, GenerationResult]:
-    """Text-to-image and image-to-image through sdruntime.StableDiffusionPipeline and diffusers."""
+def end_to_end(
+    pipe, manifest: Manifest, opts: ValidateOptions, run: Generation, draws: list[Draw]
+) -> dict[str, GenerationResult]:
+    """Each planned draw through sdruntime.StableDiffusionPipeline and diffusers."""
     encoder = "text_encoder_2" if manifest.pipeline.family == "sdxl" else "text_encoder"
     missing = [c for c in (encoder, "unet", "vae_decoder") if not manifest.has(c)]
     if missing:
-        return skipped_generations(run.min_psnr, f"the export has no {', '.join(missing)}")
+        return skipped_generations(draws, run.min_psnr, f"the export has no {', '.join(missing)}")
     try:
         runtime = RuntimePipeline.load(manifest.folder, provider=opts.provider, verify=False)
     except ExportError as e:
-        why = f"the runtime cannot load it: {e}"
-        return {m: GenerationResult(m, run.min_psnr, problems=(Problem(m, "load", why),)) for m in MODES}
-    if manifest.pipeline.family == "sdxl" and not manifest.has("text_encoder"):
-        text2img = GenerationResult("text2img", run.min_psnr, skipped="an SDXL refiner draws from an image only")
-    else:
-        text2img = compare_generation("text2img", pipe, runtime, run, opts)
-    if manifest.has("vae_encoder"):
-        img2img = compare_generation("img2img", pipe, runtime, run, opts)
-    else:
-        img2img = GenerationResult("img2img", run.min_psnr, skipped="the export has no vae_encoder")
-    return {"text2img": text2img, "img2img": img2img}
+        load = Problem("", "load", f"the runtime cannot load it: {e}")
+        return {d.name: d.result(run.min_psnr, problems=(replace(load, part=d.name),)) for d in draws}
+    results = {}
+    for draw in draws:
+        if draw.skipped:
+            results[draw.name] = draw.result(run.min_psnr, skipped=draw.skipped)
+        else:
+            results[draw.name] = compare_generation(draw, pipe, runtime, run, opts)
+    return results

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdruntime.manifest import Manifest
+from sdruntime.manifest import CONTROLNET, Manifest, component_kind
 from sdruntime.plan import SizeRule, family_defaults
 from sdruntime.schedulers import scheduler_class
 
+from ..controlnet import ControlNetSource, check_controlnet_sources
 from ..errors import SdexportError
 
 PROMPTS = ("a photograph of an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse at dusk")
@@ -37,6 +39,7 @@ class ValidateOptions:
     config: str | None = None  # single-file SOURCE: as `convert --config`
     prediction_type: str | None = None  # single-file SOURCE: as `convert --prediction-type`
     allow_pickle: bool = False  # single-file SOURCE: as `convert --allow-pickle`
+    controlnets: tuple[str, ...] = ()  # `[NAME=]PATH` as for convert: the PyTorch ControlNet of controlnet/NAME
     end_to_end: bool = True
     locate: bool = True  # look for the first fp16 node to blame in a failing fp16 component
     log: Callable[[str], None] = field(default=lambda line: None)
@@ -44,6 +47,7 @@ class ValidateOptions:
     def __post_init__(self):
         self.prompt = PROMPTS[0] if self.prompt is None else self.prompt
         self.negative_prompt = NEGATIVE_PROMPT if self.negative_prompt is None else self.negative_prompt
+        self.controlnets = tuple(self.controlnets)
 
 
 def check_options(opts: ValidateOptions) -> None:
@@ -57,6 +61,12 @@ def check_options(opts: ValidateOptions) -> None:
             raise SdexportError(f"{name} must be positive, got {value}")
     if not 0.0 < opts.strength <= 1.0:
         raise SdexportError(f"strength must be in (0, 1], got {opts.strength}")
+    if opts.end_to_end and int(opts.steps * opts.strength) < 1:  # diffusers then denoises nothing, and fails
+        least = math.ceil(1 / opts.strength)
+        raise SdexportError(
+            f"--steps {opts.steps} at strength {opts.strength:g} gives the image runs no step to take: "
+            f"give --steps {least} or more"
+        )
     for name, value in (("--height", opts.height), ("--width", opts.width)):
         if value is not None and value < 1:
             raise SdexportError(f"{name} must be positive, got {value}")
@@ -86,3 +96,22 @@ def guidance_scale(manifest: Manifest, opts: ValidateOptions) -> float:
     return (
         family_defaults(manifest.pipeline.family).guidance_scale if opts.guidance_scale is None else opts.guidance_scale
     )
+
+
+def exported_controlnets(manifest: Manifest) -> list[str]:
+    """The export's ControlNet components ("controlnet/NAME"), in the manifest's order."""
+    return [c for c in manifest.components if component_kind(c) == CONTROLNET]
+
+
+def check_controlnets(manifest: Manifest, opts: ValidateOptions) -> list[ControlNetSource]:
+    """Each `--controlnet`, located as convert locates it, and naming a ControlNet the export has."""
+    sources = check_controlnet_sources(opts.controlnets)
+    names = [c.split("/", 1)[1] for c in exported_controlnets(manifest)]
+    for source in sources:
+        if not manifest.has(source.component):
+            has = f"it has {', '.join(names)}" if names else "it has none"
+            raise SdexportError(
+                f"--controlnet: {manifest.folder} has no ControlNet named '{source.name}' ({has}); "
+                "give the exported NAME as NAME=PATH"
+            )
+    return sources

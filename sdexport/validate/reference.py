@@ -1,13 +1,17 @@
-"""The PyTorch reference: SOURCE loaded as the export was made from it, refused when it is another model."""
+"""The PyTorch reference: SOURCE loaded as the export was made from it, refused when it is another model, with
+the ControlNets `--controlnet` names attached as convert attaches them."""
 
 from __future__ import annotations
 
-from sdruntime.manifest import COMPONENT_IO, DYNAMIC_AXES, Manifest
+from collections.abc import Sequence
 
+from sdruntime.manifest import COMPONENT_IO, DYNAMIC_AXES, Manifest, component_kind
+
+from ..controlnet import ControlNetSource, attach_controlnets
 from ..errors import SdexportError
 from ..load import Source, load_source, replace_vae
 from ..lora import check_loras, fuse_loras
-from ..specs import model_dims, set_attention
+from ..specs import controlnet_models, model_dims, set_attention
 from .options import ValidateOptions
 
 
@@ -15,7 +19,7 @@ def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
     """Refuse an export of another model: the config-fixed axes in its manifest must be the source's."""
     dims = model_dims(pipe)
     for component, entry in manifest.components.items():
-        io = COMPONENT_IO[component]
+        io = COMPONENT_IO[component_kind(component)]
         recorded = {t.name: t.shape for t in entry.inputs + entry.outputs}
         for spec in io.inputs + io.outputs:
             for axis, size in zip(spec.shape, recorded.get(spec.name, ())):
@@ -38,9 +42,22 @@ def load_reference(source: str, manifest: Manifest, opts: ValidateOptions) -> So
     return src
 
 
-def reference_for(source: str | Source, manifest: Manifest, opts: ValidateOptions) -> Source:
-    """SOURCE (a name, or a `Source` already loaded) checked against the export, with the export's attention form."""
+def with_controlnets(pipe, sources: Sequence[ControlNetSource], log) -> None:
+    """Attach the ControlNets `sources` name, beside those a Source from convert already carries."""
+    if not sources:
+        return
+    carried = controlnet_models(pipe)
+    attach_controlnets(pipe, sources, log)
+    pipe.sdexport_controlnets = {**carried, **pipe.sdexport_controlnets}
+
+
+def reference_for(
+    source: str | Source, manifest: Manifest, opts: ValidateOptions, controlnets: Sequence[ControlNetSource] = ()
+) -> Source:
+    """SOURCE (a name, or a `Source` already loaded) checked against the export, with the export's attention
+    form and the ControlNets given."""
     src = source if isinstance(source, Source) else load_reference(source, manifest, opts)
     check_matches(manifest, src.pipe, src.name)
+    with_controlnets(src.pipe, controlnets, opts.log)
     set_attention(src.pipe, next(iter(manifest.components.values())).attention)
     return src

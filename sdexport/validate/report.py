@@ -26,7 +26,7 @@ ROWLESS_KINDS = ("files", "load", "run")  # what no row of the table shows
 
 @dataclass(frozen=True)
 class Problem:
-    """Why one part (a component or an end-to-end mode) fails, on one case where `case` says so."""
+    """Why one part (a component or an end-to-end case) fails, on one case where `case` says so."""
 
     part: str
     kind: ProblemKind
@@ -114,6 +114,7 @@ class ComponentResult:
     metrics: Metrics
     problems: tuple[Problem, ...]
     first_bad_node: Blame | None = None
+    skipped: str | None = None  # why it was not checked (a ControlNet without its PyTorch model)
 
     @property
     def ok(self) -> bool:
@@ -130,13 +131,16 @@ class ComponentResult:
             "ok": self.ok,
             "problems": [p.line() for p in self.problems],
             "first_bad_node": None if self.first_bad_node is None else self.first_bad_node.to_json(),
+            "skipped": self.skipped,
         }
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """One end-to-end generation (text2img or img2img), diffusers against the runtime."""
+    """One end-to-end case, diffusers against the runtime: its name in the report, what it drew (text2img,
+    img2img or inpaint) and the ControlNet it drew with."""
 
+    name: str
     mode: str
     min_psnr_db: float
     psnr_db: float | None = None
@@ -145,6 +149,7 @@ class GenerationResult:
     skipped: str | None = None  # why it did not run
     image: str | None = None  # the --save-images comparison
     problems: tuple[Problem, ...] = ()
+    controlnet: str | None = None  # its NAME
 
     @property
     def ok(self) -> bool:
@@ -153,6 +158,7 @@ class GenerationResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,
+            "controlnet": self.controlnet,
             "psnr_db": self.psnr_db,
             "latent_max_abs": self.latent_max_abs,
             "finite": self.finite,
@@ -166,7 +172,7 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class Settings:
-    """The end-to-end runs' settings and the timesteps given to the U-Net cases."""
+    """The end-to-end runs' settings and the timesteps given to the U-Net and ControlNet cases."""
 
     scheduler: str
     steps: int
@@ -229,7 +235,7 @@ class ValidationReport:
             "unet_parameters": self.unet_parameters,
             "full_size": self.full_size,
             "components": {name: entry.to_json() for name, entry in self.components.items()},
-            "end_to_end": {mode: entry.to_json() for mode, entry in self.end_to_end.items()},
+            "end_to_end": {name: entry.to_json() for name, entry in self.end_to_end.items()},
             "fp32_fallback": {name: list(notes) for name, notes in self.fp32_fallback.items()},
             "failures": [str(problem) for problem in self.problems],
             "seconds": self.seconds,

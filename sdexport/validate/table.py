@@ -1,41 +1,62 @@
-"""The human summary of a report: one row per component case and per end-to-end run, then what failed."""
+"""The human summary of a report: one row per component case and per end-to-end case, then what failed."""
 
 from __future__ import annotations
 
 from .metrics import FP16_MAX, NO_NUMBERS
-from .report import ROWLESS_KINDS, Blame, ValidationReport
+from .report import ROWLESS_KINDS, Blame, GenerationResult, ValidationReport
 
 
 def _fmt(value: float | None, spec: str = ".1e") -> str:
     return "nan" if value is None else format(value, spec)
 
 
+def column_widths(report: ValidationReport) -> tuple[int, int]:
+    """The first two columns' widths: 14 and 20, or the longest part name and case label."""
+    names = [*report.components, *report.end_to_end]
+    labels = [case.label for entry in report.components.values() for case in entry.cases]
+    return max([14, *map(len, names)]), max([20, *map(len, labels)])
+
+
 def component_rows(report: ValidationReport) -> list[str]:
-    lines = [f"{'component':<14} {'case':<20} {'max abs':>8} {'mean abs':>8} {'rel L2':>8}  {'limit':<26} result"]
+    part, label = column_widths(report)
+    lines = [
+        f"{'component':<{part}} {'case':<{label}} {'max abs':>8} {'mean abs':>8} {'rel L2':>8}  {'limit':<26} result"
+    ]
     for component, entry in report.components.items():
         limit = entry.limits.describe()
-        if not entry.cases:
-            lines.append(f"{component:<14} {'-':<20} {'':>8} {'':>8} {'':>8}  {limit:<26} FAIL")
+        if entry.skipped:
+            lines.append(f"{component:<{part}} {'-':<{label}} {entry.skipped}")
+        elif not entry.cases:
+            lines.append(f"{component:<{part}} {'-':<{label}} {'':>8} {'':>8} {'':>8}  {limit:<26} FAIL")
         for case in entry.cases:
             status = "ok" if case.ok else "FAIL" + ("" if case.metrics.finite else " (NaN/Inf)")
             numbers = case.metrics
             lines.append(
-                f"{component:<14} {case.label:<20} {_fmt(numbers.max_abs):>8} {_fmt(numbers.mean_abs):>8} "
+                f"{component:<{part}} {case.label:<{label}} {_fmt(numbers.max_abs):>8} {_fmt(numbers.mean_abs):>8} "
                 f"{_fmt(numbers.relative_l2):>8}  {limit:<26} {status}"
             )
     return lines
 
 
+def what_it_drew(name: str, entry: GenerationResult) -> str:
+    """What a case drew, where its name does not say it: " (text2img, ControlNet edges)"."""
+    said = [entry.mode] if entry.mode != name else []
+    said += [f"ControlNet {entry.controlnet}"] if entry.controlnet else []
+    return f" ({', '.join(said)})" if said else ""
+
+
 def generation_rows(report: ValidationReport) -> list[str]:
+    part, label = column_widths(report)
     run = f"{report.settings.scheduler} {report.settings.steps} steps"
     lines = []
-    for mode, entry in report.end_to_end.items():
+    for name, entry in report.end_to_end.items():
+        drew = what_it_drew(name, entry)
         if entry.skipped:
-            lines.append(f"{mode:<14} {run:<20} skipped: {entry.skipped}")
+            lines.append(f"{name:<{part}} {run:<{label}} skipped: {entry.skipped}")
             continue
         lines.append(
-            f"{mode:<14} {run:<20} PSNR {_fmt(entry.psnr_db, '.1f')} dB, latents max abs "
-            f"{_fmt(entry.latent_max_abs)}  (PSNR >= {entry.min_psnr_db:g} dB) {'ok' if entry.ok else 'FAIL'}"
+            f"{name:<{part}} {run:<{label}} PSNR {_fmt(entry.psnr_db, '.1f')} dB, latents max abs "
+            f"{_fmt(entry.latent_max_abs)}  (PSNR >= {entry.min_psnr_db:g} dB) {'ok' if entry.ok else 'FAIL'}{drew}"
         )
     return lines
 
@@ -57,7 +78,7 @@ def blame_lines(component: str, blame: Blame) -> list[str]:
 
 
 def format_table(report: ValidationReport) -> str:
-    """The human summary: one row per component and case, one per end-to-end run, then what failed."""
+    """The human summary: one row per component and case, one per end-to-end case, then what failed."""
     lines = [
         f"validate {report.export} ({report.dtype}, {report.target}) against {report.source} on {report.provider}",
         *component_rows(report),

@@ -1,4 +1,5 @@
-"""`sdexport validate` and `convert --validate`: exit codes, validate's tolerances, the fp16 blame, the report schema."""
+"""`sdexport validate` and `convert --validate`: exit codes, tolerances, the fp16 blame, the report schema, ControlNets
+and inpainting."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sdruntime.manifest import load_schema, read_manifest
 from sdexport import convert
 from sdexport.cli import main
 from sdexport.validate import REPORT_NAME, load_report_schema, psnr
+from tests.conftest import REPO, _quiet_convert
 
 # A weight of the tiny U-Net scaled so that the residual sum after it reaches ~1e5 (fp16 holds 65504).
 OVERFLOW_MODULE = "down_blocks.0.resnets.0.conv2"
@@ -226,9 +228,12 @@ def test_auto_fp32_fallback_needs_fp16(tmp_path):
     [
         (["--scheduler", "heun"], "unknown scheduler 'heun'"),
         (["--steps", "0"], "--steps must be at least 1"),
+        (["--steps", "1"], "--steps 1 at strength 0.75 gives the image runs no step to take: give --steps 2 or more"),
         (["--atol", "-1"], "--atol must be positive"),
         (["--height", "0"], "--height must be positive"),
         (["--width", "40"], "width 40 is not a positive multiple of 16, this export's size multiple"),
+        (["--controlnet", "edges=tiny-controlnet"], "has no ControlNet named 'edges' (it has none)"),
+        (["--controlnet", "edges=no/such/folder"], "no such folder, file or ControlNet preset"),
     ],
 )
 def test_bad_options_exit_2(tiny32, args, says):
@@ -307,3 +312,115 @@ def test_fallback_rebuild_writes_the_graph_convert_writes(tmp_path, target):
     set_attention(src.pipe, EXPORT_TARGETS[target].attention)
     rebuild_component("unet", src.pipe, out, [], "rebuilt with no extra fp32 nodes")
     assert hashlib.sha256((out / "unet" / "model.onnx").read_bytes()).hexdigest() == before
+
+
+# -- ControlNets and inpainting -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def controlnet_export(tmp_path_factory) -> Path:
+    """tiny-sd with the tiny-controlnet preset as controlnet/edges, exported once for this module."""
+    return _quiet_convert(
+        "tiny-sd", tmp_path_factory.mktemp("controlnet") / "export", controlnets=["edges=tiny-controlnet"]
+    )
+
+
+@pytest.fixture(scope="module")
+def other_controlnet(tmp_path_factory) -> Path:
+    """The tiny-controlnet preset's layout with another seed, as a diffusers folder: not the exported ControlNet."""
+    from sdexport.presets import build_controlnet_from_recipe
+
+    root = tmp_path_factory.mktemp("other-controlnet")
+    recipe = json.loads((REPO / "models" / "tiny-controlnet" / "recipe.json").read_text())
+    (root / "recipe").mkdir()
+    other = {**recipe, "seed": recipe["seed"] + 1, "for": str(REPO / "models" / recipe["for"])}
+    (root / "recipe" / "recipe.json").write_text(json.dumps(other))
+    build_controlnet_from_recipe(root / "recipe").save_pretrained(root / "other")
+    return root / "other"
+
+
+def left_third(path: str) -> np.ndarray:
+    """diffusers' picture in a --save-images sheet."""
+    sheet = np.asarray(Image.open(path))
+    return sheet[:, : sheet.shape[1] // 3]
+
+
+def test_controlnet_is_checked_per_component_and_end_to_end(controlnet_export, tmp_path):
+    code, out, err, report = validate_cli(
+        "tiny-sd",
+        controlnet_export,
+        tmp_path / "report.json",
+        "--steps",
+        "2",
+        "--controlnet",
+        "edges=tiny-controlnet",
+        "--save-images",
+        tmp_path / "images",
+    )
+    assert code == 0, err
+    entry = report["components"]["controlnet/edges"]
+    assert entry["ok"] and entry["skipped"] is None and entry["limits"] == {"max_abs": 1e-4, "relative_l2": None}
+    assert 0 < entry["max_abs"] <= 1e-4 and entry["finite"]
+    assert {c["batch"] for c in entry["cases"]} == {1, 2} and len({c["timestep"] for c in entry["cases"]}) == 2
+    case = entry["cases"][0]
+    assert case["inputs"]["controlnet_cond"] == [1, 3, case["height"], case["width"]]
+    assert list(case["outputs"])[-1] == "mid_block_res_sample"
+    assert len(case["outputs"]) == case["inputs"]["conditioning_scale"][0]  # one scale per residual
+    assert any(line.startswith("controlnet/edges ") and line.endswith(" ok") for line in out.splitlines())
+    # the U-Net's residual inputs: left to their zero defaults, and random in one case per batch and size
+    fed = [c for c in report["components"]["unet"]["cases"] if "mid_block_additional_residual" in c["inputs"]]
+    assert len(fed) == 4 and all(c["label"].endswith("+residuals") for c in fed)
+    drawn = report["end_to_end"]["controlnet"]
+    assert (drawn["mode"], drawn["controlnet"], drawn["skipped"]) == ("text2img", "edges", None)
+    assert drawn["ok"] and drawn["psnr_db"] >= 45, drawn
+    plain = report["end_to_end"]["text2img"]
+    assert (
+        psnr(left_third(plain["image"]), left_third(drawn["image"])) < 45
+    )  # the ControlNet changed diffusers' picture
+    assert "(text2img, ControlNet edges)" in out
+    schema_check(report)
+
+
+def test_controlnet_without_its_model_is_not_checked(controlnet_export):
+    from sdexport.validate import validate
+
+    report = validate("tiny-sd", controlnet_export, steps=2)
+    assert report.ok, report["failures"]
+    entry = report["components"]["controlnet/edges"]
+    assert entry["skipped"] == "not checked: no PyTorch ControlNet given (--controlnet edges=PATH)"
+    assert entry["cases"] == [] and entry["ok"]
+    assert report["end_to_end"]["controlnet"]["skipped"] == "no --controlnet NAME=PATH given"
+    schema_check(report.to_json())
+
+
+def test_a_wrong_controlnet_fails(controlnet_export, other_controlnet, tmp_path):
+    code, out, err, report = validate_cli(
+        "tiny-sd",
+        controlnet_export,
+        tmp_path / "report.json",
+        "--steps",
+        "2",
+        "--controlnet",
+        f"edges={other_controlnet}",
+    )
+    assert code == 1
+    entry = report["components"]["controlnet/edges"]
+    assert not entry["ok"] and entry["sha256_ok"] and entry["finite"] and entry["max_abs"] > 1e-2
+    assert all(report["components"][c]["ok"] for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
+    assert report["end_to_end"]["text2img"]["ok"] and not report["end_to_end"]["controlnet"]["ok"]
+    assert error_line(err).startswith("sdexport: validation failed: controlnet/edges (")
+    schema_check(report)
+
+
+def test_inpainting_export_draws_an_inpainting_picture(tiny_inpaint32, tmp_path):
+    code, out, err, report = validate_cli("tiny-sd-inpaint", tiny_inpaint32, tmp_path / "report.json", "--steps", "3")
+    assert code == 0, err
+    for case in report["components"]["unet"]["cases"]:
+        assert case["inputs"]["sample"][1] == 9  # latents, mask and masked-image latents
+    for mode in ("text2img", "img2img"):
+        assert report["end_to_end"][mode]["skipped"] == "a 9-channel U-Net inpaints only: see inpaint"
+    drawn = report["end_to_end"]["inpaint"]
+    assert (drawn["mode"], drawn["controlnet"], drawn["skipped"]) == ("inpaint", None, None)
+    assert drawn["ok"] and drawn["psnr_db"] >= 45 and drawn["latent_max_abs"] < 1e-3, drawn
+    assert "controlnet" not in report["end_to_end"]
+    schema_check(report)
