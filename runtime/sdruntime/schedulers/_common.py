@@ -251,6 +251,7 @@ class DiscreteScheduler:
     DIFFUSERS_CLASS: ClassVar[str]  # the diffusers class it ports, as a config's `_class_name` writes it
     DEFAULTS: ClassVar[dict[str, Any]] = BETA_DEFAULTS
     OVERRIDES: ClassVar[dict[str, Any]] = {}  # config values a variant forces, e.g. karras sigmas
+    FLOW_MATCHING: ClassVar[bool] = False  # True: serves flow-matching models (velocity), not epsilon/v ones
     order: int = 1
     init_noise_sigma: float = 1.0
     timesteps: np.ndarray
