@@ -305,8 +305,9 @@ class StableDiffusionPipeline:
         names = [name for name in unet.inputs if name in RESIDUAL_INPUT_NAMES or name.startswith(RESIDUAL_PREFIX)]
         if not always:
             names = [name for name in names if name in unet.required_inputs]
-        sizes = {**self.manifest.axis_sizes("unet", batch, plan.height, plan.width, guidance=False)}
-        return {name: np.zeros(shape_of(unet.inputs[name].shape, sizes), np.float32) for name in names}
+        sizes = self.manifest.axis_sizes("unet", batch, plan.height, plan.width, guidance=False)
+        # the run's batch, not a static export's: the U-Net's call pads or splits every input alike
+        return {name: np.zeros((batch, *shape_of(unet.inputs[name].shape[1:], sizes)), np.float32) for name in names}
 
     def control_residuals(
         self, control: ControlRun, plan: Plan, n: int, i: int, latents: np.ndarray, scaled: np.ndarray

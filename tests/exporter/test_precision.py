@@ -137,6 +137,9 @@ def test_sd15_fp16_cuda_unet_type_checks(tmp_path_factory):
         "sample": onnx.TensorProto.FLOAT16,
         "timestep": onnx.TensorProto.FLOAT,
         "encoder_hidden_states": onnx.TensorProto.FLOAT16,
+        # a ControlNet's 12 down-block residuals and the mid block's, fp16 like the activations they join
+        **dict.fromkeys([f"down_block_additional_residual_{i}" for i in range(12)], onnx.TensorProto.FLOAT16),
+        "mid_block_additional_residual": onnx.TensorProto.FLOAT16,
     }
     assert any(n.domain == "com.microsoft" for n in model.graph.node)
 

@@ -21,6 +21,11 @@ from .test_convert import latent_sizes, run_both
 SDXL_COMPONENTS = ["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
 
 
+# the tiny U-Nets' ControlNet residual inputs: conv_in's, one resnet's and the downsampler's, the second
+# block's resnet's, then the mid block's
+RESIDUALS = [f"down_block_additional_residual_{i}" for i in range(4)] + ["mid_block_additional_residual"]
+
+
 def max_abs(expected, got) -> float:
     return max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
 
@@ -47,7 +52,7 @@ def test_sdxl_io_names_follow_optimum(sdxl32):
     assert names(te2.outputs) == ["text_embeds", "last_hidden_state", *hidden]
     assert names(manifest.components["text_encoder"].outputs) == ["last_hidden_state", "pooler_output", *hidden]
     unet = manifest.components["unet"]
-    assert names(unet.inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    assert names(unet.inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", *RESIDUALS]
     shapes = {t.name: t.shape for t in unet.inputs}
     assert shapes["text_embeds"] == ("batch", 32) and shapes["time_ids"] == ("batch", 6)
     assert shapes["encoder_hidden_states"] == ("batch", "sequence", 64)  # both encoders' widths, concatenated
@@ -145,6 +150,7 @@ def test_fp16_keeps_the_sdxl_vae_fp32(sdxl_pipe, sdxl16):
         "encoder_hidden_states": "float16",
         "text_embeds": "float16",
         "time_ids": "float32",
+        **dict.fromkeys(RESIDUALS, "float16"),
     }
     model = onnx.load(str(sdxl16 / "unet" / "model.onnx"))
     sin_cos = [n.name for n in model.graph.node if n.op_type in ("Sin", "Cos")]
@@ -200,7 +206,8 @@ def test_lcm_unet_exports_with_timestep_cond(lcm_case):
     manifest = read_manifest(out)
     assert manifest.pipeline.family == "sd1" and manifest.pipeline.time_cond_proj_dim == 32
     unet = manifest.components["unet"]
-    assert [(t.name, t.dtype, t.shape) for t in unet.inputs][3:] == [("timestep_cond", "float32", ("batch", 32))]
+    assert [(t.name, t.dtype, t.shape) for t in unet.inputs][3:4] == [("timestep_cond", "float32", ("batch", 32))]
+    assert [t.name for t in unet.inputs][4:] == RESIDUALS
     for batch in (1, 2):
         expected, got = run_both(pipe, out, "unet", batch, latent_sizes(pipe)[0])
         assert max_abs(expected, got) <= 1e-4
@@ -372,6 +379,12 @@ def test_sdxl_static_export(sdxl_pipe, tmp_path):
         "encoder_hidden_states": (2, 77, 64),
         "text_embeds": (2, 32),
         "time_ids": (2, 6),
+        # a ControlNet's residuals, at the latents' size and halved after the down block's downsampler
+        "down_block_additional_residual_0": (2, 32, 16, 24),
+        "down_block_additional_residual_1": (2, 32, 16, 24),
+        "down_block_additional_residual_2": (2, 32, 8, 12),
+        "down_block_additional_residual_3": (2, 64, 8, 12),
+        "mid_block_additional_residual": (2, 64, 8, 12),
     }
     assert manifest.components["text_encoder_2"].inputs[0].shape == (2, 77)
     expected, got = run_both(sdxl_pipe, out, "unet", 2, (16, 24))

@@ -63,6 +63,12 @@ def test_static_trace_with_1gib_of_attention_scores(plain_pipe, tmp_path):
         "sample": [batch, 4, h, w],
         "timestep": [batch],
         "encoder_hidden_states": [batch, 77, 32],
+        # a ControlNet's residuals: conv_in's and a resnet's at the latents' size, then halved
+        "down_block_additional_residual_0": [batch, 32, h, w],
+        "down_block_additional_residual_1": [batch, 32, h, w],
+        "down_block_additional_residual_2": [batch, 32, h // 2, w // 2],
+        "down_block_additional_residual_3": [batch, 64, h // 2, w // 2],
+        "mid_block_additional_residual": [batch, 64, h // 2, w // 2],
         "out_sample": [batch, 4, h, w],
     }
     model = onnx.load(str(path), load_external_data=False)
