@@ -5,7 +5,7 @@ reads the plan."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sdruntime.manifest import COMPONENTS, PipelineFacts, StaticShapes
 
@@ -156,10 +156,13 @@ def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
     """The plan of one convert of this pipeline; `compare`: this machine runs the target's graphs."""
     facts = pipeline_facts(pipe, pipeline_family(pipe))
     multiple = size_multiple(pipe)
+    static = static_shapes(opts, facts, multiple)
+    # component_export.add_zero_defaults gives the residual inputs defaults where their batch is not fixed
+    facts = replace(facts, unet_residual_defaults=EXPORT_TARGETS[opts.target].residual_defaults and static is None)
     return ExportPlan(
         facts=facts,
         size_multiple=multiple,
-        static=static_shapes(opts, facts, multiple),
+        static=static,
         attention=EXPORT_TARGETS[opts.target].attention,
         components={c: component_plan(c, opts, facts) for c in export_components(pipe, opts.components)},
         lean=not (opts.validate or opts.auto_fp32_fallback),  # validation runs the whole pipeline in PyTorch

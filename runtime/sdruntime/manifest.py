@@ -327,6 +327,8 @@ class PipelineFacts(_JsonFields):
     # block's), and its channels; None: a U-Net that takes none (an export that predates ControlNet)
     unet_residual_scales: tuple[int, ...] | None = None
     unet_residual_channels: tuple[int, ...] | None = None
+    # whether those inputs default to zeros (not on the tensorrt target, nor in static exports: fed zeros there)
+    unet_residual_defaults: bool | None = None
 
     OMITTED_WHEN_EMPTY = (
         "upcast_attention",
@@ -345,6 +347,7 @@ class PipelineFacts(_JsonFields):
         "unet_in_channels",
         "unet_residual_scales",
         "unet_residual_channels",
+        "unet_residual_defaults",
     )
 
     @property

@@ -191,6 +191,7 @@ def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -
         shapes = [
             f"{i.name}:{'x'.join(str(d) for d in shape_of(i.shape, known))}"
             for i in manifest.components[component].inputs
+            if not (component == "unet" and "residual" in i.name and manifest.pipeline.unet_residual_defaults)
         ]
         profile[f"trt_profile_{key}_shapes"] = ",".join(shapes)
     return profile

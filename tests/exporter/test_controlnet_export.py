@@ -49,6 +49,7 @@ def test_manifest_lists_the_controlnet_with_its_hashes_and_residuals(with_contro
 
 
 def test_unet_residuals_default_to_zeros(with_controlnet):
+    assert read_manifest(with_controlnet).pipeline.unet_residual_defaults is True
     session = ort.InferenceSession(str(with_controlnet / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["sample", "timestep", "encoder_hidden_states"]
     defaults = session.get_overridable_initializers()
@@ -138,6 +139,13 @@ def test_tensorrt_target_unet_requires_its_residuals(tmp_path):
     initializers = {t.name for t in model.graph.initializer}
     residuals = [i.name for i in model.graph.input if "residual" in i.name]
     assert len(residuals) == 5 and not initializers.intersection(residuals)
+    # so TensorRT's shape profile covers them, as it does every input
+    from sdruntime.session import SessionSettings, provider_options
+
+    manifest = read_manifest(out)
+    assert manifest.pipeline.unet_residual_defaults is False
+    ((_, options),) = provider_options(["TensorrtExecutionProvider"], manifest, "unet", SessionSettings())
+    assert "mid_block_additional_residual:8x64x4x4" in options["trt_profile_max_shapes"]
 
 
 def test_cuda_target_fuses_the_controlnet_within_the_kernels_limits(tmp_path):

@@ -47,6 +47,7 @@ FACTS = PipelineFacts(
     num_hidden_states=13,
     unet_residual_scales=(1, 1, 1, 2, 2, 2, 4, 4, 4, 8, 8, 8, 8),  # SD 1.5's 12 down residuals and the mid one
     unet_residual_channels=(320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280, 1280),
+    unet_residual_defaults=True,
 )
 DIMS = {
     "max_length": 77,
