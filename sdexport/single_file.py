@@ -123,7 +123,8 @@ def checkpoint_family(shapes: dict[str, tuple[int, ...]], where: str) -> str:
         )
     if has("control_model.") or has("controlnet_cond_embedding.") or has("input_hint_block."):
         raise SdexportError(
-            f"{where} is a ControlNet checkpoint (control_model.* keys): ControlNet is not supported yet"
+            f"{where} is a ControlNet checkpoint (control_model.* keys), not a pipeline: pass a base model as "
+            "SOURCE and this file with --controlnet (or `sdexport add-controlnet OUT FILE`)"
         )
     if has("lora_unet_") or has("lora_te_") or any(".lora_" in key or ".lora." in key for key in shapes):
         raise SdexportError(f"{where} is a LoRA, not a model: pass a base model as SOURCE and the LoRA with --lora")

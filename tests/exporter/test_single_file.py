@@ -221,7 +221,7 @@ SD_VAE = {"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}
                 "control_model.time_embed.0.weight": torch.zeros(8, 4),
                 "control_model.input_hint_block.0.weight": torch.zeros(4),
             },
-            "ControlNet is not supported yet",
+            "not a pipeline: pass a base model as SOURCE and this file with --controlnet",
         ),
         (
             {"encoder.layers.0.weight": torch.zeros(4), "head.weight": torch.zeros(4)},
