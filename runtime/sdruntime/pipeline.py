@@ -342,6 +342,12 @@ class StableDiffusionPipeline:
             image = np.repeat(load_control_image(unit.image, plan.width, plan.height), plan.batch, axis=0)
             images.append(np.concatenate([image] * 2) if plan.guidance.doubles_batch and not halve else image)
         components = [self.component(unit.component) for unit in control.units]
+        rows = len(images[0])
+        if any(c.static_batch not in (None, rows) for c in components):
+            raise GenerationError(
+                f"this static export's ControlNets take {components[0].static_batch} rows, and this request feeds them "
+                f"{rows}: draw the export's batch size without guess mode, or export without --static"
+            )
         return ControlRun(control, components, images, fixed, len(plan.scheduler.step_indices))
 
     def vae_decode(self, latents: np.ndarray, rows: int | None = None) -> np.ndarray:

@@ -156,3 +156,17 @@ def test_cuda_target_fuses_the_controlnet_within_the_kernels_limits(tmp_path):
     ops = {node.op_type for node in model.graph.node}
     assert "GroupNorm" in ops or "SkipGroupNorm" in ops  # ORT's Stable Diffusion fusions ran on it
     assert read_manifest(out).components["controlnet/tiny-controlnet"].attention == "plain"
+
+
+def test_a_static_export_runs_its_controlnet_at_its_batch_and_refuses_others(tmp_path):
+    from sdruntime.request import GenerationError
+
+    out = _quiet_convert(
+        "tiny-sd", tmp_path / "static", static=True, batch_size=1, height=64, width=64, controlnets=["tiny-controlnet"]
+    )
+    pipe = StableDiffusionPipeline.load(out)
+    image = pattern(64, 4)
+    assert np.isfinite(pipe(PROMPT, num_inference_steps=2, seed=1, control_image=image).latents).all()
+    for extra in ({"num_images": 2}, {"guess_mode": True}):
+        with pytest.raises(GenerationError, match="static export's ControlNets take 2 rows"):
+            pipe(PROMPT, num_inference_steps=2, seed=1, control_image=image, **extra)
