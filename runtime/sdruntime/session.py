@@ -264,7 +264,10 @@ class Component:
         used = self.session.get_providers()
         self.provider = used[0]
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        self.static_batch = next((s.shape[0] for s in entry.inputs if s.shape and isinstance(s.shape[0], int)), None)
+        # a static export's batch: its first input's first axis (a ControlNet's conditioning_scale is fixed in
+        # every export, so the export's being static decides, not any fixed axis)
+        first = entry.inputs[0].shape if entry.inputs else ()
+        self.static_batch = first[0] if manifest.static is not None and first and isinstance(first[0], int) else None
 
     def input_dtype(self, name: str):
         return NUMPY_DTYPES[self.inputs[name].dtype]
