@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .image import open_image
-from .manifest import CONTROLNET_OUTPUTS, UNET_RESIDUAL_INPUTS, Manifest, component_kind, controlnet_component
+from .manifest import CONTROLNET_OUTPUTS, Manifest, component_kind, controlnet_component, residual_names
 from .request import GenerationError, GenerationRequest
 
 
@@ -139,17 +139,6 @@ def guess_ramp(count: int) -> np.ndarray:
     return np.logspace(-1.0, 0.0, count).astype(np.float32)
 
 
-def residual_inputs(count: int) -> list[str]:
-    """The U-Net's residual inputs, in a ControlNet's output order."""
-    down, mid = UNET_RESIDUAL_INPUTS
-    return [down.format(i) for i in range(count - 1)] + [mid]
-
-
-def residual_outputs(count: int) -> list[str]:
-    down, mid = CONTROLNET_OUTPUTS
-    return [down.format(i) for i in range(count - 1)] + [mid]
-
-
 class ControlRun:
     """The ControlNets of one generation, bound once: each step feeds them the U-Net's scaled latents and
     timestep and returns the summed residuals by U-Net input name (None when every scale is 0 at that step)."""
@@ -179,10 +168,10 @@ class ControlRun:
                 for name, value in feeds.items():
                     self.bindings[unit].update(name, value)
             outputs = self.bindings[unit].run()
-            out = [outputs[name] for name in residual_outputs(self.count)]
+            out = [outputs[name] for name in residual_names(self.count, CONTROLNET_OUTPUTS)]
             total = out if total is None else [a + b for a, b in zip(total, out)]
         if total is None:
             return None
         if zeros_first:
             total = [np.concatenate([np.zeros((zeros_first, *r.shape[1:]), np.float32), r]) for r in total]
-        return dict(zip(residual_inputs(self.count), total))
+        return dict(zip(residual_names(self.count), total))

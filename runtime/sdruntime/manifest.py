@@ -135,12 +135,18 @@ def residual_specs(scales: tuple[int, ...], names: tuple[str, str]) -> tuple[Ten
     def spatial(axis: str, scale: int) -> str:
         return axis if scale == 1 else f"{axis}_{scale}"
 
-    specs = []
-    for i, scale in enumerate(scales):
-        name = names[1] if i == len(scales) - 1 else names[0].format(i)
-        shape = ("batch", f"residual_channels_{i}", spatial("height", scale), spatial("width", scale))
-        specs.append(TensorSpec(name, "float", shape))
-    return tuple(specs)
+    return tuple(
+        TensorSpec(
+            name, "float", ("batch", f"residual_channels_{i}", spatial("height", scale), spatial("width", scale))
+        )
+        for i, (name, scale) in enumerate(zip(residual_names(len(scales), names), scales))
+    )
+
+
+def residual_names(count: int, names: tuple[str, str] = UNET_RESIDUAL_INPUTS) -> list[str]:
+    """The names of `count` residuals, the down blocks' then the mid block's: the U-Net's inputs
+    (UNET_RESIDUAL_INPUTS) or a ControlNet's outputs (CONTROLNET_OUTPUTS), which pair up in order."""
+    return [names[0].format(i) for i in range(count - 1)] + [names[1]] if count else []
 
 
 def resolve_dtype(spec_dtype: str, export_dtype: str) -> str:

@@ -21,7 +21,7 @@ from .conditioning import MicroConditioning
 from .control import ControlRun, load_control_image
 from .image import load_init_image, save_image, short_hash, to_pil
 from .inpaint import Inpainting, load_mask, mask_to_latents
-from .manifest import FINAL_LAYER_NORM, UNET_RESIDUAL_INPUTS, ExportError, HashCache, read_manifest
+from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest, residual_names
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
@@ -31,9 +31,7 @@ from .session import Component, SessionSettings, check_cpu_layout, first_provide
 from .tokenizer import PromptTokenizer
 
 StepCallback = Callable[[int, float, np.ndarray], None]
-RESIDUAL_PREFIX = UNET_RESIDUAL_INPUTS[0].format("")
 MICRO_CONDITIONING = tuple(f.name for f in fields(MicroConditioning))
-RESIDUAL_INPUT_NAMES = (UNET_RESIDUAL_INPUTS[1],)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -302,7 +300,7 @@ class StableDiffusionPipeline:
         """Zeros for the U-Net's ControlNet residual inputs: fed when ControlNets run (a step where none is on
         feeds them), or when the U-Net requires them (the tensorrt target's); else its defaults stand."""
         unet = self.component("unet")
-        names = [name for name in unet.inputs if name in RESIDUAL_INPUT_NAMES or name.startswith(RESIDUAL_PREFIX)]
+        names = residual_names(len(self.manifest.pipeline.unet_residual_scales or ()))
         if not always:
             names = [name for name in names if name in unet.required_inputs]
         sizes = self.manifest.axis_sizes("unet", batch, plan.height, plan.width, guidance=False)
@@ -327,7 +325,7 @@ class StableDiffusionPipeline:
         control = plan.control
         if control is None:
             return None
-        if not any(name.startswith(RESIDUAL_PREFIX) for name in self.component("unet").inputs):
+        if not self.manifest.pipeline.unet_residual_scales:
             raise GenerationError(
                 "this export's U-Net takes no ControlNet residuals (it predates them): re-export it with `sdexport convert`"
             )
