@@ -28,7 +28,7 @@ from sdruntime.manifest import (
     facts_io,
     file_entry,
 )
-from transformers import CLIPTokenizerFast
+from transformers import CLIPTokenizerFast, T5TokenizerFast
 
 from . import __version__
 from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
@@ -62,13 +62,24 @@ def write_tokenizer(tokenizer, folder: Path) -> None:
     backend.save(str(folder / "tokenizer.json"))
 
 
+def write_t5_tokenizer(tokenizer, folder: Path) -> None:
+    """SD3's and Flux's T5 tokenizer as tokenizer.json (what the runtime reads), converted from
+    sentencepiece when the pipeline holds the slow tokenizer."""
+    tokenizer.save_pretrained(folder)
+    if not (folder / "tokenizer.json").is_file():
+        T5TokenizerFast.from_pretrained(folder).save_pretrained(folder)
+
+
 # model_index.json's entries kept from the source pipeline, and the optimum class each family loads with
 INDEX_KEYS = (
     "text_encoder",
     "text_encoder_2",
     "tokenizer",
     "tokenizer_2",
+    "text_encoder_3",
+    "tokenizer_3",
     "unet",
+    "transformer",
     "scheduler",
     "force_zeros_for_empty_prompt",
     "requires_aesthetics_score",
@@ -78,6 +89,12 @@ ORT_CLASSES = {
     "StableDiffusionXLImg2ImgPipeline": "ORTStableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline": "ORTStableDiffusionXLInpaintPipeline",
     "StableDiffusionInpaintPipeline": "ORTStableDiffusionInpaintPipeline",
+    "StableDiffusion3Pipeline": "ORTStableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline": "ORTStableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline": "ORTStableDiffusion3InpaintPipeline",
+    "FluxPipeline": "ORTFluxPipeline",
+    "FluxImg2ImgPipeline": "ORTFluxPipeline",  # optimum has no Flux image-to-image or inpainting class
+    "FluxInpaintPipeline": "ORTFluxPipeline",
 }
 
 
@@ -99,9 +116,14 @@ def model_index(pipe) -> dict:
 
 
 def write_configs(pipe, source, tmp: Path, components: Sequence[str]) -> None:
-    for name in ("tokenizer", "tokenizer_2"):
-        if getattr(pipe, name, None) is not None:
-            write_tokenizer(getattr(pipe, name), tmp / name)
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is None:
+            continue
+        if type(tokenizer).__name__.startswith("T5"):
+            write_t5_tokenizer(tokenizer, tmp / name)
+        else:
+            write_tokenizer(tokenizer, tmp / name)
     write_scheduler_config(pipe.scheduler, tmp / "scheduler")
     for component in components:
         spec = spec_of(component)
@@ -134,7 +156,8 @@ def component_entry(
         path=f"{component}/model.onnx",
         files=written.files,
         dtype=dtype,
-        attention=plan.attention,
+        # SD3's and Flux's transformers keep their joint attention processors, which call SDPA
+        attention="sdpa" if component == "transformer" else plan.attention,
         fp32_nodes=written.fp32_nodes,
         export_max_abs_diff=compared["max_abs_diff"] if compared else None,
         export_relative_l2=compared["relative_l2"] if compared else None,

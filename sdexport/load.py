@@ -17,7 +17,7 @@ from diffusers import (
 from huggingface_hub import snapshot_download
 
 from .errors import SdexportError
-from .families import is_sdxl_index
+from .families import TRANSFORMER_PIPELINES, index_family, is_sdxl_index
 from .presets import build_from_recipe
 from .single_file import load_single_file
 from .sources import check_pipeline_folder, locate_source, read_json
@@ -37,6 +37,8 @@ class Source:
 
 def _load_folder(folder: Path):
     model_index = read_json(folder / "model_index.json")
+    if family := index_family(model_index):
+        return _load_transformer_folder(folder, model_index, family)
     if is_sdxl_index(model_index, {}):
         cls = model_index.get("_class_name", "")
         refiner = "Img2Img" in cls or model_index.get("text_encoder", [None])[0] is None
@@ -54,6 +56,18 @@ def _load_folder(folder: Path):
         requires_safety_checker=False,
         local_files_only=True,
     )
+
+
+def _load_transformer_folder(folder: Path, model_index: dict, family: str):
+    """An SD3 or Flux folder, as its own class (image-to-image and inpainting classes keep their name
+    for model_index.json); SD3 without text_encoder_3 loads without T5, as diffusers allows."""
+    import diffusers
+
+    cls = model_index.get("_class_name", "")
+    default = "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline"
+    pipeline_class = getattr(diffusers, cls if cls in TRANSFORMER_PIPELINES else default)
+    absent = {name: None for name, value in model_index.items() if isinstance(value, list) and value[:1] == [None]}
+    return pipeline_class.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, **absent)
 
 
 def load_source(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sdruntime.manifest import COMPONENTS, PipelineFacts, StaticShapes
+from sdruntime.manifest import COMPONENTS, TRANSFORMER_FAMILIES, PipelineFacts, StaticShapes
 
 from .convert_options import ConvertOptions
 from .errors import SdexportError
@@ -17,16 +17,20 @@ from .specs import (
     first_tokenizer,
     num_hidden_states,
     num_time_ids,
+    patch_size,
     pipeline_components,
     residual_layout,
     size_multiple,
     spec_of,
+    t5_tokenizer,
     vae_scale_factor,
 )
 from .targets import EXPORT_TARGETS
 
 
 def pipeline_facts(pipe, family: str) -> PipelineFacts:
+    if family in TRANSFORMER_FAMILIES:
+        return transformer_facts(pipe, family)
     factor = vae_scale_factor(pipe)
     tokenizer = first_tokenizer(pipe)
     unet = pipe.unet.config
@@ -51,6 +55,52 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
         unet_residual_scales=residual_layout(unet)[0],
         unet_residual_channels=residual_layout(unet)[1],
         **sdxl,
+    )
+
+
+# diffusers' default max_sequence_length in StableDiffusion3Pipeline and FluxPipeline's __call__
+DEFAULT_MAX_SEQUENCE_LENGTH = {"sd3": 256, "flux": 512}
+
+
+def transformer_facts(pipe, family: str) -> PipelineFacts:
+    """The facts of an SD3 or Flux pipeline: the 16-channel VAE's scaling and shift, the transformer's
+    patches and widths, the tokenizers (T5's may be absent in SD3, as diffusers allows)."""
+    factor = vae_scale_factor(pipe)
+    config = pipe.transformer.config
+    # SD3's default size is the transformer's sample_size; FluxPipeline's default_sample_size is 128
+    sample = int(config.sample_size) if family == "sd3" else 128
+    t5 = t5_tokenizer(pipe)
+    sd3 = {}
+    if family == "sd3":
+        encoder = pipe.text_encoder_2.config
+        sd3 = {
+            "num_hidden_states_2": num_hidden_states(pipe, "text_encoder_2"),
+            "text_encoder_2_hidden_size": int(encoder.hidden_size),
+            "text_encoder_2_projection_dim": int(encoder.projection_dim),
+            "tokenizer_2_max_length": int(pipe.tokenizer_2.model_max_length),
+            "tokenizer_2_pad_token_id": int(pipe.tokenizer_2.pad_token_id),
+        }
+    return PipelineFacts(
+        family=family,
+        prediction_type="flow",
+        vae_scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale_factor=factor,
+        latent_channels=int(pipe.vae.config.latent_channels),
+        default_height=sample * factor,
+        default_width=sample * factor,
+        tokenizer_max_length=int(pipe.tokenizer.model_max_length),
+        pad_token_id=int(pipe.tokenizer.pad_token_id),
+        scheduler_class=pipe.scheduler.__class__.__name__,
+        num_hidden_states=num_hidden_states(pipe),
+        vae_shift_factor=float(pipe.vae.config.shift_factor or 0.0),
+        patch_size=patch_size(pipe),
+        joint_attention_dim=int(config.joint_attention_dim),
+        pooled_projection_dim=int(config.pooled_projection_dim),
+        max_sequence_length=DEFAULT_MAX_SEQUENCE_LENGTH[family],
+        t5_max_length=int(t5.model_max_length) if t5 is not None else None,
+        t5_pad_token_id=int(t5.pad_token_id) if t5 is not None else None,
+        guidance_embeds=bool(config.guidance_embeds) if family == "flux" else None,
+        **sd3,
     )
 
 
@@ -84,6 +134,8 @@ def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> 
     """The manifest's `static` entry of a static export (sizes checked against the size multiple)."""
     if not opts.static:
         return None
+    if facts.transformer_family:
+        raise SdexportError(f"--static is not supported for {facts.family.upper()} exports yet: export without --static")
     height = opts.height or facts.default_height
     width = opts.width or facts.default_width
     for name, value in (("height", height), ("width", width)):
@@ -158,7 +210,8 @@ def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
     multiple = size_multiple(pipe)
     static = static_shapes(opts, facts, multiple)
     # component_export.add_zero_defaults gives the residual inputs defaults where their batch is not fixed
-    facts = replace(facts, unet_residual_defaults=EXPORT_TARGETS[opts.target].residual_defaults and static is None)
+    if not facts.transformer_family:
+        facts = replace(facts, unet_residual_defaults=EXPORT_TARGETS[opts.target].residual_defaults and static is None)
     return ExportPlan(
         facts=facts,
         size_multiple=multiple,

@@ -95,6 +95,8 @@ def build_from_recipe(folder: Path):
     family = recipe.get("family", "sd1")
     configs = recipe_configs(folder, recipe)
     seed = int(recipe.get("seed", 0))
+    if family in ("sd3", "flux"):
+        return _build_transformer_pipeline(folder, recipe, configs, seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(configs["unet"])
     torch.manual_seed(seed + 1)
@@ -153,6 +155,53 @@ def _build_sdxl(folder: Path, recipe: dict, configs: dict, seed: int, unet, vae,
     return StableDiffusionXLPipeline(**parts, **flags)
 
 
+def _build_transformer_pipeline(folder: Path, recipe: dict, configs: dict, seed: int):
+    """SD3 (CLIP-L and CLIP-G with projections, T5 unless the recipe leaves it out, the MMDiT) or Flux
+    (CLIP-L, T5, the Flux transformer), with the 16-channel VAE, each module seeded in turn."""
+    import diffusers
+    import torch
+    from diffusers import AutoencoderKL
+
+    family = recipe["family"]
+    parts = {}
+    torch.manual_seed(seed)
+    transformer_class = "SD3Transformer2DModel" if family == "sd3" else "FluxTransformer2DModel"
+    parts["transformer"] = getattr(diffusers, transformer_class).from_config(configs["transformer"])
+    torch.manual_seed(seed + 1)
+    parts["vae"] = AutoencoderKL.from_config(configs["vae"])
+    parts["scheduler"] = _scheduler(configs["scheduler"])
+    torch.manual_seed(seed + 2)
+    parts["text_encoder"] = _text_encoder(configs["text_encoder"], projection=family == "sd3")
+    parts["tokenizer"] = _tokenizer(folder / recipe["tokenizer"], configs["text_encoder"], pad_with_bang=False)
+    t5_name = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    if family == "sd3":
+        torch.manual_seed(seed + 3)
+        parts["text_encoder_2"] = _text_encoder(configs["text_encoder_2"], projection=True)
+        parts["tokenizer_2"] = _tokenizer(folder / recipe["tokenizer_2"], configs["text_encoder_2"], pad_with_bang=True)
+    t5 = "tokenizer_3" if family == "sd3" else "tokenizer_2"
+    if t5_name in configs:
+        torch.manual_seed(seed + 4)
+        parts[t5_name] = _t5_encoder(configs[t5_name])
+        parts[t5] = _t5_tokenizer(folder / recipe[t5])
+    else:
+        parts[t5_name], parts[t5] = None, None
+    pipeline_class = recipe.get("pipeline", "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline")
+    return getattr(diffusers, pipeline_class)(**parts)
+
+
+def _t5_encoder(config: dict):
+    from transformers import T5Config, T5EncoderModel
+
+    config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    return T5EncoderModel(T5Config(**config)).eval()
+
+
+def _t5_tokenizer(tokenizer_dir: Path):
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast.from_pretrained(str(tokenizer_dir.resolve()))
+
+
 def _text_encoder(config: dict, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -182,7 +231,7 @@ def _scheduler(config: dict):
 
 def recipe_configs(folder: Path, recipe: dict) -> dict[str, dict]:
     """Component configs: inline in the recipe, or read from a diffusers config folder ("configs")."""
-    parts = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+    parts = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "scheduler")
     if "configs" not in recipe:
         return {k: recipe[k] for k in parts if k in recipe}
     root = (folder / recipe["configs"]).resolve()

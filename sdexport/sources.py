@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdexportError
-from .families import check_supported, is_sdxl_index
+from .families import check_supported, index_family, is_sdxl_index
 from .presets import available_presets
 
 REQUIRED_PARTS = {
@@ -22,6 +22,27 @@ REQUIRED_PARTS = {
 }
 # SDXL: both text encoders; a refiner has text_encoder_2 only (model_index.json names text_encoder null)
 SDXL_PARTS = {**REQUIRED_PARTS, "text_encoder_2": "config.json", "tokenizer_2": "vocab.json"}
+# the transformer families' parts (the T5 tokenizer may be tokenizer.json or spiece.model: its config names it)
+TRANSFORMER_PARTS = {
+    "sd3": {
+        "transformer": "config.json",
+        "vae": "config.json",
+        "text_encoder": "config.json",
+        "text_encoder_2": "config.json",
+        "tokenizer": "vocab.json",
+        "tokenizer_2": "vocab.json",
+        "scheduler": "scheduler_config.json",
+    },
+    "flux": {
+        "transformer": "config.json",
+        "vae": "config.json",
+        "text_encoder": "config.json",
+        "text_encoder_2": "config.json",
+        "tokenizer": "vocab.json",
+        "tokenizer_2": "tokenizer_config.json",
+        "scheduler": "scheduler_config.json",
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,9 @@ def check_pipeline_folder(folder: Path) -> None:
     unet_config_path = folder / "unet" / "config.json"
     unet_config = read_json(unet_config_path) if unet_config_path.is_file() else {}
     check_supported(model_index, unet_config, str(folder))
+    family = index_family(model_index)
     parts = SDXL_PARTS if is_sdxl_index(model_index, unet_config) else REQUIRED_PARTS
+    parts = TRANSFORMER_PARTS[family] if family else parts
     absent = {name for name, value in model_index.items() if isinstance(value, list) and value[:1] == [None]}
     for part, marker in ((p, m) for p, m in parts.items() if p not in absent):
         if not (folder / part / marker).is_file():
@@ -101,6 +124,7 @@ def check_pipeline_folder(folder: Path) -> None:
                 f"{folder} is missing its {part} ({part}/{marker} not found): the pipeline folder is "
                 "incomplete; save it again with `save_pretrained`"
             )
-    weights = list((folder / "unet").glob("*.safetensors")) + list((folder / "unet").glob("*.bin"))
+    denoiser = folder / ("transformer" if family else "unet")
+    weights = list(denoiser.glob("*.safetensors")) + list(denoiser.glob("*.bin"))
     if not weights:
-        raise SdexportError(f"{folder}/unet has no weights (*.safetensors or *.bin): the folder is incomplete")
+        raise SdexportError(f"{denoiser} has no weights (*.safetensors or *.bin): the folder is incomplete")

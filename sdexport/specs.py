@@ -6,6 +6,7 @@ are here too."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,108 @@ class TextEncoderWithProjection(torch.nn.Module):
     def forward(self, input_ids):
         out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
         return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
+
+
+class T5Encoder(torch.nn.Module):
+    """SD3's and Flux's T5 encoder: the last hidden state (diffusers reads nothing else)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=True).last_hidden_state
+
+
+def text_encoder_wrapper(module) -> torch.nn.Module:
+    """The wrapper with the IO table's outputs for a text encoder, by its class: CLIP with its projection
+    (SDXL's second, SD3's first two), T5 (SD3's third, Flux's second), else CLIP."""
+    name = type(module).__name__
+    if name == "CLIPTextModelWithProjection":
+        return TextEncoderWithProjection(module)
+    if name.startswith("T5"):
+        return T5Encoder(module)
+    return TextEncoder(module)
+
+
+class SD3Transformer(torch.nn.Module):
+    """SD3's MMDiT with optimum's inputs: latents [batch, C, h, w], the joint text embeddings, the pooled
+    projections and the timestep (sigma x 1000)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+class FluxTransformer(torch.nn.Module):
+    """Flux's transformer with optimum's inputs: packed latents [batch, h/2 x w/2, 4C], T5's embeddings, CLIP's
+    pooled output, the timestep (sigma: the transformer scales it), the rotary positions and, for dev, the
+    guidance scale (guidance_embeds)."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, txt_ids, img_ids, *guidance):
+        return self.transformer(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance[0] if guidance else None,
+            return_dict=False,
+        )[0]
+
+
+def traceable_rotary_emb(x, freqs_cis, use_real=True, use_real_unbind_dim=-1, sequence_dim=2):
+    """diffusers' apply_rotary_emb for Flux (use_real, pairs along the last axis) without the reshape to
+    (..., -1, 2), which the tracer records with the traced sequence length as a constant: the even and
+    odd channels are sliced instead. The same arithmetic, so the same numbers."""
+    cos, sin = freqs_cis
+    if sequence_dim == 2:
+        cos, sin = cos[None, None, :, :], sin[None, None, :, :]
+    else:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x[..., 0::2], x[..., 1::2]
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def traceable_rms_norm(x, normalized_shape, weight=None, eps=None):
+    """torch.nn.functional.rms_norm in ops opset 17 has (torch's ONNX exporter has no aten::rms_norm below
+    opset 23): x / sqrt(mean(x^2) + eps) x weight over the normalized axes, as PyTorch computes it."""
+    axes = tuple(range(-len(normalized_shape), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    out = x * torch.rsqrt(x.pow(2).mean(dim=axes, keepdim=True) + eps)
+    return out * weight if weight is not None else out
+
+
+@contextlib.contextmanager
+def tracing_patches(component: str, pipe):
+    """What tracing a component needs swapped in: torch.nn.RMSNorm's function (Flux's q/k norms) and Flux's
+    rotary embedding in traceable forms."""
+    import diffusers.models.transformers.transformer_flux as flux
+    import torch.nn.functional as functional
+
+    saved = (functional.rms_norm, flux.apply_rotary_emb)
+    functional.rms_norm = traceable_rms_norm
+    if component == "transformer" and transformer_family(pipe) == "flux":
+        flux.apply_rotary_emb = traceable_rotary_emb
+    try:
+        yield
+    finally:
+        functional.rms_norm, flux.apply_rotary_emb = saved
 
 
 class UNet(torch.nn.Module):
@@ -122,12 +225,16 @@ class VaeEncoder(torch.nn.Module):
 
 
 def set_attention(pipe, form: str) -> None:
-    """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE, ControlNets and CLIP)."""
+    """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE, ControlNets and CLIP). SD3's and Flux's
+    transformers keep their joint attention processors (SDPA) and T5 its own attention (it has no SDPA form)."""
 
-    for module in (pipe.unet, pipe.vae, *controlnet_models(pipe).values()):
-        set_module_attention(module, form)
+    unet = getattr(pipe, "unet", None)
+    for module in (unet, pipe.vae, *controlnet_models(pipe).values()):
+        if module is not None:
+            set_module_attention(module, form)
     for encoder in text_encoders(pipe).values():
-        encoder.set_attn_implementation("sdpa" if form == "sdpa" else "eager")
+        if type(encoder).__name__.startswith("CLIP"):
+            encoder.set_attn_implementation("sdpa" if form == "sdpa" else "eager")
 
 
 def set_module_attention(module, form: str) -> None:
@@ -136,8 +243,8 @@ def set_module_attention(module, form: str) -> None:
 
 
 def text_encoders(pipe) -> dict[str, torch.nn.Module]:
-    """The pipeline's text encoders by component name (an SDXL refiner has text_encoder_2 only)."""
-    found = {name: getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")}
+    """The pipeline's text encoders by component name (an SDXL refiner has text_encoder_2 only; SD3 may lack T5)."""
+    found = {name: getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
     return {name: module for name, module in found.items() if module is not None}
 
 
@@ -146,8 +253,22 @@ def pipeline_components(pipe) -> tuple[str, ...]:
     return tuple(c for c in COMPONENTS if getattr(pipe, SPECS[c].module, None) is not None)
 
 
+def denoiser(pipe) -> torch.nn.Module:
+    """The U-Net, or the transformer of SD3 and Flux."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def transformer_family(pipe) -> str | None:
+    """sd3 or flux for the transformer pipelines, else None."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        return None
+    return "flux" if type(transformer).__name__ == "FluxTransformer2DModel" else "sd3"
+
+
 def is_sdxl(pipe) -> bool:
-    return pipe.unet.config.get("addition_embed_type") == "text_time"
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and unet.config.get("addition_embed_type") == "text_time"
 
 
 def unet_optional_inputs(pipe) -> tuple[str, ...]:
@@ -165,13 +286,60 @@ def vae_scale_factor(pipe) -> int:
 
 
 def size_multiple(pipe) -> int:
-    """Pixel height and width must be multiples of this: traced graphs bake in the upsample sizes."""
+    """Pixel height and width must be multiples of this: traced graphs bake in the upsample sizes; a
+    transformer's latents are cut into patch_size x patch_size patches."""
+    if transformer_family(pipe):
+        return vae_scale_factor(pipe) * patch_size(pipe)
     upsamplers = len(pipe.unet.config.block_out_channels) - 1
     return vae_scale_factor(pipe) * 2**upsamplers
 
 
+def patch_size(pipe) -> int:
+    """The transformer's patch side in latent pixels: SD3's config, or Flux's 2x2 packing."""
+    return 2 if transformer_family(pipe) == "flux" else int(pipe.transformer.config.patch_size)
+
+
+def t5_tokenizer(pipe):
+    """The T5 tokenizer: SD3's tokenizer_3, Flux's tokenizer_2."""
+    return pipe.tokenizer_3 if transformer_family(pipe) == "sd3" else pipe.tokenizer_2
+
+
+def t5_component(pipe) -> str:
+    return "text_encoder_3" if transformer_family(pipe) == "sd3" else "text_encoder_2"
+
+
+def transformer_dims(pipe) -> dict[str, int]:
+    """The IO table's fixed axes of an SD3 or Flux pipeline."""
+    config = pipe.transformer.config
+    latent = pipe.vae.config.latent_channels
+    dims = {
+        "max_length": pipe.tokenizer.model_max_length,
+        "latent_channels": latent,
+        "out_channels": config.out_channels or config.in_channels,
+        "image_channels": pipe.vae.config.in_channels,
+        "latent_parameters": 2 * latent,
+        "joint_attention_dim": config.joint_attention_dim,
+        "pooled_projection_dim": config.pooled_projection_dim,
+        "packed_channels": config.in_channels,
+        "packed_out_channels": config.out_channels or config.in_channels,
+        "position_axes": 3,
+    }
+    encoders = text_encoders(pipe)
+    dims["text_hidden_size"] = encoders["text_encoder"].config.hidden_size
+    if transformer_family(pipe) == "sd3":
+        dims["text_embeds_dim_1"] = encoders["text_encoder"].config.projection_dim
+        dims["max_length_2"] = pipe.tokenizer_2.model_max_length
+        dims["text_hidden_size_2"] = encoders["text_encoder_2"].config.hidden_size
+        dims["text_embeds_dim"] = encoders["text_encoder_2"].config.projection_dim
+    t5 = encoders.get(t5_component(pipe))
+    dims["t5_hidden_size"] = t5.config.d_model if t5 is not None else config.joint_attention_dim
+    return dims
+
+
 def model_dims(pipe) -> dict[str, int]:
     """The IO table's fixed axes, read from the pipeline's configs."""
+    if transformer_family(pipe):
+        return transformer_dims(pipe)
     unet = pipe.unet.config
     dims = {
         "max_length": first_tokenizer(pipe).model_max_length,
@@ -247,6 +415,11 @@ def final_layer_norm(pipe) -> dict:
 
 
 def io_of(component: str, pipe):
+    family = transformer_family(pipe)
+    if family:
+        guidance = family == "flux" and bool(pipe.transformer.config.guidance_embeds)
+        hidden = 0 if component == t5_component(pipe) else num_hidden_states(pipe, component)
+        return component_io(component, hidden, family=family, guidance_embeds=guidance)
     return component_io(
         component,
         num_hidden_states(pipe, component),
@@ -267,10 +440,18 @@ def dynamic_axes(component: str, fixed: dict[str, int], pipe) -> dict[str, dict[
     return axes
 
 
+T5_TRACE_LENGTH = 64  # T5's sequence is dynamic: any length traces the same ops
+
+
 def text_encoder_inputs(component: str, pipe, batch: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random token ids between BOS and EOS, as many as the tokenizer pads to."""
-    tokenizer = pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2
+    """Random token ids between BOS and EOS, as many as the tokenizer pads to (T5: random ids ending in </s>)."""
     encoder = text_encoders(pipe)[component]
+    if type(encoder).__name__.startswith("T5"):
+        tokenizer = t5_tokenizer(pipe)
+        ids = torch.randint(3, encoder.config.vocab_size, (batch, T5_TRACE_LENGTH), generator=gen)
+        ids[:, -1] = tokenizer.eos_token_id
+        return {"input_ids": ids}
+    tokenizer = pipe.tokenizer if component == "text_encoder" else pipe.tokenizer_2
     ids = torch.randint(0, encoder.config.vocab_size - 2, (batch, tokenizer.model_max_length), generator=gen)
     ids[:, 0] = tokenizer.bos_token_id
     ids[:, -1] = tokenizer.eos_token_id
@@ -309,6 +490,42 @@ def residual_inputs(specs, dims: dict[str, int], batch: int, height: int, width:
     for axis in ("height", "width"):
         sizes.update({f"{axis}_{2**k}": -(-sizes[axis] // 2**k) for k in range(1, 6)})
     return {s.name: 0.5 * torch.randn(*(sizes[a] for a in s.shape), generator=gen) for s in specs}
+
+
+def transformer_inputs(
+    component: str, pipe, batch: int, height: int, width: int, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """SD3: latents [batch, C, h, w]; Flux: packed latents with their positions. Both: text embeddings of
+    T5_TRACE_LENGTH (plus CLIP's 77 for SD3) tokens, pooled projections and timesteps as the pipelines give them."""
+    dims = model_dims(pipe)
+    family = transformer_family(pipe)
+    text = T5_TRACE_LENGTH + (dims["max_length"] if family == "sd3" else 0)
+    embeddings = torch.randn(batch, text, dims["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(batch, dims["pooled_projection_dim"], generator=gen)
+    sigma = torch.rand(batch, generator=gen)
+    if family == "sd3":
+        latents = torch.randn(batch, dims["latent_channels"], height, width, generator=gen)
+        return {
+            "hidden_states": latents,
+            "encoder_hidden_states": embeddings,
+            "pooled_projections": pooled,
+            "timestep": sigma * 1000.0,
+        }
+    rows, columns = height // 2, width // 2
+    img_ids = torch.zeros(rows, columns, 3)
+    img_ids[..., 1] += torch.arange(rows)[:, None]
+    img_ids[..., 2] += torch.arange(columns)[None, :]
+    inputs = {
+        "hidden_states": torch.randn(batch, rows * columns, dims["packed_channels"], generator=gen),
+        "encoder_hidden_states": embeddings,
+        "pooled_projections": pooled,
+        "timestep": sigma,
+        "txt_ids": torch.zeros(text, 3),
+        "img_ids": img_ids.reshape(rows * columns, 3),
+    }
+    if pipe.transformer.config.guidance_embeds:
+        inputs["guidance"] = 1.0 + 4.0 * torch.rand(batch, generator=gen)
+    return inputs
 
 
 def controlnet_inputs(
@@ -378,11 +595,11 @@ class ComponentSpec:
         return controlnet_models(pipe)[component] if self.name == CONTROLNET else getattr(pipe, self.module)
 
 
-def text_encoder_spec(name: str, wrapper: type[torch.nn.Module]) -> ComponentSpec:
+def text_encoder_spec(name: str) -> ComponentSpec:
     return ComponentSpec(
         name,
         name,
-        lambda pipe, component: wrapper(getattr(pipe, name)),
+        lambda pipe, component: text_encoder_wrapper(getattr(pipe, name)),
         lambda component, pipe, batch, height, width, gen: text_encoder_inputs(component, pipe, batch, gen),
         fusion_model_type="clip",
         save_config=save_transformers_config,
@@ -391,8 +608,9 @@ def text_encoder_spec(name: str, wrapper: type[torch.nn.Module]) -> ComponentSpe
 
 
 SPECS: dict[str, ComponentSpec] = {
-    "text_encoder": text_encoder_spec("text_encoder", TextEncoder),
-    "text_encoder_2": text_encoder_spec("text_encoder_2", TextEncoderWithProjection),
+    "text_encoder": text_encoder_spec("text_encoder"),
+    "text_encoder_2": text_encoder_spec("text_encoder_2"),
+    "text_encoder_3": text_encoder_spec("text_encoder_3"),
     "unet": ComponentSpec(
         "unet",
         "unet",
@@ -401,6 +619,17 @@ SPECS: dict[str, ComponentSpec] = {
         fusion_model_type="unet",
         fp32_inputs=("timestep", "time_ids"),  # SDXL's time_ids get a Sin/Cos embedding like the timestep's
         upcast_attention_scores=True,
+        traced_last=True,
+    ),
+    "transformer": ComponentSpec(
+        "transformer",
+        "transformer",
+        lambda pipe, component: (FluxTransformer if transformer_family(pipe) == "flux" else SD3Transformer)(
+            pipe.transformer
+        ),
+        transformer_inputs,
+        fusion_model_type="mmdit",
+        fp32_inputs=("timestep", "guidance", "txt_ids", "img_ids"),
         traced_last=True,
     ),
     "vae_decoder": ComponentSpec(

@@ -18,6 +18,7 @@ from .compare import Reference, reference_outputs
 from .graph_files import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT, set_external_location
 from .specs import (
     controlnet_models,
+    denoiser,
     dynamic_axes,
     example_inputs,
     io_of,
@@ -25,6 +26,7 @@ from .specs import (
     size_multiple,
     spec_of,
     text_encoders,
+    tracing_patches,
     wrap,
 )
 
@@ -51,7 +53,7 @@ def trace(
     # Past 2 GB the weights go in as graph inputs and are written afterwards, one tensor at a time:
     # exporting them with the graph holds them twice (an SDXL U-Net's 10.3 GB would need 21 GB).
     lean = parameter_bytes(module) > LEAN_TRACE_BYTES
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), tracing_patches(component, pipe):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
         # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
         torch.onnx.export(
@@ -127,7 +129,7 @@ def release_weights(pipe) -> None:
     ONNX Runtime then holds the weights alone (ORT's fusions of an SD 1.5 U-Net need most of a
     24 GB machine on their own)."""
 
-    for module in (pipe.unet, pipe.vae, *text_encoders(pipe).values(), *controlnet_models(pipe).values()):
+    for module in (denoiser(pipe), pipe.vae, *text_encoders(pipe).values(), *controlnet_models(pipe).values()):
         module.to("meta")
     gc.collect()
 
@@ -135,7 +137,8 @@ def release_weights(pipe) -> None:
 def release_unused(pipe, wanted: list[str]) -> list[str]:
     """Free the PyTorch weights of the modules no wanted component is traced from (an SDXL U-Net export
     need not hold SDXL's 3.5 GB of text encoders and VAE); their configs stay. Returns their names."""
-    modules = {"unet": pipe.unet, "vae": pipe.vae, **text_encoders(pipe), **controlnet_models(pipe)}
+    main = "transformer" if getattr(pipe, "unet", None) is None else "unet"
+    modules = {main: denoiser(pipe), "vae": pipe.vae, **text_encoders(pipe), **controlnet_models(pipe)}
     # a ControlNet's module goes by its component name
     used = {c if c in controlnet_models(pipe) else spec_of(c).module for c in wanted}
     unused = [name for name in modules if name not in used]

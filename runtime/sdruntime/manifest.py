@@ -30,9 +30,12 @@ READABLE_FORMAT_VERSIONS = (FORMAT_VERSION, CPU_LAYOUT_FORMAT_VERSION)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 DTYPES = ("fp32", "fp16")
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # text_encoder_2: SDXL only
-# they see the prompts and the negative prompts in one batch
-GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "controlnet")
+# text_encoder_2: SDXL, SD3 and Flux; text_encoder_3 (T5): SD3; unet: SD 1.x/2.x and SDXL; transformer: SD3 and Flux
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
+# they see the prompts and the negative prompts in one batch (Flux's transformer does not: its guidance is embedded)
+GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "controlnet")
+# The transformer families: SD3/SD3.5 (MMDiT on [batch, C, h, w] latents) and Flux.1 (on 2x2-packed latents)
+TRANSFORMER_FAMILIES = ("sd3", "flux")
 # ControlNets are components named "controlnet/NAME", each in its own folder; their IO is the "controlnet" entry
 CONTROLNET = "controlnet"
 
@@ -71,7 +74,10 @@ class ComponentIO:
 
 # ControlNet residuals: the latent size divided by 2, 4, ... (each U-Net down block halves it)
 RESIDUAL_AXES = tuple(f"{axis}_{2**k}" for k in range(1, 6) for axis in ("height", "width"))
-DYNAMIC_AXES = ("batch", "sequence", "height", "width", "image_height", "image_width", *RESIDUAL_AXES)
+# The transformer families' sequences: T5's tokens (max_sequence_length), the transformer's text tokens
+# (SD3: CLIP's 77 then T5's; Flux: T5's) and Flux's packed latent tokens (h/2 x w/2)
+SEQUENCE_AXES = ("t5_sequence", "text_sequence", "packed_sequence")
+DYNAMIC_AXES = ("batch", "sequence", "height", "width", "image_height", "image_width", *RESIDUAL_AXES, *SEQUENCE_AXES)
 
 COMPONENT_IO: dict[str, ComponentIO] = {
     "text_encoder": ComponentIO(
@@ -122,6 +128,53 @@ COMPONENT_IO: dict[str, ComponentIO] = {
         outputs=(),
     ),
 }
+
+# What differs in the transformer families: SD3's first text encoder is CLIP-L with its projection (as SDXL's
+# second is), T5 is text_encoder_3 in SD3 and text_encoder_2 in Flux; the transformers take optimum's names.
+T5_ENCODER_IO = ComponentIO(
+    inputs=(TensorSpec("input_ids", "int64", ("batch", "t5_sequence")),),
+    outputs=(TensorSpec("last_hidden_state", "float", ("batch", "t5_sequence", "t5_hidden_size")),),
+)
+FAMILY_IO: dict[str, dict[str, ComponentIO]] = {
+    "sd3": {
+        "text_encoder": ComponentIO(
+            inputs=(TensorSpec("input_ids", "int64", ("batch", "max_length")),),
+            outputs=(
+                TensorSpec("text_embeds", "float", ("batch", "text_embeds_dim_1")),
+                TensorSpec("last_hidden_state", "float", ("batch", "max_length", "text_hidden_size")),
+            ),
+        ),
+        "text_encoder_3": T5_ENCODER_IO,
+        "transformer": ComponentIO(
+            inputs=(
+                TensorSpec("hidden_states", "float", ("batch", "latent_channels", "height", "width")),
+                TensorSpec("encoder_hidden_states", "float", ("batch", "text_sequence", "joint_attention_dim")),
+                TensorSpec("pooled_projections", "float", ("batch", "pooled_projection_dim")),
+                # sigma x 1000, float32 in every export as the U-Net's timestep
+                TensorSpec("timestep", "float32", ("batch",)),
+            ),
+            outputs=(TensorSpec("out_hidden_states", "float", ("batch", "out_channels", "height", "width")),),
+        ),
+    },
+    "flux": {
+        "text_encoder_2": T5_ENCODER_IO,
+        "transformer": ComponentIO(
+            inputs=(
+                TensorSpec("hidden_states", "float", ("batch", "packed_sequence", "packed_channels")),
+                TensorSpec("encoder_hidden_states", "float", ("batch", "text_sequence", "joint_attention_dim")),
+                TensorSpec("pooled_projections", "float", ("batch", "pooled_projection_dim")),
+                # sigma (the transformer multiplies by 1000 itself), float32 in every export
+                TensorSpec("timestep", "float32", ("batch",)),
+                # the rotary positions: zeros for the text tokens, (0, row, column) for the latent tokens
+                TensorSpec("txt_ids", "float32", ("text_sequence", "position_axes")),
+                TensorSpec("img_ids", "float32", ("packed_sequence", "position_axes")),
+            ),
+            outputs=(TensorSpec("out_hidden_states", "float", ("batch", "packed_sequence", "packed_out_channels")),),
+        ),
+    },
+}
+# Flux dev's distilled guidance, embedded like the timestep (guidance_embeds)
+FLUX_GUIDANCE_INPUT = TensorSpec("guidance", "float32", ("batch",))
 
 # The U-Net's ControlNet inputs and a ControlNet's outputs, named after diffusers' arguments and fields
 UNET_RESIDUAL_INPUTS = ("down_block_additional_residual_{}", "mid_block_additional_residual")
@@ -184,14 +237,21 @@ def component_io(
     text_time: bool = False,
     timestep_cond: bool = False,
     residual_scales: tuple[int, ...] = (),
+    family: str = "",
+    guidance_embeds: bool = False,
 ) -> ComponentIO:
     """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
     i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
     layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
     `time_ids` when `text_time` (SDXL), then a ControlNet's residuals when `residual_scales` says
-    their sizes; a ControlNet takes SDXL's two too and outputs those residuals."""
+    their sizes; a ControlNet takes SDXL's two too and outputs those residuals. The transformer families'
+    entries are FAMILY_IO's; Flux dev's transformer takes `guidance` last (`guidance_embeds`)."""
     kind = component_kind(component)
-    io = COMPONENT_IO[kind]
+    io = FAMILY_IO.get(family, {}).get(kind) or COMPONENT_IO[kind]
+    if kind == "transformer" and guidance_embeds:
+        return ComponentIO(io.inputs + (FLUX_GUIDANCE_INPUT,), io.outputs)
+    if io is T5_ENCODER_IO:
+        return io
     if kind in TEXT_ENCODER_HIDDEN and num_hidden_states:
         shape = ("batch", *TEXT_ENCODER_HIDDEN[kind])
         hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
@@ -215,6 +275,8 @@ def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
         text_time=facts.family == "sdxl",
         timestep_cond=facts.time_cond_proj_dim is not None,
         residual_scales=tuple(facts.unet_residual_scales or ()),
+        family=facts.family,
+        guidance_embeds=bool(facts.guidance_embeds),
     )
 
 
@@ -335,6 +397,19 @@ class PipelineFacts(_JsonFields):
     unet_residual_channels: tuple[int, ...] | None = None
     # whether those inputs default to zeros (not on the tensorrt target, nor in static exports: fed zeros there)
     unet_residual_defaults: bool | None = None
+    # The transformer families (SD3, Flux); None in U-Net exports. The VAE's latents are
+    # (z - vae_shift_factor) * vae_scaling_factor; the transformer works on patch_size x patch_size
+    # patches (Flux packs them into channels before the transformer); T5's hidden width is the
+    # transformer's joint_attention_dim; max_sequence_length is diffusers' default T5 token count
+    # (SD3 256, Flux 512); guidance_embeds: Flux dev's embedded guidance.
+    vae_shift_factor: float | None = None
+    patch_size: int | None = None
+    joint_attention_dim: int | None = None
+    pooled_projection_dim: int | None = None
+    max_sequence_length: int | None = None
+    t5_max_length: int | None = None  # the T5 tokenizer's model_max_length: the longest max_sequence_length
+    t5_pad_token_id: int | None = None
+    guidance_embeds: bool | None = None
 
     OMITTED_WHEN_EMPTY = (
         "upcast_attention",
@@ -354,7 +429,19 @@ class PipelineFacts(_JsonFields):
         "unet_residual_scales",
         "unet_residual_channels",
         "unet_residual_defaults",
+        "vae_shift_factor",
+        "patch_size",
+        "joint_attention_dim",
+        "pooled_projection_dim",
+        "max_sequence_length",
+        "t5_max_length",
+        "t5_pad_token_id",
+        "guidance_embeds",
     )
+
+    @property
+    def transformer_family(self) -> bool:
+        return self.family in TRANSFORMER_FAMILIES
 
     @property
     def unet_channels(self) -> int:
@@ -481,11 +568,12 @@ CONFIG_FILES = (
     "scheduler/scheduler_config.json",
 )
 SDXL_CONFIG_FILES = ("tokenizer_2/tokenizer.json", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt")
+T5_CONFIG_FILES = ("tokenizer_3/tokenizer.json",)  # SD3's T5 tokenizer (Flux's is tokenizer_2's)
 
 
 def config_file_entries(folder: Path) -> tuple[FileEntry, ...]:
     """The config files the export has (an SDXL refiner has no tokenizer/, SD exports no tokenizer_2/)."""
-    names = CONFIG_FILES + SDXL_CONFIG_FILES
+    names = CONFIG_FILES + SDXL_CONFIG_FILES + T5_CONFIG_FILES
     return tuple(file_entry(folder, name) for name in names if (folder / name).is_file())
 
 
@@ -572,16 +660,26 @@ class Manifest(_JsonFields):
 
 
 def axis_sizes(
-    facts: PipelineFacts, component: str, images: int, height: int, width: int, guidance: bool = True
+    facts: PipelineFacts,
+    component: str,
+    images: int,
+    height: int,
+    width: int,
+    guidance: bool = True,
+    max_sequence_length: int | None = None,
 ) -> dict[str, int]:
     """The sizes of the IO table's dynamic axes for `images` images of height x width pixels.
 
     Latents are the pixels divided by the VAE factor; with guidance the text encoder and the U-Net
-    see the negative and the positive prompts in one batch, twice the images.
+    see the negative and the positive prompts in one batch, twice the images (Flux's transformer
+    does not: its guidance is embedded). T5 reads `max_sequence_length` tokens (default: the export's).
     """
     factor = int(facts.vae_scale_factor)
+    doubled = guidance and component_kind(component) in GUIDED_COMPONENTS
+    if facts.family == "flux" and component == "transformer":
+        doubled = False
     sizes = {
-        "batch": 2 * images if guidance and component_kind(component) in GUIDED_COMPONENTS else images,
+        "batch": 2 * images if doubled else images,
         "sequence": int(facts.tokenizer_max_length),
         "height": height // factor,
         "width": width // factor,
@@ -591,6 +689,12 @@ def axis_sizes(
     for axis in RESIDUAL_AXES:  # "height_2": the latent height halved, as a stride-2 convolution halves it
         name, divisor = axis.rsplit("_", 1)
         sizes[axis] = -(-sizes[name] // int(divisor))
+    if facts.transformer_family:
+        t5 = int(max_sequence_length or facts.max_sequence_length or 0)
+        patch = int(facts.patch_size or 1)
+        sizes["t5_sequence"] = t5
+        sizes["text_sequence"] = t5 + (int(facts.tokenizer_max_length) if facts.family == "sd3" else 0)
+        sizes["packed_sequence"] = (sizes["height"] // patch) * (sizes["width"] // patch)
     return sizes
 
 
