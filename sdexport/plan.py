@@ -135,7 +135,9 @@ def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> 
     if not opts.static:
         return None
     if facts.transformer_family:
-        raise SdexportError(f"--static is not supported for {facts.family.upper()} exports yet: export without --static")
+        raise SdexportError(
+            f"--static is not supported for {facts.family.upper()} exports yet: export without --static"
+        )
     height = opts.height or facts.default_height
     width = opts.width or facts.default_width
     for name, value in (("height", height), ("width", width)):
