@@ -8,9 +8,9 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -19,41 +19,21 @@ from tqdm.auto import tqdm
 
 from .conditioning import MicroConditioning
 from .control import ControlRun, load_control_image
-from .image import load_init_image, save_image, short_hash, to_pil
+from .image import load_init_image, short_hash, to_pil
 from .inpaint import Inpainting, load_mask, mask_to_latents
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest, residual_names
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
 from .request import GenerationError, GenerationRequest
+from .result import GenerationResult, StepCallback
 from .schedulers import Scheduler, read_scheduler_config
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers, shape_of
 from .tokenizer import PromptTokenizer
+from .transformer_pipeline import TransformerPipeline
 
-StepCallback = Callable[[int, float, np.ndarray], None]
 MICRO_CONDITIONING = tuple(f.name for f in fields(MicroConditioning))
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-
-
-@dataclass
-class GenerationResult:
-    images: list[Image.Image]
-    latents: np.ndarray
-    parameters: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=list)
-    # seconds: "total", "denoise" (the loop), "unet" (inside the U-Net's session runs), "steps"
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def save(self, path: str | Path) -> list[Path]:
-        """Write the images with their parameters, as PNG, JPEG or WebP by the extension; several images
-        get numbered names (out-0.png, out-1.png)."""
-        path = Path(path)
-        if len(self.images) == 1:
-            return [save_image(self.images[0], path, self.parameters[0])]
-        return [
-            save_image(image, path.with_name(f"{path.stem}-{i}{path.suffix}"), text)
-            for i, (image, text) in enumerate(zip(self.images, self.parameters))
-        ]
 
 
 def final_layer_norm(hidden: np.ndarray, norm) -> np.ndarray:
@@ -124,10 +104,13 @@ class StableDiffusionPipeline:
         settings: SessionSettings | None = None,
         verify: bool = True,
         max_memory: int | None = None,
-    ) -> StableDiffusionPipeline:
+    ) -> StableDiffusionPipeline | TransformerPipeline:
         """Load an export; `provider` is "cpu", "cuda", "tensorrt" or a list of ORT providers. `max_memory`
         (bytes) caps this process's resident memory while drawing (default: what the machine has free): a
-        batch past it is drawn in pieces, an image past it is refused (memory.py)."""
+        batch past it is drawn in pieces, an image past it is refused (memory.py). An SD3 or Flux export loads
+        as a TransformerPipeline, which draws the same requests."""
+        if read_manifest(folder).pipeline.transformer_family:
+            return TransformerPipeline.load(folder, provider, settings=settings, verify=verify, max_memory=max_memory)
         return cls(Path(folder), provider, settings or SessionSettings(), verify, max_memory)
 
     def component(self, name: str) -> Component:

@@ -53,3 +53,12 @@ class GenerationRequest:
     guess_mode: bool = False
     control_guidance_start: float | Sequence[float] = 0.0
     control_guidance_end: float | Sequence[float] = 1.0
+    # SD3 and Flux only (transformer_plan.py): the other text encoders' prompts (None: `prompt`, or `negative_prompt`),
+    # T5's token count, custom sigmas, and Flux's true classifier-free guidance scale
+    prompt_2: str | Sequence[str] | None = None
+    prompt_3: str | Sequence[str] | None = None
+    negative_prompt_2: str | Sequence[str] | None = None
+    negative_prompt_3: str | Sequence[str] | None = None
+    max_sequence_length: int | None = None
+    sigmas: Sequence[float] | None = None
+    true_cfg_scale: float | None = None
