@@ -21,7 +21,7 @@ from sdruntime.session import check_cpu_layout, first_provider, resolve_provider
 
 from ..artifacts import versions as export_versions
 from ..load import Source
-from ..specs import controlnet_models
+from ..specs import controlnet_models, denoiser
 from ..staging import REPORT_NAME  # what `convert --validate` leaves in the export
 from .cases import component_cases
 from .components import check_component
@@ -76,9 +76,16 @@ def not_checked(component: str, dtype: str, limits: Limits) -> ComponentResult:
 
 
 def check_components(
-    pipe, manifest: Manifest, opts: ValidateOptions, full_size: bool, timesteps: list[float], providers: list
+    pipe,
+    manifest: Manifest,
+    opts: ValidateOptions,
+    full_size: bool,
+    timesteps: list[float],
+    size: tuple[int, int],
+    providers: list,
 ) -> dict[str, ComponentResult]:
-    """Each component against PyTorch; for a failing fp16 one, the first node to blame on its smallest failing case."""
+    """Each component against PyTorch at `size` (and a non-square size); for a failing fp16 one, the first node to
+    blame on its smallest failing case."""
     results = {}
     for component, entry in manifest.components.items():
         started = time.perf_counter()
@@ -86,7 +93,7 @@ def check_components(
         if component in exported_controlnets(manifest) and component not in controlnet_models(pipe):
             results[component] = not_checked(component, entry.dtype, limits)
             continue
-        cases = component_cases(component, pipe, manifest, timesteps, opts.seed, opts.guidance_scale)
+        cases = component_cases(component, pipe, manifest, timesteps, opts.seed, opts.guidance_scale, size)
         check = check_component(component, pipe, manifest, cases, limits, providers)
         result = check.result
         if check.failing and entry.dtype == "fp16" and opts.locate:
@@ -109,14 +116,15 @@ def validate(source: str | Source, folder: str | Path, **options) -> ValidationR
     height, width = end_to_end_size(manifest, opts)  # a bad size is refused before anything loads
     controlnets = check_controlnets(manifest, opts)
     opts = replace(opts, guidance_scale=guidance_scale(manifest, opts))
+    scheduler, config = chosen_scheduler(manifest.folder, opts.scheduler)
     src = reference_for(source, manifest, opts, controlnets)
     providers = resolve_providers(opts.provider, manifest.target)
     check_cpu_layout(manifest)
-    scheduler, config = chosen_scheduler(manifest.folder, opts.scheduler)
-    timesteps = reference_timesteps(scheduler, config, opts.steps)
-    unet_parameters = int(sum(p.numel() for p in src.pipe.unet.parameters()))
+    timesteps = reference_timesteps(scheduler, config, opts.steps, manifest, (height, width))
+    # the U-Net's or the transformer's size picks the fp32 limit
+    unet_parameters = int(sum(p.numel() for p in denoiser(src.pipe).parameters()))
     full_size = unet_parameters > FULL_SIZE_UNET_PARAMETERS
-    components = check_components(src.pipe, manifest, opts, full_size, timesteps, providers)
+    components = check_components(src.pipe, manifest, opts, full_size, timesteps, (height, width), providers)
     any_fp16 = any(entry.dtype == "fp16" for entry in manifest.components.values())
     run = Generation(scheduler, config, (height, width), min_psnr(any_fp16, opts.min_psnr))
     checked = [c for c in exported_controlnets(manifest) if c in controlnet_models(src.pipe)]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import FluxPipeline
 from PIL import Image
 from sdruntime.conditioning import (
     MicroConditioning,
@@ -15,7 +16,7 @@ from sdruntime.conditioning import (
 )
 from sdruntime.manifest import CONTROLNET, UNET_RESIDUAL_INPUTS, Manifest, component_kind, latent_shape
 
-from ..specs import is_sdxl
+from ..specs import is_sdxl, t5_component, t5_tokenizer, transformer_family
 from ..targets import EXPORT_TARGETS
 from .options import PROMPTS, image_sizes
 
@@ -38,11 +39,15 @@ def batch_sizes(manifest: Manifest, component: str) -> list[int]:
     return [first] if isinstance(first, int) else [1, 2]
 
 
-def token_ids(pipe, prompts: list[str], component: str = "text_encoder") -> np.ndarray:
-    tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
-    tokens = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="np"
-    )
+def token_ids(pipe, prompts: list[str], component: str = "text_encoder", t5_length: int | None = None) -> np.ndarray:
+    """The ids a text encoder reads, as the pipelines tokenize: CLIP's padded to its model_max_length, T5's
+    (SD3's text_encoder_3, Flux's text_encoder_2) to `t5_length` (max_sequence_length), truncated alike."""
+    if transformer_family(pipe) and component == t5_component(pipe):
+        tokenizer, length = t5_tokenizer(pipe), t5_length
+    else:
+        tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
+        length = tokenizer.model_max_length
+    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np")
     return tokens.input_ids.astype(np.int64)
 
 
@@ -204,28 +209,94 @@ def controlnet_cases(
     return cases
 
 
-def component_cases(
-    component: str, pipe, manifest: Manifest, timesteps: list[float], seed: int, guidance_scale: float
+def transformer_text(pipe, manifest: Manifest, prompts: list[str]) -> dict[str, np.ndarray]:
+    """The transformer's text inputs for `prompts` as diffusers' own encode_prompt makes them: SD3's CLIP-L, CLIP-G
+    and T5 states joined, Flux's T5 states and their zero txt_ids; both with the pooled projections."""
+    length = manifest.pipeline.max_sequence_length
+    with torch.no_grad():
+        if transformer_family(pipe) == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=length
+            )
+            return {"encoder_hidden_states": embeds.float().numpy(), "pooled_projections": pooled.float().numpy()}
+        embeds, pooled, text_ids = pipe.encode_prompt(prompts, None, device="cpu", max_sequence_length=length)
+    return {
+        "encoder_hidden_states": embeds.float().numpy(),
+        "pooled_projections": pooled.float().numpy(),
+        "txt_ids": text_ids.float().numpy(),
+    }
+
+
+def transformer_latents(pipe, manifest: Manifest, batch: int, size: tuple[int, int], gen) -> dict[str, np.ndarray]:
+    """Fresh noise at `size` as the transformer reads it: SD3's latents as they are, Flux's packed into 2x2
+    patches with their img_ids, by FluxPipeline's own helpers."""
+    latents = torch.randn(latent_shape(manifest.pipeline, batch, *size), generator=gen)
+    if transformer_family(pipe) == "sd3":
+        return {"hidden_states": latents.numpy()}
+    _, channels, height, width = latents.shape
+    packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+    ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, "cpu", torch.float32)
+    return {"hidden_states": packed.numpy(), "img_ids": ids.numpy()}
+
+
+def transformer_cases(
+    pipe, manifest: Manifest, batch: int, size: tuple[int, int], timesteps: list[float], gen, guidance_scale: float
 ) -> list[Case]:
-    """The same inputs PyTorch and ONNX Runtime get: every batch x size (x timestep for the U-Net and the
-    ControlNets)."""
+    """One case per timestep (SD3's sigma x 1000, Flux's sigma): fresh noise, diffusers' embeddings of real
+    prompts (SD3's guided batch puts the empty negative first; Flux guides by embedding the scale instead,
+    Flux dev's `guidance`)."""
+    family = transformer_family(pipe)
+    text = transformer_text(pipe, manifest, prompts_for(batch, family == "sd3"))
+    extra = {"guidance": np.full(batch, guidance_scale, np.float32)} if manifest.pipeline.guidance_embeds else {}
+    label = f"b{batch} {size[0]}x{size[1]}"
+    cases = []
+    for t in timesteps:
+        given = {
+            **transformer_latents(pipe, manifest, batch, size, gen),
+            **text,
+            "timestep": np.full(batch, t, np.float32),
+            **extra,
+        }
+        cases.append(denoiser_case("transformer", manifest, given, f"{label} t={t:g}", batch, size, t))
+    return cases
+
+
+def decoder_latents(manifest: Manifest, batch: int, size: tuple[int, int], gen) -> np.ndarray:
+    """What the pipelines give the VAE decoder: latents / scaling factor (+ SD3's and Flux's shift factor)."""
+    facts = manifest.pipeline
+    latents = torch.randn(latent_shape(facts, batch, *size), generator=gen).numpy()
+    return (latents / facts.vae_scaling_factor + (facts.vae_shift_factor or 0.0)).astype(np.float32)
+
+
+def component_cases(
+    component: str,
+    pipe,
+    manifest: Manifest,
+    timesteps: list[float],
+    seed: int,
+    guidance_scale: float,
+    size: tuple[int, int],
+) -> list[Case]:
+    """The same inputs PyTorch and ONNX Runtime get: every batch x size (`size`, the end-to-end runs', and a
+    non-square one) x timestep for the U-Net, the transformer and the ControlNets."""
     gen = torch.Generator().manual_seed(seed)
     cases = []
     for batch in batch_sizes(manifest, component):
-        if component in ("text_encoder", "text_encoder_2"):
-            ids = token_ids(pipe, prompts_for(batch, False), component)
+        if component.startswith("text_encoder"):
+            ids = token_ids(pipe, prompts_for(batch, False), component, manifest.pipeline.max_sequence_length)
             cases.append(Case(f"b{batch} prompts", {"input_ids": ids}, batch))
             continue
-        for height, width in image_sizes(manifest):
-            size = f"b{batch} {height}x{width}"
+        for height, width in image_sizes(manifest, size):
+            label = f"b{batch} {height}x{width}"
             if component == "unet":
                 cases += unet_cases(pipe, manifest, batch, (height, width), timesteps, gen, guidance_scale)
+            elif component == "transformer":
+                cases += transformer_cases(pipe, manifest, batch, (height, width), timesteps, gen, guidance_scale)
             elif component_kind(component) == CONTROLNET:
                 cases += controlnet_cases(component, pipe, manifest, batch, (height, width), timesteps, gen)
             elif component == "vae_decoder":
-                latent = latent_shape(manifest.pipeline, batch, height, width)
-                scaled = torch.randn(latent, generator=gen).numpy() / manifest.pipeline.vae_scaling_factor
-                cases.append(Case(size, {"latent_sample": scaled.astype(np.float32)}, batch, height, width))
+                latents = decoder_latents(manifest, batch, (height, width), gen)
+                cases.append(Case(label, {"latent_sample": latents}, batch, height, width))
             else:
-                cases.append(Case(size, {"sample": image_batch(height, width, batch)}, batch, height, width))
+                cases.append(Case(label, {"sample": image_batch(height, width, batch)}, batch, height, width))
     return cases

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from sdruntime.manifest import CONTROLNET, Manifest, component_kind
 from sdruntime.plan import SizeRule, family_defaults
-from sdruntime.schedulers import scheduler_class
 
 from ..controlnet import ControlNetSource, check_controlnet_sources
 from ..errors import SdexportError
 
 PROMPTS = ("a photograph of an astronaut riding a horse on the moon", "a watercolor painting of a lighthouse at dusk")
 NEGATIVE_PROMPT = "blurry, low quality"
+# diffusers' default guidance of StableDiffusion3Pipeline and FluxPipeline (Flux dev's embedded guidance)
+TRANSFORMER_GUIDANCE = {"sd3": 7.0, "flux": 3.5}
 
 
 @dataclass
@@ -30,7 +31,7 @@ class ValidateOptions:
     strength: float = 0.75
     prompt: str | None = None  # the end-to-end runs' (None: PROMPTS[0])
     negative_prompt: str | None = None  # None: NEGATIVE_PROMPT
-    height: int | None = None  # the end-to-end runs' size (default: the export's default size)
+    height: int | None = None  # the runs' size, end to end and per component (default: the export's default size)
     width: int | None = None
     atol: float | None = None
     rtol: float | None = None
@@ -51,9 +52,8 @@ class ValidateOptions:
 
 
 def check_options(opts: ValidateOptions) -> None:
-    """Refuse bad options before anything is loaded."""
-    if opts.scheduler is not None:
-        scheduler_class(opts.scheduler)  # the runtime's one name check
+    """Refuse bad options before anything is loaded (the scheduler's name with the export's scheduler config:
+    schedulers.chosen_scheduler)."""
     if opts.steps < 1:
         raise SdexportError(f"--steps must be at least 1, got {opts.steps}")
     for name, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
@@ -72,12 +72,13 @@ def check_options(opts: ValidateOptions) -> None:
             raise SdexportError(f"{name} must be positive, got {value}")
 
 
-def image_sizes(manifest: Manifest) -> list[tuple[int, int]]:
-    """Two valid (height, width) in pixels: the default size and a non-square one (the static size only)."""
+def image_sizes(manifest: Manifest, size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Two valid (height, width) in pixels: `size` (the end-to-end runs', by default the export's default size)
+    and a non-square one (the static size only)."""
     if manifest.static:
         return [(manifest.static.height, manifest.static.width)]
     m = manifest.size_multiple
-    height, width = manifest.pipeline.default_height, manifest.pipeline.default_width
+    height, width = size
     second = max(m, height // 2 // m * m)
     return [(height, width), (second if second != height else height + m, width)]
 
@@ -92,10 +93,11 @@ def end_to_end_size(manifest: Manifest, opts: ValidateOptions) -> tuple[int, int
 
 
 def guidance_scale(manifest: Manifest, opts: ValidateOptions) -> float:
-    """The end-to-end runs' guidance scale: the options', else the family's default."""
-    return (
-        family_defaults(manifest.pipeline.family).guidance_scale if opts.guidance_scale is None else opts.guidance_scale
-    )
+    """The end-to-end runs' guidance scale: the options', else the family's default (diffusers' for SD3 and Flux)."""
+    if opts.guidance_scale is not None:
+        return opts.guidance_scale
+    family = manifest.pipeline.family
+    return TRANSFORMER_GUIDANCE.get(family) or family_defaults(family).guidance_scale
 
 
 def exported_controlnets(manifest: Manifest) -> list[str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sdruntime.manifest import COMPONENT_IO, DYNAMIC_AXES, Manifest, component_kind
+from sdruntime.manifest import DYNAMIC_AXES, TRANSFORMER_FAMILIES, Manifest, component_io
 
 from ..controlnet import ControlNetSource, attach_controlnets
 from ..errors import SdexportError
+from ..families import pipeline_family
 from ..load import Source, load_source, replace_vae
 from ..lora import check_loras, fuse_loras
 from ..specs import controlnet_models, model_dims, set_attention
@@ -16,10 +17,17 @@ from .options import ValidateOptions
 
 
 def check_matches(manifest: Manifest, pipe, source_name: str) -> None:
-    """Refuse an export of another model: the config-fixed axes in its manifest must be the source's."""
+    """Refuse an export of another model: a U-Net export against a transformer pipeline or the other way
+    round, or config-fixed axes in its manifest that are not the source's."""
+    ours, theirs = manifest.pipeline.family, pipeline_family(pipe)
+    if ours != theirs and {ours, theirs} & set(TRANSFORMER_FAMILIES):
+        raise SdexportError(
+            f"{manifest.folder} was not exported from {source_name}: its family is {ours}, the source's {theirs}; "
+            "pass the SOURCE it was exported from"
+        )
     dims = model_dims(pipe)
     for component, entry in manifest.components.items():
-        io = COMPONENT_IO[component_kind(component)]
+        io = component_io(component, family=manifest.pipeline.family)
         recorded = {t.name: t.shape for t in entry.inputs + entry.outputs}
         for spec in io.inputs + io.outputs:
             for axis, size in zip(spec.shape, recorded.get(spec.name, ())):
