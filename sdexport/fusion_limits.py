@@ -1,6 +1,6 @@
 """The CUDA kernels' limits on what ONNX Runtime's Stable Diffusion fusions emit, and the way back.
 
-ORT's fusion scripts (`onnxruntime.transformers.optimizer`, model types unet, vae and clip) fuse by
+ORT's fusion scripts (`onnxruntime.transformers.optimizer`, model types unet, vae, clip, t5 and mmdit) fuse by
 pattern and never ask whether the CUDA kernel of the fused op accepts the shapes: a U-Net whose
 feed-forward is 1024 wide gets a BiasSplitGelu that fails at its first run ("hidden size should be
 2560, 5120, 6144, 10240 or 12288, got 1024"). This module writes those limits as data (`LIMITS`),
@@ -237,6 +237,14 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
     # checks ranks and that skip, gamma, beta and bias match the input; LaunchSkipLayerNormKernel
     # (bert/skip_layer_norm_impl.cu) has a generic kernel for every width.
     "SkipLayerNormalization": (),
+    # bert/skip_layer_norm.cc registers SkipSimplifiedLayerNormalization (T5's residual RMSNorm, from the
+    # t5 fusions) as the same kernel class, SkipLayerNorm<T, Simplified=true>: the same checks, no beta.
+    "SkipSimplifiedLayerNormalization": (),
+    # bert/relative_attn_bias.cc (T5's relative position bias, from the t5 fusions): the bias table's
+    # [buckets, heads] read from its shape; LaunchRelPosAttnBiasKernel (bert/relative_attn_bias_impl.cu)
+    # launches one thread per (query, key) pair up to max_threads_per_block, a grid of them beyond:
+    # every sequence length and head count runs. The buckets are computed in float (logf) there.
+    "RelativePositionBias": (),
     # activation/activations.cc (QuickGelu), bert/fast_gelu.cc and math/bias_gelu.cc: elementwise;
     # bias_gelu_helper::CheckInputs only asks for a 1-D bias matching the last dimension.
     "QuickGelu": (),
@@ -260,7 +268,9 @@ LIMITS: dict[str, tuple[Limit, ...]] = {
 # SkipGroupNorm is GroupNorm's kernel class (diffusion/group_norm.cc registers both) with a skip input.
 LIMITS["SkipGroupNorm"] = LIMITS["GroupNorm"]
 # LayerNormalization, which the fusions emit in the standard domain, has no width limit either
-# (core/providers/cuda/nn/layer_norm.cc checks its axis and epsilon attributes only).
+# (core/providers/cuda/nn/layer_norm.cc checks its axis and epsilon attributes only), nor has ORT's
+# SimplifiedLayerNormalization (RMSNorm), which the same file registers in the ONNX domain
+# (LayerNorm<T, U, V, simplified=true>) for the t5 and mmdit fusions.
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from sdruntime.ort_options import QUIET, WARNINGS, ort_session_options
 from .fusion_limits import keep_within_limits
 from .graph_files import EXTERNAL_DATA_NAME, OnDisk, graph_of, is_large, save_model
 from .precision import fp32_nodes, to_fp16
-from .specs import spec_of
+from .specs import graph_spec
 from .targets import EXPORT_TARGETS
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
@@ -83,7 +83,7 @@ def cuda_fusions(component: str, model: onnx.ModelProto, fp16: bool) -> onnx.Mod
     less the fused nodes whose CUDA kernel would refuse their widths (fusion_limits.py): those go back
     to standard ops, and the model's metadata (fusion_limits.UNFUSED_KEY) lists them with the reason."""
 
-    model_type = spec_of(component).fusion_model_type
+    model_type = graph_spec(component, [o.name for o in model.graph.output]).fusion_model_type
     options = FusionOptions(model_type)
     if model_type == "unet":
         # packed QKV/KV only pay off (and are only kernels) in fp16

@@ -7,8 +7,8 @@ are here too."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -607,10 +607,13 @@ def text_encoder_spec(name: str) -> ComponentSpec:
     )
 
 
+T5_FUSION = "t5"  # ORT's optimizer model type for T5 (RMSNorm, T5 attention with its relative position bias)
+T5_OUTPUTS = ("last_hidden_state",)  # the IO table's T5 encoder has this output alone; CLIP's have more
+
 SPECS: dict[str, ComponentSpec] = {
     "text_encoder": text_encoder_spec("text_encoder"),
     "text_encoder_2": text_encoder_spec("text_encoder_2"),
-    "text_encoder_3": text_encoder_spec("text_encoder_3"),
+    "text_encoder_3": replace(text_encoder_spec("text_encoder_3"), fusion_model_type=T5_FUSION),  # T5 in SD3
     "unet": ComponentSpec(
         "unet",
         "unet",
@@ -664,6 +667,15 @@ SPECS: dict[str, ComponentSpec] = {
 def spec_of(component: str) -> ComponentSpec:
     """A component's spec: "controlnet/NAME" has the ControlNet's."""
     return SPECS[component_kind(component)]
+
+
+def graph_spec(component: str, outputs: Sequence[str]) -> ComponentSpec:
+    """The spec of a traced graph: a text encoder graph with T5's outputs is fused and kept in fp32 as T5
+    (Flux's T5 is text_encoder_2, the name SDXL and SD3 give CLIP-G)."""
+    spec = spec_of(component)
+    if spec.fusion_model_type == "clip" and tuple(outputs) == T5_OUTPUTS:
+        return replace(spec, fusion_model_type=T5_FUSION)
+    return spec
 
 
 def wrap(component: str, pipe) -> torch.nn.Module:
