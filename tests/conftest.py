@@ -226,3 +226,58 @@ def lcm_case(tmp_path_factory):
     pipe = build({**tiny, "unet": {**tiny["unet"], "time_cond_proj_dim": 32}}, root / "recipe")
     folder = saved(pipe, root / "pipeline")
     return folder, pipe, _quiet_convert(folder, root / "export")
+
+
+# -- SD3 and Flux ------------------------------------------------------------------------------------
+
+
+def _transformer_pipe(preset: str):
+    """The diffusers pipeline of a transformer preset (seeded random weights), quiet while it builds."""
+    from sdexport.presets import build_from_recipe, models_dir
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = build_from_recipe(models_dir() / preset)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe():
+    return _transformer_pipe("sd3-tiny")
+
+
+@pytest.fixture(scope="session")
+def sd3_32(tmp_path_factory) -> Path:
+    """sd3-tiny, every component, fp32."""
+    return _quiet_convert("sd3-tiny", tmp_path_factory.mktemp("sd3") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def sd3_no_t5_32(tmp_path_factory) -> Path:
+    """sd3-tiny without T5 (text_encoder_3), as diffusers draws SD3 with text_encoder_3=None."""
+    parts = ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"]
+    return _quiet_convert("sd3-tiny", tmp_path_factory.mktemp("sd3") / "no_t5", components=parts)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe():
+    return _transformer_pipe("flux-tiny")
+
+
+@pytest.fixture(scope="session")
+def flux32(tmp_path_factory) -> Path:
+    """flux-tiny (dev: embedded guidance, dynamic shifting), every component, fp32."""
+    return _quiet_convert("flux-tiny", tmp_path_factory.mktemp("flux") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def flux_schnell_pipe():
+    return _transformer_pipe("flux-schnell-tiny")
+
+
+@pytest.fixture(scope="session")
+def flux_schnell32(tmp_path_factory) -> Path:
+    """flux-schnell-tiny for text-to-image (no VAE encoder), fp32."""
+    parts = ["text_encoder", "text_encoder_2", "transformer", "vae_decoder"]
+    return _quiet_convert("flux-schnell-tiny", tmp_path_factory.mktemp("flux") / "schnell", components=parts)

@@ -192,7 +192,7 @@ def _refuse_unet_fields(request: GenerationRequest, family: str) -> None:
     }[family]
     for what, given in {**unet_only, **other_family}.items():
         if given:
-            raise GenerationError(f"{what} does not apply to this {family} export: leave it out")
+            raise GenerationError(f"this {family} export does not take {what}: leave it out")
     if request.scheduler is not None:
         find_scheduler_class(request.scheduler, flow_matching=True)  # refuses the others in one line
 
