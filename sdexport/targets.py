@@ -17,8 +17,10 @@ cpu       ORT's "all" level saved with the graph: the extended CPU fusions and t
           the convolutions, so loading does not pay them again. The layout depends on the CPU's
           vector width: the export carries a probe that the runtime checks (cpu_layout_probe).
 cuda      ORT's Stable Diffusion fusions (attention, GroupNorm, NhwcConv, BiasSplitGelu, packed
-          QKV/KV, BiasAdd) on the fp32 graph, each kept only where its CUDA kernel accepts it
-          (fusion_limits.py), then fp16 with ORT's rules; CUDA EP only.
+          QKV/KV, BiasAdd; for T5 its t5 fusions: Attention with RelativePositionBias, RMSNorm and
+          SkipSimplifiedLayerNormalization; for SD3's and Flux's transformers the mmdit ones) on the
+          fp32 graph, each kept only where its CUDA kernel accepts it (fusion_limits.py), then fp16
+          with the fp32 rules of precision.py; CUDA EP only.
 tensorrt  fp32, standard ops only, constant-folded and shape-inferred for TensorRT's own fusions;
           TensorRT builds fp16 engines itself (trt_fp16_enable).
 """
