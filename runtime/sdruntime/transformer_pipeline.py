@@ -230,7 +230,7 @@ class TransformerPipeline:
             h, w = plan.latent_shape[2:]
             fixed["txt_ids"] = np.zeros((states.shape[1], 3), np.float32)
             fixed["img_ids"] = latent_image_ids(h, w)
-            if "guidance" in self.component("transformer").inputs:  # dev's embedded guidance, schnell has none
+            if self.manifest.pipeline.guidance_embeds:  # dev's embedded guidance; schnell has none
                 rows = plan.guidance.unet_batch_size(plan.batch)
                 fixed["guidance"] = np.full(rows, plan.guidance_scale, np.float32)
         return fixed
@@ -366,7 +366,7 @@ class TransformerPipeline:
         }
         images = to_pil(self.vae_decode(final))
         timings["total"] = time.perf_counter() - started
-        embedded = "guidance" in fixed
+        embedded = bool(self.manifest.pipeline.guidance_embeds)
         parameters = plan.parameters(self.model_hash, Path(self.manifest.source.name).name, embedded)
         return GenerationResult(images, final, parameters, list(plan.seeds.values), timings)
 

@@ -258,6 +258,8 @@ def _negative_lists(request: GenerationRequest, family: str, count: int) -> dict
 def _mode(request: GenerationRequest) -> str:
     if request.mask_image is not None and request.image is None:
         raise GenerationError("mask_image needs the image to inpaint: pass image too")
+    if request.latents is not None and request.image is not None:
+        raise GenerationError("latents start a text-to-image run: leave out either latents or image")
     if request.mask_image is not None:
         return INPAINT
     return TEXT_TO_IMAGE if request.image is None else IMAGE_TO_IMAGE

@@ -149,3 +149,16 @@ def test_bad_requests_are_refused_in_one_line(schnell, request_args, match):
     with pytest.raises(GenerationError, match=match) as caught:
         schnell.generate(GenerationRequest(PROMPT, **{**SCHNELL, **request_args}))
     assert "\n" not in str(caught.value)
+
+
+def test_given_latents_and_callback_are_unpacked(flux_schnell_pipe, schnell):
+    """`latents` and the callback's latents are [B, C, h, w] as `result.latents` are; diffusers takes them packed."""
+    noise = np.random.default_rng(0).standard_normal((1, 16, 16, 24)).astype(np.float32)
+    packed = diffusers.FluxPipeline._pack_latents(torch.from_numpy(noise), 1, 16, 16, 24)
+    theirs = draw(flux_schnell_pipe, prompt=PROMPT, latents=packed, **SCHNELL)
+    seen = []
+    mine = schnell(PROMPT, latents=noise, callback=lambda *a: seen.append(a), **SCHNELL)
+    assert_matches(theirs, mine)
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3]
+    np.testing.assert_array_equal(seen[-1][2], mine.latents)
+    assert "Latents: given" in mine.parameters[0]

@@ -185,6 +185,12 @@ def test_inpainting_matches_diffusers(sd3_pipe, ours, init_image, mask_image, st
     assert differ(ours(seed=8, **args), mine)  # the mask changed the picture
 
 
+def test_given_latents_match_diffusers(sd3_pipe, ours):
+    noise = np.random.default_rng(0).standard_normal((1, 16, 16, 16)).astype(np.float32)
+    args = {"prompt": PROMPT, "num_inference_steps": STEPS, **SIZE}
+    assert_matches(draw(sd3_pipe, latents=torch.from_numpy(noise), **args), ours(latents=noise, **args))
+
+
 def test_callback_sees_diffusers_timesteps(sd3_pipe, ours):
     seen, theirs = [], []
 
