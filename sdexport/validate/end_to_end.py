@@ -18,6 +18,7 @@ from sdruntime.pipeline import StableDiffusionPipeline as RuntimePipeline
 from sdruntime.session import NonFiniteOutput
 
 from ..errors import SdexportError
+from ..families import pipeline_family
 from ..specs import controlnet_models, is_sdxl, transformer_family
 from .cases import gradient_image, rectangle_mask
 from .metrics import json_number, psnr
@@ -124,7 +125,7 @@ def reference_pipeline(pipe, scheduler, draw: Draw):
         extra["add_watermarker"] = False
     else:
         extra = {"requires_safety_checker": False}
-    kind = transformer_family(pipe) or ("sdxl" if is_sdxl(pipe) else "sd")
+    kind = pipeline_kind(pipeline_family(pipe))
     cls = getattr(diffusers, REFERENCE_CLASSES[kind, draw.mode, draw.controlnet is not None])
     with quiet_diffusers():
         reference = cls(**parts, **extra)
