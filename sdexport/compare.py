@@ -3,6 +3,7 @@ that the weights can be freed, and ONNX Runtime's outputs for the same inputs.""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,24 +12,28 @@ import onnxruntime as ort
 import torch
 from sdruntime.ort_options import ort_session_options
 
-from .specs import example_inputs, wrap
+from .specs import example_inputs, spec_of, wrap
+from .streaming import materialized, source_of
 
 
 def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """PyTorch's outputs; a streamed module (streaming.py) runs with one layer's weights read in at a time."""
     module = wrap(component, pipe)
-    with torch.no_grad():
+    inner = spec_of(component).module_of(pipe, component)
+    source = source_of(inner)
+    with torch.no_grad(), materialized(inner, source) if source else contextlib.nullcontext():
         out = module(*inputs.values())
     out = out if isinstance(out, (tuple, list)) else (out,)
     return [o.detach().float().numpy() for o in out]
 
 
 def ort_outputs(
-    model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider"
+    model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider", level: str = "basic"
 ) -> list[np.ndarray]:
-
-    # basic: optimized when exported; one run: the CPU kernels' packed copies of the weights (doubling
-    # an SDXL U-Net's) would not pay off
-    options = ort_session_options("basic", prepacking=False)
+    """ONNX Runtime's outputs at optimization `level`: basic (the graph was optimized when exported), or
+    "disable" for a streamed graph, whose fp16 weights the CPU EP would otherwise fold into fp32 copies."""
+    # one run: the CPU kernels' packed copies of the weights (doubling an SDXL U-Net's) would not pay off
+    options = ort_session_options(level, prepacking=False)
     session = ort.InferenceSession(str(model_path), options, providers=[provider])
     feed = {}
     # the inputs with defaults (the U-Net's ControlNet residuals) too, when the reference has them
@@ -54,10 +59,12 @@ def reference_outputs(component: str, pipe, batch: int, latent_size: tuple[int, 
     return Reference({k: v.numpy() for k, v in inputs.items()}, torch_outputs(component, pipe, inputs))
 
 
-def compare_outputs(reference: Reference, model_path: Path, provider: str = "CPUExecutionProvider") -> dict[str, float]:
-    """ONNX Runtime's outputs for the reference's inputs against PyTorch's."""
+def compare_outputs(
+    reference: Reference, model_path: Path, provider: str = "CPUExecutionProvider", level: str = "basic"
+) -> dict[str, float]:
+    """ONNX Runtime's outputs for the reference's inputs against PyTorch's (ort_outputs' `level`)."""
     expected = reference.outputs
-    got = ort_outputs(model_path, reference.inputs, provider)
+    got = ort_outputs(model_path, reference.inputs, provider, level)
     max_abs = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
     rel_l2 = max(float(np.linalg.norm(e - g) / max(np.linalg.norm(e), 1e-12)) for e, g in zip(expected, got))
     finite = all(np.isfinite(g).all() for g in got)

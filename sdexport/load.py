@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from diffusers import (
 )
 from huggingface_hub import snapshot_download
 
+from . import streaming
 from .errors import SdexportError
 from .families import TRANSFORMER_PIPELINES, index_family, is_sdxl_index
 from .presets import build_from_recipe
@@ -67,7 +69,30 @@ def _load_transformer_folder(folder: Path, model_index: dict, family: str):
     default = "StableDiffusion3Pipeline" if family == "sd3" else "FluxPipeline"
     pipeline_class = getattr(diffusers, cls if cls in TRANSFORMER_PIPELINES else default)
     absent = {name: None for name, value in model_index.items() if isinstance(value, list) and value[:1] == [None]}
-    return pipeline_class.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, **absent)
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    streamed = None if t5 in absent else streamed_t5(folder / t5)
+    given = {t5: streamed} if streamed is not None else {}
+    return pipeline_class.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True, **absent, **given)
+
+
+def streamed_t5(folder: Path):
+    """A saved T5 encoder too large to hold in fp32 (T5-XXL), on the meta device with its weights read from its
+    .safetensors files one at a time (streaming.py); None when it fits, or is not in safetensors."""
+    from safetensors import safe_open
+    from transformers import T5Config, T5EncoderModel
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    elements = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            elements += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    if 4 * elements <= streaming.STREAM_BYTES:
+        return None
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config.from_pretrained(folder)).eval()
+    return streaming.SafetensorsWeights(folder).attach(model)
 
 
 def load_source(

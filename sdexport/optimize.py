@@ -41,6 +41,7 @@ def finish_graph(
     fp16: bool,
     upcast_attention: bool,
     extra_fp32_nodes: Sequence[str] = (),
+    streamed: bool = False,
 ) -> tuple[onnx.ModelProto | OnDisk, list[str]]:
     """Fusions and offline optimization for one target on the fp32 graph, then fp16 conversion.
 
@@ -49,9 +50,15 @@ def finish_graph(
     of a traced file, which lets the cuda fusions read its weights lazily; a traced file whose
     weights are in model.onnx_data (past 2 GB) comes back OnDisk, its weights left in files until
     save_model writes them (in fp16 where converted). Returns the graph and the nodes an fp16 graph
-    keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`).
+    keeps in fp32 (the rules in precision.py plus `extra_fp32_nodes`). A `streamed` graph (streaming.py:
+    T5-XXL) is not optimized offline, which would load all of its weights: ONNX Runtime optimizes it when
+    a session loads it; it stays OnDisk in the traced folder, which the caller keeps until it is written.
     """
     export_target = EXPORT_TARGETS[target]
+    if streamed:  # the generic target's (plan.check_streamed)
+        model = OnDisk(onnx.load(str(model), load_external_data=False), model.parent)
+        kept = fp32_nodes(component, model.model, upcast_attention) + list(extra_fp32_nodes) if fp16 else []
+        return (to_fp16(component, model, list(dict.fromkeys(kept))) if fp16 else model), kept
     # an fp16 conversion cannot follow the NCHWc layout (and fp16 runs slowly on the CPU EP anyway)
     level = "extended" if export_target.offline_level == "all" and fp16 else export_target.offline_level
     if isinstance(model, Path) and not export_target.fused_ops and level:

@@ -25,6 +25,7 @@ from .specs import (
     t5_tokenizer,
     vae_scale_factor,
 )
+from .streaming import STREAM_BYTES, is_streamed
 from .targets import EXPORT_TARGETS
 
 
@@ -206,6 +207,17 @@ def component_plan(component: str, opts: ConvertOptions, facts: PipelineFacts) -
     return ComponentPlan(component, "fp16", EXPORT_DTYPE)
 
 
+def check_streamed(pipe, components: Sequence[str], target: str) -> None:
+    """Streamed modules (streaming.py: T5-XXL) skip ORT's offline passes, which load a whole model: only the
+    generic target, whose graphs ORT optimizes when it loads them, exports them yet."""
+    for component in components:
+        if target != "generic" and is_streamed(spec_of(component).module_of(pipe, component)):
+            raise SdexportError(
+                f"{component} is streamed (its fp32 weights pass {STREAM_BYTES >> 30} GB), which only the generic "
+                f"target exports yet: use --target generic, or leave {component} out with --components"
+            )
+
+
 def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
     """The plan of one convert of this pipeline; `compare`: this machine runs the target's graphs."""
     facts = pipeline_facts(pipe, pipeline_family(pipe))
@@ -214,12 +226,14 @@ def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
     # component_export.add_zero_defaults gives the residual inputs defaults where their batch is not fixed
     if not facts.transformer_family:
         facts = replace(facts, unet_residual_defaults=EXPORT_TARGETS[opts.target].residual_defaults and static is None)
+    components = export_components(pipe, opts.components)
+    check_streamed(pipe, components, opts.target)
     return ExportPlan(
         facts=facts,
         size_multiple=multiple,
         static=static,
         attention=EXPORT_TARGETS[opts.target].attention,
-        components={c: component_plan(c, opts, facts) for c in export_components(pipe, opts.components)},
+        components={c: component_plan(c, opts, facts) for c in components},
         lean=not (opts.validate or opts.auto_fp32_fallback),  # validation runs the whole pipeline in PyTorch
         compare=opts.check and compare,
     )

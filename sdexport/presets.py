@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -181,7 +182,7 @@ def _build_transformer_pipeline(folder: Path, recipe: dict, configs: dict, seed:
     t5 = "tokenizer_3" if family == "sd3" else "tokenizer_2"
     if t5_name in configs:
         torch.manual_seed(seed + 4)
-        parts[t5_name] = _t5_encoder(configs[t5_name])
+        parts[t5_name] = _t5_encoder(configs[t5_name], seed + 4)
         parts[t5] = _t5_tokenizer(folder / recipe[t5])
     else:
         parts[t5_name], parts[t5] = None, None
@@ -189,11 +190,20 @@ def _build_transformer_pipeline(folder: Path, recipe: dict, configs: dict, seed:
     return getattr(diffusers, pipeline_class)(**parts)
 
 
-def _t5_encoder(config: dict):
+def _t5_encoder(config: dict, seed: int):
+    """A T5 encoder with random weights; one past streaming.STREAM_BYTES in fp32 (T5-XXL) is built on the meta
+    device with its weights drawn one tensor at a time when read (streaming.SeededT5Weights)."""
+    import torch
     from transformers import T5Config, T5EncoderModel
 
-    config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
-    return T5EncoderModel(T5Config(**config)).eval()
+    from . import streaming
+
+    config = T5Config(**{k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")})
+    source = streaming.SeededT5Weights(config, seed)
+    if 4 * sum(math.prod(shape) for shape in source.shapes.values()) <= streaming.STREAM_BYTES:
+        return T5EncoderModel(config).eval()
+    with torch.device("meta"):
+        return source.attach(T5EncoderModel(config).eval())
 
 
 def _t5_tokenizer(tokenizer_dir: Path):

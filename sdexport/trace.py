@@ -16,6 +16,7 @@ from sdruntime.manifest import PipelineFacts, StaticShapes, axis_sizes
 
 from .compare import Reference, reference_outputs
 from .graph_files import EXTERNAL_DATA_NAME, PROTOBUF_LIMIT, set_external_location
+from .optimize import ort_offline_optimize
 from .specs import (
     controlnet_models,
     denoiser,
@@ -29,6 +30,7 @@ from .specs import (
     tracing_patches,
     wrap,
 )
+from .streaming import WeightSource, is_streamed, source_of
 
 LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are traced without them
 
@@ -50,9 +52,13 @@ def trace(
     inputs = example_inputs(component, pipe, batch, *latent_size)
     io = io_of(component, pipe)
     path.parent.mkdir(parents=True, exist_ok=True)
+    source = source_of(spec_of(component).module_of(pipe, component))
     # Past 2 GB the weights go in as graph inputs and are written afterwards, one tensor at a time:
-    # exporting them with the graph holds them twice (an SDXL U-Net's 10.3 GB would need 21 GB).
-    lean = parameter_bytes(module) > LEAN_TRACE_BYTES
+    # exporting them with the graph holds them twice (an SDXL U-Net's 10.3 GB would need 21 GB). A
+    # streamed module (streaming.py) is traced on the meta device and its weights read from its source.
+    lean = source is not None or parameter_bytes(module) > LEAN_TRACE_BYTES
+    if source is not None:
+        inputs = {name: value.to("meta") for name, value in inputs.items()}
     with torch.no_grad(), warnings.catch_warnings(), tracing_patches(component, pipe):
         warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks are expected
         # dynamo=False: torch 2.13's default dynamo exporter ignores dynamic_axes
@@ -67,10 +73,16 @@ def trace(
             # folding would turn weights it cannot see into nameless inputs; ORT folds them at finishing
             do_constant_folding=not lean,
             export_params=not lean,
+            # on the meta device torch's initializer de-duplication would read values there are none of
+            keep_initializers_as_inputs=True if source is not None else None,
             dynamo=False,
         )
+    if source is not None:
+        # ORT's basic passes, which the generic target runs on every graph, run here while the weights are
+        # still graph inputs: later they would load all of them (optimize.finish_graph skips them)
+        onnx.save_model(ort_offline_optimize(path, "basic"), str(path))
     if lean:
-        attach_weights(path, module, {spec.name for spec in io.inputs})
+        attach_weights(path, module, {spec.name for spec in io.inputs}, weight_reader(module, source))
     if fixed:
         sizes = {**model_dims(pipe), **fixed}
         fix_axes(path, {spec.name: [sizes.get(axis) for axis in spec.shape] for spec in io.inputs + io.outputs}, fixed)
@@ -81,11 +93,21 @@ def parameter_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str]) -> None:
-    """Turn the graph inputs that a weightless trace (export_params=False) named after the module's
-    parameters and buffers into initializers, written one at a time into one model.onnx_data."""
-    model = onnx.load(str(path))
+def weight_reader(module: torch.nn.Module, source: WeightSource | None):
+    """name -> tensor for the wrapper `module`'s state_dict names: its own tensors, or a streamed module's read
+    from its source (which names them without the wrapper's attribute, "text_encoder.")."""
     state = module.state_dict()
+    if source is None:
+        return state.get
+    return lambda name: source.tensor(name.split(".", 1)[1]) if name in state else None
+
+
+def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str], read=None) -> None:
+    """Turn the graph inputs that a weightless trace (export_params=False) named after the module's
+    parameters and buffers into initializers, written one at a time into one model.onnx_data
+    (`read`: name -> tensor, weight_reader's; the module's own tensors by default)."""
+    model = onnx.load(str(path))
+    read = read or module.state_dict().get
     kept = []
     offset = 0
     with open(path.parent / EXTERNAL_DATA_NAME, "wb") as data:
@@ -93,9 +115,10 @@ def attach_weights(path: Path, module: torch.nn.Module, io_inputs: set[str]) -> 
             if value.name in io_inputs:
                 kept.append(value)
                 continue
-            if value.name not in state:
+            weight = read(value.name)
+            if weight is None:
                 raise RuntimeError(f"the traced graph takes {value.name}, which is neither an input nor a weight")
-            array = state[value.name].detach().cpu().contiguous().numpy()  # 0-d stays 0-d
+            array = weight.detach().cpu().contiguous().numpy()  # 0-d stays 0-d
             tensor = onnx.TensorProto(name=value.name, dims=array.shape)
             tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
             set_external_location(tensor, offset, array.nbytes)
@@ -159,6 +182,7 @@ class Traced:
     batch: int
     seconds: float
     reference: Reference | None = None  # PyTorch's outputs to compare the finished graph with
+    streamed: bool = False  # its weights were read from a source one at a time (streaming.py)
 
 
 TRACE_MAX_LATENT = 64  # SD 1.5's 512x512; the graphs are dynamic, so any size traces the same ops
@@ -205,4 +229,5 @@ def trace_component(
     path = trace(component, pipe, opset, fixed, at, batch, folder / ".fp32" / component / "model.onnx")
     outputs = reference_outputs(component, pipe, batch if fixed.get("batch") else 1, latent) if reference else None
     dims = {**model_dims(pipe), **fixed}
-    return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs)
+    streamed = is_streamed(spec_of(component).module_of(pipe, component))
+    return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs, streamed)
