@@ -1,5 +1,6 @@
 """`sdexport validate`: an export against its PyTorch source, per component and end to end (ControlNets too,
-given their PyTorch models as `--controlnet NAME=PATH`).
+given their PyTorch models as `--controlnet NAME=PATH`; SD3 and Flux with their transformer, T5 and
+flow-matching scheduler, against diffusers' SD3 and Flux pipelines).
 
 The reference is always diffusers/PyTorch in fp32; the tolerances are metrics.py's constants (overridable).
 Modules: options (what is asked), cases (the inputs), components (each component against PyTorch),
