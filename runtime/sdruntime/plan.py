@@ -30,6 +30,16 @@ from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, i
 
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
 SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
+# What only SD3 and Flux exports take (transformer_plan.py): refused here rather than ignored
+TRANSFORMER_FIELDS = (
+    "prompt_2",
+    "prompt_3",
+    "negative_prompt_2",
+    "negative_prompt_3",
+    "max_sequence_length",
+    "sigmas",
+    "true_cfg_scale",
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class FamilyDefaults:
 
     guidance_scale: float
     strength: float  # image-to-image
+    steps: int = 25  # num_inference_steps
     inpaint_strength: float = 1.0  # StableDiffusionInpaintPipeline's
     inpaint_guidance_scale: float = 7.5  # both inpainting pipelines'
     controlnet_scale: float = 1.0  # controlnet_conditioning_scale (with_control)
@@ -198,6 +209,7 @@ class Plan:
     height: int
     width: int
     seeds: Seeds
+    steps: int  # num_inference_steps: as asked, else the family's
     scheduler_name: str
     scheduler: Scheduler  # built for the run, entered at image-to-image's first step
     guidance: Guidance
@@ -226,7 +238,7 @@ class Plan:
         """Each image's parameters text: A1111's fields first, in its order; then what only this runtime sets."""
         request = self.request
         method = {
-            "Steps": request.num_inference_steps,
+            "Steps": self.steps,
             "Sampler": self.scheduler_name,
             "Timestep spacing": self.scheduler.config.get("timestep_spacing"),
             "CFG scale": f"{self.guidance.scale:g}",
@@ -293,6 +305,9 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     _check_finite(request)
     mode = _mode(request, export)
     defaults = family_defaults(export.pipeline.family).for_mode(mode)
+    steps = defaults.steps if request.num_inference_steps is None else request.num_inference_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise GenerationError(f"num_inference_steps must be a positive integer, got {steps!r}")
     if request.control_image is not None:
         defaults = defaults.with_control(mode, export.xl)
     control = resolve_control(request, export.controlnets, defaults.controlnet_scale)
@@ -304,7 +319,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     seeds = Seeds.for_request(request.seed, batch)
     guidance_scale = defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
     guidance = choose_guidance(guidance_scale, export.pipeline.time_cond_proj_dim, bool(request.negative_prompt))
-    name, scheduler, eta = _scheduler(request, export, strength)
+    name, scheduler, eta = _scheduler(request, export, steps, strength)
     shape = latent_shape(export.pipeline, batch, height, width)
     if request.latents is not None and request.image is None and tuple(request.latents.shape) != shape:
         raise GenerationError(f"latents must have shape {shape}, got {tuple(request.latents.shape)}")
@@ -316,6 +331,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         height=height,
         width=width,
         seeds=seeds,
+        steps=steps,
         scheduler_name=name,
         scheduler=scheduler,
         guidance=guidance,
@@ -356,9 +372,6 @@ def _prompts(request: GenerationRequest) -> tuple[list[str], list[str] | None]:
 
 def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
     """The counts, and what only one family takes."""
-    steps = request.num_inference_steps
-    if not isinstance(steps, int) or steps < 1:
-        raise GenerationError(f"num_inference_steps must be a positive integer, got {steps!r}")
     if request.num_images < 1:
         raise GenerationError(f"num_images must be at least 1, got {request.num_images}")
     if not export.xl and request.micro != MicroConditioning():
@@ -367,6 +380,12 @@ def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
         raise GenerationError(
             "prompt_embeds needs pooled embeddings too on SDXL, which this pipeline does not take: pass prompts"
         )
+    for name in TRANSFORMER_FIELDS:
+        if getattr(request, name) is not None:
+            raise GenerationError(
+                f"{name} applies to SD3 and Flux exports; this {export.pipeline.family} export does not take it: "
+                "leave it out"
+            )
 
 
 def _mode(request: GenerationRequest, export: ExportFacts) -> str:
@@ -419,7 +438,9 @@ def _size(request: GenerationRequest, sizes: SizeRule) -> tuple[int, int]:
     return height, width
 
 
-def _scheduler(request: GenerationRequest, export: ExportFacts, strength: float) -> tuple[str, Scheduler, float | None]:
+def _scheduler(
+    request: GenerationRequest, export: ExportFacts, steps: int, strength: float
+) -> tuple[str, Scheduler, float | None]:
     """(name, the scheduler built from the export's config and the request's overrides, DDIM's eta)."""
     name = request.scheduler or export.default_scheduler
     options = dict(request.scheduler_options or {})
@@ -429,7 +450,6 @@ def _scheduler(request: GenerationRequest, export: ExportFacts, strength: float)
             raise GenerationError(f"unknown timestep_spacing '{spacing}': choose one of {', '.join(TIMESTEP_SPACINGS)}")
         options["timestep_spacing"] = spacing
     takes_eta = name == "ddim"
-    steps = request.num_inference_steps
     scheduler = make_scheduler(name, export.scheduler_config, steps, options, eta=request.eta if takes_eta else 0.0)
     if request.eta and not takes_eta:
         warnings.warn(f"eta {request.eta:g} only applies to ddim: {name} ignores it", stacklevel=4)

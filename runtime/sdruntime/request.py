@@ -24,11 +24,11 @@ class GenerationError(InvalidArgument):
 @dataclass(frozen=True, eq=False)
 class GenerationRequest:
     """One call's arguments, as `StableDiffusionPipeline.__call__` takes them (its docstring says what each
-    means); None leaves the choice to the export (sizes, scheduler) or to the family (guidance, strength)."""
+    means); None leaves the choice to the export (sizes, scheduler) or to the family (steps, guidance, strength)."""
 
     prompt: str | Sequence[str] | None
     negative_prompt: str | Sequence[str] | None = None
-    num_inference_steps: int = 25
+    num_inference_steps: int | None = None  # None: the family's (plan.py, transformer_plan.py)
     guidance_scale: float | None = None
     scheduler: str | None = None
     seed: int | Sequence[int] | None = None

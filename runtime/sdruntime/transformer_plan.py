@@ -40,6 +40,7 @@ class TransformerDefaults:
     guidance_scale: float  # the text-to-image pipeline's
     image_guidance_scale: float  # the image-to-image and inpainting pipelines'
     strength: float = 0.6  # both of those
+    steps: int = 28  # num_inference_steps, in all six pipelines
 
 
 # SD3's three pipelines all default to 7.0; FluxPipeline to 3.5 and FluxImg2Img/FluxInpaint to 7.0
@@ -199,7 +200,7 @@ def _refuse_unet_fields(request: GenerationRequest, family: str) -> None:
 
 def _check_counts(request: GenerationRequest) -> None:
     steps = request.num_inference_steps
-    if request.sigmas is None and (not isinstance(steps, int) or steps < 1):
+    if request.sigmas is None and steps is not None and (not isinstance(steps, int) or steps < 1):
         raise GenerationError(f"num_inference_steps must be a positive integer, got {steps!r}")
     if request.num_images < 1:
         raise GenerationError(f"num_images must be at least 1, got {request.num_images}")
@@ -303,7 +304,8 @@ def _scheduler(
     sigmas = None if request.sigmas is None else [_number("sigmas", s) for s in request.sigmas]
     if sigmas is not None and not sigmas:
         raise GenerationError("sigmas must hold one sigma per step: give at least one")
-    steps = len(sigmas) if sigmas is not None else request.num_inference_steps
+    default_steps = TRANSFORMER_DEFAULTS[family].steps  # 0 steps were refused by _check_counts
+    steps = len(sigmas) if sigmas is not None else request.num_inference_steps or default_steps
     if sigmas is None and family == "flux":
         sigmas = np.linspace(1.0, 1 / steps, steps)
     merged = {**config, **options}
