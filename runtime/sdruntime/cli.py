@@ -16,12 +16,15 @@ import click
 from . import __version__
 from .errors import UserError
 from .image import IMAGE_FORMATS, contact_sheet, open_image, save_image
+from .manifest import read_manifest
 from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
 from .request import GenerationRequest
-from .schedulers import SCHEDULERS, TIMESTEP_SPACINGS
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, TIMESTEP_SPACINGS
+from .transformer_plan import TRANSFORMER_DEFAULTS
 
 SDXL_DEFAULTS = FAMILY_DEFAULTS["sdxl"]
+SD3_DEFAULTS, FLUX_DEFAULTS = TRANSFORMER_DEFAULTS["sd3"], TRANSFORMER_DEFAULTS["flux"]
 
 
 def _provider(value: str):
@@ -182,15 +185,28 @@ common = [
     ),
     click.option("--threads", default=0, type=int, help="Intra-op threads (0: ORT's default)."),
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
-    click.option("--steps", "num_inference_steps", default=25, show_default=True, type=int),
+    click.option(
+        "--steps",
+        "num_inference_steps",
+        type=int,
+        help="Denoising steps.  "
+        f"[default: {SD_DEFAULTS.steps}, SDXL {SDXL_DEFAULTS.steps}, SD3 {SD3_DEFAULTS.steps}, Flux {FLUX_DEFAULTS.steps}]",
+    ),
     click.option(
         "--guidance",
         "guidance_scale",
         type=float,
-        help="Classifier-free guidance scale; 1 or less turns it off.  "
-        f"[default: {SD_DEFAULTS.guidance_scale}, SDXL {SDXL_DEFAULTS.guidance_scale}]",
+        help="Classifier-free guidance scale; 1 or less turns it off. Flux dev embeds it in the transformer instead "
+        "(no unconditional batch: --true-cfg guides with the negative prompt); Flux schnell ignores it.  "
+        f"[default: {SD_DEFAULTS.guidance_scale}, SDXL {SDXL_DEFAULTS.guidance_scale}, "
+        f"SD3 {SD3_DEFAULTS.guidance_scale}, Flux {FLUX_DEFAULTS.guidance_scale} "
+        f"({FLUX_DEFAULTS.image_guidance_scale} from an init image)]",
     ),
-    click.option("--scheduler", default=None, help=", ".join(SCHEDULERS)),
+    click.option(
+        "--scheduler",
+        default=None,
+        help=f"{', '.join(SCHEDULERS)}; SD3 and Flux: {', '.join(FLOW_SCHEDULERS)}  [default: the export's]",
+    ),
     click.option("--height", type=int),
     click.option("--width", type=int),
     click.option("--negative-prompt", default=None),
@@ -258,6 +274,49 @@ def with_common(f):
     return f
 
 
+# SD3's and Flux's own request fields (transformer_plan.py); an export of another family refuses each in one line
+transformer_options = [
+    click.option("--prompt-2", default=None, help="SD3: CLIP-G's prompt; Flux: T5's.  [default: PROMPT]"),
+    click.option("--prompt-3", default=None, help="SD3: T5's prompt.  [default: PROMPT]"),
+    click.option(
+        "--negative-prompt-2",
+        default=None,
+        help="SD3: CLIP-G's negative prompt; Flux: T5's.  [default: --negative-prompt]",
+    ),
+    click.option("--negative-prompt-3", default=None, help="SD3: T5's negative prompt.  [default: --negative-prompt]"),
+    click.option(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3 and Flux: T5's tokens, up to 512.  [default: the export's, from diffusers: SD3 256, Flux 512]",
+    ),
+    click.option(
+        "--true-cfg",
+        "true_cfg_scale",
+        type=float,
+        default=None,
+        help='Flux: true classifier-free guidance scale; above 1, with --negative-prompt (even ""), it runs a '
+        "negative batch.  [default: 1, off]",
+    ),
+    click.option(
+        "--sigma",
+        "sigmas",
+        type=float,
+        multiple=True,
+        metavar="SIGMA",
+        callback=lambda ctx, param, value: list(value) or None,
+        help="SD3 and Flux: a custom sigma schedule, one per step, from the first (repeat: --sigma 1 --sigma 0.5); "
+        "it sets the steps.",
+    ),
+]
+
+
+def with_transformer_options(f):
+    for option in reversed(transformer_options):
+        f = option(f)
+    return f
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", message="%(prog)s %(version)s")
 def cli() -> None:
@@ -277,7 +336,8 @@ def cli() -> None:
     "--strength",
     type=float,
     help=f"How far to noise the init image (0-1].  [default: {SD_DEFAULTS.strength}, SDXL {SDXL_DEFAULTS.strength}; "
-    f"inpainting {SD_DEFAULTS.inpaint_strength:g}, SDXL {SDXL_DEFAULTS.inpaint_strength:g}]",
+    f"inpainting {SD_DEFAULTS.inpaint_strength:g}, SDXL {SDXL_DEFAULTS.inpaint_strength:g}; "
+    f"SD3 and Flux {SD3_DEFAULTS.strength:g}]",
 )
 @click.option(
     "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
@@ -298,6 +358,7 @@ def cli() -> None:
 @click.option(
     "--control-end", type=float, help="Fraction of the steps after which the ControlNets are off.  [default: 1]"
 )
+@with_transformer_options
 @click.option(
     "-o",
     "--output",
@@ -328,6 +389,11 @@ def generate(
 ):
     """Draw PROMPT with the export in FOLDER."""
     check_output_file(output)
+    sigmas, steps = kwargs["sigmas"], kwargs["num_inference_steps"]
+    if sigmas and steps is not None and steps != len(sigmas):
+        raise click.UsageError(
+            f"--steps {steps} with {len(sigmas)} --sigma: the sigmas set the steps, leave --steps out"
+        )
     seeds = list(seed)
     if len(seeds) == 1 and num_images > 1:
         seeds = batch_seeds(num_images, seeds[0])  # so that each image's recorded seed draws it again alone
@@ -368,6 +434,7 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
     if (grid or frames) < 2:
         raise click.UsageError("--frames and --grid need at least 2")
     check_output_folder(output)
+    walk.check_walkable(read_manifest(folder).pipeline.family)  # before the models load
     pipe = _load(folder, provider, threads, no_verify, verbose)
     if grid:
         images, columns = walk.bilinear(pipe, list(prompts), grid, seed=seed, **kwargs), grid

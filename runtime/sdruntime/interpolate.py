@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .manifest import latent_shape
+from .manifest import TRANSFORMER_FAMILIES, latent_shape
 from .noise import TorchGenerator
 from .request import GenerationError, GenerationRequest
 
@@ -35,9 +35,19 @@ def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return height or default_height, width or default_width
 
 
-def _cond(pipe, prompt: str) -> np.ndarray:
-    if pipe.xl:
+def check_walkable(family: str) -> None:
+    """A walk hands the pipeline its own prompt embeddings, which only SD 1.x/2.x exports take: SDXL's need pooled
+    ones too, SD3's and Flux's pipelines take prompts alone."""
+    if family == "sdxl":
         raise GenerationError("interpolate walks SD 1.x/2.x text embeddings; SDXL's pooled ones are not handled yet")
+    if family in TRANSFORMER_FAMILIES:
+        raise GenerationError(
+            f"interpolate walks SD 1.x/2.x text embeddings; this {family} export's (CLIP and T5 states) are not "
+            "handled: draw single images with `sdruntime generate`"
+        )
+
+
+def _cond(pipe, prompt: str) -> np.ndarray:
     return pipe.encode_prompt([prompt], None, 1)
 
 
@@ -62,6 +72,7 @@ def pairwise(
     **kwargs,
 ) -> list[Image.Image]:
     """N frames from A to B; starting noise from `seed` (A) and `seed + 1` (B), the steps' noise from `seed`."""
+    check_walkable(pipe.manifest.pipeline.family)
     height, width = _size(pipe, height, width)
     noise_a, noise_b = _noise(pipe, seed, height, width), _noise(pipe, seed + 1, height, width)
     cond_a, cond_b = _cond(pipe, prompt_a), _cond(pipe, prompt_b)
@@ -84,6 +95,7 @@ def bilinear(
     Corner k starts from the noise of `seed + k`; inner noise is slerped along rows, then columns. The steps'
     noise comes from `seed`.
     """
+    check_walkable(pipe.manifest.pipeline.family)
     height, width = _size(pipe, height, width)
     noises = [_noise(pipe, seed + k, height, width) for k in range(4)]
     conds = [_cond(pipe, p) for p in corners]

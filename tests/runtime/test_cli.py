@@ -700,3 +700,165 @@ def test_control_option_parsing(text, parsed):
     from sdruntime.cli import parse_control
 
     assert parse_control(text) == parsed
+
+
+# -- SD3 and Flux ------------------------------------------------------------------------------------------
+
+TRANSFORMER_CASES = {
+    "sd3": (
+        "sd3_32",
+        {
+            "prompt_2": "a green field",
+            "prompt_3": "under a grey sky",
+            "negative_prompt": "blurry",
+            "negative_prompt_3": "dark",
+            "max_sequence_length": 32,
+            "guidance_scale": 4.0,
+        },
+    ),
+    "flux": (
+        "flux32",
+        {
+            "prompt_2": "a green field",
+            "negative_prompt": "blurry",
+            "negative_prompt_2": "dark",
+            "true_cfg_scale": 2.0,
+            "max_sequence_length": 32,
+            "sigmas": [1.0, 0.6],
+            "guidance_scale": 5.0,
+        },
+    ),
+}
+
+
+def cli_arguments(fields: dict) -> list[str]:
+    """A request's fields as `generate` options: --true-cfg, a --sigma per sigma, --guidance, --prompt-2, ..."""
+    names = {"true_cfg_scale": "--true-cfg", "guidance_scale": "--guidance"}
+    args = []
+    for key, value in fields.items():
+        for one in value if isinstance(value, list) else [value]:
+            args += [names.get(key, "--" + key.replace("_", "-").replace("sigmas", "sigma")), str(one)]
+    return args
+
+
+@pytest.mark.parametrize("family", list(TRANSFORMER_CASES))
+def test_transformer_options_draw_the_python_api_picture(request, tmp_path, family):
+    """Every SD3/Flux option reaches the pipeline: the CLI's PNG is the Python API's picture and parameters for the
+    same arguments, and not the picture drawn without them."""
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.image import read_parameters
+
+    export, fields = TRANSFORMER_CASES[family]
+    folder = request.getfixturevalue(export)
+    out = tmp_path / "cli.png"
+    size = ["--height", "32", "--width", "32", "--seed", "5"]
+    steps = [] if "sigmas" in fields else ["--steps", "2"]
+    assert main(["generate", str(folder), "a red circle", *cli_arguments(fields), *size, *steps, "-o", str(out)]) == 0
+    pipe = StableDiffusionPipeline.load(folder)
+    common = {"height": 32, "width": 32, "seed": 5, "num_inference_steps": 2 if steps else None}
+    api = pipe("a red circle", **fields, **common)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(api.images[0]))
+    assert read_parameters(out) == api.parameters[0] and "Prompt 2: a green field" in api.parameters[0]
+    plain = pipe("a red circle", **{**common, "num_inference_steps": 2})
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(api.images[0]))
+
+
+def diffusers_defaults(pipeline: str) -> tuple[str, str]:
+    """(steps, guidance scale) as diffusers' `pipeline.__call__` defaults them, written as the parameters text does."""
+    import inspect
+
+    diffusers = pytest.importorskip("diffusers")
+    parameters = inspect.signature(getattr(diffusers, pipeline).__call__).parameters
+    return str(parameters["num_inference_steps"].default), f"{parameters['guidance_scale'].default:g}"
+
+
+@pytest.mark.parametrize(
+    ("export", "pipeline", "init", "guidance_field"),
+    [
+        ("tiny32", "StableDiffusionPipeline", False, "CFG scale"),
+        ("sdxl32", "StableDiffusionXLPipeline", False, "CFG scale"),
+        ("sd3_32", "StableDiffusion3Pipeline", False, "CFG scale"),
+        ("flux32", "FluxPipeline", False, "Distilled CFG Scale"),  # dev embeds it; true CFG is off (1)
+        ("flux32", "FluxImg2ImgPipeline", True, "Distilled CFG Scale"),
+    ],
+)
+def test_steps_and_guidance_default_to_the_family(request, tmp_path, export, pipeline, init, guidance_field):
+    """Without --steps and --guidance a run takes its family's defaults: diffusers' guidance scale for the
+    pipeline of the mode, and its steps for SD3 and Flux (28); SD and SDXL keep the runtime's 25 (diffusers': 50)."""
+    from PIL import Image
+    from sdruntime.image import read_parameters
+
+    folder = request.getfixturevalue(export)
+    images = []
+    if init:
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "init.png")
+        images = ["--image", str(tmp_path / "init.png")]
+    out = tmp_path / "out.png"
+    assert main(["generate", str(folder), "a red circle", "--seed", "1", *images, "-o", str(out)]) == 0
+    fields = parameter_fields(read_parameters(out))
+    steps, guidance = diffusers_defaults(pipeline)
+    assert fields["Steps"] == (steps if export in ("sd3_32", "flux32") else "25")
+    assert fields[guidance_field] == guidance
+    if export == "flux32":
+        assert fields["CFG scale"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--prompt-2", "a cat"], "prompt_2"),
+        (["--negative-prompt-3", "a dog"], "negative_prompt_3"),
+        (["--max-sequence-length", "77"], "max_sequence_length"),
+        (["--true-cfg", "2"], "true_cfg_scale"),
+        (["--sigma", "1", "--sigma", "0.5"], "sigmas"),
+    ],
+)
+def test_transformer_options_are_refused_on_a_unet_export(capsys, tiny32, tmp_path, args, field):
+    code, err = run(capsys, "generate", str(tiny32), "x", "--steps", "2", *args, "-o", str(tmp_path / "o.png"))
+    assert code == 2 and not (tmp_path / "o.png").exists()
+    assert error_line(err) == (
+        f"sdruntime: error: {field} applies to SD3 and Flux exports; this sd1 export does not take it: leave it out"
+    )
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "prompt_2",
+        "prompt_3",
+        "negative_prompt_2",
+        "negative_prompt_3",
+        "max_sequence_length",
+        "sigmas",
+        "true_cfg_scale",
+    ],
+)
+def test_every_transformer_field_is_refused_by_the_unet_plan(sdxl32, field):
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.request import GenerationError, GenerationRequest
+
+    value = {"max_sequence_length": 77, "sigmas": [1.0, 0.5], "true_cfg_scale": 2.0}.get(field, "a cat")
+    request = GenerationRequest("x", num_inference_steps=1, **{field: value})
+    with pytest.raises(GenerationError, match=f"^{field} applies to SD3 and Flux exports; this sdxl export does not"):
+        StableDiffusionPipeline.load(sdxl32).generate(request)
+
+
+def test_steps_that_disagree_with_the_sigmas_are_refused_before_loading(capsys, sd3_32, tmp_path, no_load):
+    args = ["--steps", "3", "--sigma", "1", "--sigma", "0.5", "-o", str(tmp_path / "o.png")]
+    code, err = run(capsys, "generate", str(sd3_32), "x", *args)
+    assert code == 2 and "--steps 3 with 2 --sigma: the sigmas set the steps, leave --steps out" in error_line(err)
+
+
+@pytest.mark.parametrize(("export", "family"), [("sd3_32", "sd3"), ("flux32", "flux")])
+def test_interpolate_on_a_transformer_export_is_refused_before_loading(
+    capsys, request, tmp_path, no_load, export, family
+):
+    folder = request.getfixturevalue(export)
+    frames = tmp_path / "frames"
+    code, err = run(capsys, "interpolate", str(folder), "--prompt", "a", "--prompt", "b", "-o", str(frames))
+    assert code == 2 and error_line(err) == (
+        f"sdruntime: error: interpolate walks SD 1.x/2.x text embeddings; this {family} export's (CLIP and T5 states) "
+        "are not handled: draw single images with `sdruntime generate`"
+    )
+    assert list(tmp_path.iterdir()) == []
