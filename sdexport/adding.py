@@ -23,6 +23,7 @@ from .component_export import checkable, finish_component
 from .controlnet import ControlNetSource, attach_controlnets, parse_controlnet
 from .converting import exported_line
 from .errors import SdexportError
+from .families import FAMILY_NAMES
 from .plan import EXPORT_DTYPE, ComponentPlan, ExportPlan
 from .specs import controlnet_models, set_module_attention, spec_of
 from .trace import trace_component
@@ -31,6 +32,9 @@ from .trace import trace_component
 def check_add(out: Path, text: str, overwrite: bool) -> tuple[Manifest, ControlNetSource]:
     """Refuse what cannot be added before anything loads: OUT must be an export whose U-Net takes residuals."""
     manifest = read_manifest(out)
+    if manifest.pipeline.transformer_family:
+        family = FAMILY_NAMES[manifest.pipeline.family]
+        raise SdexportError(f"{out} is an export of {family}, for which ControlNets are not supported yet")
     if not manifest.pipeline.unet_residual_scales or "unet" not in manifest.components:
         raise SdexportError(
             f"{out}'s U-Net takes no ControlNet residuals (it predates them): re-export it with "

@@ -19,12 +19,13 @@ from .artifacts import Written, component_entry, export_manifest, with_cpu_layou
 from .component_export import checkable, finish_component
 from .controlnet import attach_controlnets, check_controlnet_sources
 from .convert_options import ConvertOptions, check_options, check_output
-from .errors import ValidationFailed
+from .errors import SdexportError, ValidationFailed
+from .families import FAMILY_NAMES
 from .fp32_fallback import check_convert_options, validate_conversion
 from .load import load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .plan import ExportPlan, force_upcast_note, plan_export
-from .specs import set_attention, spec_of
+from .specs import set_attention, spec_of, transformer_family
 from .staging import staged_folder
 from .trace import Traced, release_unused, release_weights, trace_component
 
@@ -45,6 +46,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     with staged_folder(out, log, keep=(ValidationFailed,)) as tmp:
         src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
+        check_family_options(src.pipe, loras, opts.controlnets)
         if opts.vae:
             replace_vae(src, opts.vae)
             log(f"replaced the pipeline's VAE with {src.vae}")
@@ -58,6 +60,14 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
             validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def check_family_options(pipe, loras, controlnets) -> None:
+    """LoRAs and ControlNets are fused into and fitted to U-Nets: refused for SD3 and Flux, in one line."""
+    family = transformer_family(pipe)
+    if family and (loras or controlnets):
+        what = "--lora" if loras else "--controlnet"
+        raise SdexportError(f"{what} is not supported for {FAMILY_NAMES[family]} pipelines yet: convert without it")
 
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:

@@ -18,6 +18,9 @@ TRANSFORMER_PIPELINES = SD3_PIPELINES | FLUX_PIPELINES
 SUPPORTED_PIPELINES = SD_PIPELINES | SDXL_PIPELINES | TRANSFORMER_PIPELINES
 
 
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux"}
+
+
 def index_family(model_index: dict) -> str | None:
     """sd3 or flux for a transformer pipeline's model_index.json, else None (a U-Net pipeline)."""
     cls = model_index.get("_class_name", "")

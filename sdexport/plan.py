@@ -11,7 +11,7 @@ from sdruntime.manifest import COMPONENTS, TRANSFORMER_FAMILIES, PipelineFacts, 
 
 from .convert_options import ConvertOptions
 from .errors import SdexportError
-from .families import pipeline_family
+from .families import FAMILY_NAMES, pipeline_family
 from .specs import (
     controlnet_models,
     first_tokenizer,
@@ -136,9 +136,8 @@ def static_shapes(opts: ConvertOptions, facts: PipelineFacts, multiple: int) -> 
     if not opts.static:
         return None
     if facts.transformer_family:
-        raise SdexportError(
-            f"--static is not supported for {facts.family.upper()} exports yet: export without --static"
-        )
+        name = FAMILY_NAMES[facts.family]
+        raise SdexportError(f"--static is not supported for {name} exports yet: export without --static")
     height = opts.height or facts.default_height
     width = opts.width or facts.default_width
     for name, value in (("height", height), ("width", width)):

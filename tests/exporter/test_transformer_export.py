@@ -143,6 +143,23 @@ def test_flux_folder_converts_like_its_preset(tmp_path):
 
 
 def test_static_transformer_exports_are_refused(tmp_path):
-    with pytest.raises(SdexportError, match="--static is not supported for SD3"):
+    with pytest.raises(SdexportError, match="--static is not supported for SD3 exports"):
         _convert("sd3-tiny", tmp_path / "out", static=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_loras_and_controlnets_are_refused_for_transformer_families(tmp_path, sd3_export):
+    from sdexport.adding import add_controlnet
+
+    with pytest.raises(SdexportError, match="--controlnet is not supported for SD3 pipelines yet"):
+        _convert("sd3-tiny", tmp_path / "a", controlnets=["tiny-controlnet"])
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "lora.safetensors"
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4)}, lora)
+    with pytest.raises(SdexportError, match="--lora is not supported for Flux pipelines yet"):
+        _convert("flux-tiny", tmp_path / "b", loras=[str(lora)])
+    with pytest.raises(SdexportError, match="an export of SD3, for which ControlNets are not supported"):
+        add_controlnet(sd3_export, "tiny-controlnet")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
