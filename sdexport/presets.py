@@ -247,6 +247,8 @@ def recipe_configs(folder: Path, recipe: dict) -> dict[str, dict]:
     root = (folder / recipe["configs"]).resolve()
     files = {
         "unet": "unet/config.json",
+        "transformer": "transformer/config.json",
+        "text_encoder_3": "text_encoder_3/config.json",
         "vae": "vae/config.json",
         "text_encoder": "text_encoder/config.json",
         "text_encoder_2": "text_encoder_2/config.json",
