@@ -451,7 +451,7 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
 @click.argument("folder")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Copies of the model.")
 @click.option(
-    "--max-batch", default=4, show_default=True, type=click.IntRange(1), help="Most images in one U-Net batch."
+    "--max-batch", default=4, show_default=True, type=click.IntRange(1), help="Most images in one denoiser batch."
 )
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")

@@ -1,8 +1,9 @@
 """`sdruntime serve OUT`: an HTTP endpoint for an export on Ray Serve, on this machine or on a Ray cluster.
 
 Two deployments. `ImageGenerator` replicas each load the export once (ONNX Runtime sessions, the NumPy
-loop) and draw requests that Ray Serve's `@serve.batch` gathers, one U-Net batch per group of requests that
-share a size, steps, scheduler and guidance (a request with an image or control images runs alone). `Api`
+loop) and draw requests that Ray Serve's `@serve.batch` gathers, one denoiser batch (U-Net, or SD3's and Flux's
+transformer) per group of requests that share a size, steps, scheduler and guidance, and for SD3 and Flux their
+other prompts, T5 length, sigmas and true CFG scale (a request with an image or control images runs alone). `Api`
 is the HTTP ingress: it checks requests (400 before a replica is bothered), forwards them through a bounded
 queue, and turns Ray's failures into HTTP answers (503 with Retry-After when the queue is full or a replica
 died, 504 past the request's time limit), so every request gets an image or an error. Ray replaces a

@@ -1,6 +1,6 @@
 """What `sdruntime serve` does without Ray: read an HTTP request's JSON into a checked `ImageRequest`, draw a
-batch of them in as few U-Net batches as their settings allow (each batch one runtime GenerationRequest), and
-describe the model.
+batch of them in as few denoiser batches (U-Net, or SD3's and Flux's transformer) as their settings allow (each
+batch one runtime GenerationRequest), and describe the model with the plans' own defaults for its family.
 
 Kept apart from serve.py so that the rules (what a request may ask, which requests share a batch, which
 seeds draw which images) are plain code, tested without a Ray cluster, and so that Ray stays an extra.
@@ -19,10 +19,12 @@ from PIL import Image
 
 from .errors import InvalidArgument, UserError
 from .image import open_image, write_png
+from .manifest import TRANSFORMER_FAMILIES
 from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .request import GenerationRequest
-from .schedulers import SCHEDULERS, scheduler_class
+from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, scheduler_class
+from .transformer_plan import T5_LONGEST, TRANSFORMER_DEFAULTS
 
 FIELDS = (
     "prompt",
@@ -40,7 +42,25 @@ FIELDS = (
     "strength",
     "control",
     "guess_mode",
+    "prompt_2",
+    "prompt_3",
+    "negative_prompt_2",
+    "negative_prompt_3",
+    "max_sequence_length",
+    "true_cfg_scale",
+    "sigmas",
 )
+# The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
+TRANSFORMER_FIELDS = {
+    "prompt_2": ("sd3", "flux"),  # SD3's CLIP-G, Flux's T5
+    "prompt_3": ("sd3",),  # SD3's T5
+    "negative_prompt_2": ("sd3", "flux"),
+    "negative_prompt_3": ("sd3",),
+    "max_sequence_length": ("sd3", "flux"),
+    "true_cfg_scale": ("flux",),
+    "sigmas": ("sd3", "flux"),
+}
+FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
 CONTROL_FIELDS = ("name", "image", "scale", "start", "end")
 RESPONSE_FORMATS = ("png", "b64_json")
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
@@ -49,6 +69,7 @@ MAX_PROMPT_CHARS = 4000
 MAX_SIDE = 4096  # pixels, either way: larger sizes only tie a replica up
 MAX_CONTROLS = 8  # control images per request
 MAX_CONTROL_SCALE = 10.0  # a ControlNet's scale; diffusers' pipelines default to 0.5-1.0
+MAX_GUIDANCE = 50.0  # guidance and true_cfg_scale
 
 
 @dataclass(frozen=True)
@@ -63,7 +84,8 @@ class ModelFacts:
     size_multiple: int
     static_size: tuple[int, int] | None  # (width, height) of a static export
     default_scheduler: str
-    default_guidance: float
+    default_guidance: float  # text-to-image's: the family's diffusers pipeline's
+    default_steps: int
     model_hash: str
     source: str
     largest_side: int | None = None  # the largest square a replica draws within its memory budget (None: unknown)
@@ -77,6 +99,11 @@ class ModelFacts:
         static = (self.static_size[1], self.static_size[0]) if self.static_size else None
         return SizeRule(self.size_multiple, static, (self.default_size[1], self.default_size[0]))
 
+    @property
+    def flow_matching(self) -> bool:
+        """An SD3 or Flux export: flow-matching schedulers, and the fields in TRANSFORMER_FIELDS."""
+        return self.family in TRANSFORMER_FAMILIES
+
     def card(self) -> dict[str, object]:
         """The /v1/models entry: OpenAI's model object plus the facts a client needs to ask well."""
         return {
@@ -89,9 +116,10 @@ class ModelFacts:
             "default_size": f"{self.default_size[0]}x{self.default_size[1]}",
             "size_multiple": self.size_multiple,
             "static_size": f"{self.static_size[0]}x{self.static_size[1]}" if self.static_size else None,
-            "schedulers": list(SCHEDULERS),
+            "schedulers": list(FLOW_SCHEDULERS if self.flow_matching else SCHEDULERS),
             "default_scheduler": self.default_scheduler,
             "default_guidance": self.default_guidance,
+            "default_steps": self.default_steps,
             "model_hash": self.model_hash,
             "source": self.source,
             "largest_size": f"{self.largest_side}x{self.largest_side}" if self.largest_side else None,
@@ -102,8 +130,10 @@ class ModelFacts:
 
 
 def model_facts(pipe) -> ModelFacts:
-    """A loaded StableDiffusionPipeline's facts."""
+    """A loaded StableDiffusionPipeline's (or TransformerPipeline's) facts; the defaults are the plans' own."""
     manifest = pipe.manifest
+    family = manifest.pipeline.family
+    defaults = TRANSFORMER_DEFAULTS[family] if family in TRANSFORMER_FAMILIES else family_defaults(family)
     sizes = pipe.export.sizes
     budget = pipe.memory_budget.total()
     largest = None
@@ -112,14 +142,15 @@ def model_facts(pipe) -> ModelFacts:
         largest = min(largest, MAX_SIDE) // sizes.multiple * sizes.multiple
     return ModelFacts(
         name=pipe.folder.resolve().name,
-        family=manifest.pipeline.family,
+        family=family,
         dtype=manifest.dtype,
         target=manifest.target,
         default_size=(sizes.default[1], sizes.default[0]),
         size_multiple=sizes.multiple,
         static_size=(sizes.static[1], sizes.static[0]) if sizes.static else None,
         default_scheduler=pipe.default_scheduler,
-        default_guidance=family_defaults(manifest.pipeline.family).guidance_scale,
+        default_guidance=defaults.guidance_scale,
+        default_steps=defaults.steps,
         model_hash=pipe.model_hash,
         source=Path(manifest.source.name).name,
         largest_side=largest,
@@ -198,6 +229,14 @@ class ImageRequest:
     strength: float | None = None  # None: the mode's default (image-to-image's, inpainting's)
     control: tuple[ControlImage, ...] = ()  # the ControlNets to run, each with its control image
     guess_mode: bool = False
+    # SD3 and Flux only (TRANSFORMER_FIELDS): one value for every image of a batch, so part of batch_key
+    prompt_2: str | None = None
+    prompt_3: str | None = None
+    negative_prompt_2: str | None = None
+    negative_prompt_3: str | None = None
+    max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
+    sigmas: tuple[float, ...] | None = None  # a custom schedule: `steps` is its length
 
     @property
     def batch_key(self) -> tuple | None:
@@ -220,6 +259,7 @@ class ImageRequest:
             self.scheduler_options,
             self.guidance,
             self.negative_prompt is None,
+            *(getattr(self, name) for name in TRANSFORMER_FIELDS),
         )
 
 
@@ -278,15 +318,15 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         raise InvalidArgument(f"unknown field '{unknown[0]}': the fields are {', '.join(FIELDS)}")
     prompt = _text(body, "prompt", required=True)
     negative = _text(body, "negative_prompt", required=False)
-    steps = _integer(body, "steps", 25, 1, MAX_STEPS)
+    transformer_fields = parse_transformer_fields(body, facts)
+    sigmas = transformer_fields["sigmas"]
+    steps = _integer(body, "steps", facts.default_steps if sigmas is None else len(sigmas), 1, MAX_STEPS)
+    if sigmas is not None and steps != len(sigmas):
+        raise InvalidArgument(f"'steps' {steps} with {len(sigmas)} 'sigmas': the sigmas set the steps, leave steps out")
     n = _integer(body, "n", 1, 1, MAX_IMAGES)
-    guidance = body.get("guidance")  # None: the plan's default, for the family and the mode
-    if guidance is not None and (
-        isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0.0 <= guidance <= 50.0
-    ):
-        raise InvalidArgument(f"'guidance' must be a number from 0 to 50, got {guidance!r}")
-    scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler).NAME
-    options = _scheduler_options(body, scheduler)
+    guidance = _scale(body, "guidance")  # None: the plan's default, for the family and the mode
+    scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler, facts.flow_matching).NAME
+    options = _scheduler_options(body, scheduler, facts.flow_matching)
     # drawn here when not given, not in the pipeline, so that the response can say which seed brings each image back
     start = None if body.get("seed") is None else _integer(body, "seed", 0, 0, SEED_LIMIT - 1)
     seeds = batch_seeds(n, start)
@@ -309,7 +349,7 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         prompt=prompt,
         negative_prompt=negative,
         steps=steps,
-        guidance=None if guidance is None else float(guidance),
+        guidance=guidance,
         scheduler=scheduler,
         seeds=tuple(seeds),  # as `sdruntime generate --seed S -n N` numbers them
         width=width,
@@ -321,7 +361,49 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         strength=strength,
         control=control,
         guess_mode=guess_mode,
+        **transformer_fields,
     )
+
+
+def parse_transformer_fields(body: Mapping, facts: ModelFacts) -> dict[str, object]:
+    """SD3's and Flux's own fields (TRANSFORMER_FIELDS), as `generate --prompt-2 ... --true-cfg --sigma` takes them;
+    an export of a family that does not take one refuses it in one line."""
+    for name, families in TRANSFORMER_FIELDS.items():
+        if body.get(name) is not None and facts.family not in families:
+            takes = " and ".join(FAMILY_NAMES[f] for f in families)
+            raise InvalidArgument(
+                f"'{name}' applies to {takes} exports; this {facts.family} export does not take it: leave it out"
+            )
+    prompts = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
+    fields: dict[str, object] = {name: _text(body, name, required=False) for name in prompts}
+    length = body.get("max_sequence_length")
+    fields["max_sequence_length"] = None if length is None else _integer(body, "max_sequence_length", 0, 1, T5_LONGEST)
+    fields["true_cfg_scale"] = _scale(body, "true_cfg_scale")
+    fields["sigmas"] = _sigmas(body)
+    return fields
+
+
+def _scale(body: Mapping, name: str) -> float | None:
+    """A guidance scale field from 0 to MAX_GUIDANCE; None when absent (the family's default)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_GUIDANCE:
+        raise InvalidArgument(f"'{name}' must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}")
+    return float(value)
+
+
+def _sigmas(body: Mapping) -> tuple[float, ...] | None:
+    """`sigmas`: a custom flow-matching schedule, one sigma per step from the first, each in [0, 1]."""
+    value = body.get("sigmas")
+    if value is None:
+        return None
+    numbers = isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value
+    )
+    if not numbers or not 1 <= len(value) <= MAX_STEPS:
+        raise InvalidArgument(f"'sigmas' must be a list of 1 to {MAX_STEPS} numbers from 0 to 1, one per step")
+    return tuple(float(v) for v in value)
 
 
 def parse_control(body: Mapping, facts: ModelFacts) -> tuple[ControlImage, ...]:
@@ -398,14 +480,14 @@ def _strength(body: Mapping, image: EncodedImage | None) -> float | None:
     return float(value)
 
 
-def _scheduler_options(body: Mapping, scheduler: str) -> tuple[tuple[str, object], ...]:
+def _scheduler_options(body: Mapping, scheduler: str, flow_matching: bool) -> tuple[tuple[str, object], ...]:
     """`scheduler_options`: a JSON object of scalars, keys of the scheduler's config (as --scheduler-option)."""
     options = body.get("scheduler_options") or {}
     if not isinstance(options, Mapping) or not all(
         isinstance(v, (str, int, float, bool)) or v is None for v in options.values()
     ):
         raise InvalidArgument("'scheduler_options' must be an object of plain values, e.g. {\"clip_sample\": false}")
-    known = scheduler_class(scheduler).DEFAULTS
+    known = scheduler_class(scheduler, flow_matching).DEFAULTS
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise InvalidArgument(f"{scheduler} has no setting {unknown[0]!r}: choose among {', '.join(sorted(known))}")
@@ -459,6 +541,13 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         guess_mode=first.guess_mode,
         control_guidance_start=[c.start for c in first.control] or 0.0,
         control_guidance_end=[c.end for c in first.control] or 1.0,
+        prompt_2=first.prompt_2,  # one string each: the plan gives it to every prompt of the batch
+        prompt_3=first.prompt_3,
+        negative_prompt_2=first.negative_prompt_2,
+        negative_prompt_3=first.negative_prompt_3,
+        max_sequence_length=first.max_sequence_length,
+        true_cfg_scale=first.true_cfg_scale,
+        sigmas=None if first.sigmas is None else list(first.sigmas),
     )
 
 

@@ -681,3 +681,169 @@ def test_a_shapes_replica_refuses_1024_within_its_budget_and_stays_up(shapes32, 
         assert request(shapes.url + "/health")[0] == 200
     finally:
         shapes.stop()
+
+
+# -- SD3 and Flux ------------------------------------------------------------------------------------
+
+# A request with each family's own fields, and the same arguments as the Python API takes them
+TRANSFORMER_REQUESTS = {
+    "sd3": (
+        "sd3_32",
+        {
+            "prompt_2": "a green field",
+            "prompt_3": "under a grey sky",
+            "negative_prompt": "blurry",
+            "negative_prompt_3": "dark",
+            "max_sequence_length": 32,
+            "guidance": 4,
+        },
+    ),
+    "flux": (
+        "flux32",
+        {
+            "prompt_2": "a green field",
+            "negative_prompt": "blurry",
+            "negative_prompt_2": "dark",
+            "true_cfg_scale": 2,
+            "max_sequence_length": 32,
+            "sigmas": [1.0, 0.6],
+        },
+    ),
+}
+
+
+def api_arguments(body: dict) -> dict:
+    """A request body's fields as the Python API's arguments."""
+    names = {"guidance": "guidance_scale", "steps": "num_inference_steps"}
+    size = (
+        {"height": int(body["size"].split("x")[1]), "width": int(body["size"].split("x")[0])} if "size" in body else {}
+    )
+    rest = {names.get(k, k): v for k, v in body.items() if k not in ("prompt", "size", "n", "response_format")}
+    return {**rest, **size}
+
+
+@pytest.fixture(scope="module", params=list(TRANSFORMER_REQUESTS))
+def transformer_case(request):
+    """(family, its pipeline, its facts, its request fields)."""
+    export, fields = TRANSFORMER_REQUESTS[request.param]
+    pipe = StableDiffusionPipeline.load(request.getfixturevalue(export))
+    return request.param, pipe, model_facts(pipe), fields
+
+
+def test_models_report_the_family_defaults_of_diffusers(transformer_case):
+    """Steps and text-to-image guidance as StableDiffusion3Pipeline and FluxPipeline default them; a request
+    without them runs those steps on the export's flow-matching scheduler."""
+    import inspect
+
+    diffusers = pytest.importorskip("diffusers")
+    family, _, facts, _ = transformer_case
+    pipeline = {"sd3": diffusers.StableDiffusion3Pipeline, "flux": diffusers.FluxPipeline}[family]
+    defaults = inspect.signature(pipeline.__call__).parameters
+    card = facts.card()
+    assert card["default_guidance"] == defaults["guidance_scale"].default
+    assert card["default_steps"] == defaults["num_inference_steps"].default
+    assert card["schedulers"] == ["flow-match-euler"] and card["default_scheduler"] == "flow-match-euler"
+    request = parse_request({"prompt": PROMPT}, facts)
+    assert request.steps == card["default_steps"] and request.scheduler == "flow-match-euler"
+    assert request.guidance is None  # the plan's default, which differs by mode for Flux
+
+
+def test_transformer_fields_draw_the_python_api_picture(transformer_case):
+    """Each field reaches the pipeline: the served PNG is the Python API's picture and parameters for the same
+    arguments, and two such requests share a batch and keep their pictures."""
+    family, pipe, facts, fields = transformer_case
+    bodies = [
+        {"prompt": PROMPT, "seed": 4, "steps": 2, "size": "32x32", **fields},
+        {"prompt": "a green star", "seed": 9, "steps": 2, "size": "32x32", **fields},
+    ]
+    if "sigmas" in fields:  # the sigmas set the steps
+        bodies = [{k: v for k, v in body.items() if k != "steps"} for body in bodies]
+    requests = [parse_request(body, facts) for body in bodies]
+    results = draw_batch(pipe, requests, max_images=4)
+    assert [[i.batch_images for i in r.images] for r in results] == [[2], [2]]
+    for body, result in zip(bodies, results):
+        alone = pipe(body["prompt"], **api_arguments(body))
+        served = Image.open(io.BytesIO(result.images[0].png))
+        assert np.array_equal(np.asarray(served), np.asarray(alone.images[0]))
+        assert served.text["parameters"] == alone.parameters[0] and "Prompt 2: a green field" in alone.parameters[0]
+
+
+UNET_REFUSED = {
+    "prompt_2": "a cat",
+    "prompt_3": "a cat",
+    "negative_prompt_2": "a dog",
+    "negative_prompt_3": "a dog",
+    "max_sequence_length": 77,
+    "true_cfg_scale": 2,
+    "sigmas": [1.0, 0.5],
+}
+
+
+@pytest.mark.parametrize("field", list(UNET_REFUSED))
+def test_transformer_fields_are_refused_on_a_unet_export(facts, field):
+    takes = {"prompt_3": "SD3", "negative_prompt_3": "SD3", "true_cfg_scale": "Flux"}.get(field, "SD3 and Flux")
+    with pytest.raises(InvalidArgument) as caught:
+        parse_request({"prompt": PROMPT, field: UNET_REFUSED[field]}, facts)
+    assert str(caught.value) == (
+        f"'{field}' applies to {takes} exports; this {facts.family} export does not take it: leave it out"
+    )
+
+
+# Each family's bad requests: (body fields, the message's pattern)
+BAD_TRANSFORMER_REQUESTS = {
+    "sd3": [
+        ({"true_cfg_scale": 2}, "'true_cfg_scale' applies to Flux exports; this sd3 export does not take it"),
+        ({"sigmas": [1, 0.5], "steps": 3}, "'steps' 3 with 2 'sigmas': the sigmas set the steps"),
+        ({"sigmas": []}, "'sigmas' must be a list of 1 to 150 numbers from 0 to 1, one per step"),
+        ({"sigmas": [1, 2]}, "'sigmas' must be a list of 1 to 150 numbers from 0 to 1"),
+        ({"sigmas": "1 0.5"}, "'sigmas' must be a list of 1 to 150 numbers"),
+        ({"sigmas": [1, True]}, "'sigmas' must be a list of 1 to 150 numbers"),
+        ({"scheduler": "ddim"}, "ddim serves epsilon/v-prediction .* models, not this flow-matching"),
+    ],
+    "flux": [
+        ({"prompt_3": "a cat"}, "'prompt_3' applies to SD3 exports; this flux export does not take it"),
+        ({"max_sequence_length": 0}, "'max_sequence_length' must be an integer from 1 to 512, got 0"),
+        ({"max_sequence_length": 513}, "'max_sequence_length' must be an integer from 1 to 512, got 513"),
+        ({"true_cfg_scale": -1}, "'true_cfg_scale' must be a number from 0 to 50, got -1"),
+        ({"prompt_2": 3}, "'prompt_2' must be a string, got 3"),
+        ({"scheduler_options": {"clip_sample": False}}, "flow-match-euler has no setting 'clip_sample'"),
+    ],
+}
+
+
+def test_bad_transformer_requests_are_refused_in_one_line(transformer_case):
+    family, _, facts, _ = transformer_case
+    for body, message in BAD_TRANSFORMER_REQUESTS[family]:
+        with pytest.raises(InvalidArgument, match=message) as caught:
+            parse_request({"prompt": PROMPT, **body}, facts)
+        assert "\n" not in str(caught.value)
+
+
+def test_http_refuses_transformer_fields_on_a_unet_export(server):
+    status, _, body = generate(server, {"prompt": PROMPT, "prompt_2": "a cat"})
+    assert status == 400 and json.loads(body) == {
+        "error": {
+            "message": "'prompt_2' applies to SD3 and Flux exports; this sd1 export does not take it: leave it out",
+            "type": "invalid_request_error",
+            "code": 400,
+        }
+    }
+
+
+@pytest.mark.slow  # a second server: 30-40 s
+def test_http_draws_flux_as_the_python_api(flux32, tmp_path):
+    """A Flux server: its card's defaults, and a request with Flux's fields answered with the Python API's PNG."""
+    flux = Server(flux32, tmp_path / "serve.log")
+    try:
+        flux.wait_healthy()
+        card = json.loads(request(flux.url + "/v1/models")[2])["data"][0]
+        assert (card["family"], card["default_guidance"], card["default_steps"]) == ("flux", 3.5, 28)
+        body = {"prompt": PROMPT, "seed": 2, "size": "32x32", **TRANSFORMER_REQUESTS["flux"][1]}
+        status, headers, png = generate(flux, body)
+        assert status == 200 and headers["x-seed"] == "2"
+        alone = StableDiffusionPipeline.load(flux32)(PROMPT, **api_arguments(body))
+        served = Image.open(io.BytesIO(png))
+        assert np.array_equal(np.asarray(served), np.asarray(alone.images[0]))
+        assert served.text["parameters"] == alone.parameters[0]
+    finally:
+        flux.stop()
