@@ -24,14 +24,14 @@ def _convert(source, out: Path, **options) -> Path:
         return convert(str(source), out, log=lambda line: None, **options)
 
 
-@pytest.fixture(scope="module")
-def sd3_export(tmp_path_factory) -> Path:
-    return _convert("sd3-tiny", tmp_path_factory.mktemp("sd3") / "out")
+@pytest.fixture
+def sd3_export(sd3_32) -> Path:
+    return sd3_32
 
 
-@pytest.fixture(scope="module")
-def flux_export(tmp_path_factory) -> Path:
-    return _convert("flux-tiny", tmp_path_factory.mktemp("flux") / "out")
+@pytest.fixture
+def flux_export(flux32) -> Path:
+    return flux32
 
 
 def _inputs(manifest, component: str) -> list[str]:

@@ -56,22 +56,18 @@ def test_optimum_inpaints_with_our_inpainting_export(tiny_inpaint32):
 
 
 @pytest.mark.parametrize(
-    ("preset", "pipeline_class", "options"),
+    ("export", "source", "pipeline_class", "options"),
     [
-        ("sd3-tiny", "ORTStableDiffusion3Pipeline", {"guidance_scale": 5.0, "negative_prompt": "blurry"}),
-        ("flux-tiny", "ORTFluxPipeline", {"guidance_scale": 3.5, "max_sequence_length": 64}),
+        ("sd3_32", "sd3_pipe", "ORTStableDiffusion3Pipeline", {"guidance_scale": 5.0, "negative_prompt": "blurry"}),
+        ("flux32", "flux_pipe", "ORTFluxPipeline", {"guidance_scale": 3.5, "max_sequence_length": 64}),
     ],
 )
-def test_optimum_runs_our_transformer_exports(preset, pipeline_class, options, tmp_path):
+def test_optimum_runs_our_transformer_exports(export, source, pipeline_class, options, request):
     """optimum's SD3 and Flux pipelines load our export and draw what diffusers draws from the source."""
-    from sdexport import convert
-    from sdexport.presets import build_from_recipe, resolve_preset
-
     optimum = pytest.importorskip("optimum.onnxruntime")
+    out, source = request.getfixturevalue(export), request.getfixturevalue(source)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = convert(preset, tmp_path / "out", log=lambda line: None)
-        source = build_from_recipe(resolve_preset(preset))
         pipe = getattr(optimum, pipeline_class).from_pretrained(str(out))
         args = {"prompt": "a red circle", "num_inference_steps": 3, "height": 32, "width": 48, **options}
         theirs = pipe(generator=torch.Generator("cpu").manual_seed(4), **args).images[0]
