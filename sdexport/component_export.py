@@ -17,7 +17,7 @@ from sdruntime.manifest import UNET_RESIDUAL_INPUTS, PipelineFacts, StaticShapes
 from .artifacts import Written
 from .compare import compare_outputs
 from .graph_check import check_written_graph
-from .graph_files import graph_of, save_model
+from .graph_files import OnDisk, graph_of, save_model
 from .optimize import finish_graph, uses_cpu_layout
 from .targets import EXPORT_TARGETS
 from .trace import Traced, trace_component
@@ -66,6 +66,8 @@ def finish_component(
     if not traced.streamed:
         files = save_model(model, path)
     laid_out = uses_cpu_layout(graph_of(model))
+    if isinstance(model, OnDisk) and model.owner is not None:
+        model.owner.cleanup()  # written: its folder goes now, not when the object is collected (a warning then)
     del model
     check_written(component, path, target)
     result = None
