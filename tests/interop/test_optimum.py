@@ -82,3 +82,30 @@ def test_optimum_runs_our_transformer_exports(export, source, pipeline_class, op
 
     assert psnr(a, b) >= 45.0
     assert psnr(c, b) < 45.0  # another seed draws another picture: the comparison can fail
+
+
+@pytest.mark.parametrize("mode", ["Img2Img", "Inpaint"])
+def test_optimum_sd3_image_pipelines_run_our_export(mode, sd3_32, sd3_pipe):
+    """optimum's SD3 image-to-image and inpainting pipelines load the same export and draw what diffusers'
+    do from the source (both decode as diffusers 0.39 does, SD3 inpainting without the VAE's shift)."""
+    import diffusers
+    from PIL import Image
+
+    optimum = pytest.importorskip("optimum.onnxruntime")
+    y, x = np.mgrid[0:32, 0:48]
+    image = Image.fromarray(np.stack([x * 5, y * 7, 255 - (x + y) * 3], axis=-1).clip(0, 255).astype(np.uint8))
+    args = {"prompt": "a red circle", "image": image, "num_inference_steps": 4, "height": 32, "width": 48}
+    if mode == "Inpaint":
+        args["mask_image"] = Image.fromarray((((x > 12) & (y > 8)) * 255).astype(np.uint8))
+    reference_class = getattr(diffusers, f"StableDiffusion3{mode}Pipeline")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = getattr(optimum, f"ORTStableDiffusion3{mode}Pipeline").from_pretrained(str(sd3_32))
+        source = reference_class(**sd3_pipe.components)
+        theirs = pipe(generator=torch.Generator("cpu").manual_seed(6), **args).images[0]
+        reference = source(generator=torch.Generator("cpu").manual_seed(6), **args).images[0]
+        other = source(generator=torch.Generator("cpu").manual_seed(7), **args).images[0]
+    a, b, c = (np.asarray(x, np.float64) for x in (theirs, reference, other))
+    assert a.shape == (32, 48, 3)
+    assert 10 * np.log10(255.0**2 / max(np.mean((a - b) ** 2), 1e-12)) >= 45.0
+    assert 10 * np.log10(255.0**2 / max(np.mean((c - b) ** 2), 1e-12)) < 45.0
