@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 from sdruntime.ort_options import ort_session_options
 
+from .chunked_run import chunked_outputs
 from .specs import example_inputs, spec_of, wrap
 from .streaming import materialized, source_of
 
@@ -28,14 +29,11 @@ def torch_outputs(component: str, pipe, inputs: dict[str, torch.Tensor]) -> list
 
 
 def ort_outputs(
-    model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider", level: str = "basic"
+    model_path: Path, inputs: dict[str, np.ndarray], provider: str = "CPUExecutionProvider"
 ) -> list[np.ndarray]:
-    """ONNX Runtime's outputs at optimization `level`: basic (the graph was optimized when exported), or
-    "disable" for a streamed graph, whose fp16 weights the CPU EP would otherwise fold into fp32 copies; that
-    one runs without the memory arena too, which would keep every fp32 copy the run casts (T5-XXL fp16's
-    check: 19.8 GiB peak with the arena, 16.0 without)."""
-    # one run: the CPU kernels' packed copies of the weights (doubling an SDXL U-Net's) would not pay off
-    options = ort_session_options(level, prepacking=False, cpu_mem_arena=level != "disable")
+    # basic: optimized when exported; one run: the CPU kernels' packed copies of the weights (doubling
+    # an SDXL U-Net's) would not pay off
+    options = ort_session_options("basic", prepacking=False)
     session = ort.InferenceSession(str(model_path), options, providers=[provider])
     feed = {}
     # the inputs with defaults (the U-Net's ControlNet residuals) too, when the reference has them
@@ -62,11 +60,15 @@ def reference_outputs(component: str, pipe, batch: int, latent_size: tuple[int, 
 
 
 def compare_outputs(
-    reference: Reference, model_path: Path, provider: str = "CPUExecutionProvider", level: str = "basic"
+    reference: Reference, model_path: Path, provider: str = "CPUExecutionProvider", chunked: bool = False
 ) -> dict[str, float]:
-    """ONNX Runtime's outputs for the reference's inputs against PyTorch's (ort_outputs' `level`)."""
+    """ONNX Runtime's outputs for the reference's inputs against PyTorch's; `chunked`: run in pieces of a few
+    layers' weights (chunked_run.py), for a streamed graph too large for one session here."""
     expected = reference.outputs
-    got = ort_outputs(model_path, reference.inputs, provider, level)
+    if chunked:
+        got = [o.astype(np.float32) for o in chunked_outputs(model_path, reference.inputs, provider)]
+    else:
+        got = ort_outputs(model_path, reference.inputs, provider)
     max_abs = max(float(np.max(np.abs(e - g))) for e, g in zip(expected, got))
     rel_l2 = max(float(np.linalg.norm(e - g) / max(np.linalg.norm(e), 1e-12)) for e, g in zip(expected, got))
     finite = all(np.isfinite(g).all() for g in got)

@@ -72,8 +72,7 @@ def finish_component(
     check_written(component, path, target)
     result = None
     if traced.reference is not None:
-        level = "disable" if traced.streamed else "basic"
-        result = compare_outputs(traced.reference, path, EXPORT_TARGETS[target].check_provider, level)
+        result = compare_outputs(traced.reference, path, EXPORT_TARGETS[target].check_provider, traced.streamed)
     return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
 
 

@@ -325,10 +325,14 @@ def test_static_exports_larger_than_the_trace_cap_are_traced_small(monkeypatch, 
 
 
 def test_one_spec_per_component_of_the_io_table():
+    """Every entry of the IO table, the transformer families' included, has one spec, and the denoisers are traced last."""
+    from sdruntime.manifest import FAMILY_IO
+
     from sdexport.specs import SPECS
 
-    assert tuple(SPECS) == tuple(COMPONENT_IO)
-    assert [name for name, spec in SPECS.items() if spec.traced_last] == ["unet"]
+    family_entries = {name for entries in FAMILY_IO.values() for name in entries}
+    assert set(SPECS) == set(COMPONENT_IO) | family_entries
+    assert [name for name, spec in SPECS.items() if spec.traced_last] == ["unet", "transformer"]
 
 
 def test_the_plan_says_why_a_component_stays_fp32():
