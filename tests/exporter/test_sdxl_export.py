@@ -311,7 +311,7 @@ def test_convert_validate_sdxl_fp16(tmp_path):
             "addition_embed_type 'image': only SDXL's 'text_time' is supported",
         ),
         ("StableDiffusionUpscalePipeline", {"class_embed_type": "timestep"}, {}, "(an upscaler or unCLIP)"),
-        ("StableDiffusion3Pipeline", {}, {}, "only Stable Diffusion 1.x/2.x and SDXL"),
+        ("PixArtAlphaPipeline", {}, {}, "only Stable Diffusion 1.x/2.x, SDXL, SD3 and Flux"),
         (
             "StableDiffusionXLPipeline",
             {"cross_attention_dim": 2048},
