@@ -35,7 +35,10 @@ def plain_pipe():
 
 def static_unet(pipe, size: int, folder):
     facts = SimpleNamespace(
-        vae_scale_factor=vae_scale_factor(pipe), tokenizer_max_length=model_dims(pipe)["max_length"]
+        family="sd1",
+        transformer_family=False,
+        vae_scale_factor=vae_scale_factor(pipe),
+        tokenizer_max_length=model_dims(pipe)["max_length"],
     )
     fixed = axis_sizes(facts, "unet", 1, size, size)
     latent = (fixed["height"], fixed["width"])
