@@ -338,8 +338,10 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     strength = _strength(body, image)
     control = parse_control(body, facts)
     guess_mode = _guess_mode(body, control)
-    # the drawn size follows the init image, else the first control image (plan._size)
-    width, height = parse_size(body.get("size"), facts, image or (control[0].image if control else None))
+    # the drawn size follows the init image, else the first control image (plan._size); SD3's and Flux's
+    # pipelines draw at their default size whatever the image's, as diffusers' Img2Img and Inpaint forms do
+    follows = None if facts.flow_matching else image or (control[0].image if control else None)
+    width, height = parse_size(body.get("size"), facts, follows)
     response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")

@@ -768,6 +768,24 @@ def test_transformer_fields_draw_the_python_api_picture(transformer_case):
         assert served.text["parameters"] == alone.parameters[0] and "Prompt 2: a green field" in alone.parameters[0]
 
 
+@pytest.mark.parametrize("inpaint", [False, True], ids=["image-to-image", "inpainting"])
+def test_transformer_image_inputs_draw_the_png_of_sdruntime_generate(
+    transformer_case, inpaint_files, tmp_path, inpaint
+):
+    """SD3 and Flux image-to-image and inpainting through the server: the PNG `sdruntime generate` writes for the
+    same files, seed, steps and strength, byte for byte."""
+    _, pipe, facts, _ = transformer_case
+    init, mask = inpaint_files[0], inpaint_files[1] if inpaint else None
+    [result] = draw_batch(pipe, [parse_request(image_body(init, mask, seed=4, steps=2, strength=0.75), facts)], 4)
+    assert result.error is None
+    out = tmp_path / "cli.png"
+    masks = ["--mask", str(mask)] if inpaint else []
+    options = ["--seed", "4", "--steps", "2", "--strength", "0.75", "--image", str(init), *masks, "-o", str(out)]
+    assert sdruntime_main(["generate", str(pipe.folder), PROMPT, *options]) == 0
+    assert result.images[0].png == out.read_bytes()
+    assert ("Mask hash: " in result.images[0].parameters) == inpaint
+
+
 UNET_REFUSED = {
     "prompt_2": "a cat",
     "prompt_3": "a cat",
