@@ -100,19 +100,26 @@ class TransformerPlan:
             "Scheduler options": _options_text(request.scheduler_options),
             "Latents": "given" if request.latents is not None else None,
         }
-        given = {
-            f"{label} {n}": getattr(request, f"{field}_{n}")
-            for field, label in (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"))
-            for n in (2, 3)
-            if getattr(request, f"{field}_{n}", None) is not None
-        }
         negatives = (self.negative_prompts or {}).get("text_encoder") or [""] * len(self.prompts["text_encoder"])
         texts = []
         for i in range(self.batch):
             prompt = i // request.num_images
+            given = _other_prompts(request, prompt)
             fields = {**settings, "Seed": self.seeds.seed_of(i), **given, **self.seeds.batch_fields(i, self.batch)}
             texts.append(parameters_text(self.prompts["text_encoder"][prompt], negatives[prompt], fields))
         return texts
+
+
+def _other_prompts(request: GenerationRequest, prompt: int) -> dict[str, str]:
+    """The other text encoders' prompts and negative prompts the request set, for its `prompt`-th prompt
+    (one of a list, or the one given for all)."""
+    given = {}
+    for field, label in (("prompt", "Prompt"), ("negative_prompt", "Negative prompt")):
+        for n in (2, 3):
+            value = getattr(request, f"{field}_{n}", None)
+            if value is not None:
+                given[f"{label} {n}"] = value if isinstance(value, str) else list(value)[prompt]
+    return given
 
 
 def _options_text(options: Mapping[str, object] | None) -> str | None:

@@ -222,3 +222,20 @@ def test_bad_requests_are_refused_in_one_line(ours, request_args, error, match):
     with pytest.raises(error, match=match) as caught:
         ours.generate(GenerationRequest(PROMPT, **{"num_inference_steps": STEPS, **request_args}))
     assert "\n" not in str(caught.value)
+
+
+def test_each_images_parameters_name_its_own_other_prompts(ours):
+    """With a list of prompts and one prompt_2 per prompt, each image's parameters text names its own prompt_2
+    (what draws it again alone), not the list."""
+    result = ours(
+        ["a red circle", "a blue square"],
+        prompt_2=["green", "yellow"],
+        negative_prompt_3=["dark", "blurry"],
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        seed=[1, 2],
+    )
+    first, second = result.parameters
+    assert "Prompt 2: green" in first and "Negative prompt 3: dark" in first and "yellow" not in first
+    assert "Prompt 2: yellow" in second and "Negative prompt 3: blurry" in second and "[" not in second
