@@ -773,14 +773,32 @@ def test_transformer_image_inputs_draw_the_png_of_sdruntime_generate(
     transformer_case, inpaint_files, tmp_path, inpaint
 ):
     """SD3 and Flux image-to-image and inpainting through the server: the PNG `sdruntime generate` writes for the
-    same files, seed, steps and strength, byte for byte."""
-    _, pipe, facts, _ = transformer_case
+    same files, seed, steps and strength, byte for byte; SD3 at its default size (not the image's), Flux at a
+    given one (flux-tiny's default 256x256 gives its factor-2 VAE 16,384-token attention: gigabytes)."""
+    family, pipe, facts, _ = transformer_case
     init, mask = inpaint_files[0], inpaint_files[1] if inpaint else None
-    [result] = draw_batch(pipe, [parse_request(image_body(init, mask, seed=4, steps=2, strength=0.75), facts)], 4)
+    size = {"size": "48x32"} if family == "flux" else {}
+    body = image_body(init, mask, seed=4, steps=2, strength=0.75, **size)
+    [result] = draw_batch(pipe, [parse_request(body, facts)], 4)
     assert result.error is None
+    assert Image.open(io.BytesIO(result.images[0].png)).size == ((48, 32) if size else (64, 64))
     out = tmp_path / "cli.png"
     masks = ["--mask", str(mask)] if inpaint else []
-    options = ["--seed", "4", "--steps", "2", "--strength", "0.75", "--image", str(init), *masks, "-o", str(out)]
+    sizes = ["--width", "48", "--height", "32"] if size else []
+    options = [
+        "--seed",
+        "4",
+        "--steps",
+        "2",
+        "--strength",
+        "0.75",
+        "--image",
+        str(init),
+        *masks,
+        *sizes,
+        "-o",
+        str(out),
+    ]
     assert sdruntime_main(["generate", str(pipe.folder), PROMPT, *options]) == 0
     assert result.images[0].png == out.read_bytes()
     assert ("Mask hash: " in result.images[0].parameters) == inpaint
