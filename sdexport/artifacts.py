@@ -34,7 +34,7 @@ from . import __version__
 from .optimize import CPU_LAYOUT_PROBE, write_cpu_layout_probe
 from .plan import ExportPlan
 from .scheduler_config import write_scheduler_config
-from .specs import spec_of
+from .specs import is_tiny_vae, spec_of
 
 SOURCE_DOCS = ("LICENSE", "LICENSE.md", "LICENSE.txt", "README.md", "model_card.md")
 
@@ -99,14 +99,16 @@ ORT_CLASSES = {
 
 
 def model_index(pipe) -> dict:
-    """optimum's model_index.json: the source's entries, the VAE as two parts, the ORT class."""
+    """optimum's model_index.json: the source's entries, the VAE as two parts (by its class: AutoencoderTiny
+    after `--vae` with a tiny VAE; a `--tiny-vae` decoder is not listed, optimum knows none), the ORT class."""
     index = {k: v for k, v in dict(pipe.config).items() if k in INDEX_KEYS}
+    vae_class = "AutoencoderTiny" if is_tiny_vae(pipe.vae) else "AutoencoderKL"
     index.update(
         {
             "_class_name": ORT_CLASSES.get(type(pipe).__name__, "ORTStableDiffusionPipeline"),
             "_diffusers_version": pipe.config.get("_diffusers_version", ""),
-            "vae_decoder": ["diffusers", "AutoencoderKL"],
-            "vae_encoder": ["diffusers", "AutoencoderKL"],
+            "vae_decoder": ["diffusers", vae_class],
+            "vae_encoder": ["diffusers", vae_class],
             "feature_extractor": [None, None],
         }
     )
@@ -171,7 +173,9 @@ def export_manifest(src, folder: Path, opts, plan: ExportPlan, components: dict[
     return Manifest(
         format_version=FORMAT_VERSION,
         created_by=versions(),
-        source=ExportSource(src.kind, src.name, tuple(LoraEntry.from_json(x) for x in src.loras), src.vae),
+        source=ExportSource(
+            src.kind, src.name, tuple(LoraEntry.from_json(x) for x in src.loras), src.vae, src.tiny_vae
+        ),
         dtype=opts.dtype,
         target=opts.target,
         opset=opts.opset,

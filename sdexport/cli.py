@@ -87,7 +87,15 @@ def cli() -> None:
     "--vae",
     "vae",
     metavar="FOLDER",
-    help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) that replaces the pipeline's VAE.",
+    help="A diffusers AutoencoderKL folder (e.g. an fp16-safe SDXL VAE) or AutoencoderTiny folder (TAESD, TAESDXL) "
+    "that replaces the pipeline's VAE.",
+)
+@click.option(
+    "--tiny-vae",
+    "tiny_vae",
+    metavar="FOLDER",
+    help="A diffusers AutoencoderTiny folder (TAESD, TAESDXL) or tiny-VAE preset (taesd-random) exported beside "
+    "the VAE as vae_decoder_tiny: `generate --decoder tiny` and per-step previews.",
 )
 @click.option(
     "--controlnet",
@@ -119,6 +127,7 @@ def convert(
     validate_export,
     auto_fp32_fallback,
     vae,
+    tiny_vae,
     controlnets,
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
@@ -143,6 +152,7 @@ def convert(
         validate=validate_export,
         auto_fp32_fallback=auto_fp32_fallback,
         vae=vae,
+        tiny_vae=tiny_vae,
         controlnets=controlnets,
     )
     check_convert(source, out, ConvertOptions(**options))  # before torch's import, which takes seconds

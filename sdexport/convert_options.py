@@ -37,7 +37,8 @@ class ConvertOptions:
     allow_pickle: bool = False  # single-file checkpoints: read a .ckpt with torch.load(weights_only=True)
     validate: bool = False  # run `sdexport validate`'s checks before OUT is put in place
     auto_fp32_fallback: bool = False  # fp16: keep the nodes validation blames in fp32 (implies validate)
-    vae: str | None = None  # a diffusers AutoencoderKL folder that replaces the pipeline's VAE before export
+    vae: str | None = None  # a diffusers AutoencoderKL or AutoencoderTiny folder that replaces the pipeline's VAE
+    tiny_vae: str | None = None  # a diffusers AutoencoderTiny folder or preset, exported beside as vae_decoder_tiny
     controlnets: Sequence[str] = ()  # "[NAME=]PATH": each exported as controlnet/NAME (controlnet.py)
 
 

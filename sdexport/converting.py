@@ -22,7 +22,7 @@ from .convert_options import ConvertOptions, check_options, check_output
 from .errors import SdexportError, ValidationFailed
 from .families import FAMILY_NAMES
 from .fp32_fallback import check_convert_options, validate_conversion
-from .load import load_source, replace_vae
+from .load import attach_tiny_vae, load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .plan import ExportPlan, force_upcast_note, plan_export
 from .specs import set_attention, spec_of, transformer_family
@@ -50,6 +50,9 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
         if opts.vae:
             replace_vae(src, opts.vae)
             log(f"replaced the pipeline's VAE with {src.vae}")
+        if opts.tiny_vae:
+            attach_tiny_vae(src, opts.tiny_vae)
+            log(f"exporting the tiny VAE {src.tiny_vae} as vae_decoder_tiny")
         if loras:
             src.loras = fuse_loras(src.pipe, loras, log)
         attach_controlnets(src.pipe, check_controlnet_sources(opts.controlnets), log)

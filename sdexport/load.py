@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
@@ -20,9 +21,10 @@ from huggingface_hub import snapshot_download
 from . import streaming
 from .errors import SdexportError
 from .families import TRANSFORMER_PIPELINES, index_family, is_sdxl_index
-from .presets import build_from_recipe
+from .presets import build_from_recipe, build_tiny_vae_from_recipe, tiny_vae_presets
 from .single_file import load_single_file
 from .sources import check_pipeline_folder, locate_source, read_json
+from .specs import TINY_VAE_ATTRIBUTE, transformer_family, vae_scale_factor
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Source:
     pipe: object
     folder: Path | None = None
     loras: list[dict] = field(default_factory=list)
-    vae: str = "pipeline"  # or the AutoencoderKL folder that replaced the pipeline's VAE (replace_vae)
+    vae: str = "pipeline"  # or the VAE folder (or tiny-VAE preset) that replaced the pipeline's VAE (replace_vae)
+    tiny_vae: str | None = None  # the AutoencoderTiny folder or preset attached for vae_decoder_tiny (attach_tiny_vae)
 
 
 def _load_folder(folder: Path):
@@ -129,27 +132,73 @@ def _load_hub(repo_id: str) -> Source:
     return Source(kind="hub", name=repo_id, pipe=_load_folder(folder), folder=folder)
 
 
-def replace_vae(src: Source, vae: str) -> None:
-    """Put the diffusers AutoencoderKL in folder `vae` (or in its vae/ subfolder) in place of the
-    pipeline's VAE, e.g. an fp16-safe SDXL VAE; its latent space must match the U-Net's."""
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 
+
+def load_vae(vae: str, option: str, classes: tuple[str, ...]) -> tuple[object, str]:
+    """(the diffusers VAE, where it came from) for `option` (--vae, --tiny-vae): a folder with config.json (or a
+    vae/ subfolder with one) of one of `classes`, or a tiny-VAE preset (random weights, models/)."""
+    kinds = " or ".join(f"diffusers {name}" for name in classes)
+    presets = tiny_vae_presets() if "AutoencoderTiny" in classes else {}
     folder = Path(vae).expanduser()
+    if not folder.exists() and vae in presets:
+        return build_tiny_vae_from_recipe(presets[vae]), vae
     if (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
     if not (folder / "config.json").is_file():
-        raise SdexportError(f"--vae {vae}: no config.json there; pass a diffusers AutoencoderKL folder")
-    config = read_json(folder / "config.json")
-    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise SdexportError(f"--vae {vae} is a {config['_class_name']}: pass a diffusers AutoencoderKL folder")
-    latent = src.pipe.vae.config.latent_channels
-    if config.get("latent_channels", 4) != latent:
+        named = f" or a preset ({', '.join(presets)})" if presets else ""
+        raise SdexportError(f"{option} {vae}: no config.json there; pass a {kinds} folder{named}")
+    name = read_json(folder / "config.json").get("_class_name", "AutoencoderKL")
+    if name not in classes:
+        raise SdexportError(f"{option} {vae} is a {name}: pass a {kinds} folder")
+    try:
+        module = VAE_CLASSES[name].from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SdexportError(f"{option} {vae} could not be loaded ({type(e).__name__}: {e})") from e
+    return module.eval(), str(folder.resolve())
+
+
+def check_vae_fits(pipe, vae, option: str, given: str) -> None:
+    """A VAE in place of the pipeline's, or beside it, must read its latents: the same channels and the same
+    factor between pixels and latents. SD3's and Flux's 16-channel latents have no tiny VAE here yet."""
+    if type(vae).__name__ == "AutoencoderTiny" and transformer_family(pipe):
         raise SdexportError(
-            f"--vae {vae} has {config.get('latent_channels', 4)} latent channels, the model's VAE {latent}: "
+            f"{option} {given}: tiny VAEs are supported for SD 1.x/2.x and SDXL exports, not SD3 or Flux yet: "
+            "convert without it"
+        )
+    latent, theirs = pipe.vae.config.latent_channels, vae.config.latent_channels
+    if theirs != latent:
+        raise SdexportError(
+            f"{option} {given} has {theirs} latent channels, the model's VAE {latent}: "
             "choose a VAE made for this model family"
         )
-    try:
-        src.pipe.vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise SdexportError(f"--vae {vae} could not be loaded ({type(e).__name__}: {e})") from e
+    config = vae.config
+    if type(vae).__name__ == "AutoencoderTiny":
+        factor = int(config.upsampling_scaling_factor) ** (len(config.num_decoder_blocks) - 1)
+    else:
+        factor = 2 ** (len(config.block_out_channels) - 1)
+    if factor != vae_scale_factor(pipe):
+        raise SdexportError(
+            f"{option} {given} scales images by {factor}, the model's VAE by {vae_scale_factor(pipe)}: "
+            "choose a VAE made for this model family"
+        )
+
+
+def replace_vae(src: Source, vae: str) -> None:
+    """Put the diffusers AutoencoderKL (e.g. an fp16-safe SDXL VAE) or AutoencoderTiny (TAESD's family) in
+    folder `vae` (or its vae/ subfolder, or a tiny-VAE preset) in place of the pipeline's VAE; its latent space
+    must match the U-Net's."""
+    module, where = load_vae(vae, "--vae", ("AutoencoderKL", "AutoencoderTiny"))
+    check_vae_fits(src.pipe, module, "--vae", vae)
+    src.pipe.vae = module
     src.pipe.register_modules(vae=src.pipe.vae)
-    src.vae = str(folder.resolve())
+    src.vae = where
+
+
+def attach_tiny_vae(src: Source, vae: str) -> None:
+    """Attach the diffusers AutoencoderTiny in folder `vae` (or a tiny-VAE preset) beside the pipeline's VAE,
+    for vae_decoder_tiny (specs.TINY_VAE_ATTRIBUTE); it must read the U-Net's latents."""
+    module, where = load_vae(vae, "--tiny-vae", ("AutoencoderTiny",))
+    check_vae_fits(src.pipe, module, "--tiny-vae", vae)
+    setattr(src.pipe, TINY_VAE_ATTRIBUTE, module)
+    src.tiny_vae = where

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from sdruntime.manifest import COMPONENTS, TRANSFORMER_FAMILIES, PipelineFacts, StaticShapes
+from sdruntime.manifest import COMPONENTS, TINY_DECODER, TRANSFORMER_FAMILIES, PipelineFacts, StaticShapes
 
 from .convert_options import ConvertOptions
 from .errors import SdexportError
@@ -15,6 +15,7 @@ from .families import FAMILY_NAMES, pipeline_family
 from .specs import (
     controlnet_models,
     first_tokenizer,
+    is_tiny_vae,
     num_hidden_states,
     num_time_ids,
     patch_size,
@@ -23,6 +24,7 @@ from .specs import (
     size_multiple,
     spec_of,
     t5_tokenizer,
+    tiny_vae,
     vae_scale_factor,
 )
 from .streaming import STREAM_BYTES, is_streamed
@@ -55,8 +57,18 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
         vae_force_upcast=bool(pipe.vae.config.get("force_upcast", True)) if family == "sdxl" else None,
         unet_residual_scales=residual_layout(unet)[0],
         unet_residual_channels=residual_layout(unet)[1],
+        **tiny_vae_facts(pipe),
         **sdxl,
     )
+
+
+def tiny_vae_facts(pipe) -> dict:
+    """Whether the VAE is an AutoencoderTiny (`--vae`), and the scaling factor of the one `--tiny-vae` attached."""
+    tiny = tiny_vae(pipe)
+    return {
+        "vae_tiny": True if is_tiny_vae(pipe.vae) else None,
+        "tiny_vae_scaling_factor": float(tiny.config.scaling_factor) if tiny is not None else None,
+    }
 
 
 # diffusers' default max_sequence_length in StableDiffusion3Pipeline and FluxPipeline's __call__
@@ -154,8 +166,10 @@ def export_components(pipe, requested: Sequence[str]) -> list[str]:
     missing = [c for c in requested if c not in present]
     if missing and tuple(requested) != COMPONENTS:
         raise SdexportError(f"this pipeline has no {missing[0]}: choose --components from {', '.join(present)}")
-    # the attached ControlNets (controlnet.attach_controlnets), after the IO table's components
-    return [c for c in COMPONENTS if c in requested and c in present] + list(controlnet_models(pipe))
+    # the attached tiny decoder (load.attach_tiny_vae) and ControlNets (controlnet.attach_controlnets), after the
+    # IO table's components
+    tiny = [TINY_DECODER] if tiny_vae(pipe) is not None else []
+    return [c for c in COMPONENTS if c in requested and c in present] + tiny + list(controlnet_models(pipe))
 
 
 # Why a component of an fp16 export is fp32 (ComponentPlan.reason)

@@ -29,7 +29,7 @@ def available_presets() -> dict[str, Path]:
         return {}
     found = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (folder / "recipe.json").is_file() and _recipe_kind(folder) != "controlnet":
+        if (folder / "recipe.json").is_file() and _recipe_kind(folder) not in ("controlnet", TINY_VAE_KIND):
             found[folder.name] = folder
         elif (folder / "model_index.json").is_file():
             found[folder.name] = folder
@@ -47,6 +47,58 @@ def controlnet_presets() -> dict[str, Path]:
         return {}
     folders = sorted(p for p in root.iterdir() if (p / "recipe.json").is_file())
     return {folder.name: folder for folder in folders if _recipe_kind(folder) == "controlnet"}
+
+
+TINY_VAE_KIND = "tiny_vae"  # a recipe.json of this kind builds an AutoencoderTiny (TAESD's family) for --tiny-vae
+
+
+def tiny_vae_presets() -> dict[str, Path]:
+    """Tiny-VAE preset name -> its folder: a `recipe.json` of kind "tiny_vae" (random weights)."""
+    root = models_dir()
+    if not root.is_dir():
+        return {}
+    folders = sorted(p for p in root.iterdir() if (p / "recipe.json").is_file())
+    return {folder.name: folder for folder in folders if _recipe_kind(folder) == TINY_VAE_KIND}
+
+
+def build_tiny_vae_from_recipe(folder: Path):
+    """The AutoencoderTiny of a "tiny_vae" recipe: its config with seeded random weights (build_tiny_vae)."""
+    recipe = json.loads((folder / "recipe.json").read_text())
+    return build_tiny_vae(recipe["config"], int(recipe.get("seed", 0)))
+
+
+def build_tiny_vae(config: dict, seed: int = 0):
+    """A diffusers AutoencoderTiny with seeded random weights whose pictures are not flat: PyTorch's default
+    initialization shrinks the activations layer by layer (a decoded image came out -0.98 +- 0.05, black once
+    clamped), so each part's last convolution is rescaled on a seeded probe, the decoder's to pixels of mean 0
+    and spread 0.5 in [-1, 1], the encoder's to latents of spread 1, as a trained TAESD gives."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny.from_config(config).eval()
+    probe = torch.Generator().manual_seed(seed)
+    factor = int(vae.config.upsampling_scaling_factor) ** (len(vae.config.num_decoder_blocks) - 1)
+    latents = torch.randn(2, vae.config.latent_channels, 8, 8, generator=probe)
+    images = torch.rand(2, vae.config.in_channels, 8 * factor, 8 * factor, generator=probe) * 2 - 1
+    with torch.no_grad():
+        # DecoderTiny computes in [0, 1] (mean 0.5, spread 0.25) and returns x * 2 - 1
+        _rescale_last_conv(vae.decoder, torch.tanh(latents / 3) * 3, mean=0.5, std=0.25)
+        _rescale_last_conv(vae.encoder, images.add(1).div(2), mean=0.0, std=1.0)
+    return vae
+
+
+def _rescale_last_conv(part, inputs, mean: float, std: float) -> None:
+    """Scale the last convolution of `part.layers` (EncoderTiny's and DecoderTiny's have a bias) so that its
+    output over `inputs` has this mean and spread in each channel."""
+    import torch
+
+    hidden = part.layers[:-1](inputs)
+    conv = part.layers[-1]
+    out = torch.nn.functional.conv2d(hidden, conv.weight, None, conv.stride, conv.padding)
+    scale = std / out.std(dim=(0, 2, 3))  # per output channel
+    conv.weight.mul_(scale[:, None, None, None])
+    conv.bias.copy_(mean - out.mean(dim=(0, 2, 3)) * scale)
 
 
 def build_controlnet_from_recipe(folder: Path):

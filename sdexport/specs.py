@@ -18,6 +18,7 @@ from sdruntime.manifest import (
     CONTROLNET,
     DYNAMIC_AXES,
     FINAL_LAYER_NORM,
+    TINY_DECODER,
     UNET_OPTIONAL_INPUTS,
     component_io,
     component_kind,
@@ -200,7 +201,8 @@ class ControlNet(torch.nn.Module):
 
 
 class VaeDecoder(torch.nn.Module):
-    """Latents (already divided by the scaling factor) to pixels in [-1, 1] (unclamped)."""
+    """Latents (already divided by the scaling factor) to pixels in [-1, 1] (unclamped). An AutoencoderTiny's
+    decode is the same call: its DecoderTiny maps TAESD's [0, 1] output to [-1, 1] itself."""
 
     def __init__(self, vae):
         super().__init__()
@@ -211,7 +213,8 @@ class VaeDecoder(torch.nn.Module):
 
 
 class VaeEncoder(torch.nn.Module):
-    """Pixels in [-1, 1] to the diagonal Gaussian's parameters (mean, logvar); sampling stays outside."""
+    """Pixels in [-1, 1] to the diagonal Gaussian's parameters (mean, logvar); sampling stays outside. An
+    AutoencoderTiny's encoder gives the latents themselves (it has no quant_conv)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -224,13 +227,26 @@ class VaeEncoder(torch.nn.Module):
         return moments
 
 
+TINY_VAE_ATTRIBUTE = "sdexport_tiny_vae"  # where load.attach_tiny_vae puts the AutoencoderTiny `--tiny-vae` names
+
+
+def tiny_vae(pipe):
+    """The AutoencoderTiny attached for vae_decoder_tiny (load.attach_tiny_vae), or None."""
+    return getattr(pipe, TINY_VAE_ATTRIBUTE, None)
+
+
+def is_tiny_vae(vae) -> bool:
+    """A diffusers AutoencoderTiny (TAESD's family): its encoder outputs latents, its decoder clamps its input."""
+    return type(vae).__name__ == "AutoencoderTiny"
+
+
 def set_attention(pipe, form: str) -> None:
     """Use SDPA or diffusers' plain attention everywhere (U-Net, VAE, ControlNets and CLIP). SD3's and Flux's
     transformers keep their joint attention processors (SDPA) and T5 its own attention (it has no SDPA form)."""
 
     unet = getattr(pipe, "unet", None)
     for module in (unet, pipe.vae, *controlnet_models(pipe).values()):
-        if module is not None:
+        if module is not None and not is_tiny_vae(module):  # an AutoencoderTiny has no attention
             set_module_attention(module, form)
     for encoder in text_encoders(pipe).values():
         if type(encoder).__name__.startswith("CLIP"):
@@ -426,6 +442,7 @@ def io_of(component: str, pipe):
         text_time=is_sdxl(pipe),
         timestep_cond=pipe.unet.config.get("time_cond_proj_dim") is not None,
         residual_scales=residual_layout(pipe.unet.config)[0],
+        tiny_vae=is_tiny_vae(pipe.vae),
     )
 
 
@@ -650,6 +667,14 @@ SPECS: dict[str, ComponentSpec] = {
         vae_encoder_inputs,
         fusion_model_type="vae",
         follows_vae_force_upcast=True,
+    ),
+    # the AutoencoderTiny `--tiny-vae` attaches (tiny_vae): its decoder, on the VAE decoder's inputs
+    TINY_DECODER: ComponentSpec(
+        TINY_DECODER,
+        TINY_VAE_ATTRIBUTE,
+        lambda pipe, component: VaeDecoder(tiny_vae(pipe)),
+        vae_decoder_inputs,
+        fusion_model_type="vae",
     ),
     # one per ControlNet, as "controlnet/NAME"; its module is pipe.sdexport_controlnets[component]
     CONTROLNET: ComponentSpec(

@@ -38,6 +38,9 @@ GUIDED_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet",
 TRANSFORMER_FAMILIES = ("sd3", "flux")
 # ControlNets are components named "controlnet/NAME", each in its own folder; their IO is the "controlnet" entry
 CONTROLNET = "controlnet"
+# A tiny decoder (TAESD's family, diffusers' AutoencoderTiny) beside the VAE, exported with `--tiny-vae`: the VAE
+# decoder's IO, for previews and `decoder="tiny"`; not in COMPONENTS (it exists only where --tiny-vae adds it)
+TINY_DECODER = "vae_decoder_tiny"
 
 
 def component_kind(component: str) -> str:
@@ -114,6 +117,10 @@ COMPONENT_IO: dict[str, ComponentIO] = {
         inputs=(TensorSpec("sample", "float", ("batch", "image_channels", "image_height", "image_width")),),
         outputs=(TensorSpec("latent_parameters", "float", ("batch", "latent_parameters", "height", "width")),),
     ),
+    TINY_DECODER: ComponentIO(
+        inputs=(TensorSpec("latent_sample", "float", ("batch", "latent_channels", "height", "width")),),
+        outputs=(TensorSpec("sample", "float", ("batch", "image_channels", "image_height", "image_width")),),
+    ),
     # diffusers' ControlNetModel; the outputs (residuals, as many as the U-Net's) come from residual_specs
     CONTROLNET: ComponentIO(
         inputs=(
@@ -173,6 +180,12 @@ FAMILY_IO: dict[str, dict[str, ComponentIO]] = {
         ),
     },
 }
+# An AutoencoderTiny's encoder (`--vae` with a tiny VAE, PipelineFacts.vae_tiny) gives the latents themselves:
+# no distribution to sample, as diffusers' retrieve_latents reads its `latents`
+TINY_VAE_ENCODER_IO = ComponentIO(
+    inputs=COMPONENT_IO["vae_encoder"].inputs,
+    outputs=(TensorSpec("latents", "float", ("batch", "latent_channels", "height", "width")),),
+)
 # Flux dev's distilled guidance, embedded like the timestep (guidance_embeds)
 FLUX_GUIDANCE_INPUT = TensorSpec("guidance", "float32", ("batch",))
 
@@ -239,14 +252,18 @@ def component_io(
     residual_scales: tuple[int, ...] = (),
     family: str = "",
     guidance_embeds: bool = False,
+    tiny_vae: bool = False,
 ) -> ComponentIO:
     """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
     i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
     layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
     `time_ids` when `text_time` (SDXL), then a ControlNet's residuals when `residual_scales` says
     their sizes; a ControlNet takes SDXL's two too and outputs those residuals. The transformer families'
-    entries are FAMILY_IO's; Flux dev's transformer takes `guidance` last (`guidance_embeds`)."""
+    entries are FAMILY_IO's; Flux dev's transformer takes `guidance` last (`guidance_embeds`). An AutoencoderTiny's
+    encoder (`tiny_vae`) outputs its latents."""
     kind = component_kind(component)
+    if kind == "vae_encoder" and tiny_vae:
+        return TINY_VAE_ENCODER_IO
     io = FAMILY_IO.get(family, {}).get(kind) or COMPONENT_IO[kind]
     if kind == "transformer" and guidance_embeds:
         return ComponentIO(io.inputs + (FLUX_GUIDANCE_INPUT,), io.outputs)
@@ -277,6 +294,7 @@ def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
         residual_scales=tuple(facts.unet_residual_scales or ()),
         family=facts.family,
         guidance_embeds=bool(facts.guidance_embeds),
+        tiny_vae=bool(facts.vae_tiny),
     )
 
 
@@ -410,6 +428,11 @@ class PipelineFacts(_JsonFields):
     t5_max_length: int | None = None  # the T5 tokenizer's model_max_length: the longest max_sequence_length
     t5_pad_token_id: int | None = None
     guidance_embeds: bool | None = None
+    # Tiny VAEs (diffusers' AutoencoderTiny, decoders.py): vae_tiny says the VAE itself is one (`--vae` with a tiny
+    # VAE: its encoder outputs latents, not a distribution); tiny_vae_scaling_factor is the scaling factor of the
+    # tiny decoder `--tiny-vae` exports beside the VAE (vae_decoder_tiny). None: no such VAE.
+    vae_tiny: bool | None = None
+    tiny_vae_scaling_factor: float | None = None
 
     OMITTED_WHEN_EMPTY = (
         "upcast_attention",
@@ -437,6 +460,8 @@ class PipelineFacts(_JsonFields):
         "t5_max_length",
         "t5_pad_token_id",
         "guidance_embeds",
+        "vae_tiny",
+        "tiny_vae_scaling_factor",
     )
 
     @property
@@ -496,15 +521,15 @@ class ExportSource(_JsonFields):
     kind: str
     name: str
     loras: tuple[LoraEntry, ...] = ()
-    vae: str | None = None  # "pipeline", or the AutoencoderKL folder `--vae` put in its place; None: older exports
+    vae: str | None = None  # "pipeline", or the VAE folder (or preset) `--vae` put in its place; None: older exports
+    tiny_vae: str | None = None  # the AutoencoderTiny folder (or preset) `--tiny-vae` exported as vae_decoder_tiny
 
-    OMITTED_WHEN_EMPTY = ("vae",)
+    OMITTED_WHEN_EMPTY = ("vae", "tiny_vae")
 
     @classmethod
     def from_json(cls, data: Mapping) -> ExportSource:
-        return cls(
-            data["kind"], data["name"], tuple(LoraEntry.from_json(x) for x in data.get("loras", ())), data.get("vae")
-        )
+        loras = tuple(LoraEntry.from_json(x) for x in data.get("loras", ()))
+        return cls(data["kind"], data["name"], loras, data.get("vae"), data.get("tiny_vae"))
 
 
 @dataclass(frozen=True)

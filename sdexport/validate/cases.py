@@ -14,7 +14,7 @@ from sdruntime.conditioning import (
     img2img_time_ids,
     txt2img_time_ids,
 )
-from sdruntime.manifest import CONTROLNET, UNET_RESIDUAL_INPUTS, Manifest, component_kind, latent_shape
+from sdruntime.manifest import CONTROLNET, TINY_DECODER, UNET_RESIDUAL_INPUTS, Manifest, component_kind, latent_shape
 
 from ..specs import is_sdxl, t5_component, t5_tokenizer, transformer_family
 from ..targets import EXPORT_TARGETS
@@ -294,7 +294,7 @@ def component_cases(
                 cases += transformer_cases(pipe, manifest, batch, (height, width), timesteps, gen, guidance_scale)
             elif component_kind(component) == CONTROLNET:
                 cases += controlnet_cases(component, pipe, manifest, batch, (height, width), timesteps, gen)
-            elif component == "vae_decoder":
+            elif component in ("vae_decoder", TINY_DECODER):
                 latents = decoder_latents(manifest, batch, (height, width), gen)
                 cases.append(Case(label, {"latent_sample": latents}, batch, height, width))
             else:

@@ -10,7 +10,7 @@ from sdruntime.manifest import DYNAMIC_AXES, TRANSFORMER_FAMILIES, Manifest, com
 from ..controlnet import ControlNetSource, attach_controlnets
 from ..errors import SdexportError
 from ..families import pipeline_family
-from ..load import Source, load_source, replace_vae
+from ..load import Source, attach_tiny_vae, load_source, replace_vae
 from ..lora import check_loras, fuse_loras
 from ..specs import controlnet_models, model_dims, set_attention
 from .options import ValidateOptions
@@ -47,6 +47,8 @@ def load_reference(source: str, manifest: Manifest, opts: ValidateOptions) -> So
         src.loras = fuse_loras(src.pipe, loras, opts.log)
     if manifest.source.vae not in (None, "pipeline"):
         replace_vae(src, manifest.source.vae)
+    if manifest.source.tiny_vae:
+        attach_tiny_vae(src, manifest.source.tiny_vae)
     return src
 
 
