@@ -9,6 +9,7 @@ way the ids are those diffusers gets in the same environment.
 
 from __future__ import annotations
 
+import copy
 import re
 import unicodedata
 import warnings
@@ -84,8 +85,63 @@ class PromptTokenizer:
         self.max_length = max_length
         self.pad_id = pad_id
         self.fix_text = fix_text or ftfy_fix_text()
-        added = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values()), key=len, reverse=True)
+        self.textual_inversion_ids: dict[str, int] = {}  # with_added_tokens
+        self._vocabulary: frozenset[str] | None = None
+        self._split_on_added_tokens()
+
+    def _split_on_added_tokens(self) -> None:
+        """The pattern that sets added tokens apart, longest first, as transformers' trie matches them."""
+        added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
+        added = sorted({*added, *self.textual_inversion_ids}, key=len, reverse=True)
+        self.added_contents = frozenset(added)
         self.added_tokens = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+
+    @property
+    def vocabulary_size(self) -> int:
+        """The tokenizer's size with its added tokens: the id the next added token takes (transformers' len())."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True) + len(self.textual_inversion_ids)
+
+    def has_token(self, token: str) -> bool:
+        """Whether `token` is in the vocabulary or among the added tokens (transformers' get_vocab())."""
+        if self._vocabulary is None:
+            self._vocabulary = frozenset(self.tokenizer.get_vocab(with_added_tokens=True))
+        return token in self._vocabulary or token in self.textual_inversion_ids
+
+    def with_added_tokens(self, tokens: tuple[str, ...]) -> PromptTokenizer:
+        """A copy with `tokens` (new ones) added as diffusers' load_textual_inversion adds them
+        (`tokenizer.add_tokens`): ids from vocabulary_size on, matched as they are written (case and all) anywhere
+        in a prompt, even inside a word, before the text around them is cleaned up and lower-cased. This
+        tokenizer stays as it is."""
+        extended = copy.copy(self)
+        first = self.vocabulary_size
+        extended.textual_inversion_ids = {**self.textual_inversion_ids, **{t: first + i for i, t in enumerate(tokens)}}
+        extended._split_on_added_tokens()
+        return extended
+
+    def expand_multi_vector(self, prompt: str) -> str:
+        """diffusers' maybe_convert_prompt: each added TOKEN in the prompt that has TOKEN_1, ... added too is
+        replaced (as text, everywhere) by "TOKEN TOKEN_1 ...", so that each of its vectors gets a place."""
+        for token in dict.fromkeys(self.added_tokens.findall(prompt)):
+            replacement, i = token, 1
+            while f"{token}_{i}" in self.added_contents:
+                replacement += f" {token}_{i}"
+                i += 1
+            prompt = prompt.replace(token, replacement)
+        return prompt
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's ids with the start and end tokens, untruncated. With textual-inversion tokens, each
+        stretch between added tokens is cleaned up and encoded alone, as transformers' slow tokenizer does."""
+        if not self.textual_inversion_ids:
+            return self.tokenizer.encode(self.clean(prompt)).ids
+        body = []
+        for i, piece in enumerate(self.added_tokens.split(self.expand_multi_vector(prompt))):
+            if i % 2 and piece in self.textual_inversion_ids:
+                body.append(self.textual_inversion_ids[piece])
+            else:
+                body += self.tokenizer.encode(piece if i % 2 else self.clean(piece), add_special_tokens=False).ids
+        start, end = self.tokenizer.encode("").ids  # the post-processor's frame: CLIP's start and end tokens
+        return [start, *body, end]
 
     def clean(self, prompt: str) -> str:
         """The cleanup of each stretch of text between special tokens, which stay as they are (as in transformers)."""
@@ -96,7 +152,7 @@ class PromptTokenizer:
         )
 
     def ids(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(self.clean(prompt)).ids
+        ids = self.encode(prompt)
         if len(ids) > self.max_length:
             dropped = len(ids) - self.max_length
             warnings.warn(

@@ -1,0 +1,247 @@
+"""Textual inversion at run time (sdruntime/textual_inversion.py, torch_pickle.py) against diffusers'
+load_textual_inversion: the files read without torch equal what torch saved, the prompt ids equal transformers'
+tokenizer's after diffusers adds the tokens, and the pictures equal diffusers' (>= 45 dB) for SD 1.x and SDXL."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from sdruntime import torch_pickle  # noqa: E402
+from sdruntime.errors import InvalidArgument  # noqa: E402
+from sdruntime.textual_inversion import (  # noqa: E402
+    EmbeddingSpec,
+    read_embedding,
+    resolve_embeddings,
+)
+from sdruntime.tokenizer import PromptTokenizer  # noqa: E402
+
+WIDTH = 32  # tiny-sd's and sdxl-tiny's text encoders
+
+
+def vectors(n: int, width: int = WIDTH, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.5
+
+
+def a1111_pt(path, tensor: torch.Tensor, name: str):
+    """A1111's embedding file, as its Embedding.save writes it."""
+    data = {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": tensor.clone().requires_grad_()},
+        "name": name,
+        "step": 1200,
+        "sd_checkpoint": "7460a6fa",
+        "sd_checkpoint_name": "model",
+    }
+    torch.save(data, path)
+    return path
+
+
+def diffusers_bin(path, token: str, tensor: torch.Tensor):
+    """diffusers' learned_embeds.bin, as its training script saves it: a slice of the whole table (so the saved
+    storage is the table's, read from an offset)."""
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    table = torch.cat([torch.randn(7, tensor.shape[-1]), rows, torch.randn(2, tensor.shape[-1])])
+    torch.save({token: table[7] if tensor.ndim == 1 else table[7 : 7 + len(rows)]}, path)
+    return path
+
+
+def emb_params(path, tensor: torch.Tensor):
+    safetensors_torch.save_file({"emb_params": tensor.contiguous()}, str(path))
+    return path
+
+
+def diffusers_safetensors(path, token: str, tensor: torch.Tensor):
+    safetensors_torch.save_file({token: tensor.contiguous()}, str(path))
+    return path
+
+
+def sdxl_file(path, clip_l: torch.Tensor, clip_g: torch.Tensor):
+    safetensors_torch.save_file({"clip_l": clip_l.contiguous(), "clip_g": clip_g.contiguous()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny32):
+    return {"text_encoder": PromptTokenizer(tiny32 / "tokenizer" / "tokenizer.json", 77, 49407)}
+
+
+# -- reading files without torch ------------------------------------------------------------------------------
+
+
+def test_every_format_reads_as_torch_saved_it(tmp_path):
+    v3, v1 = vectors(3), vectors(1, seed=1)
+    cases = [
+        (a1111_pt(tmp_path / "a.pt", v3, "<a1111>"), "<a1111>", v3),
+        (diffusers_bin(tmp_path / "learned_embeds.bin", "<cat-toy>", v1[0]), "<cat-toy>", v1),
+        (emb_params(tmp_path / "civitai.safetensors", v3), None, v3),
+        (diffusers_safetensors(tmp_path / "learned_embeds.safetensors", "<toy>", v3), "<toy>", v3),
+    ]
+    for path, token, expected in cases:
+        embedding = read_embedding(path)
+        assert embedding.token == token, path.name
+        np.testing.assert_array_equal(embedding.vectors[None], expected.numpy(), err_msg=path.name)
+    sdxl = read_embedding(sdxl_file(tmp_path / "xl.safetensors", v3, vectors(3, 48, seed=2)))
+    assert sdxl.token is None
+    np.testing.assert_array_equal(sdxl.vectors["text_encoder"], v3.numpy())
+    np.testing.assert_array_equal(sdxl.vectors["text_encoder_2"], vectors(3, 48, seed=2).numpy())
+
+
+def test_torch_pickle_reads_views_dtypes_and_the_legacy_format(tmp_path):
+    base = torch.randn(6, 5)
+    saved = {
+        "slice": base[2:4],  # an offset into a larger storage
+        "transposed": base.t(),  # strides that are not C order
+        "half": torch.nn.Parameter(base.half(), requires_grad=False),  # a parameter, fp16
+        "bf16": base.bfloat16(),
+        "nested": [(base[0], {"k": base[:, 1]})],
+    }
+    expected = {
+        "slice": base[2:4].numpy(),
+        "transposed": base.t().numpy(),
+        "half": base.half().numpy(),
+        "bf16": base.bfloat16().float().numpy(),
+    }
+    for legacy in (False, True):
+        path = tmp_path / f"t{legacy}.pt"
+        torch.save(saved, path, _use_new_zipfile_serialization=not legacy)
+        loaded = torch_pickle.load(path)
+        for key, value in expected.items():
+            assert loaded[key].dtype == value.dtype, key
+            np.testing.assert_array_equal(loaded[key], value, err_msg=f"{key} legacy={legacy}")
+        np.testing.assert_array_equal(loaded["nested"][0][0], base[0].numpy())
+        np.testing.assert_array_equal(loaded["nested"][0][1]["k"], base[:, 1].numpy())
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_torch_pickle_refuses_any_other_global_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"string_to_param": {"*": RunsACommand(marker)}, "name": "x"}, path)
+    with pytest.raises(torch_pickle.TorchFileError) as refused:
+        torch_pickle.load(path)
+    message = str(refused.value)
+    assert "system" in message and "refusing" in message and "\n" not in message
+    assert not marker.exists()
+    with pytest.raises(InvalidArgument):  # through the embedding reader too
+        read_embedding(path)
+    assert not marker.exists()
+
+
+# -- tokens and refusals ------------------------------------------------------------------------------------------
+
+
+def test_refusals_name_the_problem_in_one_line(tmp_path, tokenizers):
+    widths = {"text_encoder": WIDTH}
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not an embedding at all")
+    cases = {
+        "48 wide": [a1111_pt(tmp_path / "wide.pt", vectors(2, 48), "<wide>")],
+        "'cat' is already": [diffusers_bin(tmp_path / "cat.bin", "cat", vectors(1)[0])],
+        "'<x>_1' is already": [
+            diffusers_bin(tmp_path / "x.bin", "<x>", vectors(2)),
+            ("<x>_1", diffusers_bin(tmp_path / "y.bin", "<y>", vectors(1))),
+        ],
+        "taken by another": [
+            a1111_pt(tmp_path / "p.pt", vectors(1), "<p>"),
+            a1111_pt(tmp_path / "q.pt", vectors(1), "<p>"),
+        ],
+        "names no token": [emb_params(tmp_path / "nameless.safetensors", vectors(2))],
+        "cannot be read": [tmp_path / "missing.pt"],
+        "not a readable": [junk],
+        "SDXL's": [("<xl>", sdxl_file(tmp_path / "xl.safetensors", vectors(1), vectors(1)))],
+    }
+    for expected, specs in cases.items():
+        with pytest.raises(InvalidArgument) as refused:
+            resolve_embeddings(specs, tokenizers, widths)
+        assert expected in str(refused.value) and "\n" not in str(refused.value), (expected, str(refused.value))
+    # a name of its own is not needed when the user gives one
+    resolved = resolve_embeddings([f"<named>={tmp_path / 'nameless.safetensors'}"], tokenizers, widths)
+    assert resolved.added["text_encoder"].tokens == ("<named>", "<named>_1")
+
+
+def test_spec_parsing(tmp_path):
+    odd = tmp_path / "a=b.pt"
+    odd.write_bytes(b"")
+    assert EmbeddingSpec.parse("tok=emb.pt") == EmbeddingSpec(Path("emb.pt"), "tok")
+    assert EmbeddingSpec.parse(str(odd)) == EmbeddingSpec(odd, None)  # a file whose name holds "="
+    assert EmbeddingSpec.parse(("t", str(odd))) == EmbeddingSpec(odd, "t")
+    assert EmbeddingSpec.parse(odd) == EmbeddingSpec(odd, None)
+
+
+PROMPTS = [
+    "A <Cat-Toy> backpack, <Cat-Toy>!",  # a 3-vector token, twice
+    "a <cat-toy> is not the token (case matters)",
+    "a<Cat-Toy>b sksy SKS dog",  # inside words; upper-case text around
+    "an explicit <Cat-Toy>_1 and my tok,  my  tok",  # a token with a space; runs of spaces
+    "<|startoftext|>sks<|endoftext|> café “q” &amp; 東京sks",
+    "sks " * 40,  # truncated after expansion
+    "",
+]
+
+
+def test_prompt_ids_match_transformers_after_diffusers_adds_the_tokens(tmp_path, tiny32, tokenizers):
+    from transformers import CLIPTokenizer
+
+    specs = [
+        a1111_pt(tmp_path / "toy.pt", vectors(3), "<Cat-Toy>"),
+        ("sks", diffusers_safetensors(tmp_path / "s.safetensors", "ignored", vectors(1))),
+        ("my tok", emb_params(tmp_path / "m.safetensors", vectors(2))),
+    ]
+    resolved = resolve_embeddings(specs, tokenizers, {"text_encoder": WIDTH})
+    ours = resolved.tokenizer("text_encoder", tokenizers["text_encoder"])
+    reference = CLIPTokenizer.from_pretrained(str(tiny32 / "tokenizer"))
+    mixin = diffusers.loaders.TextualInversionLoaderMixin()
+    for token in resolved.added["text_encoder"].tokens:  # what load_textual_inversion does to the tokenizer
+        reference.add_tokens(token)
+    assert [reference.convert_tokens_to_ids(t) for t in resolved.added["text_encoder"].tokens] == list(
+        range(49408, 49414)
+    )
+    for prompt in PROMPTS:
+        converted = mixin.maybe_convert_prompt(prompt, reference)
+        expected = reference(converted, padding="max_length", max_length=77, truncation=True).input_ids
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the long prompt's truncation warning
+            assert ours.ids(prompt) == expected, prompt
+    assert tokenizers["text_encoder"].ids("sks")[1] == 48136  # the base tokenizer is unchanged
+
+
+def test_table_places_each_vector_at_its_token_id(tmp_path, tokenizers):
+    v = vectors(3)
+    resolved = resolve_embeddings([a1111_pt(tmp_path / "t.pt", v, "<t>")], tokenizers, {"text_encoder": WIDTH})
+    added = resolved.added["text_encoder"]
+    base = np.random.default_rng(0).standard_normal((49408, WIDTH)).astype(np.float16)
+    table = added.table(base)
+    assert table.shape == (49411, WIDTH) and table.dtype == np.float16
+    np.testing.assert_array_equal(table[:49408], base)
+    ids = added.tokenizer.ids("<t>")[1:4]
+    np.testing.assert_array_equal(table[ids], v.numpy().astype(np.float16))
+
+
+def reference_sd(tiny_pipe, files):
+    """diffusers' StableDiffusionPipeline on copies of tiny-sd's modules, with each (file, token) loaded by
+    load_textual_inversion in order."""
+    parts = {**tiny_pipe.components}
+    parts["text_encoder"] = copy.deepcopy(tiny_pipe.text_encoder)
+    parts["tokenizer"] = copy.deepcopy(tiny_pipe.tokenizer)
+    ref = diffusers.StableDiffusionPipeline(**parts)
+    ref.set_progress_bar_config(disable=True)
+    for path, token in files:
+        ref.load_textual_inversion(str(path), token=token)
+    return ref
