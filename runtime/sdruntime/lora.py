@@ -182,8 +182,12 @@ def read_lora(
     matched, missed = _match(raws, modules)
     if missed:
         total = len(raws)
-        which = f"none of its {total} layers" if missed == total else f"{missed} of its {total} layers"
-        raise LoraError(f"LoRA {path}: {which} match no module of this export: {FAMILY_HINT}")
+        which = (
+            f"none of its {total} layers matches a module of this export"
+            if missed == total
+            else f"{missed} of its {total} layers match no module of this export"
+        )
+        raise LoraError(f"LoRA {path}: {which}: {FAMILY_HINT}")
     configs = _metadata(path, metadata)
     lora = LoraFile(path)
     for component in ADAPTED:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,8 @@ class SessionSettings:
     trt_cache_dir: str | None = None
     trt_images: tuple[int, int, int] = (1, 1, 4)  # images per call: min, opt, max
     trt_sizes: tuple[int, int, int] | None = None  # pixel side: min, opt, max (default: the export's default)
+    # LoRA sets (adapters.py) whose sessions stay loaded besides the base's; each holds its own U-Net session
+    adapter_sets: int = 2
 
 
 def resolve_providers(provider: str | Sequence, target: str) -> list:
@@ -236,9 +238,19 @@ def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSetting
 
 
 class Component:
-    """One exported component: its session, its IO from the manifest and a run through IO binding."""
+    """One exported component: its session, its IO from the manifest and a run through IO binding.
 
-    def __init__(self, manifest: Manifest, name: str, providers: list, settings: SessionSettings):
+    `overrides` ({initializer name: array}) replace graph initializers in this session only (adapters.py: a
+    LoRA's patched weights); ONNX Runtime reads the arrays in place, so the component keeps them alive."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        name: str,
+        providers: list,
+        settings: SessionSettings,
+        overrides: Mapping[str, np.ndarray] | None = None,
+    ):
         entry = manifest.components[name]
         self.name = name
         self.path = manifest.model_path(name)
@@ -250,11 +262,14 @@ class Component:
         self.reuse_bindings = uses_cuda_graph(manifest, name, settings) and "CUDAExecutionProvider" in str(providers)
         self._bindings: dict[tuple, Binding] = {}
         self.run_seconds = 0.0  # time inside session runs, for the loop-overhead measurement
+        options = session_options(settings, manifest, providers, name)
+        self.overrides = {key: np.ascontiguousarray(value) for key, value in (overrides or {}).items()}
+        self._override_values = [ort.OrtValue.ortvalue_from_numpy(value) for value in self.overrides.values()]
+        for key, value in zip(self.overrides, self._override_values):
+            options.add_initializer(key, value)
         try:
             self.session = ort.InferenceSession(
-                str(self.path),
-                session_options(settings, manifest, providers, name),
-                providers=provider_options(providers, manifest, name, settings),
+                str(self.path), options, providers=provider_options(providers, manifest, name, settings)
             )
         except Exception as e:
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
