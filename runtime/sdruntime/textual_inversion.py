@@ -247,3 +247,65 @@ def check_token(token: str, count: int, tokenizer: PromptTokenizer, taken: set[s
                 f"embedding {path}: the token '{name}' is already in the tokenizer's vocabulary or taken by another "
                 "embedding: give it another, as OTHER=FILE"
             )
+
+
+def encoder_widths(manifest) -> dict[str, int]:
+    """Each text encoder's width (its token vectors'): the last axis of its last_hidden_state."""
+    widths = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if manifest.has(name):
+            outputs = {o.name: o.shape for o in manifest.components[name].outputs}
+            widths[name] = int(outputs["last_hidden_state"][-1])
+    return widths
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """A request's embeddings as an adapter set's source of changes (adapters.OverrideSource): applied, they give
+    the text encoders enlarged token tables (their initializers overridden) and the tokenizers that know the tokens."""
+
+    specs: tuple[EmbeddingSpec, ...]
+
+    @classmethod
+    def of(cls, embeddings: object) -> Embeddings | None:
+        """From a request's `embeddings`: a list of "[TOKEN=]FILE" strings, paths or (TOKEN, FILE) pairs, or one of
+        them; None when there are none."""
+        if embeddings is None:
+            return None
+        if isinstance(embeddings, (str, Path, EmbeddingSpec)):
+            embeddings = [embeddings]
+        elif not isinstance(embeddings, (list, tuple)):
+            raise EmbeddingError(f"embeddings must be a list of '[TOKEN=]FILE' strings, got {embeddings!r}")
+        specs = tuple(EmbeddingSpec.parse(e) for e in embeddings)
+        return cls(specs) if specs else None
+
+    @property
+    def key(self) -> tuple:
+        return ("embeddings", tuple(spec.identity() for spec in self.specs))
+
+    def names(self) -> list[str]:
+        """How the parameters text names each embedding: its token when given, else its file's name."""
+        return [spec.token or spec.path.stem for spec in self.specs]
+
+    def apply(self, target, changes) -> None:
+        """Resolve the embeddings against the target's tokenizers (as earlier sources left them) and place their
+        rows: each changed encoder's token table, read from the graph (or as changed), enlarged in its dtype."""
+        tokenizers = {name: changes.tokenizers.get(name, base) for name, base in target.base_tokenizers.items()}
+        widths = {name: width for name, width in encoder_widths(target.manifest).items() if name in tokenizers}
+        resolved = resolve_embeddings(self.specs, tokenizers, widths)
+        for encoder, added in resolved.added.items():
+            name = table_initializer(target.weights(encoder), encoder)
+            base = target.initializers(encoder, [name], changes)[name]
+            changes.initializers.setdefault(encoder, {})[name] = added.table(base)
+            changes.tokenizers[encoder] = added.tokenizer
+
+
+def table_initializer(weights: Mapping[str, Mapping], encoder: str) -> str:
+    """The initializer that holds an encoder's token table as it is ([vocabulary, width], no layout steps)."""
+    recipe = weights.get(TOKEN_EMBEDDING) or {}
+    if not recipe.get("initializer") or any(recipe.get(k) for k in ("steps", "view", "at")):
+        why = recipe.get("why") or ("it is laid out another way" if recipe else "the weight map does not list it")
+        raise EmbeddingError(
+            f"this export's {encoder} graph has no token table to extend ({why}): re-export it with `sdexport convert`"
+        )
+    return recipe["initializer"]
