@@ -15,6 +15,7 @@ when the session is created, see `AddedTokens.table`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -77,19 +78,18 @@ class Embedding:
     path: Path
     token: str | None  # the file's own token (A1111's name, diffusers' key); None when it names none
     vectors: Mapping[str | None, np.ndarray]
-    sha256: str
 
 
-def load_file(path: Path) -> tuple[object, str]:
-    """What an embedding file holds (torch.save's pickle, read safely, or safetensors) and its sha256."""
+def load_file(path: Path) -> object:
+    """What an embedding file holds: torch.save's pickle (read safely) or safetensors' tensors."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            first = f.read(1)
     except OSError as e:
         raise EmbeddingError(f"embedding {path} cannot be read ({e.strerror or e}): check the path") from e
-    digest = hashlib.sha256(data).hexdigest()
-    if zipfile.is_zipfile(path) or data[:1] == b"\x80":  # torch.save's zip archive, or its legacy pickle
-        return torch_pickle.load(path), digest
-    return read_safetensors(path)[0], digest
+    if zipfile.is_zipfile(path) or first == b"\x80":  # torch.save's zip archive, or its legacy pickle
+        return torch_pickle.load(path)
+    return read_safetensors(path)[0]
 
 
 def as_vectors(value: object, path: Path, what: str) -> np.ndarray:
@@ -104,19 +104,19 @@ def read_embedding(path: str | Path) -> Embedding:
     """Read one embedding file, telling its format by its keys as diffusers does (a one-key dict is diffusers'
     {token: vectors}; "string_to_param" is A1111's), plus A1111's "emb_params" and SDXL's "clip_l"/"clip_g"."""
     path = Path(path)
-    contents, digest = load_file(path)
+    contents = load_file(path)
     if isinstance(contents, np.ndarray):
-        return Embedding(path, None, {None: as_vectors(contents, path, "its tensor")}, digest)
+        return Embedding(path, None, {None: as_vectors(contents, path, "its tensor")})
     if not isinstance(contents, dict):
         raise EmbeddingError(f"embedding {path} holds a {type(contents).__name__}, not a dict of vectors")
     if set(SDXL_KEYS) <= set(contents):
         vectors = {encoder: as_vectors(contents[key], path, key) for key, encoder in SDXL_KEYS.items()}
-        return Embedding(path, None, vectors, digest)
+        return Embedding(path, None, vectors)
     if set(contents) == {"emb_params"}:  # A1111's safetensors: the token is the file's name in A1111
-        return Embedding(path, None, {None: as_vectors(contents["emb_params"], path, "emb_params")}, digest)
+        return Embedding(path, None, {None: as_vectors(contents["emb_params"], path, "emb_params")})
     if len(contents) == 1:
         token, value = next(iter(contents.items()))
-        return Embedding(path, str(token), {None: as_vectors(value, path, str(token))}, digest)
+        return Embedding(path, str(token), {None: as_vectors(value, path, str(token))})
     params = contents.get("string_to_param")
     if isinstance(params, dict) and "*" in params:
         name = contents.get("name")
@@ -124,7 +124,6 @@ def read_embedding(path: str | Path) -> Embedding:
             path,
             name if isinstance(name, str) and name else None,
             {None: as_vectors(params["*"], path, "string_to_param")},
-            digest,
         )
     keys = ", ".join(sorted(map(str, contents)))[:120]
     raise EmbeddingError(
@@ -162,9 +161,7 @@ class AddedTokens:
 class TextualInversion:
     """A request's embeddings resolved against an export: for each text encoder that gains tokens, what it gains."""
 
-    identity: tuple  # what caches of sessions and tokenizers key on
     added: Mapping[str, AddedTokens]
-    hashes: Mapping[str, str]  # token -> short sha256 of its file, for the parameters text
 
     def tokenizer(self, encoder: str, base: PromptTokenizer) -> PromptTokenizer:
         """The encoder's tokenizer with this set's tokens, or `base` when it gains none."""
@@ -211,7 +208,6 @@ def resolve_embeddings(
     if not parsed:
         return None
     pending: dict[str, list[tuple[str, np.ndarray]]] = {name: [] for name in widths}
-    hashes = {}
     for spec in parsed:
         embedding = read_embedding(spec.path)
         token = spec.token or embedding.token
@@ -221,7 +217,6 @@ def resolve_embeddings(
             taken = {t for t, _ in pending[name]}
             check_token(token, len(vectors), tokenizers[name], taken, spec.path)
             pending[name] += [(t, v) for t, v in zip(expanded_tokens(token, len(vectors)), vectors)]
-        hashes[token] = embedding.sha256[:10]
     added = {}
     for name, entries in pending.items():
         if entries:
@@ -230,7 +225,7 @@ def resolve_embeddings(
             added[name] = AddedTokens(
                 name, base.with_added_tokens(tokens), tokens, np.stack([v for _, v in entries]), base.vocabulary_size
             )
-    return TextualInversion(tuple(spec.identity() for spec in parsed), added, hashes)
+    return TextualInversion(added)
 
 
 def expanded_tokens(token: str, count: int) -> list[str]:
@@ -247,6 +242,19 @@ def check_token(token: str, count: int, tokenizer: PromptTokenizer, taken: set[s
                 f"embedding {path}: the token '{name}' is already in the tokenizer's vocabulary or taken by another "
                 "embedding: give it another, as OTHER=FILE"
             )
+
+
+@functools.lru_cache(maxsize=64)
+def file_hash(path: str, changed: tuple | None) -> str:
+    """A file's sha256, computed once per version of it (size and change time); "" when it cannot be read."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    except OSError:
+        return ""
+    return digest.hexdigest()
 
 
 def encoder_widths(manifest) -> dict[str, int]:
@@ -283,9 +291,12 @@ class Embeddings:
     def key(self) -> tuple:
         return ("embeddings", tuple(spec.identity() for spec in self.specs))
 
-    def names(self) -> list[str]:
-        """How the parameters text names each embedding: its token when given, else its file's name."""
-        return [spec.token or spec.path.stem for spec in self.specs]
+    def hashes(self) -> str:
+        """A1111's "TI hashes" text: each embedding's token (or, when the file gives it, the file's name) and the
+        first 10 hex digits of the file's sha256."""
+        return ", ".join(
+            f"{spec.token or spec.path.stem}: {file_hash(*spec.identity()[1:])[:10]}" for spec in self.specs
+        )
 
     def apply(self, target, changes) -> None:
         """Resolve the embeddings against the target's tokenizers (as earlier sources left them) and place their
