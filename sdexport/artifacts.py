@@ -146,6 +146,7 @@ class Written:
     fp32_nodes: tuple[str, ...]
     compared: dict | None
     laid_out: bool
+    weights: dict[str, dict] | None = None  # the weight map (weight_map.py), for the components it covers
 
 
 def component_entry(
@@ -165,6 +166,7 @@ def component_entry(
         export_relative_l2=compared["relative_l2"] if compared else None,
         inputs=inputs,
         outputs=outputs,
+        weights=written.weights,
     )
 
 

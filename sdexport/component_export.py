@@ -21,6 +21,7 @@ from .graph_files import OnDisk, graph_of, save_model
 from .optimize import finish_graph, uses_cpu_layout
 from .targets import EXPORT_TARGETS
 from .trace import Traced, trace_component
+from .weight_map import map_weights
 
 
 def checkable(target: str) -> bool:
@@ -70,10 +71,12 @@ def finish_component(
         model.owner.cleanup()  # written: its folder goes now, not when the object is collected (a warning then)
     del model
     check_written(component, path, target)
+    weights = map_weights(path, traced.weights) if traced.weights is not None else None
     result = None
     if traced.reference is not None:
         result = compare_outputs(traced.reference, path, EXPORT_TARGETS[target].check_provider, traced.streamed)
-    return Written(tuple(file_entry(folder, f"{component}/{name}") for name in files), tuple(kept), result, laid_out)
+    files = tuple(file_entry(folder, f"{component}/{name}") for name in files)
+    return Written(files, tuple(kept), result, laid_out, weights)
 
 
 def residual_input_names(graph: onnx.GraphProto) -> list[str]:

@@ -55,6 +55,7 @@ def rebuild_component(component: str, pipe, folder: Path, fp32_nodes: list[str] 
         export_max_abs_diff=check["max_abs_diff"] if check else None,
         export_relative_l2=check["relative_l2"] if check else None,
         notes=(*entry.notes, note),
+        weights=written.weights,
     )
     if fp32_nodes is None:
         entry = replace(

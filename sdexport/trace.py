@@ -31,6 +31,7 @@ from .specs import (
     wrap,
 )
 from .streaming import WeightSource, is_streamed, source_of
+from .weight_map import WeightSample, sample_weights
 
 LEAN_TRACE_BYTES = PROTOBUF_LIMIT  # components with more weights than this are traced without them
 
@@ -183,6 +184,7 @@ class Traced:
     seconds: float
     reference: Reference | None = None  # PyTorch's outputs to compare the finished graph with
     streamed: bool = False  # its weights were read from a source one at a time (streaming.py)
+    weights: dict[str, WeightSample] | None = None  # samples of its weights for the manifest's weight map
 
 
 TRACE_MAX_LATENT = 64  # SD 1.5's 512x512; the graphs are dynamic, so any size traces the same ops
@@ -230,4 +232,5 @@ def trace_component(
     outputs = reference_outputs(component, pipe, batch if fixed.get("batch") else 1, latent) if reference else None
     dims = {**model_dims(pipe), **fixed}
     streamed = is_streamed(spec_of(component).module_of(pipe, component))
-    return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs, streamed)
+    weights = sample_weights(component, pipe)
+    return Traced(component, path, dims, latent, batch, time.perf_counter() - started, outputs, streamed, weights)

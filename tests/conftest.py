@@ -135,6 +135,18 @@ def tiny16(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_cpu32(tmp_path_factory) -> Path:
+    """tiny-sd for the cpu target (ORT's offline optimization: NCHWc-blocked convolutions), fp32."""
+    return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny_cpu32", target="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda16(tmp_path_factory) -> Path:
+    """tiny-sd for the cuda target (NhwcConv, packed Q/K/V and K/V attention), fp16."""
+    return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny_cuda16", target="cuda", dtype="fp16")
+
+
+@pytest.fixture(scope="session")
 def shapes32(tmp_path_factory) -> Path:
     """The shipped shapes model (trained, 22 MB): pictures whose content a test can check."""
     return _quiet_convert("shapes", tmp_path_factory.mktemp("exports") / "shapes32")

@@ -558,8 +558,10 @@ class ComponentEntry(_JsonFields):
     inputs: tuple[TensorEntry, ...] = ()
     outputs: tuple[TensorEntry, ...] = ()
     notes: tuple[str, ...] = ()  # what validation changed, e.g. nodes or the whole component kept in fp32
+    # U-Net families' unet and text encoders: PyTorch weight name -> its place in the graph (weight_placement.py)
+    weights: Mapping[str, Mapping[str, Any]] | None = field(default=None, hash=False)
 
-    OMITTED_WHEN_EMPTY = ("notes",)
+    OMITTED_WHEN_EMPTY = ("notes", "weights")
 
     @classmethod
     def from_json(cls, data: Mapping) -> ComponentEntry:
@@ -574,6 +576,7 @@ class ComponentEntry(_JsonFields):
             inputs=tuple(TensorEntry.from_json(t) for t in data["inputs"]),
             outputs=tuple(TensorEntry.from_json(t) for t in data["outputs"]),
             notes=tuple(data.get("notes", ())),
+            weights=data.get("weights"),
         )
 
     def input(self, name: str) -> TensorEntry:

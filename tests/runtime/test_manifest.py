@@ -60,6 +60,26 @@ DIMS = {
 }
 
 
+# one entry of each kind the weight map has: plain, transposed, packed Q/K/V, NCHWc-blocked, not found
+WEIGHTS = {
+    "conv_in.weight": {"initializer": "unet.conv_in.weight"},
+    "time_embedding.linear_1.weight": {"initializer": "onnx::MatMul_1", "steps": [["transpose", [1, 0]]]},
+    "mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight": {
+        "initializer": "MatMul_QKV_0_weight",
+        "steps": [["transpose", [1, 0]], ["reshape", [1280, 20, 64]]],
+        "view": [1280, 20, 3, 64],
+        "at": [None, None, 1, None],
+    },
+    "conv_out.weight": {
+        "initializer": "reorder_token_3",
+        "steps": [["pad", [[0, 12], [0, 0], [0, 0], [0, 0]]], ["reshape", [1, 16, 20, 16, 3, 3]]],
+        "view": [1, 20, 3, 3, 16, 16],
+        "at": [None, [0, 20], None, None, None, None],
+    },
+    "up_blocks.0.upsamplers.0.conv.weight": {"initializer": None, "why": "folded away"},
+}
+
+
 def a_file(path: str) -> FileEntry:
     return FileEntry(path, 10, "a" * 64)
 
@@ -82,6 +102,7 @@ def full_manifest() -> Manifest:
             inputs=inputs,
             outputs=outputs,
             notes=("--auto-fp32-fallback kept 1 more node(s) in fp32",),
+            weights=WEIGHTS if name in ("unet", "text_encoder") else None,
         )
     return Manifest(
         format_version=2,
@@ -113,6 +134,23 @@ def test_a_manifest_from_the_dataclasses_matches_the_schema():
     jsonschema.validate(full_manifest().to_json(), load_schema())
     bare = dataclasses.replace(full_manifest(), static=None, cpu_layout_probe=None, config_files=(), format_version=1)
     jsonschema.validate(bare.to_json(), load_schema())
+
+
+@pytest.mark.parametrize(
+    "place",
+    [
+        {"initializer": None},  # not found needs its reason
+        {"initializer": "w", "why": "found and not found"},
+        {"initializer": "w", "steps": [["flip", [0]]]},
+        {"initializer": "w", "at": [-1]},
+    ],
+)
+def test_the_schema_refuses_a_malformed_weight_place(place):
+    jsonschema = pytest.importorskip("jsonschema")
+    data = full_manifest().to_json()
+    data["components"]["unet"]["weights"]["conv_in.weight"] = place
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, load_schema())
 
 
 def test_every_schema_property_is_a_dataclass_field():
@@ -153,19 +191,21 @@ def test_older_manifests_without_optional_keys_still_read(tmp_path):
         del data["pipeline"][key]
     del data["source"]["loras"]
     for entry in data["components"].values():
-        for key in ("export_relative_l2", "notes", "fp32_nodes", "export_max_abs_diff"):
-            del entry[key]
+        for key in ("export_relative_l2", "notes", "fp32_nodes", "export_max_abs_diff", "weights"):
+            entry.pop(key, None)
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     manifest = read_manifest(tmp_path)
     assert manifest.config_files == () and manifest.cpu_layout_probe is None
     assert manifest.pipeline.num_hidden_states is None and manifest.source.loras == ()
     unet = manifest.components["unet"]
     assert unet.notes == () and unet.fp32_nodes == () and unet.export_relative_l2 is None
+    assert unet.weights is None
     written = manifest.to_json()  # keys an older export lacks stay out (or null) when written again
     assert (
         "config_files" not in written
         and "cpu_layout_probe" not in written
         and "notes" not in written["components"]["unet"]
+        and "weights" not in written["components"]["unet"]
     )
     assert "num_hidden_states" not in written["pipeline"]
 
