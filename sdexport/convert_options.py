@@ -14,7 +14,10 @@ from sdruntime.targets import TARGETS
 
 from .controlnet import check_controlnet_sources
 from .errors import SdexportError
-from .sources import locate_source
+from .presets import tiny_vae_presets
+from .sources import locate_source, read_json
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what --vae takes; --tiny-vae takes AutoencoderTiny only
 
 
 @dataclass
@@ -76,6 +79,30 @@ def check_options(opts: ConvertOptions) -> None:
             "export with `sdexport add-controlnet OUT [NAME=]PATH`"
         )
     check_controlnet_sources(opts.controlnets)
+    if opts.vae:
+        locate_vae(opts.vae, "--vae", VAE_CLASSES)
+    if opts.tiny_vae:
+        locate_vae(opts.tiny_vae, "--tiny-vae", ("AutoencoderTiny",))
+
+
+def locate_vae(vae: str, option: str, classes: Sequence[str]) -> tuple[Path | None, str | None]:
+    """Where `option` (--vae, --tiny-vae) finds its VAE, without loading it: (the folder with its config.json,
+    None) for a diffusers VAE of one of `classes` (or a pipeline folder's vae/), or (None, the preset) for a
+    tiny-VAE preset (random weights, models/); one line naming what to pass otherwise."""
+    kinds = " or ".join(f"diffusers {name}" for name in classes)
+    presets = tiny_vae_presets() if "AutoencoderTiny" in classes else {}
+    folder = Path(vae).expanduser()
+    if not folder.exists() and vae in presets:
+        return None, vae
+    if (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        named = f" or a preset ({', '.join(presets)})" if presets else ""
+        raise SdexportError(f"{option} {vae}: no config.json there; pass a {kinds} folder{named}")
+    name = read_json(folder / "config.json").get("_class_name", "AutoencoderKL")
+    if name not in classes:
+        raise SdexportError(f"{option} {vae} is a {name}: pass a {kinds} folder")
+    return folder, None
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -19,6 +19,7 @@ from diffusers import (
 from huggingface_hub import snapshot_download
 
 from . import streaming
+from .convert_options import VAE_CLASSES, locate_vae
 from .errors import SdexportError
 from .families import TRANSFORMER_PIPELINES, index_family, is_sdxl_index
 from .presets import build_from_recipe, build_tiny_vae_from_recipe, tiny_vae_presets
@@ -132,27 +133,18 @@ def _load_hub(repo_id: str) -> Source:
     return Source(kind="hub", name=repo_id, pipe=_load_folder(folder), folder=folder)
 
 
-VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+VAE_MODULES = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
 
 
 def load_vae(vae: str, option: str, classes: tuple[str, ...]) -> tuple[object, str]:
     """(the diffusers VAE, where it came from) for `option` (--vae, --tiny-vae): a folder with config.json (or a
-    vae/ subfolder with one) of one of `classes`, or a tiny-VAE preset (random weights, models/)."""
-    kinds = " or ".join(f"diffusers {name}" for name in classes)
-    presets = tiny_vae_presets() if "AutoencoderTiny" in classes else {}
-    folder = Path(vae).expanduser()
-    if not folder.exists() and vae in presets:
-        return build_tiny_vae_from_recipe(presets[vae]), vae
-    if (folder / "vae" / "config.json").is_file():
-        folder = folder / "vae"
-    if not (folder / "config.json").is_file():
-        named = f" or a preset ({', '.join(presets)})" if presets else ""
-        raise SdexportError(f"{option} {vae}: no config.json there; pass a {kinds} folder{named}")
+    vae/ subfolder with one) of one of `classes`, or a tiny-VAE preset (convert_options.locate_vae)."""
+    folder, preset = locate_vae(vae, option, classes)
+    if preset is not None:
+        return build_tiny_vae_from_recipe(tiny_vae_presets()[preset]), preset
     name = read_json(folder / "config.json").get("_class_name", "AutoencoderKL")
-    if name not in classes:
-        raise SdexportError(f"{option} {vae} is a {name}: pass a {kinds} folder")
     try:
-        module = VAE_CLASSES[name].from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
+        module = VAE_MODULES[name].from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as e:
         raise SdexportError(f"{option} {vae} could not be loaded ({type(e).__name__}: {e})") from e
     return module.eval(), str(folder.resolve())
@@ -188,7 +180,7 @@ def replace_vae(src: Source, vae: str) -> None:
     """Put the diffusers AutoencoderKL (e.g. an fp16-safe SDXL VAE) or AutoencoderTiny (TAESD's family) in
     folder `vae` (or its vae/ subfolder, or a tiny-VAE preset) in place of the pipeline's VAE; its latent space
     must match the U-Net's."""
-    module, where = load_vae(vae, "--vae", ("AutoencoderKL", "AutoencoderTiny"))
+    module, where = load_vae(vae, "--vae", VAE_CLASSES)
     check_vae_fits(src.pipe, module, "--vae", vae)
     src.pipe.vae = module
     src.pipe.register_modules(vae=src.pipe.vae)

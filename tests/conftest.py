@@ -147,6 +147,32 @@ def tiny_cuda16(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_taesd32(tmp_path_factory) -> Path:
+    """tiny-sd with the tiny-taesd preset (a small AutoencoderTiny) exported beside its VAE as vae_decoder_tiny."""
+    return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny_taesd32", tiny_vae="tiny-taesd")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_folder(tmp_path_factory) -> Path:
+    """A saved AutoencoderTiny for tiny-sd's latents whose scaling factor is 0.5, not TAESD's 1.0: a decode or
+    encode that skips or swaps scaling factors shows."""
+    from sdexport.presets import build_tiny_vae, tiny_vae_presets
+
+    recipe = json.loads((tiny_vae_presets()["tiny-taesd"] / "recipe.json").read_text())
+    config = {**recipe["config"], "scaling_factor": 0.5}
+    folder = tmp_path_factory.mktemp("tiny-vae") / "taesd-half"
+    build_tiny_vae(config, seed=9).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_replaced32(tmp_path_factory, tiny_vae_folder) -> Path:
+    """tiny-sd with its VAE replaced outright by tiny_vae_folder's AutoencoderTiny (`--vae`), fp32."""
+    out = tmp_path_factory.mktemp("exports") / "tiny_vae_replaced32"
+    return _quiet_convert("tiny-sd", out, vae=str(tiny_vae_folder))
+
+
+@pytest.fixture(scope="session")
 def shapes32(tmp_path_factory) -> Path:
     """The shipped shapes model (trained, 22 MB): pictures whose content a test can check."""
     return _quiet_convert("shapes", tmp_path_factory.mktemp("exports") / "shapes32")

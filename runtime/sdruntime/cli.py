@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .decoders import DECODERS, decoder_component
 from .errors import UserError
 from .image import IMAGE_FORMATS, contact_sheet, open_image, save_image
 from .manifest import read_manifest
@@ -353,6 +354,13 @@ def cli() -> None:
 )
 @click.option("--guess-mode", is_flag=True, help="The ControlNets see the prompt's half of the batch only.")
 @click.option(
+    "--decoder",
+    type=click.Choice(DECODERS),
+    default="full",
+    show_default=True,
+    help="tiny: decode with the tiny decoder (TAESD) the export carries (`sdexport convert --tiny-vae FOLDER`).",
+)
+@click.option(
     "--control-start", type=float, help="Fraction of the steps before which the ControlNets are off.  [default: 0]"
 )
 @click.option(
@@ -389,6 +397,8 @@ def generate(
 ):
     """Draw PROMPT with the export in FOLDER."""
     check_output_file(output)
+    if kwargs["decoder"] != "full":  # refused before any model loads
+        decoder_component(kwargs["decoder"], read_manifest(folder).pipeline)
     sigmas, steps = kwargs["sigmas"], kwargs["num_inference_steps"]
     if sigmas and steps is not None and steps != len(sigmas):
         raise click.UsageError(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .conditioning import MicroConditioning
 from .control import ControlRun, load_control_image
+from .decoders import FULL_DECODER, PreviewCallback, Previewer, decode, encode_tiny, scaling_factor, step_callback
 from .image import load_init_image, short_hash, to_pil
 from .inpaint import Inpainting, load_mask, mask_to_latents
 from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest, residual_names
@@ -33,6 +34,8 @@ from .tokenizer import PromptTokenizer
 from .transformer_pipeline import TransformerPipeline
 
 MICRO_CONDITIONING = tuple(f.name for f in fields(MicroConditioning))
+# __call__'s arguments that are not GenerationRequest fields: how the run reports, not what it draws
+NOT_REQUEST_ARGUMENTS = ("self", "callback", "progress", "preview_callback", "preview_every")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -131,6 +134,10 @@ class StableDiffusionPipeline:
             for entry in self.manifest.components[name].files:
                 digest.update(f"{entry.path} {entry.sha256}\n".encode())
         return short_hash(digest.hexdigest())
+
+    def previewer(self) -> Previewer:
+        """Each step's latents through the tiny decoder, when the export has one (decoders.Previewer)."""
+        return Previewer.of(self.manifest.pipeline, self.component)
 
     @property
     def component_providers(self) -> dict[str, str]:
@@ -331,15 +338,16 @@ class StableDiffusionPipeline:
             )
         return ControlRun(control, components, images, fixed, len(plan.scheduler.step_indices))
 
-    def vae_decode(self, latents: np.ndarray, rows: int | None = None) -> np.ndarray:
-        """Latents -> pixels in [-1, 1], `rows` images per decoder run (all by default)."""
-        scaled = latents / np.float32(self.manifest.pipeline.vae_scaling_factor)
-        decoder, rows = self.component("vae_decoder"), rows or len(latents)
-        pieces = [decoder(latent_sample=scaled[s : s + rows])["sample"] for s in range(0, len(scaled), rows)]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    def vae_decode(self, latents: np.ndarray, rows: int | None = None, decoder: str = FULL_DECODER) -> np.ndarray:
+        """Latents -> pixels in [-1, 1], `rows` images per decoder run (all by default), through the VAE's
+        decoder or the tiny one (decoders.py), each reading latents / its own scaling factor."""
+        return decode(self.component(decoder), latents, scaling_factor(decoder, self.manifest.pipeline), rows)
 
     def vae_encode(self, image: np.ndarray, generator) -> np.ndarray:
-        """Sample the VAE's latent distribution, scaled, as diffusers' `retrieve_latents` does."""
+        """Sample the VAE's latent distribution, scaled, as diffusers' `retrieve_latents` does (a tiny VAE's
+        encoder gives the latents themselves: nothing is drawn)."""
+        if self.manifest.pipeline.vae_tiny:
+            return encode_tiny(self.component("vae_encoder"), image, self.manifest.pipeline.vae_scaling_factor)
         parameters = self.component("vae_encoder")(sample=image)["latent_parameters"]
         mean, logvar = np.split(parameters, 2, axis=1)
         std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
@@ -362,12 +370,20 @@ class StableDiffusionPipeline:
     # -- the call ------------------------------------------------------------------------------
 
     def generate(
-        self, request: GenerationRequest, callback: StepCallback | None = None, progress: bool = False
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+        preview_callback: PreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> GenerationResult:
         """Draw what `request` asks: resolve it into a plan, then encode, prepare latents, denoise, decode and
-        record, each stage reading the plan. `callback(step, timestep, latents)` runs after each step."""
+        record, each stage reading the plan. `callback(step, timestep, latents)` runs after each step;
+        `preview_callback` gets a decoders.StepPreview every `preview_every` steps and at the last."""
         started = time.perf_counter()
         plan = resolve_plan(request, self.export)
+        steps = len(plan.scheduler.step_indices)
+        callback = step_callback(callback, preview_callback, self.previewer, steps, preview_every)
         pieces = self.admit(plan)
         generator = plan.seeds.generator()
         unet_inputs = self.encode(plan)
@@ -383,7 +399,7 @@ class StableDiffusionPipeline:
             "unet": unet.run_seconds - unet_before,
             "steps": float(len(plan.scheduler.step_indices)),
         }
-        images = to_pil(self.vae_decode(final, pieces.decoder_rows))
+        images = to_pil(self.vae_decode(final, pieces.decoder_rows, plan.decoder))
         timings["total"] = time.perf_counter() - started
         parameters = plan.parameters(self.model_hash, Path(self.manifest.source.name).name)
         return GenerationResult(images, final, parameters, list(plan.seeds.values), timings)
@@ -509,6 +525,9 @@ class StableDiffusionPipeline:
         guess_mode: bool = False,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        decoder: str = "full",
+        preview_callback: PreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
@@ -528,11 +547,20 @@ class StableDiffusionPipeline:
         one image per ControlNet, `controlnet` naming them (default: all exported); the scale and the span of
         the steps each is on are one value for all or one each (control.py). The scale defaults to diffusers'
         for the pipeline (1.0; 0.8 for image-to-image; 0.5 for SD inpainting).
+
+        `decoder` "tiny" decodes with the tiny decoder `sdexport convert --tiny-vae FOLDER` exports beside the VAE
+        (diffusers' `pipe.vae = AutoencoderTiny(...)`: a TAESD decodes in milliseconds what SD's VAE takes seconds
+        for, a little blurrier); "full", the default, with the VAE's own (decoders.py).
+
+        `callback(step, timestep, latents)` runs after each step (step 0 the first run). `preview_callback` gets a
+        decoders.StepPreview (step, steps, timestep, latents, images) every `preview_every` steps and after the
+        last: `images` are the step's latents through the tiny decoder, one PIL image per image drawn (the last
+        step's are the images `decoder="tiny"` returns), or None when the export has no tiny decoder.
         """
         # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "callback", "progress")}
+        arguments = {k: v for k, v in locals().items() if k not in NOT_REQUEST_ARGUMENTS}
         micro = {k: arguments.pop(k) for k in MICRO_CONDITIONING}
         micro["crops_coords_top_left"] = tuple(micro["crops_coords_top_left"])
         micro["negative_crops_coords_top_left"] = tuple(micro["negative_crops_coords_top_left"])
         request = GenerationRequest(**arguments, micro=MicroConditioning(**micro))
-        return self.generate(request, callback, progress)
+        return self.generate(request, callback, progress, preview_callback, preview_every)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .conditioning import MicroConditioning
 from .control import ControlPlan, exported_controlnets, resolve_control
+from .decoders import FULL_DECODER, TINY_DECODER, decoder_component
 from .errors import InvalidArgument
 from .guidance import Guidance, choose_guidance
 from .image import init_image_hash, init_image_size, parameters_text
@@ -219,6 +220,7 @@ class Plan:
     mode: str = TEXT_TO_IMAGE  # TEXT_TO_IMAGE, IMAGE_TO_IMAGE or INPAINT
     unet_takes_mask: bool = False  # inpainting on a 9-channel U-Net: the mask and masked image are its input
     control: ControlPlan | None = None  # the ControlNets that run beside the U-Net
+    decoder: str = FULL_DECODER  # the component that decodes the final latents (decoders.decoder_component)
 
     @property
     def batch(self) -> int:
@@ -255,6 +257,7 @@ class Plan:
             "Scheduler options": _options_text(request.scheduler_options),
             "Latents": "given" if request.latents is not None and not self.image_to_image else None,
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
+            "Decoder": "tiny" if self.decoder == TINY_DECODER else None,
             **_control_fields(self.control),
         }
         negatives = self.negative_prompts or [""] * len(self.prompts)
@@ -341,6 +344,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         mode=mode,
         unet_takes_mask=mode == INPAINT and export.unet_takes_mask,
         control=control,
+        decoder=decoder_component(request.decoder, export.pipeline),
     )
 
 

@@ -62,3 +62,5 @@ class GenerationRequest:
     max_sequence_length: int | None = None
     sigmas: Sequence[float] | None = None
     true_cfg_scale: float | None = None
+    # "full": the VAE's decoder; "tiny": the tiny decoder `sdexport convert --tiny-vae` exports (decoders.py)
+    decoder: str = "full"

@@ -7,13 +7,13 @@ other prompts, T5 length, sigmas and true CFG scale (a request with an image or 
 is the HTTP ingress: it checks requests (400 before a replica is bothered), forwards them through a bounded
 queue, and turns Ray's failures into HTTP answers (503 with Retry-After when the queue is full or a replica
 died, 504 past the request's time limit), so every request gets an image or an error. Ray replaces a
-replica that dies.
+replica that dies. A request with `"stream": true` is answered with server-sent events, a `progress` event per
+step (each image's preview through the export's tiny decoder, when it has one) and a `result` event.
 
 Importing this module imports Ray; `sdruntime` imports it only for the serve command.
 """
 
 import asyncio
-import base64
 import json
 import math
 import os
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -38,9 +38,20 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from .errors import InvalidArgument, UserError
-from .manifest import HashCache, controlnet_component, read_manifest
+from .manifest import TINY_DECODER, HashCache, controlnet_component, read_manifest
 from .memory import resident_memory
-from .serving import DrawResult, ImageRequest, ModelFacts, draw_batch, model_facts, parse_request
+from .serving import (
+    DrawResult,
+    ImageRequest,
+    ModelFacts,
+    draw_batch,
+    draw_stream,
+    error_body,
+    images_body,
+    model_facts,
+    parse_request,
+    sse_event,
+)
 
 APP_NAME = "sdexport"
 BATCH_WAIT_S = 0.02  # how long a replica waits for more requests to fill a batch once one has come in
@@ -65,12 +76,13 @@ class ImageGenerator:
             max_memory=max_memory,
         )
         extra = [controlnet_component(name) for name in self.pipe.export.controlnets]
-        extra += ["vae_encoder"] if self.pipe.manifest.has("vae_encoder") else []
+        extra += [name for name in ("vae_encoder", TINY_DECODER) if self.pipe.manifest.has(name)]
         for name in extra:  # now, not at a request's first use: the memory budget's base then holds their weights
             self.pipe.component(name)
         if extra:
             self.pipe.loaded_resident = resident_memory()
         self.max_batch = max_batch
+        self.drawing = asyncio.Lock()  # one drawing at a time: a batch, or a streamed request (drawn alone)
         self.draw.set_max_batch_size(max_batch)
         self.draw.set_batch_wait_timeout_s(BATCH_WAIT_S)
 
@@ -84,7 +96,22 @@ class ImageGenerator:
     async def draw(self, requests: list[ImageRequest]) -> list[DrawResult]:
         # a thread, so the replica keeps taking requests into the next batch and answering health checks
         # while ONNX Runtime (which lets go of the GIL) runs this one
-        return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch)
+        async with self.drawing:
+            return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch)
+
+    async def stream(self, request: ImageRequest):
+        """A streamed request's server-sent events (serving.draw_stream), as its drawing thread emits them."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: str | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        async with self.drawing:
+            drawing = asyncio.ensure_future(asyncio.to_thread(draw_stream, self.pipe, request, emit))
+            while (event := await events.get()) is not None:
+                yield event
+            await drawing
 
 
 api = FastAPI(title="sdexport", docs_url=None, redoc_url=None, openapi_url=None)
@@ -92,9 +119,8 @@ api = FastAPI(title="sdexport", docs_url=None, redoc_url=None, openapi_url=None)
 
 def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
     """OpenAI's error shape, with Retry-After where waiting helps."""
-    kind = "invalid_request_error" if status == 400 else "server_error"
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+    return JSONResponse(error_body(message, status), status, headers=headers)
 
 
 @serve.deployment(name="Api", ray_actor_options={"num_cpus": 0})
@@ -155,6 +181,8 @@ class Api:
             request = await asyncio.to_thread(parse_request, body, facts)
         except InvalidArgument as e:
             return error_response(400, str(e))
+        if request.stream:
+            return await self.stream_response(request, started)
         response = self.generator.remote(request)
         remaining = self.timeout_s - (time.monotonic() - started)
         try:
@@ -177,16 +205,44 @@ class Api:
                 media_type="image/png",
                 headers={"X-Seed": str(image.seed), "X-Batch-Images": str(image.batch_images)},
             )
-        data = [
-            {
-                "b64_json": base64.b64encode(i.png).decode("ascii"),
-                "seed": i.seed,
-                "parameters": i.parameters,
-                "batch_images": i.batch_images,
-            }
-            for i in result.images
-        ]
-        return JSONResponse({"created": int(time.time()), "data": data})
+        return JSONResponse(images_body(result.images))
+
+    async def stream_response(self, request: ImageRequest, started: float) -> Response:
+        """`"stream": true`: text/event-stream, a `progress` event per step and a `result` (or `error`) event.
+        Until the first event comes the answers are the plain request's (503, 504); after it, a failure or the
+        time limit ends the stream with an `error` event."""
+        events = self.generator.options(stream=True, method_name="stream").remote(request)
+
+        def remaining() -> float:
+            return max(self.timeout_s - (time.monotonic() - started), 0.001)
+
+        try:
+            first = await asyncio.wait_for(events.__anext__(), remaining())
+        except BackPressureError:
+            return error_response(503, "the queue is full: retry later", self.retry_after())
+        except asyncio.TimeoutError:
+            events.cancel()
+            return error_response(504, f"not drawn within the server's {self.timeout_s:g} s limit: retry later")
+        except REPLICA_FAILURES as e:
+            message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
+            return error_response(503, message, self.retry_after())
+
+        async def body():
+            yield first
+            try:
+                while True:
+                    yield await asyncio.wait_for(events.__anext__(), remaining())
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                events.cancel()
+                message = f"not drawn within the server's {self.timeout_s:g} s limit: retry later"
+                yield sse_event("error", error_body(message, 504))
+            except REPLICA_FAILURES as e:
+                message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
+                yield sse_event("error", error_body(message, 503))
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def build_app(

@@ -11,12 +11,15 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-from collections.abc import Mapping, Sequence
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from .decoders import DECODERS, FULL, TINY, TINY_VAE_HINT, StepPreview, has_tiny_decoder
 from .errors import InvalidArgument, UserError
 from .image import open_image, write_png
 from .manifest import TRANSFORMER_FAMILIES
@@ -49,6 +52,8 @@ FIELDS = (
     "max_sequence_length",
     "true_cfg_scale",
     "sigmas",
+    "decoder",
+    "stream",
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
 TRANSFORMER_FIELDS = {
@@ -92,6 +97,7 @@ class ModelFacts:
     memory_budget: int | None = None  # bytes a replica may hold while drawing
     image_inputs: bool = False  # the export has a VAE encoder: requests may send an image (and a mask)
     controlnets: tuple[str, ...] = ()  # the export's ControlNets, by name: requests may send control images
+    tiny_decoder: bool = False  # the export has a tiny decoder (--tiny-vae): `decoder: "tiny"`, streamed previews
 
     @property
     def sizes(self) -> SizeRule:
@@ -126,6 +132,7 @@ class ModelFacts:
             "memory_budget_bytes": self.memory_budget,
             "image_inputs": self.image_inputs,
             "controlnets": list(self.controlnets),
+            "decoders": [FULL, TINY] if self.tiny_decoder else [FULL],
         }
 
 
@@ -157,6 +164,7 @@ def model_facts(pipe) -> ModelFacts:
         memory_budget=budget,
         image_inputs=manifest.has("vae_encoder"),
         controlnets=tuple(pipe.export.controlnets),
+        tiny_decoder=has_tiny_decoder(manifest.pipeline),
     )
 
 
@@ -237,6 +245,8 @@ class ImageRequest:
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
     sigmas: tuple[float, ...] | None = None  # a custom schedule: `steps` is its length
+    decoder: str = FULL  # "tiny": the export's tiny decoder (decoders.py)
+    stream: bool = False  # answered as server-sent events, a progress event per step (draw_stream); drawn alone
 
     @property
     def batch_key(self) -> tuple | None:
@@ -247,9 +257,9 @@ class ImageRequest:
         None for a request with an image: it runs alone. A pipeline call takes one image and mask, and even
         with the same ones diffusers encodes them with the batch's first generator, so a request sharing
         another's call would not draw what it draws alone with its seeds. A request with control images runs
-        alone too: a call takes one set of them.
+        alone too: a call takes one set of them; and a streamed one, whose progress events are its own.
         """
-        if self.image is not None or self.mask is not None or self.control:
+        if self.image is not None or self.mask is not None or self.control or self.stream:
             return None
         return (
             self.width,
@@ -260,6 +270,7 @@ class ImageRequest:
             self.guidance,
             self.negative_prompt is None,
             *(getattr(self, name) for name in TRANSFORMER_FIELDS),
+            self.decoder,
         )
 
 
@@ -342,11 +353,14 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     # pipelines draw at their default size whatever the image's, as diffusers' Img2Img and Inpaint forms do
     follows = None if facts.flow_matching else image or (control[0].image if control else None)
     width, height = parse_size(body.get("size"), facts, follows)
-    response_format = body.get("response_format") or ("png" if n == 1 else "b64_json")
+    stream = _flag(body, "stream")
+    response_format = body.get("response_format") or ("png" if n == 1 and not stream else "b64_json")
     if response_format not in RESPONSE_FORMATS:
         raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
     if response_format == "png" and n > 1:
         raise InvalidArgument(f"a PNG response holds one image: ask n=1, or response_format b64_json for {n}")
+    if response_format == "png" and stream:
+        raise InvalidArgument("a streamed response carries its images as b64_json: leave out response_format")
     return ImageRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -364,7 +378,26 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         control=control,
         guess_mode=guess_mode,
         **transformer_fields,
+        decoder=_decoder(body, facts),
+        stream=stream,
     )
+
+
+def _flag(body: Mapping, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"'{name}' must be true or false, got {value!r}")
+    return value
+
+
+def _decoder(body: Mapping, facts: ModelFacts) -> str:
+    """`decoder`: "full" (the VAE's, the default) or "tiny" (the export's tiny decoder), as `generate --decoder`."""
+    value = body.get("decoder") or FULL
+    if value not in DECODERS:
+        raise InvalidArgument(f"unknown decoder {value!r}: choose {' or '.join(DECODERS)}")
+    if value == TINY and not facts.tiny_decoder:
+        raise InvalidArgument(f"this export has no tiny decoder: leave out 'decoder', or {TINY_VAE_HINT}")
+    return value
 
 
 def parse_transformer_fields(body: Mapping, facts: ModelFacts) -> dict[str, object]:
@@ -550,12 +583,19 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         max_sequence_length=first.max_sequence_length,
         true_cfg_scale=first.true_cfg_scale,
         sigmas=None if first.sigmas is None else list(first.sigmas),
+        decoder=first.decoder,
     )
 
 
-def draw_batch(pipe, requests: Sequence[ImageRequest], max_images: int) -> list[DrawResult]:
+def draw_batch(
+    pipe,
+    requests: Sequence[ImageRequest],
+    max_images: int,
+    preview_callback: Callable[[StepPreview], None] | None = None,
+) -> list[DrawResult]:
     """Draw every request's images, one pipeline call per group of requests with the same batch key and at
-    most `max_images` images, each image with its own prompt and seed.
+    most `max_images` images, each image with its own prompt and seed; `preview_callback` gets each step's
+    previews (a streamed request's, drawn alone).
 
     A list of seeds gives each image its own generator (pipeline.py), so an image comes out of a batch as it
     would alone with its seed, and its `parameters` text says just what a single run's would.
@@ -569,7 +609,7 @@ def draw_batch(pipe, requests: Sequence[ImageRequest], max_images: int) -> list[
         for start in range(0, len(items), max_images):
             chunk = items[start : start + max_images]
             try:
-                drawn = pipe.generate(batch_request(requests, chunk))
+                drawn = pipe.generate(batch_request(requests, chunk), preview_callback=preview_callback)
             except UserError as e:
                 for i, _ in chunk:
                     results[i].error, results[i].user_error = str(e), True
@@ -584,3 +624,53 @@ def draw_batch(pipe, requests: Sequence[ImageRequest], max_images: int) -> list[
         if result.error:
             result.images.clear()  # a request is answered whole or not at all
     return results
+
+
+# -- streamed requests: server-sent events -------------------------------------------------------------------------
+
+
+def images_body(images: Sequence[DrawnImage]) -> dict[str, object]:
+    """The JSON answer of a b64_json request (OpenAI's shape, with each image's seed, parameters and batch size)."""
+    data = [
+        {
+            "b64_json": base64.b64encode(i.png).decode("ascii"),
+            "seed": i.seed,
+            "parameters": i.parameters,
+            "batch_images": i.batch_images,
+        }
+        for i in images
+    ]
+    return {"created": int(time.time()), "data": data}
+
+
+def sse_event(event: str, data: Mapping[str, object]) -> str:
+    """One server-sent event: its name and its data as one line of JSON."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def error_body(message: str, status: int) -> dict[str, object]:
+    """OpenAI's error shape (serve.error_response's body)."""
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+def progress_event(preview: StepPreview) -> str:
+    """A `progress` event: the steps done and of how many, and with a tiny decoder each image's preview (PNG)."""
+    data: dict[str, object] = {"step": preview.step + 1, "steps": preview.steps}
+    if preview.images is not None:
+        data["previews"] = [base64.b64encode(png_bytes(image, "")).decode("ascii") for image in preview.images]
+    return sse_event("progress", data)
+
+
+def draw_stream(pipe, request: ImageRequest, emit: Callable[[str | None], None]) -> None:
+    """Draw a streamed request alone, emitting its server-sent events: a `progress` event after each step (with
+    previews through the export's tiny decoder, when it has one), then a `result` event with what the request
+    would get as b64_json, or an `error` event with the error's JSON; then None, the end."""
+    try:
+        result = draw_batch(pipe, [request], len(request.seeds), lambda preview: emit(progress_event(preview)))[0]
+        if result.error:
+            emit(sse_event("error", error_body(result.error, 400 if result.user_error else 500)))
+        else:
+            emit(sse_event("result", images_body(result.images)))
+    finally:
+        emit(None)

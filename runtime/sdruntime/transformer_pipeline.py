@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .decoders import PreviewCallback, Previewer, step_callback
 from .flux_latents import latent_image_ids, pack_latents, unpack_latents
 from .image import load_init_image, short_hash, to_pil
 from .inpaint import load_mask, mask_to_latents
@@ -43,6 +44,9 @@ from .session import Component, SessionSettings, check_cpu_layout, first_provide
 from .t5_tokenizer import T5PromptTokenizer
 from .tokenizer import PromptTokenizer
 from .transformer_plan import T5_ENCODER, TransformerPlan, resolve_transformer_plan
+
+# __call__'s arguments that are not GenerationRequest fields: how the run reports, not what it draws
+REPORTING_ARGUMENTS = ("self", "callback", "progress", "preview_callback", "preview_every")
 
 Generator = TorchGenerator | list[TorchGenerator]
 CLIP_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -344,15 +348,27 @@ class TransformerPipeline:
         scaled = latents / np.float32(facts.vae_scaling_factor) + np.float32(facts.vae_shift_factor or 0.0)
         return self.component("vae_decoder")(latent_sample=scaled.astype(np.float32))["sample"]
 
+    def previewer(self) -> Previewer:
+        """A previewer without a tiny decoder (decoders.Previewer): previews' images are None."""
+        return Previewer.of(self.manifest.pipeline, self.component)
+
     # -- the call ------------------------------------------------------------------------------------
 
     def generate(
-        self, request: GenerationRequest, callback: StepCallback | None = None, progress: bool = False
+        self,
+        request: GenerationRequest,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+        preview_callback: PreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> GenerationResult:
         """Draw what `request` asks: resolve it into a plan, then encode, prepare latents, denoise, decode and
-        record, each stage reading the plan."""
+        record, each stage reading the plan. `callback` and `preview_callback` as StableDiffusionPipeline's (no
+        tiny decoder reads these latents here: a StepPreview's images are None)."""
         started = time.perf_counter()
         plan = resolve_transformer_plan(request, self.manifest, self.scheduler_config)
+        steps = len(plan.scheduler.step_indices)
+        callback = step_callback(callback, preview_callback, self.previewer, steps, preview_every)
         generator = plan.seeds.generator()
         fixed = self.encode(plan)
         latents, kept = self.prepare_latents(plan, generator)
@@ -393,8 +409,11 @@ class TransformerPipeline:
         mask_image: str | Path | Image.Image | None = None,
         strength: float | None = None,
         scheduler_options: dict[str, object] | None = None,
+        decoder: str = "full",
         callback: StepCallback | None = None,
         progress: bool = False,
+        preview_callback: PreviewCallback | None = None,
+        preview_every: int = 1,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' StableDiffusion3Pipeline or FluxPipeline (their
         Img2Img forms with `image`, their Inpaint forms with `image` and `mask_image`), `num_images` being
@@ -402,6 +421,8 @@ class TransformerPipeline:
         28 steps, guidance 7.0 (SD3) or 3.5 (Flux; 7.0 for its image-to-image and inpainting), strength 0.6,
         max_sequence_length 256 (SD3) or 512 (Flux: pass 256 for schnell, and guidance_scale is unused there).
         `latents` are the starting noise [images, channels, h, w], unpacked for Flux too, as `result.latents` are.
-        `scheduler_options` override the export's scheduler config (e.g. {"shift": 3.0})."""
-        arguments = {k: v for k, v in locals().items() if k not in ("self", "callback", "progress")}
-        return self.generate(GenerationRequest(**arguments), callback, progress)
+        `scheduler_options` override the export's scheduler config (e.g. {"shift": 3.0}). `callback` and
+        `preview_callback` as StableDiffusionPipeline's (a StepPreview's images are None here); `decoder` "tiny" is
+        refused: no tiny decoder reads these 16-channel latents here."""
+        arguments = {k: v for k, v in locals().items() if k not in REPORTING_ARGUMENTS}
+        return self.generate(GenerationRequest(**arguments), callback, progress, preview_callback, preview_every)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .conditioning import MicroConditioning
+from .decoders import decoder_component
 from .guidance import ClassifierFreeGuidance, Guidance, NoGuidance, choose_guidance
 from .image import init_image_hash, parameters_text
 from .manifest import Manifest, axis_sizes, latent_shape
@@ -136,6 +137,7 @@ def resolve_transformer_plan(
     facts = manifest.pipeline
     family = facts.family
     _refuse_unet_fields(request, family)
+    decoder_component(request.decoder, facts)  # refuses "tiny": no tiny decoder reads 16-channel latents here
     _check_counts(request)
     prompts = _prompt_lists(request, family)
     negatives = _negative_lists(request, family, len(prompts["text_encoder"]))

@@ -15,8 +15,9 @@ from sdexport.specs import example_inputs, size_multiple, vae_scale_factor, wrap
 
 from ..conftest import _quiet_convert
 
-# text_encoder_2: SDXL only (tests/exporter/test_sdxl_export.py); ControlNets: tests/exporter/test_controlnet_export.py
-COMPONENTS = [c for c in COMPONENT_IO if c not in ("text_encoder_2", "controlnet")]
+# text_encoder_2: SDXL only (tests/exporter/test_sdxl_export.py); ControlNets: tests/exporter/test_controlnet_export.py;
+# the tiny decoder: tests/exporter/test_tiny_vae.py
+COMPONENTS = [c for c in COMPONENT_IO if c not in ("text_encoder_2", "controlnet", "vae_decoder_tiny")]
 
 
 def run_both(pipe, folder, component, batch, latent_hw):

@@ -533,6 +533,25 @@ def test_b64_json_answers_several_images_with_their_seeds(server):
         assert image.text["parameters"] == d["parameters"] and f"Seed: {d['seed']}," in d["parameters"]
 
 
+def test_a_streamed_request_gets_a_progress_event_per_step_then_its_images(server):
+    body = {"prompt": PROMPT, "seed": 8, "steps": 3, "scheduler": "euler", "n": 2}
+    status, headers, streamed = generate(server, {**body, "stream": True})
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = []
+    for block in streamed.decode().strip().split("\n\n"):  # as an SSE client reads them
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    assert [name for name, _ in events] == ["progress"] * 3 + ["result"]
+    # this export has no tiny decoder: progress without previews (tests/runtime/test_tiny_decoder.py has them)
+    assert [data for _, data in events[:3]] == [{"step": i, "steps": 3} for i in (1, 2, 3)]
+    status, _, plain = generate(server, {**body, "response_format": "b64_json"})
+    assert status == 200
+    expected = [(d["b64_json"], d["seed"], d["parameters"]) for d in json.loads(plain)["data"]]
+    assert [(d["b64_json"], d["seed"], d["parameters"]) for d in events[-1][1]["data"]] == expected
+    status, _, refused = generate(server, {**body, "stream": True, "decoder": "tiny"})
+    assert status == 400 and "no tiny decoder" in json.loads(refused)["error"]["message"]
+
+
 def test_bad_requests_get_400_with_one_message(server):
     status, headers, body = generate(server, {"prompt": PROMPT, "steps": 0})
     assert status == 400 and headers["content-type"] == "application/json"

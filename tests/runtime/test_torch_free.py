@@ -34,6 +34,27 @@ SCRIPT = textwrap.dedent(
 )
 
 
+TINY_DECODER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from sdruntime import StableDiffusionPipeline
+    previews = []
+    pipe = StableDiffusionPipeline.load(sys.argv[1])
+    result = pipe("a red circle", num_inference_steps=3, scheduler="euler", seed=4, decoder="tiny",
+                  preview_callback=previews.append)
+    assert [p.step for p in previews] == [0, 1, 2], [p.step for p in previews]
+    assert np.array_equal(np.asarray(previews[-1].images[0]), np.asarray(result.images[0]))
+    result.save(f"{sys.argv[3]}/tiny.png")
+    replaced = StableDiffusionPipeline.load(sys.argv[2])
+    replaced("a red circle", image=f"{sys.argv[3]}/tiny.png", strength=0.5, num_inference_steps=4, seed=1,
+             scheduler="euler").save(f"{sys.argv[3]}/img2img.png")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"))
+    assert not loaded, loaded
+    """
+)
+
+
 @pytest.fixture(scope="session")
 def runtime_venv(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("runtime-venv") / "venv"
@@ -79,3 +100,23 @@ def test_sdruntime_cli_in_runtime_venv(runtime_venv, tiny32, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert out.is_file()
+
+
+def test_tiny_decoders_and_tiny_vaes_draw_without_torch(runtime_venv, tiny_taesd32, tiny_vae_replaced32, tmp_path):
+    """decoders.py in the runtime-only venv: decoder="tiny" with previews, and image-to-image through a tiny VAE's
+    encoder, the same pixels as in this environment, whose pictures match diffusers (test_tiny_decoder.py)."""
+    import numpy as np
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+
+    script = [str(runtime_venv / "bin" / "python"), "-c", TINY_DECODER_SCRIPT]
+    run = subprocess.run(
+        [*script, str(tiny_taesd32), str(tiny_vae_replaced32), str(tmp_path)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    draw = {"num_inference_steps": 3, "scheduler": "euler", "seed": 4}
+    tiny = StableDiffusionPipeline.load(tiny_taesd32)("a red circle", decoder="tiny", **draw)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "tiny.png")), np.asarray(tiny.images[0]))
+    draw = {"num_inference_steps": 4, "scheduler": "euler", "seed": 1, "strength": 0.5}
+    replaced = StableDiffusionPipeline.load(tiny_vae_replaced32)("a red circle", image=tmp_path / "tiny.png", **draw)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "img2img.png")), np.asarray(replaced.images[0]))
