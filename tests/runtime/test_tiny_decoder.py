@@ -258,3 +258,16 @@ def test_sd3_takes_preview_callbacks_and_refuses_the_tiny_decoder(sd3_32):
     assert [(p.step, p.steps, p.images) for p in previews] == [(0, 2, None), (1, 2, None)]
     with pytest.raises(GenerationError, match="this sd3 export's have 16 channels and no tiny decoder"):
         pipe(PROMPT, num_inference_steps=2, height=32, width=32, decoder="tiny")
+
+
+def test_the_decoder_benchmark_times_both_decoders(tiny_taesd32):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from bench_decoders import run
+
+    result = run(tiny_taesd32, size=64, batch=1, rounds=2, provider="cpu", threads=1)
+    assert set(result["median_seconds"]) == {"vae_decoder", "vae_decoder_tiny"}
+    assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
+    assert result["provider"] == "CPUExecutionProvider" and result["dtype"] == "fp32"
