@@ -395,6 +395,8 @@ def _decoder(body: Mapping, facts: ModelFacts) -> str:
     value = body.get("decoder") or FULL
     if value not in DECODERS:
         raise InvalidArgument(f"unknown decoder {value!r}: choose {' or '.join(DECODERS)}")
+    if value == TINY and facts.flow_matching:
+        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports have no tiny decoder: leave out 'decoder'")
     if value == TINY and not facts.tiny_decoder:
         raise InvalidArgument(f"this export has no tiny decoder: leave out 'decoder', or {TINY_VAE_HINT}")
     return value

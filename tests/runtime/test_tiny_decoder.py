@@ -271,3 +271,12 @@ def test_the_decoder_benchmark_times_both_decoders(tiny_taesd32):
     assert set(result["median_seconds"]) == {"vae_decoder", "vae_decoder_tiny"}
     assert all(len(times) == 2 and min(times) > 0 for times in result["seconds"].values())
     assert result["provider"] == "CPUExecutionProvider" and result["dtype"] == "fp32"
+
+
+def test_served_sd3_and_flux_refuse_the_tiny_decoder_in_one_line():
+    from sdruntime.serving import ModelFacts
+
+    for family, name in (("sd3", "SD3"), ("flux", "Flux")):
+        facts = ModelFacts("m", family, "fp32", "generic", (64, 64), 16, None, "flow-match-euler", 7.0, 28, "h", "s")
+        with pytest.raises(InvalidArgument, match=f"^{name} exports have no tiny decoder: leave out 'decoder'$"):
+            parse_request({"prompt": PROMPT, "decoder": "tiny"}, facts)
