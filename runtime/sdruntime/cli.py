@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .adapters import LoraSpec
 from .decoders import DECODERS, decoder_component
 from .errors import UserError
 from .image import IMAGE_FORMATS, contact_sheet, open_image, save_image
@@ -167,6 +168,12 @@ def control_request(
         "control_guidance_start": 0.0 if start is None else start,
         "control_guidance_end": 1.0 if end is None else end,
     }
+
+
+def lora_specs(loras: tuple[str, ...]) -> list | None:
+    """--lora FILE[:SCALE] values, each file checked here, so that a missing one is one line before any model loads
+    (the runtime reads and matches the files when it applies them)."""
+    return [LoraSpec.of(text) for text in loras] or None
 
 
 def make_output_folder(output: str) -> Path:
@@ -366,6 +373,14 @@ def cli() -> None:
 @click.option(
     "--control-end", type=float, help="Fraction of the steps after which the ControlNets are off.  [default: 1]"
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="Apply a LoRA (.safetensors, diffusers or kohya-ss format) to the U-Net and text encoders at SCALE "
+    "(default 1.0), without re-exporting; repeatable.",
+)
 @with_transformer_options
 @click.option(
     "-o",
@@ -393,6 +408,7 @@ def generate(
     guess_mode,
     control_start,
     control_end,
+    loras,
     **kwargs,
 ):
     """Draw PROMPT with the export in FOLDER."""
@@ -414,6 +430,7 @@ def generate(
         image=image_input(init_image, "init image"),
         mask_image=image_input(mask_image, "mask image"),
         **control_request(controls, guess_mode, control_start, control_end),
+        loras=lora_specs(loras),
         **kwargs,
     )
     pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)
@@ -481,8 +498,27 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=1), help="Seconds per request.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files.")
 @max_memory_option
+@click.option(
+    "--lora-dir",
+    default=None,
+    metavar="FOLDER",
+    help="Requests may name the .safetensors LoRAs in FOLDER in their `loras` field (nothing else is readable "
+    "through it); without it, the field is refused.",
+)
 def serve_command(
-    folder, replicas, max_batch, port, host, provider, threads, address, max_queue, timeout, no_verify, max_memory
+    folder,
+    replicas,
+    max_batch,
+    port,
+    host,
+    provider,
+    threads,
+    address,
+    max_queue,
+    timeout,
+    no_verify,
+    max_memory,
+    lora_dir,
 ):
     """Serve FOLDER over HTTP on Ray Serve: POST /v1/images/generations, GET /v1/models, GET /health."""
     try:
@@ -506,6 +542,7 @@ def serve_command(
         max_queue=max_queue,
         timeout_s=timeout,
         max_memory=max_memory,
+        lora_dir=lora_dir,
         echo=lambda line: click.echo(line, err=True),
     )
 

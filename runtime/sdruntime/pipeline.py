@@ -5,7 +5,9 @@ and ONNX Runtime only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .adapters import AdapterCache, AdapterSet, AdapterTarget
 from .conditioning import MicroConditioning
 from .control import ControlRun, load_control_image
 from .decoders import FULL_DECODER, PreviewCallback, Previewer, decode, encode_tiny, scaling_factor, step_callback
@@ -72,7 +75,8 @@ class StableDiffusionPipeline:
                 stacklevel=3,
             )
         self.settings = settings
-        self.tokenizers = {
+        self._active = threading.local()  # the adapter set (adapters.py) the generation in this thread draws with
+        self.base_tokenizers = {
             name: PromptTokenizer(self.folder / folder / "tokenizer.json", max_length, pad_id)
             for name, (folder, max_length, pad_id) in {
                 "text_encoder": ("tokenizer", facts.tokenizer_max_length, facts.pad_token_id),
@@ -80,7 +84,6 @@ class StableDiffusionPipeline:
             }.items()
             if name in self.encoders
         }
-        self.tokenizer = self.tokenizers[self.encoders[0]]
         self.scheduler_config = read_scheduler_config(self.folder)
         self.export = ExportFacts.of(self.manifest, self.scheduler_config)
         self.default_scheduler = self.export.default_scheduler
@@ -97,6 +100,8 @@ class StableDiffusionPipeline:
         self.memory_model = MemoryModel.of(self.manifest)
         self.memory_budget = MemoryBudget(max_memory)
         self.loaded_resident = resident_memory()  # what a generation's estimate adds to
+        target = AdapterTarget(self.manifest, self.base_tokenizers)
+        self.adapters = AdapterCache(target, self._create, settings.adapter_sets)
 
     @classmethod
     def load(
@@ -117,15 +122,43 @@ class StableDiffusionPipeline:
         return cls(Path(folder), provider, settings or SessionSettings(), verify, max_memory)
 
     def component(self, name: str) -> Component:
-        """A component's session, created on first use (the VAE encoder only for image-to-image)."""
+        """A component's session, created on first use (the VAE encoder only for image-to-image); during a
+        generation with LoRAs, the adapter set's session for the components they change."""
+        adapted = getattr(self._active, "adapted", None)
+        if adapted is not None and name in adapted.components:
+            return adapted.components[name]
         if name not in self._components:
             self._components[name] = self._create(name)
         return self._components[name]
 
-    def _create(self, name: str) -> Component:
+    def _create(self, name: str, overrides: Mapping[str, np.ndarray] | None = None) -> Component:
         if not self.manifest.has(name):
             raise ExportError(f"{self.folder} has no {name}: export it with `sdexport convert --components ...,{name}`")
-        return Component(self.manifest, name, self.providers, self.settings)
+        return Component(self.manifest, name, self.providers, self.settings, overrides)
+
+    @property
+    def tokenizers(self) -> dict[str, PromptTokenizer]:
+        """Each text encoder's tokenizer: the export's, or the adapter set's where it changes one (embeddings)."""
+        adapted = getattr(self._active, "adapted", None)
+        return {**self.base_tokenizers, **adapted.tokenizers} if adapted is not None else self.base_tokenizers
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """The first text encoder's tokenizer."""
+        return self.tokenizers[self.encoders[0]]
+
+    @contextlib.contextmanager
+    def adapted(self, adapters: AdapterSet):
+        """Draw with an adapter set's sessions (made, or taken from the cache) within the block, in this thread."""
+        made = self.adapters.sessions_created
+        previous = getattr(self._active, "adapted", None)
+        self._active.adapted = self.adapters.get(adapters) if adapters else None
+        if self.adapters.sessions_created != made:  # new sessions: the memory budget's base grew
+            self.loaded_resident = resident_memory()
+        try:
+            yield
+        finally:
+            self._active.adapted = previous
 
     def _model_hash(self) -> str:
         """Short sha256 over the manifest's hashes of the files that draw (text encoders, U-Net, VAE decoder)."""
@@ -382,6 +415,19 @@ class StableDiffusionPipeline:
         `preview_callback` gets a decoders.StepPreview every `preview_every` steps and at the last."""
         started = time.perf_counter()
         plan = resolve_plan(request, self.export)
+        with self.adapted(plan.adapters):
+            return self._draw(plan, started, callback, progress, preview_callback, preview_every)
+
+    def _draw(
+        self,
+        plan: Plan,
+        started: float,
+        callback: StepCallback | None,
+        progress: bool,
+        preview_callback: PreviewCallback | None,
+        preview_every: int,
+    ) -> GenerationResult:
+        """generate's stages, with the plan's adapter set's sessions in place."""
         steps = len(plan.scheduler.step_indices)
         callback = step_callback(callback, preview_callback, self.previewer, steps, preview_every)
         pieces = self.admit(plan)
@@ -528,6 +574,7 @@ class StableDiffusionPipeline:
         decoder: str = "full",
         preview_callback: PreviewCallback | None = None,
         preview_every: int = 1,
+        loras: Sequence[object] | None = None,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
@@ -556,6 +603,10 @@ class StableDiffusionPipeline:
         decoders.StepPreview (step, steps, timestep, latents, images) every `preview_every` steps and after the
         last: `images` are the step's latents through the tiny decoder, one PIL image per image drawn (the last
         step's are the images `decoder="tiny"` returns), or None when the export has no tiny decoder.
+
+        `loras` ([(FILE, SCALE), ...] or "FILE[:SCALE]" strings) apply LoRAs in diffusers or kohya-ss format to the
+        U-Net and text encoders for this call, as diffusers' `load_lora_weights` + `fuse_lora(lora_scale=SCALE)`
+        would, without re-exporting (adapters.py); the sessions of the last few sets stay cached.
         """
         # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
         arguments = {k: v for k, v in locals().items() if k not in NOT_REQUEST_ARGUMENTS}

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .adapters import AdapterSet
 from .conditioning import MicroConditioning
 from .control import ControlPlan, exported_controlnets, resolve_control
 from .decoders import FULL_DECODER, TINY_DECODER, decoder_component
@@ -221,6 +222,7 @@ class Plan:
     unet_takes_mask: bool = False  # inpainting on a 9-channel U-Net: the mask and masked image are its input
     control: ControlPlan | None = None  # the ControlNets that run beside the U-Net
     decoder: str = FULL_DECODER  # the component that decodes the final latents (decoders.decoder_component)
+    adapters: AdapterSet = AdapterSet()  # the LoRAs the U-Net and text encoders draw with (adapters.py)
 
     @property
     def batch(self) -> int:
@@ -259,14 +261,20 @@ class Plan:
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
             "Decoder": "tiny" if self.decoder == TINY_DECODER else None,
             **_control_fields(self.control),
+            "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in self.adapters.loras) or None,
         }
         negatives = self.negative_prompts or [""] * len(self.prompts)
         texts = []
         for i in range(self.batch):
             fields = {**method, "Seed": self.seeds.seed_of(i), **settings, **self.seeds.batch_fields(i, self.batch)}
             prompt = i // request.num_images
-            texts.append(parameters_text(self.prompts[prompt], negatives[prompt], fields))
+            texts.append(parameters_text(self.prompts[prompt] + _lora_tags(self.adapters), negatives[prompt], fields))
         return texts
+
+
+def _lora_tags(adapters: AdapterSet) -> str:
+    """The LoRAs as A1111 writes them in the prompt, " <lora:NAME:SCALE>" each (A1111 reads them back from there)."""
+    return "".join(f" <lora:{lora.name}:{_exact(lora.scale)}>" for lora in adapters.loras)
 
 
 def _control_fields(control: ControlPlan | None) -> dict[str, str | None]:
@@ -345,6 +353,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         unet_takes_mask=mode == INPAINT and export.unet_takes_mask,
         control=control,
         decoder=decoder_component(request.decoder, export.pipeline),
+        adapters=AdapterSet.of(request.loras),
     )
 
 

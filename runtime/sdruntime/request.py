@@ -62,5 +62,7 @@ class GenerationRequest:
     max_sequence_length: int | None = None
     sigmas: Sequence[float] | None = None
     true_cfg_scale: float | None = None
+    # LoRAs applied at run time (adapters.py), U-Net families only: each "FILE[:SCALE]", a path, or (FILE, SCALE)
+    loras: Sequence[object] | None = None
     # "full": the VAE's decoder; "tiny": the tiny decoder `sdexport convert --tiny-vae` exports (decoders.py)
     decoder: str = "full"

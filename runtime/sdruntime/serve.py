@@ -48,6 +48,7 @@ from .serving import (
     draw_stream,
     error_body,
     images_body,
+    lora_files,
     model_facts,
     parse_request,
     sse_event,
@@ -64,7 +65,16 @@ REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailabl
 class ImageGenerator:
     """One replica: the export loaded once, drawing batches of requests."""
 
-    def __init__(self, folder: str, provider, threads: int, verify: bool, max_batch: int, max_memory: int | None):
+    def __init__(
+        self,
+        folder: str,
+        provider,
+        threads: int,
+        verify: bool,
+        max_batch: int,
+        max_memory: int | None,
+        lora_dir: str | None = None,
+    ):
         from .pipeline import StableDiffusionPipeline
         from .session import SessionSettings
 
@@ -82,12 +92,13 @@ class ImageGenerator:
         if extra:
             self.pipe.loaded_resident = resident_memory()
         self.max_batch = max_batch
+        self.loras = None if lora_dir is None else lora_files(lora_dir)  # the LoRAs requests may name
         self.drawing = asyncio.Lock()  # one drawing at a time: a batch, or a streamed request (drawn alone)
         self.draw.set_max_batch_size(max_batch)
         self.draw.set_batch_wait_timeout_s(BATCH_WAIT_S)
 
     def facts(self) -> ModelFacts:
-        return model_facts(self.pipe)
+        return model_facts(self.pipe, self.loras)
 
     async def __call__(self, request: ImageRequest) -> DrawResult:
         return await self.draw(request)
@@ -97,7 +108,7 @@ class ImageGenerator:
         # a thread, so the replica keeps taking requests into the next batch and answering health checks
         # while ONNX Runtime (which lets go of the GIL) runs this one
         async with self.drawing:
-            return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch)
+            return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch, None, self.loras)
 
     async def stream(self, request: ImageRequest):
         """A streamed request's server-sent events (serving.draw_stream), as its drawing thread emits them."""
@@ -108,7 +119,7 @@ class ImageGenerator:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         async with self.drawing:
-            drawing = asyncio.ensure_future(asyncio.to_thread(draw_stream, self.pipe, request, emit))
+            drawing = asyncio.ensure_future(asyncio.to_thread(draw_stream, self.pipe, request, emit, self.loras))
             while (event := await events.get()) is not None:
                 yield event
             await drawing
@@ -257,12 +268,14 @@ def build_app(
     timeout_s: float,
     replica_cpus: float,
     max_memory: int | None = None,
+    lora_dir: str | None = None,
 ):
     """The application: the generator's replicas behind the ingress.
 
     A replica holds at most two batches (one drawing, one gathering); past that, up to `max_queue`
     requests wait in the ingress's queue, and the next one gets 503 at once instead of waiting forever.
     `max_memory` is each replica's memory budget (memory.py), reserved for it in Ray's scheduling too.
+    `lora_dir` is the folder whose .safetensors LoRAs requests may name (serving.lora_files); None: no LoRAs.
     """
     actor_options: dict = {"num_cpus": replica_cpus}
     if max_memory is not None:
@@ -272,7 +285,7 @@ def build_app(
         max_ongoing_requests=2 * max_batch,
         max_queued_requests=max_queue,
         ray_actor_options=actor_options,
-    ).bind(folder, provider, threads, verify, max_batch, max_memory)
+    ).bind(folder, provider, threads, verify, max_batch, max_memory, lora_dir)
     # the ingress takes up to what the generators can hold plus their queue at once; no limit on what waits
     # for it: Serve's proxy would answer a request past that limit 503 itself, without Retry-After, while the
     # ingress forwards or refuses (503, Retry-After) each one at once
@@ -318,12 +331,17 @@ def serve_forever(
     max_queue: int = 64,
     timeout_s: float = 120.0,
     max_memory: int | None = None,
+    lora_dir: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Serve until SIGINT or SIGTERM. With no `address`, on a Ray instance started here and stopped after;
     with one, on that cluster, removing the application when stopped (the cluster keeps running).
-    `max_memory` (bytes) is each replica's memory budget (default: what the machine has free)."""
+    `max_memory` (bytes) is each replica's memory budget (default: what the machine has free). `lora_dir`: the
+    folder of .safetensors LoRAs requests may name in `loras` (none: the field is refused)."""
     folder = check_export(folder, verify)
+    if lora_dir is not None:
+        lora_files(lora_dir)  # a missing folder fails here in one line, before Ray starts
+        lora_dir = str(Path(lora_dir).resolve())
     local = not address
     if local:
         check_port(host, port)
@@ -357,6 +375,7 @@ def serve_forever(
             timeout_s=timeout_s,
             replica_cpus=threads or 1,
             max_memory=max_memory,
+            lora_dir=lora_dir,
         )
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
         where = "a local Ray" if local else address

@@ -54,6 +54,7 @@ FIELDS = (
     "sigmas",
     "decoder",
     "stream",
+    "loras",
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
 TRANSFORMER_FIELDS = {
@@ -75,6 +76,9 @@ MAX_SIDE = 4096  # pixels, either way: larger sizes only tie a replica up
 MAX_CONTROLS = 8  # control images per request
 MAX_CONTROL_SCALE = 10.0  # a ControlNet's scale; diffusers' pipelines default to 0.5-1.0
 MAX_GUIDANCE = 50.0  # guidance and true_cfg_scale
+MAX_LORAS = 8  # LoRAs per request
+MAX_LORA_SCALE = 10.0  # either way; LoRAs are used at 0.3-1.5
+LORA_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class ModelFacts:
     memory_budget: int | None = None  # bytes a replica may hold while drawing
     image_inputs: bool = False  # the export has a VAE encoder: requests may send an image (and a mask)
     controlnets: tuple[str, ...] = ()  # the export's ControlNets, by name: requests may send control images
+    loras: tuple[str, ...] | None = None  # the LoRAs in the server's --lora-dir, by name; None: no --lora-dir
     tiny_decoder: bool = False  # the export has a tiny decoder (--tiny-vae): `decoder: "tiny"`, streamed previews
 
     @property
@@ -132,12 +137,25 @@ class ModelFacts:
             "memory_budget_bytes": self.memory_budget,
             "image_inputs": self.image_inputs,
             "controlnets": list(self.controlnets),
+            "loras": None if self.loras is None else list(self.loras),
             "decoders": [FULL, TINY] if self.tiny_decoder else [FULL],
         }
 
 
-def model_facts(pipe) -> ModelFacts:
-    """A loaded StableDiffusionPipeline's (or TransformerPipeline's) facts; the defaults are the plans' own."""
+def lora_files(folder: str | Path) -> dict[str, Path]:
+    """The LoRAs a server offers: the .safetensors files in `folder` (not its subfolders), by name (the file name
+    without .safetensors). Requests name one of these; no other file can be read through them."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--lora-dir {folder} is not a folder: name the folder that holds the .safetensors LoRAs")
+    return {
+        p.name[: -len(LORA_SUFFIX)]: p for p in sorted(root.iterdir()) if p.name.endswith(LORA_SUFFIX) and p.is_file()
+    }
+
+
+def model_facts(pipe, loras: Mapping[str, Path] | None = None) -> ModelFacts:
+    """A loaded StableDiffusionPipeline's (or TransformerPipeline's) facts; the defaults are the plans' own.
+    `loras`: the server's LoRAs by name (lora_files), None when it takes none."""
     manifest = pipe.manifest
     family = manifest.pipeline.family
     defaults = TRANSFORMER_DEFAULTS[family] if family in TRANSFORMER_FAMILIES else family_defaults(family)
@@ -164,6 +182,7 @@ def model_facts(pipe) -> ModelFacts:
         memory_budget=budget,
         image_inputs=manifest.has("vae_encoder"),
         controlnets=tuple(pipe.export.controlnets),
+        loras=None if loras is None else tuple(loras),
         tiny_decoder=has_tiny_decoder(manifest.pipeline),
     )
 
@@ -245,6 +264,7 @@ class ImageRequest:
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
     sigmas: tuple[float, ...] | None = None  # a custom schedule: `steps` is its length
+    loras: tuple[tuple[str, float], ...] = ()  # (name in the server's --lora-dir, scale): one set per U-Net batch
     decoder: str = FULL  # "tiny": the export's tiny decoder (decoders.py)
     stream: bool = False  # answered as server-sent events, a progress event per step (draw_stream); drawn alone
 
@@ -270,6 +290,7 @@ class ImageRequest:
             self.guidance,
             self.negative_prompt is None,
             *(getattr(self, name) for name in TRANSFORMER_FIELDS),
+            self.loras,
             self.decoder,
         )
 
@@ -380,6 +401,7 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         **transformer_fields,
         decoder=_decoder(body, facts),
         stream=stream,
+        loras=parse_loras(body, facts),
     )
 
 
@@ -418,6 +440,46 @@ def parse_transformer_fields(body: Mapping, facts: ModelFacts) -> dict[str, obje
     fields["true_cfg_scale"] = _scale(body, "true_cfg_scale")
     fields["sigmas"] = _sigmas(body)
     return fields
+
+
+def parse_loras(body: Mapping, facts: ModelFacts) -> tuple[tuple[str, float], ...]:
+    """`loras`: a list of {"name": NAME, "scale": SCALE} or "NAME[:SCALE]" strings (scale 1.0 by default), each NAME
+    a LoRA of the server's --lora-dir (as `generate --lora FILE:SCALE` takes a file); refused when it has none."""
+    entries = body.get("loras")
+    if entries is None:
+        return ()
+    if facts.loras is None:
+        raise InvalidArgument("this server takes no LoRAs: leave out 'loras', or start it with --lora-dir FOLDER")
+    if not isinstance(entries, list) or len(entries) > MAX_LORAS:
+        raise InvalidArgument(
+            f'\'loras\' must be a list of up to {MAX_LORAS} entries such as {{"name": "style", "scale": 0.8}} or "style:0.8"'
+        )
+    return tuple(_lora_entry(entry, f"loras[{i}]", facts.loras) for i, entry in enumerate(entries))
+
+
+def _lora_entry(entry: object, where: str, offered: Sequence[str]) -> tuple[str, float]:
+    if isinstance(entry, str):
+        name, sep, tail = entry.rpartition(":")
+        name, scale = (name, tail) if sep else (entry, 1.0)
+    elif isinstance(entry, Mapping) and not set(entry) - {"name", "scale"}:
+        name, scale = entry.get("name"), entry.get("scale", 1.0)
+    else:
+        raise InvalidArgument(f"'{where}' must be \"NAME[:SCALE]\" or an object with 'name' and 'scale', got {entry!r}")
+    try:
+        scale = None if isinstance(scale, bool) else float(scale)
+    except (TypeError, ValueError):
+        scale = None
+    if scale is None or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+        raise InvalidArgument(f"'{where}' scale must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise InvalidArgument(
+            f"'{where}' names {name!r}: a LoRA is named by its file name in the server's LoRA folder, without a path"
+        )
+    name = name[: -len(LORA_SUFFIX)] if name.endswith(LORA_SUFFIX) else name
+    if name not in offered:
+        listed = ", ".join(offered[:20]) or "none"
+        raise InvalidArgument(f"unknown LoRA {name!r} in '{where}': this server offers {listed}")
+    return name, scale
 
 
 def _scale(body: Mapping, name: str) -> float | None:
@@ -555,9 +617,15 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, int]]) -> GenerationRequest:
-    """The runtime request that draws `images` ((request index, seed) pairs of requests with one batch key)."""
+def batch_request(
+    requests: Sequence[ImageRequest], images: Sequence[tuple[int, int]], loras: Mapping[str, Path] | None = None
+) -> GenerationRequest:
+    """The runtime request that draws `images` ((request index, seed) pairs of requests with one batch key);
+    `loras` maps the LoRA names requests give to the server's files (lora_files)."""
     first = requests[images[0][0]]
+    for name, _ in first.loras:
+        if name not in (loras or {}):
+            raise InvalidArgument(f"unknown LoRA {name!r}: this replica offers {', '.join(loras or {}) or 'none'}")
     negatives = None if first.negative_prompt is None else [requests[i].negative_prompt for i, _ in images]
     return GenerationRequest(
         prompt=[requests[i].prompt for i, _ in images],
@@ -585,6 +653,7 @@ def batch_request(requests: Sequence[ImageRequest], images: Sequence[tuple[int, 
         max_sequence_length=first.max_sequence_length,
         true_cfg_scale=first.true_cfg_scale,
         sigmas=None if first.sigmas is None else list(first.sigmas),
+        loras=[(loras[name], scale) for name, scale in first.loras] or None,
         decoder=first.decoder,
     )
 
@@ -594,6 +663,7 @@ def draw_batch(
     requests: Sequence[ImageRequest],
     max_images: int,
     preview_callback: Callable[[StepPreview], None] | None = None,
+    loras: Mapping[str, Path] | None = None,
 ) -> list[DrawResult]:
     """Draw every request's images, one pipeline call per group of requests with the same batch key and at
     most `max_images` images, each image with its own prompt and seed; `preview_callback` gets each step's
@@ -611,7 +681,7 @@ def draw_batch(
         for start in range(0, len(items), max_images):
             chunk = items[start : start + max_images]
             try:
-                drawn = pipe.generate(batch_request(requests, chunk), preview_callback=preview_callback)
+                drawn = pipe.generate(batch_request(requests, chunk, loras), preview_callback=preview_callback)
             except UserError as e:
                 for i, _ in chunk:
                     results[i].error, results[i].user_error = str(e), True
@@ -664,12 +734,14 @@ def progress_event(preview: StepPreview) -> str:
     return sse_event("progress", data)
 
 
-def draw_stream(pipe, request: ImageRequest, emit: Callable[[str | None], None]) -> None:
+def draw_stream(
+    pipe, request: ImageRequest, emit: Callable[[str | None], None], loras: Mapping[str, Path] | None = None
+) -> None:
     """Draw a streamed request alone, emitting its server-sent events: a `progress` event after each step (with
     previews through the export's tiny decoder, when it has one), then a `result` event with what the request
     would get as b64_json, or an `error` event with the error's JSON; then None, the end."""
     try:
-        result = draw_batch(pipe, [request], len(request.seeds), lambda preview: emit(progress_event(preview)))[0]
+        result = draw_batch(pipe, [request], len(request.seeds), lambda p: emit(progress_event(p)), loras)[0]
         if result.error:
             emit(sse_event("error", error_body(result.error, 400 if result.user_error else 500)))
         else:

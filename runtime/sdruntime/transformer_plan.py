@@ -191,6 +191,7 @@ def _refuse_unet_fields(request: GenerationRequest, family: str) -> None:
         or request.guess_mode
         or request.control_guidance_start != 0.0
         or request.control_guidance_end != 1.0,
+        "LoRAs (loras)": bool(request.loras),
     }
     other_family = {
         "sd3": {"true_cfg_scale": request.true_cfg_scale is not None},
