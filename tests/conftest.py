@@ -106,6 +106,19 @@ def tiny_pipe():
 
 
 @pytest.fixture(scope="session")
+def runtime_loras(tiny_pipe, tmp_path_factory) -> dict:
+    """Two LoRAs on tiny-sd's U-Net and text encoder, each written in diffusers and kohya-ss format
+    (tests/exporter/test_lora.py make_lora): "a" rank 4, alpha 2; "b" rank 2, alpha 2."""
+    from tests.exporter.test_lora import make_lora
+
+    root = tmp_path_factory.mktemp("runtime-loras")
+    return {
+        "a": make_lora(tiny_pipe, root / "a", seed=1, rank=4, alpha=2),
+        "b": make_lora(tiny_pipe, root / "b", seed=2, rank=2, alpha=2),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny32(tmp_path_factory) -> Path:
     return _quiet_convert("tiny-sd", tmp_path_factory.mktemp("exports") / "tiny32")
 

@@ -27,6 +27,11 @@ SCRIPT = textwrap.dedent(
         result = pipe("a red circle on a blue background", num_inference_steps=3, seed=0, scheduler=name)
         result.save(f"{sys.argv[2]}/{name}.png")
     pipe("a red circle", image=f"{sys.argv[2]}/pndm.png", strength=0.5, num_inference_steps=4, seed=1)
+    # LoRAs at run time (adapters.py): two files, diffusers and kohya format, read and applied without torch
+    base = pipe("a red circle", num_inference_steps=2, seed=0)
+    lora = pipe("a red circle", num_inference_steps=2, seed=0, loras=[(sys.argv[3], 0.8), sys.argv[4]])
+    assert abs(base.latents - lora.latents).max() > 1e-2, "the LoRAs changed nothing"
+    assert pipe.adapters.sessions_created == 2
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"))
     assert not loaded, loaded
     print("drew", len(SCHEDULERS), "images")
@@ -64,7 +69,7 @@ def runtime_venv(tmp_path_factory) -> Path:
     return venv
 
 
-def test_runtime_venv_has_no_torch_and_draws_with_every_scheduler(runtime_venv, tiny32, tmp_path):
+def test_runtime_venv_has_no_torch_and_draws_with_every_scheduler(runtime_venv, tiny32, runtime_loras, tmp_path):
     python = runtime_venv / "bin" / "python"
     listed = subprocess.run(
         [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
@@ -74,13 +79,16 @@ def test_runtime_venv_has_no_torch_and_draws_with_every_scheduler(runtime_venv, 
     for heavy in ("torch", "diffusers", "transformers"):
         probe = subprocess.run([str(python), "-c", f"import {heavy}"], capture_output=True, text=True)
         assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr
-    run = subprocess.run([str(python), "-c", SCRIPT, str(tiny32), str(tmp_path)], capture_output=True, text=True)
+    loras = [str(runtime_loras["a"]["diffusers"]), str(runtime_loras["b"]["kohya"])]
+    run = subprocess.run(
+        [str(python), "-c", SCRIPT, str(tiny32), str(tmp_path), *loras], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "drew 8 images" in run.stdout
     assert len(list(tmp_path.glob("*.png"))) == 8
 
 
-def test_sdruntime_cli_in_runtime_venv(runtime_venv, tiny32, tmp_path):
+def test_sdruntime_cli_in_runtime_venv(runtime_venv, tiny32, runtime_loras, tmp_path):
     out = tmp_path / "cli.png"
     run = subprocess.run(
         [
@@ -92,6 +100,8 @@ def test_sdruntime_cli_in_runtime_venv(runtime_venv, tiny32, tmp_path):
             "2",
             "--seed",
             "3",
+            "--lora",
+            f"{runtime_loras['a']['kohya']}:0.5",
             "-o",
             str(out),
         ],
