@@ -43,8 +43,8 @@ def quiet_convert(out, **kw):
 
 
 @pytest.fixture(scope="module")
-def cuda16(tmp_path_factory):
-    return quiet_convert(tmp_path_factory.mktemp("cuda") / "export", target="cuda", dtype="fp16")
+def cuda16(tiny_cuda16):
+    return tiny_cuda16  # the session's tiny-sd cuda fp16 export (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,8 @@ def test_inspect_prints_fusion_statistics(capsys, cuda16):
 
 
 @pytest.fixture(scope="module")
-def cpu32(tmp_path_factory):
-    return quiet_convert(tmp_path_factory.mktemp("cpu") / "export", target="cpu")
+def cpu32(tiny_cpu32):
+    return tiny_cpu32  # the session's tiny-sd cpu fp32 export (tests/conftest.py)
 
 
 def test_cpu_graphs_carry_the_nchwc_layout_and_its_probe(tiny_pipe, cpu32):
