@@ -575,6 +575,7 @@ class StableDiffusionPipeline:
         preview_callback: PreviewCallback | None = None,
         preview_every: int = 1,
         loras: Sequence[object] | None = None,
+        embeddings: Sequence[object] | None = None,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
@@ -607,6 +608,11 @@ class StableDiffusionPipeline:
         `loras` ([(FILE, SCALE), ...] or "FILE[:SCALE]" strings) apply LoRAs in diffusers or kohya-ss format to the
         U-Net and text encoders for this call, as diffusers' `load_lora_weights` + `fuse_lora(lora_scale=SCALE)`
         would, without re-exporting (adapters.py); the sessions of the last few sets stay cached.
+
+        `embeddings` (["TOKEN=FILE", "FILE", (TOKEN, FILE), ...]) load textual-inversion embeddings for this call as
+        diffusers' `load_textual_inversion` does, one after another (A1111 .pt/.safetensors, diffusers'
+        learned_embeds, SDXL's clip_l/clip_g files): the prompts' TOKEN (TOKEN TOKEN_1 ... for several vectors)
+        reads the file's vectors; TOKEN defaults to the file's own (textual_inversion.py). They are cached as LoRAs are.
         """
         # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
         arguments = {k: v for k, v in locals().items() if k not in NOT_REQUEST_ARGUMENTS}

@@ -29,6 +29,7 @@ from .manifest import Manifest, PipelineFacts, latent_shape
 from .noise import TorchGenerator, make_generator
 from .request import GenerationError, GenerationRequest
 from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, img2img_begin_index, make_scheduler
+from .textual_inversion import Embeddings
 
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINT = "text-to-image", "image-to-image", "inpaint"
 SEED_LIMIT = 2**32  # torch's CPU generator takes seeds below 2**32 (noise.py)
@@ -262,6 +263,7 @@ class Plan:
             "Decoder": "tiny" if self.decoder == TINY_DECODER else None,
             **_control_fields(self.control),
             "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in self.adapters.loras) or None,
+            "TI hashes": ", ".join(s.hashes() for s in self.adapters.sources if isinstance(s, Embeddings)) or None,
         }
         negatives = self.negative_prompts or [""] * len(self.prompts)
         texts = []
@@ -353,7 +355,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
         unet_takes_mask=mode == INPAINT and export.unet_takes_mask,
         control=control,
         decoder=decoder_component(request.decoder, export.pipeline),
-        adapters=AdapterSet.of(request.loras),
+        adapters=AdapterSet.of(request.loras, Embeddings.sources(request.embeddings)),
     )
 
 

@@ -64,5 +64,7 @@ class GenerationRequest:
     true_cfg_scale: float | None = None
     # LoRAs applied at run time (adapters.py), U-Net families only: each "FILE[:SCALE]", a path, or (FILE, SCALE)
     loras: Sequence[object] | None = None
+    # textual-inversion embeddings (textual_inversion.py), U-Net families only: "[TOKEN=]FILE", a path or (TOKEN, FILE)
+    embeddings: Sequence[object] | None = None
     # "full": the VAE's decoder; "tiny": the tiny decoder `sdexport convert --tiny-vae` exports (decoders.py)
     decoder: str = "full"

@@ -287,6 +287,12 @@ class Embeddings:
         specs = tuple(EmbeddingSpec.parse(e) for e in embeddings)
         return cls(specs) if specs else None
 
+    @classmethod
+    def sources(cls, embeddings: object) -> tuple[Embeddings, ...]:
+        """An adapter set's sources for a request's `embeddings`: this one, or none."""
+        found = cls.of(embeddings)
+        return (found,) if found is not None else ()
+
     @property
     def key(self) -> tuple:
         return ("embeddings", tuple(spec.identity() for spec in self.specs))

@@ -234,10 +234,19 @@ def test_table_places_each_vector_at_its_token_id(tmp_path, tokenizers):
     np.testing.assert_array_equal(table[ids], v.numpy().astype(np.float16))
 
 
-def reference_sd(tiny_pipe, files):
-    """diffusers' StableDiffusionPipeline on copies of tiny-sd's modules, with each (file, token) loaded by
-    load_textual_inversion in order."""
-    parts = {**tiny_pipe.components}
+# -- pictures against diffusers' load_textual_inversion ---------------------------------------------------------
+
+PROMPT = "a photo of <Cat-Toy> on a table, sks style"
+NEGATIVE = "blurry <Cat-Toy>"  # diffusers converts negative prompts too
+SD_DRAW = {"num_inference_steps": 3, "height": 32, "width": 32}
+
+
+def reference_sd(tiny_pipe, export, files):
+    """diffusers' StableDiffusionPipeline on copies of tiny-sd's modules (load_textual_inversion changes them),
+    each (file, token) loaded by load_textual_inversion in order, the runtime's euler scheduler."""
+    from .test_pipeline import reference_scheduler
+
+    parts = {**tiny_pipe.components, "scheduler": reference_scheduler(export, "euler")}
     parts["text_encoder"] = copy.deepcopy(tiny_pipe.text_encoder)
     parts["tokenizer"] = copy.deepcopy(tiny_pipe.tokenizer)
     ref = diffusers.StableDiffusionPipeline(**parts)
@@ -245,3 +254,116 @@ def reference_sd(tiny_pipe, files):
     for path, token in files:
         ref.load_textual_inversion(str(path), token=token)
     return ref
+
+
+def draw_reference(ref, seed: int = 0, **kwargs):
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return ref(PROMPT, negative_prompt=NEGATIVE, generator=generator, **SD_DRAW, **kwargs).images[0]
+
+
+@pytest.fixture(scope="module")
+def sd_ours(tiny32):
+    from sdruntime import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.load(tiny32)
+
+
+def draw_ours(pipe, embeddings, seed: int = 0):
+    return pipe(
+        PROMPT, negative_prompt=NEGATIVE, seed=seed, scheduler="euler", embeddings=embeddings, **SD_DRAW
+    ).images[0]
+
+
+SD_FILES = {
+    # name: (writer, the file's token or None, the token the prompt writes)
+    "a1111-pt-multi": lambda p: (a1111_pt(p / "toy.pt", vectors(3), "<Cat-Toy>"), None),
+    "diffusers-bin-single": lambda p: (diffusers_bin(p / "learned_embeds.bin", "<Cat-Toy>", vectors(1)[0]), None),
+    "emb-params-safetensors": lambda p: (emb_params(p / "civitai.safetensors", vectors(2)), "<Cat-Toy>"),
+    "diffusers-safetensors-multi": lambda p: (
+        diffusers_safetensors(p / "l.safetensors", "<x>", vectors(4)),
+        "<Cat-Toy>",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(SD_FILES))
+def test_sd_picture_matches_diffusers(kind, tmp_path, tiny_pipe, tiny32, sd_ours):
+    from .test_pipeline import psnr
+
+    path, token = SD_FILES[kind](tmp_path)
+    sks = diffusers_safetensors(tmp_path / "sks.safetensors", "sks", vectors(1, seed=5))  # a second file, after
+    theirs = draw_reference(reference_sd(tiny_pipe, tiny32, [(path, token), (sks, None)]))
+    spec = f"{token}={path}" if token else str(path)
+    mine = draw_ours(sd_ours, [spec, str(sks)])
+    assert psnr(theirs, mine) >= 45.0
+    plain = draw_ours(sd_ours, None)  # the same prompt without the embeddings: another picture
+    assert psnr(plain, mine) < 45.0
+
+
+def one_row_off(table):
+    """A planted bug: the vectors placed one row past their ids (each token reads its predecessor's vector)."""
+
+    def placed(self, base):
+        rows = table(self, base)
+        rows = np.concatenate([rows, np.zeros_like(rows[:1])])
+        rows[self.first_id + 1 : self.first_id + len(self.tokens) + 1] = self.rows.astype(base.dtype)
+        rows[self.first_id] = 0
+        return rows
+
+    return placed
+
+
+def vectors_rolled(table):
+    """A planted bug: a multi-vector embedding's vectors in the wrong order (TOKEN reads TOKEN_2's, ...)."""
+
+    def placed(self, base):
+        rows = table(self, base)
+        rows[self.first_id : self.first_id + len(self.tokens)] = np.roll(self.rows, 1, axis=0).astype(base.dtype)
+        return rows
+
+    return placed
+
+
+@pytest.mark.parametrize("bug", [one_row_off, vectors_rolled])
+def test_sd_planted_placement_bug_is_caught(bug, tmp_path, tiny_pipe, tiny32, sd_ours, monkeypatch):
+    from sdruntime import textual_inversion
+
+    from .test_pipeline import psnr
+
+    path = a1111_pt(tmp_path / "toy.pt", vectors(3), "<Cat-Toy>")
+    draw = {"prompt": "<Cat-Toy>", "guidance_scale": 15.0, **SD_DRAW}  # the token alone: its vectors weigh most
+    ref = reference_sd(tiny_pipe, tiny32, [(path, None)])
+    theirs = ref(**draw, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert psnr(theirs, sd_ours(**draw, seed=0, scheduler="euler", embeddings=[str(path)]).images[0]) >= 45.0
+    monkeypatch.setattr(textual_inversion.AddedTokens, "table", bug(textual_inversion.AddedTokens.table))
+    again = tmp_path / "again.pt"  # another file (the cached set's sessions hold the right table)
+    again.write_bytes(path.read_bytes())
+    assert psnr(theirs, sd_ours(**draw, seed=0, scheduler="euler", embeddings=[str(again)]).images[0]) < 45.0
+
+
+def test_sdxl_two_encoder_file_matches_diffusers(tmp_path, sdxl_pipe, sdxl32):
+    from sdruntime import StableDiffusionPipeline
+
+    from .test_pipeline import psnr
+    from .test_sdxl_pipeline import reference_scheduler
+
+    clip_l, clip_g = vectors(2, seed=7), vectors(2, seed=8)
+    path = sdxl_file(tmp_path / "xl.safetensors", clip_l, clip_g)
+    parts = {**sdxl_pipe.components, "scheduler": reference_scheduler(sdxl32, "euler")}
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        parts[name] = copy.deepcopy(sdxl_pipe.components[name])
+    ref = diffusers.StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    state = safetensors_torch.load_file(str(path))  # as diffusers' docs load SDXL embeddings: once per encoder
+    ref.load_textual_inversion(state["clip_l"], token="<xl>", text_encoder=ref.text_encoder, tokenizer=ref.tokenizer)
+    ref.load_textual_inversion(
+        state["clip_g"], token="<xl>", text_encoder=ref.text_encoder_2, tokenizer=ref.tokenizer_2
+    )
+    prompt, draw = "a <xl> house", {"num_inference_steps": 3, "height": 32, "width": 32}
+    theirs = ref(prompt, negative_prompt="<xl>", generator=torch.Generator("cpu").manual_seed(2), **draw).images[0]
+    ours = StableDiffusionPipeline.load(sdxl32)
+    mine = ours(prompt, negative_prompt="<xl>", seed=2, scheduler="euler", embeddings=[f"<xl>={path}"], **draw)
+    assert psnr(theirs, mine.images[0]) >= 45.0
+    swapped = sdxl_file(tmp_path / "swapped.safetensors", clip_g, clip_l)  # each encoder given the other's vectors
+    wrong = ours(prompt, negative_prompt="<xl>", seed=2, scheduler="euler", embeddings=[f"<xl>={swapped}"], **draw)
+    assert psnr(theirs, wrong.images[0]) < 45.0
