@@ -579,10 +579,9 @@ class StableDiffusionPipeline:
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
-        three for an SDXL export). `guidance_scale` and
-        `strength` default to diffusers' values for the family (plan.family_defaults). The sizes, crops and
-        aesthetic scores are SDXL's micro-conditioning; sizes are (height, width), None meaning the
-        generated size.
+        three for an SDXL export). `guidance_scale` and `strength` default to diffusers' values for the family
+        (plan.family_defaults). The sizes, crops and aesthetic scores are SDXL's micro-conditioning; sizes are
+        (height, width), None meaning the generated size.
 
         `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
         the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be None.
@@ -607,17 +606,12 @@ class StableDiffusionPipeline:
 
         `loras` ([(FILE, SCALE), ...] or "FILE[:SCALE]" strings) apply LoRAs in diffusers or kohya-ss format to the
         U-Net and text encoders for this call, as diffusers' `load_lora_weights` + `fuse_lora(lora_scale=SCALE)`
-        would, without re-exporting (adapters.py); the sessions of the last few sets stay cached.
-
-        `embeddings` (["TOKEN=FILE", "FILE", (TOKEN, FILE), ...]) load textual-inversion embeddings for this call as
-        diffusers' `load_textual_inversion` does, one after another (A1111 .pt/.safetensors, diffusers'
-        learned_embeds, SDXL's clip_l/clip_g files): the prompts' TOKEN (TOKEN TOKEN_1 ... for several vectors)
-        reads the file's vectors; TOKEN defaults to the file's own (textual_inversion.py). They are cached as LoRAs are.
+        would, without re-exporting (adapters.py); `embeddings` (["[TOKEN=]FILE", ...]) add textual-inversion
+        tokens as `load_textual_inversion` does (textual_inversion.py); the last few sets' sessions stay cached.
         """
         # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
         arguments = {k: v for k, v in locals().items() if k not in NOT_REQUEST_ARGUMENTS}
         micro = {k: arguments.pop(k) for k in MICRO_CONDITIONING}
-        micro["crops_coords_top_left"] = tuple(micro["crops_coords_top_left"])
-        micro["negative_crops_coords_top_left"] = tuple(micro["negative_crops_coords_top_left"])
+        micro.update({k: tuple(micro[k]) for k in ("crops_coords_top_left", "negative_crops_coords_top_left")})
         request = GenerationRequest(**arguments, micro=MicroConditioning(**micro))
         return self.generate(request, callback, progress, preview_callback, preview_every)
