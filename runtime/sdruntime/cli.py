@@ -23,6 +23,7 @@ from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
 from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, TIMESTEP_SPACINGS
+from .textual_inversion import EmbeddingSpec
 from .transformer_plan import TRANSFORMER_DEFAULTS
 
 SDXL_DEFAULTS = FAMILY_DEFAULTS["sdxl"]
@@ -381,6 +382,15 @@ def cli() -> None:
     help="Apply a LoRA (.safetensors, diffusers or kohya-ss format) to the U-Net and text encoders at SCALE "
     "(default 1.0), without re-exporting; repeatable.",
 )
+@click.option(
+    "--embedding",
+    "embeddings",
+    multiple=True,
+    metavar="[TOKEN=]FILE",
+    help="Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds, SDXL clip_l/clip_g) "
+    "as diffusers' load_textual_inversion does: TOKEN in the prompt (default: the file's own) reads its vectors; "
+    "repeatable.",
+)
 @with_transformer_options
 @click.option(
     "-o",
@@ -409,6 +419,7 @@ def generate(
     control_start,
     control_end,
     loras,
+    embeddings,
     **kwargs,
 ):
     """Draw PROMPT with the export in FOLDER."""
@@ -431,6 +442,7 @@ def generate(
         mask_image=image_input(mask_image, "mask image"),
         **control_request(controls, guess_mode, control_start, control_end),
         loras=lora_specs(loras),
+        embeddings=[EmbeddingSpec.existing(text) for text in embeddings] or None,
         **kwargs,
     )
     pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)

@@ -61,6 +61,14 @@ class EmbeddingSpec:
             return cls(Path(value))
         return cls(Path(path), token)
 
+    @classmethod
+    def existing(cls, value: str | Path | tuple | EmbeddingSpec) -> EmbeddingSpec:
+        """parse, refusing in one line a file that is not there (the CLI checks before any model loads)."""
+        spec = cls.parse(value)
+        if not spec.path.is_file():
+            raise EmbeddingError(f"embedding {spec.path} not found: check the path (--embedding [TOKEN=]FILE)")
+        return spec
+
     def identity(self) -> tuple:
         """What caches of drawn-with sessions key on: the token, the file and its size and change time."""
         try:
@@ -298,8 +306,8 @@ class Embeddings:
         return ("embeddings", tuple(spec.identity() for spec in self.specs))
 
     def hashes(self) -> str:
-        """A1111's "TI hashes" text: each embedding's token (or, when the file gives it, the file's name) and the
-        first 10 hex digits of the file's sha256."""
+        """A1111's "TI hashes" text: each embedding's token when given, else its file's name (A1111 names an
+        embedding by its file), and the first 10 hex digits of the file's sha256."""
         return ", ".join(
             f"{spec.token or spec.path.stem}: {file_hash(*spec.identity()[1:])[:10]}" for spec in self.specs
         )

@@ -5,6 +5,7 @@ tokenizer's after diffusers adds the tokens, and the pictures equal diffusers' (
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -367,3 +368,31 @@ def test_sdxl_two_encoder_file_matches_diffusers(tmp_path, sdxl_pipe, sdxl32):
     swapped = sdxl_file(tmp_path / "swapped.safetensors", clip_g, clip_l)  # each encoder given the other's vectors
     wrong = ours(prompt, negative_prompt="<xl>", seed=2, scheduler="euler", embeddings=[f"<xl>={swapped}"], **draw)
     assert psnr(theirs, wrong.images[0]) < 45.0
+
+
+# -- CLI and server -----------------------------------------------------------------------------------------------
+
+
+def test_cli_embedding_flag_draws_the_python_apis_picture(tmp_path, tiny32, sd_ours, capsys):
+    from PIL import Image
+    from sdruntime.cli import main as sdruntime_main
+
+    toy = a1111_pt(tmp_path / "toy.pt", vectors(3), "<Cat-Toy>")
+    sks = emb_params(tmp_path / "sks.safetensors", vectors(1, seed=5))
+    out = tmp_path / "x.png"
+    args = ["generate", str(tiny32), PROMPT, "--negative-prompt", NEGATIVE, "--steps", "3", "--seed", "4"]
+    args += ["--height", "32", "--width", "32", "--scheduler", "euler", "-o", str(out)]
+    assert sdruntime_main([*args, "--embedding", str(toy), "--embedding", f"sks={sks}"]) == 0
+    expected = sd_ours(
+        PROMPT, negative_prompt=NEGATIVE, seed=4, scheduler="euler", embeddings=[toy, ("sks", sks)], **SD_DRAW
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected.images[0]))
+    digests = [hashlib.sha256(path.read_bytes()).hexdigest()[:10] for path in (toy, sks)]
+    assert (
+        f'TI hashes: "toy: {digests[0]}, sks: {digests[1]}"' in expected.parameters[0]
+    )  # A1111's names: file or token
+    capsys.readouterr()
+    for bad, says in [(str(tmp_path / "none.pt"), "not found: check the path"), (str(sks), "names no token")]:
+        assert sdruntime_main([*args, "--embedding", bad]) == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("sdruntime: error: embedding ") and says in line, line
