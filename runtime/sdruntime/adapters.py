@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -194,11 +195,12 @@ def _add_layers(
     names = list(dict.fromkeys(weights[f"{module}.weight"]["initializer"] for _, module, _ in layers))
     currents = target.initializers(component, names, changes)
     work: dict[str, np.ndarray] = {}
+    scratch = np.empty(max(math.prod(layer.shape) for _, _, layer in layers), np.float32)  # one buffer for every delta
     for spec, module, layer in layers:
         recipe = weights[f"{module}.weight"]
         name = recipe["initializer"]
         value = work[name] if name in work else np.asarray(currents[name], dtype=np.float32)
-        delta = layer.delta(spec.scale)
+        delta = layer.delta(spec.scale, scratch, transposed=recipe.get("steps") == [["transpose", [1, 0]]])
         try:  # a float32 copy with the delta added to the weight's block (packed QKV: several blocks, one array)
             work[name] = add_to_initializer(value, recipe, delta)
         except ValueError as e:

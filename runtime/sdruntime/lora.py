@@ -124,13 +124,25 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, scale: float) -> np.ndarray:
-        """scale * alpha / rank * up @ down, float32, in the adapted weight's PyTorch shape [out, in(, kh, kw)]."""
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The adapted weight's PyTorch shape, [out, in(, kh, kw)]."""
+        return (int(self.up.shape[0]), *self.down.shape[1:])
+
+    def delta(self, scale: float, out: np.ndarray | None = None, transposed: bool = False) -> np.ndarray:
+        """(up @ down) * scale * alpha / rank, float32, in the weight's shape (peft's get_delta_weight order).
+        `out`, a flat float32 buffer at least that large, holds it instead of a new array: an SD 1.5 LoRA's deltas
+        are about 1 GB, and fresh memory costs a page fault per 4 KiB. `transposed` (a Linear layer's) lays it
+        out in memory as its transpose, [in, out], as MatMul's weights are: adding it there then reads it in order."""
         rank = self.rank
-        factor = scale * self.alpha / (math.sqrt(rank) if self.rslora else rank)
+        factor = np.float32(scale * self.alpha / (math.sqrt(rank) if self.rslora else rank))
         down = self.down.astype(np.float32).reshape(rank, -1)
         up = self.up.astype(np.float32).reshape(self.up.shape[0], rank)
-        return (up @ down * np.float32(factor)).reshape(self.up.shape[0], *self.down.shape[1:])
+        rows, columns = (down.shape[1], up.shape[0]) if transposed else (up.shape[0], down.shape[1])
+        result = None if out is None else out[: rows * columns].reshape(rows, columns)
+        result = np.matmul(down.T, up.T, out=result) if transposed else np.matmul(up, down, out=result)
+        np.multiply(result, factor, out=result)
+        return result.T if transposed else result.reshape(self.shape)
 
 
 @dataclass
