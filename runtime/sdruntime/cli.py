@@ -517,6 +517,13 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
     help="Requests may name the .safetensors LoRAs in FOLDER in their `loras` field (nothing else is readable "
     "through it); without it, the field is refused.",
 )
+@click.option(
+    "--embedding-dir",
+    default=None,
+    metavar="FOLDER",
+    help="Requests may name the textual-inversion embeddings (.pt, .bin, .safetensors) in FOLDER in their `embeddings` "
+    "field (nothing else is readable through it); without it, the field is refused.",
+)
 def serve_command(
     folder,
     replicas,
@@ -531,6 +538,7 @@ def serve_command(
     no_verify,
     max_memory,
     lora_dir,
+    embedding_dir,
 ):
     """Serve FOLDER over HTTP on Ray Serve: POST /v1/images/generations, GET /v1/models, GET /health."""
     try:
@@ -555,6 +563,7 @@ def serve_command(
         timeout_s=timeout,
         max_memory=max_memory,
         lora_dir=lora_dir,
+        embedding_dir=embedding_dir,
         echo=lambda line: click.echo(line, err=True),
     )
 

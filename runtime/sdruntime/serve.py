@@ -46,6 +46,7 @@ from .serving import (
     ModelFacts,
     draw_batch,
     draw_stream,
+    embedding_files,
     error_body,
     images_body,
     lora_files,
@@ -74,6 +75,7 @@ class ImageGenerator:
         max_batch: int,
         max_memory: int | None,
         lora_dir: str | None = None,
+        embedding_dir: str | None = None,
     ):
         from .pipeline import StableDiffusionPipeline
         from .session import SessionSettings
@@ -93,12 +95,13 @@ class ImageGenerator:
             self.pipe.loaded_resident = resident_memory()
         self.max_batch = max_batch
         self.loras = None if lora_dir is None else lora_files(lora_dir)  # the LoRAs requests may name
+        self.embeddings = None if embedding_dir is None else embedding_files(embedding_dir)  # and embeddings
         self.drawing = asyncio.Lock()  # one drawing at a time: a batch, or a streamed request (drawn alone)
         self.draw.set_max_batch_size(max_batch)
         self.draw.set_batch_wait_timeout_s(BATCH_WAIT_S)
 
     def facts(self) -> ModelFacts:
-        return model_facts(self.pipe, self.loras)
+        return model_facts(self.pipe, self.loras, self.embeddings)
 
     async def __call__(self, request: ImageRequest) -> DrawResult:
         return await self.draw(request)
@@ -108,7 +111,9 @@ class ImageGenerator:
         # a thread, so the replica keeps taking requests into the next batch and answering health checks
         # while ONNX Runtime (which lets go of the GIL) runs this one
         async with self.drawing:
-            return await asyncio.to_thread(draw_batch, self.pipe, requests, self.max_batch, None, self.loras)
+            return await asyncio.to_thread(
+                draw_batch, self.pipe, requests, self.max_batch, None, self.loras, self.embeddings
+            )
 
     async def stream(self, request: ImageRequest):
         """A streamed request's server-sent events (serving.draw_stream), as its drawing thread emits them."""
@@ -119,7 +124,9 @@ class ImageGenerator:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         async with self.drawing:
-            drawing = asyncio.ensure_future(asyncio.to_thread(draw_stream, self.pipe, request, emit, self.loras))
+            drawing = asyncio.ensure_future(
+                asyncio.to_thread(draw_stream, self.pipe, request, emit, self.loras, self.embeddings)
+            )
             while (event := await events.get()) is not None:
                 yield event
             await drawing
@@ -269,6 +276,7 @@ def build_app(
     replica_cpus: float,
     max_memory: int | None = None,
     lora_dir: str | None = None,
+    embedding_dir: str | None = None,
 ):
     """The application: the generator's replicas behind the ingress.
 
@@ -276,6 +284,7 @@ def build_app(
     requests wait in the ingress's queue, and the next one gets 503 at once instead of waiting forever.
     `max_memory` is each replica's memory budget (memory.py), reserved for it in Ray's scheduling too.
     `lora_dir` is the folder whose .safetensors LoRAs requests may name (serving.lora_files); None: no LoRAs.
+    `embedding_dir` likewise for textual-inversion embeddings (serving.embedding_files).
     """
     actor_options: dict = {"num_cpus": replica_cpus}
     if max_memory is not None:
@@ -285,7 +294,7 @@ def build_app(
         max_ongoing_requests=2 * max_batch,
         max_queued_requests=max_queue,
         ray_actor_options=actor_options,
-    ).bind(folder, provider, threads, verify, max_batch, max_memory, lora_dir)
+    ).bind(folder, provider, threads, verify, max_batch, max_memory, lora_dir, embedding_dir)
     # the ingress takes up to what the generators can hold plus their queue at once; no limit on what waits
     # for it: Serve's proxy would answer a request past that limit 503 itself, without Retry-After, while the
     # ingress forwards or refuses (503, Retry-After) each one at once
@@ -332,16 +341,21 @@ def serve_forever(
     timeout_s: float = 120.0,
     max_memory: int | None = None,
     lora_dir: str | None = None,
+    embedding_dir: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Serve until SIGINT or SIGTERM. With no `address`, on a Ray instance started here and stopped after;
     with one, on that cluster, removing the application when stopped (the cluster keeps running).
     `max_memory` (bytes) is each replica's memory budget (default: what the machine has free). `lora_dir`: the
-    folder of .safetensors LoRAs requests may name in `loras` (none: the field is refused)."""
+    folder of .safetensors LoRAs requests may name in `loras` (none: the field is refused); `embedding_dir` the
+    folder of textual-inversion embeddings requests may name in `embeddings`."""
     folder = check_export(folder, verify)
     if lora_dir is not None:
         lora_files(lora_dir)  # a missing folder fails here in one line, before Ray starts
         lora_dir = str(Path(lora_dir).resolve())
+    if embedding_dir is not None:
+        embedding_files(embedding_dir)  # a missing folder fails here in one line, before Ray starts
+        embedding_dir = str(Path(embedding_dir).resolve())
     local = not address
     if local:
         check_port(host, port)
@@ -376,6 +390,7 @@ def serve_forever(
             replica_cpus=threads or 1,
             max_memory=max_memory,
             lora_dir=lora_dir,
+            embedding_dir=embedding_dir,
         )
         serve.run(app, name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
         where = "a local Ray" if local else address

@@ -55,6 +55,7 @@ FIELDS = (
     "decoder",
     "stream",
     "loras",
+    "embeddings",
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
 TRANSFORMER_FIELDS = {
@@ -79,6 +80,9 @@ MAX_GUIDANCE = 50.0  # guidance and true_cfg_scale
 MAX_LORAS = 8  # LoRAs per request
 MAX_LORA_SCALE = 10.0  # either way; LoRAs are used at 0.3-1.5
 LORA_SUFFIX = ".safetensors"
+MAX_EMBEDDINGS = 16  # textual-inversion embeddings per request
+MAX_TOKEN_CHARS = 100  # an embedding's token
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")  # A1111's and diffusers' files
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class ModelFacts:
     image_inputs: bool = False  # the export has a VAE encoder: requests may send an image (and a mask)
     controlnets: tuple[str, ...] = ()  # the export's ControlNets, by name: requests may send control images
     loras: tuple[str, ...] | None = None  # the LoRAs in the server's --lora-dir, by name; None: no --lora-dir
+    embeddings: tuple[str, ...] | None = None  # the server's --embedding-dir files, by name; None: no --embedding-dir
     tiny_decoder: bool = False  # the export has a tiny decoder (--tiny-vae): `decoder: "tiny"`, streamed previews
 
     @property
@@ -138,6 +143,7 @@ class ModelFacts:
             "image_inputs": self.image_inputs,
             "controlnets": list(self.controlnets),
             "loras": None if self.loras is None else list(self.loras),
+            "embeddings": None if self.embeddings is None else list(self.embeddings),
             "decoders": [FULL, TINY] if self.tiny_decoder else [FULL],
         }
 
@@ -153,9 +159,27 @@ def lora_files(folder: str | Path) -> dict[str, Path]:
     }
 
 
-def model_facts(pipe, loras: Mapping[str, Path] | None = None) -> ModelFacts:
+def embedding_files(folder: str | Path) -> dict[str, Path]:
+    """The textual-inversion embeddings a server offers: the .pt, .bin and .safetensors files in `folder` (not its
+    subfolders), by name (the file name without its suffix). Requests name one of these; no other file can be read."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--embedding-dir {folder} is not a folder: name the folder that holds the embeddings")
+    files: dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        if path.suffix in EMBEDDING_SUFFIXES and path.is_file():
+            if path.stem in files:
+                raise UserError(f"--embedding-dir {folder} holds {files[path.stem].name} and {path.name}: keep one")
+            files[path.stem] = path
+    return files
+
+
+def model_facts(
+    pipe, loras: Mapping[str, Path] | None = None, embeddings: Mapping[str, Path] | None = None
+) -> ModelFacts:
     """A loaded StableDiffusionPipeline's (or TransformerPipeline's) facts; the defaults are the plans' own.
-    `loras`: the server's LoRAs by name (lora_files), None when it takes none."""
+    `loras`: the server's LoRAs by name (lora_files), None when it takes none; `embeddings` likewise
+    (embedding_files)."""
     manifest = pipe.manifest
     family = manifest.pipeline.family
     defaults = TRANSFORMER_DEFAULTS[family] if family in TRANSFORMER_FAMILIES else family_defaults(family)
@@ -183,6 +207,7 @@ def model_facts(pipe, loras: Mapping[str, Path] | None = None) -> ModelFacts:
         image_inputs=manifest.has("vae_encoder"),
         controlnets=tuple(pipe.export.controlnets),
         loras=None if loras is None else tuple(loras),
+        embeddings=None if embeddings is None else tuple(embeddings),
         tiny_decoder=has_tiny_decoder(manifest.pipeline),
     )
 
@@ -265,6 +290,7 @@ class ImageRequest:
     true_cfg_scale: float | None = None
     sigmas: tuple[float, ...] | None = None  # a custom schedule: `steps` is its length
     loras: tuple[tuple[str, float], ...] = ()  # (name in the server's --lora-dir, scale): one set per U-Net batch
+    embeddings: tuple[tuple[str | None, str], ...] = ()  # (token or None, name in --embedding-dir): likewise
     decoder: str = FULL  # "tiny": the export's tiny decoder (decoders.py)
     stream: bool = False  # answered as server-sent events, a progress event per step (draw_stream); drawn alone
 
@@ -291,6 +317,7 @@ class ImageRequest:
             self.negative_prompt is None,
             *(getattr(self, name) for name in TRANSFORMER_FIELDS),
             self.loras,
+            self.embeddings,
             self.decoder,
         )
 
@@ -402,6 +429,7 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         decoder=_decoder(body, facts),
         stream=stream,
         loras=parse_loras(body, facts),
+        embeddings=parse_embeddings(body, facts),
     )
 
 
@@ -480,6 +508,48 @@ def _lora_entry(entry: object, where: str, offered: Sequence[str]) -> tuple[str,
         listed = ", ".join(offered[:20]) or "none"
         raise InvalidArgument(f"unknown LoRA {name!r} in '{where}': this server offers {listed}")
     return name, scale
+
+
+def parse_embeddings(body: Mapping, facts: ModelFacts) -> tuple[tuple[str | None, str], ...]:
+    """`embeddings`: a list of "[TOKEN=]NAME" strings or {"name": NAME, "token": TOKEN} objects, each NAME an
+    embedding of the server's --embedding-dir (as `generate --embedding [TOKEN=]FILE` takes a file), TOKEN what the
+    prompts write (default: the file's own); refused when the server has no such folder."""
+    entries = body.get("embeddings")
+    if entries is None:
+        return ()
+    if facts.flow_matching:
+        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports take no 'embeddings': leave them out")
+    if facts.embeddings is None:
+        raise InvalidArgument(
+            "this server takes no embeddings: leave out 'embeddings', or start it with --embedding-dir FOLDER"
+        )
+    if not isinstance(entries, list) or len(entries) > MAX_EMBEDDINGS:
+        raise InvalidArgument(
+            f"'embeddings' must be a list of up to {MAX_EMBEDDINGS} entries such as \"<cat-toy>=cat_toy\" or "
+            '{"name": "cat_toy", "token": "<cat-toy>"}'
+        )
+    return tuple(_embedding_entry(entry, f"embeddings[{i}]", facts.embeddings) for i, entry in enumerate(entries))
+
+
+def _embedding_entry(entry: object, where: str, offered: Sequence[str]) -> tuple[str | None, str]:
+    if isinstance(entry, str):
+        token, sep, name = entry.partition("=")
+        token, name = (token, name) if sep else (None, entry)
+    elif isinstance(entry, Mapping) and not set(entry) - {"name", "token"}:
+        token, name = entry.get("token"), entry.get("name")
+    else:
+        raise InvalidArgument(f"'{where}' must be \"[TOKEN=]NAME\" or an object with 'name' and 'token', got {entry!r}")
+    if token is not None and (not isinstance(token, str) or not token.strip() or len(token) > MAX_TOKEN_CHARS):
+        raise InvalidArgument(f"'{where}' token must be a non-empty string of up to {MAX_TOKEN_CHARS} characters")
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
+        raise InvalidArgument(
+            f"'{where}' names {name!r}: an embedding is named by its file name in the server's folder, without a path"
+        )
+    name = next((name[: -len(s)] for s in EMBEDDING_SUFFIXES if name.endswith(s)), name)
+    if name not in offered:
+        listed = ", ".join(offered[:20]) or "none"
+        raise InvalidArgument(f"unknown embedding {name!r} in '{where}': this server offers {listed}")
+    return token, name
 
 
 def _scale(body: Mapping, name: str) -> float | None:
@@ -618,14 +688,21 @@ def png_bytes(image: Image.Image, parameters: str) -> bytes:
 
 
 def batch_request(
-    requests: Sequence[ImageRequest], images: Sequence[tuple[int, int]], loras: Mapping[str, Path] | None = None
+    requests: Sequence[ImageRequest],
+    images: Sequence[tuple[int, int]],
+    loras: Mapping[str, Path] | None = None,
+    embeddings: Mapping[str, Path] | None = None,
 ) -> GenerationRequest:
     """The runtime request that draws `images` ((request index, seed) pairs of requests with one batch key);
-    `loras` maps the LoRA names requests give to the server's files (lora_files)."""
+    `loras` and `embeddings` map the names requests give to the server's files (lora_files, embedding_files)."""
     first = requests[images[0][0]]
     for name, _ in first.loras:
         if name not in (loras or {}):
             raise InvalidArgument(f"unknown LoRA {name!r}: this replica offers {', '.join(loras or {}) or 'none'}")
+    for _, name in first.embeddings:
+        if name not in (embeddings or {}):
+            offered = ", ".join(embeddings or {}) or "none"
+            raise InvalidArgument(f"unknown embedding {name!r}: this replica offers {offered}")
     negatives = None if first.negative_prompt is None else [requests[i].negative_prompt for i, _ in images]
     return GenerationRequest(
         prompt=[requests[i].prompt for i, _ in images],
@@ -654,6 +731,7 @@ def batch_request(
         true_cfg_scale=first.true_cfg_scale,
         sigmas=None if first.sigmas is None else list(first.sigmas),
         loras=[(loras[name], scale) for name, scale in first.loras] or None,
+        embeddings=[(token, embeddings[name]) for token, name in first.embeddings] or None,
         decoder=first.decoder,
     )
 
@@ -664,6 +742,7 @@ def draw_batch(
     max_images: int,
     preview_callback: Callable[[StepPreview], None] | None = None,
     loras: Mapping[str, Path] | None = None,
+    embeddings: Mapping[str, Path] | None = None,
 ) -> list[DrawResult]:
     """Draw every request's images, one pipeline call per group of requests with the same batch key and at
     most `max_images` images, each image with its own prompt and seed; `preview_callback` gets each step's
@@ -681,7 +760,9 @@ def draw_batch(
         for start in range(0, len(items), max_images):
             chunk = items[start : start + max_images]
             try:
-                drawn = pipe.generate(batch_request(requests, chunk, loras), preview_callback=preview_callback)
+                drawn = pipe.generate(
+                    batch_request(requests, chunk, loras, embeddings), preview_callback=preview_callback
+                )
             except UserError as e:
                 for i, _ in chunk:
                     results[i].error, results[i].user_error = str(e), True
@@ -735,13 +816,17 @@ def progress_event(preview: StepPreview) -> str:
 
 
 def draw_stream(
-    pipe, request: ImageRequest, emit: Callable[[str | None], None], loras: Mapping[str, Path] | None = None
+    pipe,
+    request: ImageRequest,
+    emit: Callable[[str | None], None],
+    loras: Mapping[str, Path] | None = None,
+    embeddings: Mapping[str, Path] | None = None,
 ) -> None:
     """Draw a streamed request alone, emitting its server-sent events: a `progress` event after each step (with
     previews through the export's tiny decoder, when it has one), then a `result` event with what the request
     would get as b64_json, or an `error` event with the error's JSON; then None, the end."""
     try:
-        result = draw_batch(pipe, [request], len(request.seeds), lambda p: emit(progress_event(p)), loras)[0]
+        [result] = draw_batch(pipe, [request], len(request.seeds), lambda p: emit(progress_event(p)), loras, embeddings)
         if result.error:
             emit(sse_event("error", error_body(result.error, 400 if result.user_error else 500)))
         else:

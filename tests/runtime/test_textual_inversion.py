@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -396,3 +397,81 @@ def test_cli_embedding_flag_draws_the_python_apis_picture(tmp_path, tiny32, sd_o
         assert sdruntime_main([*args, "--embedding", bad]) == 2
         [line] = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("sdruntime: error: embedding ") and says in line, line
+
+
+@pytest.fixture(scope="module")
+def embedding_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("embedding-dir")
+    a1111_pt(folder / "cat_toy.pt", vectors(3), "<Cat-Toy>")
+    emb_params(folder / "sks.safetensors", vectors(1, seed=5))
+    (folder / "notes.txt").write_text("not an embedding")
+    return folder
+
+
+def test_server_embeddings_field_draws_generates_picture(sd_ours, embedding_dir):
+    from PIL import Image
+    from sdruntime.serving import draw_batch, embedding_files, model_facts, parse_request
+
+    offered = embedding_files(embedding_dir)
+    assert list(offered) == ["cat_toy", "sks"]
+    facts = model_facts(sd_ours, embeddings=offered)
+    assert facts.card()["embeddings"] == ["cat_toy", "sks"]
+    body = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": 3, "seed": 4, "size": "32x32", "scheduler": "euler"}
+    for field in (["cat_toy", "sks=sks"], ["cat_toy.pt", {"name": "sks", "token": "sks"}]):
+        request = parse_request({**body, "embeddings": field}, facts)
+        assert request.embeddings == ((None, "cat_toy"), ("sks", "sks"))
+    [result] = draw_batch(sd_ours, [request], 4, None, None, offered)
+    expected = sd_ours(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        seed=4,
+        scheduler="euler",
+        embeddings=[embedding_dir / "cat_toy.pt", ("sks", embedding_dir / "sks.safetensors")],
+        **SD_DRAW,
+    )
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(result.images[0].png))), np.asarray(expected.images[0]))
+    plain = parse_request(body, facts)
+    assert plain.batch_key != request.batch_key  # one set of embeddings per U-Net batch
+    [refused] = draw_batch(sd_ours, [parse_request({**body, "embeddings": ["sks"]}, facts)], 4, None, None, offered)
+    assert refused.user_error and "names no token" in refused.error  # the file's own check, answered 400
+
+
+@pytest.mark.parametrize(
+    ("field", "says"),
+    [
+        (["../cat_toy"], "without a path"),
+        (["<t>=/etc/passwd"], "without a path"),
+        ([{"name": "sub/sks"}], "without a path"),
+        (["nope"], "unknown embedding 'nope' in 'embeddings[0]': this server offers cat_toy, sks"),
+        (["notes"], "unknown embedding 'notes'"),
+        ([{"name": "sks", "token": ""}], "token must be a non-empty string"),
+        ("cat_toy", "must be a list"),
+    ],
+)
+def test_server_refuses_embeddings_outside_its_folder(sd_ours, embedding_dir, field, says):
+    from sdruntime.serving import embedding_files, model_facts, parse_request
+
+    facts = model_facts(sd_ours, embeddings=embedding_files(embedding_dir))
+    with pytest.raises(InvalidArgument) as caught:
+        parse_request({"prompt": PROMPT, "embeddings": field}, facts)
+    assert says in str(caught.value)
+
+
+def test_server_without_embedding_dir_refuses_the_field(sd_ours, tiny32, tmp_path, capsys):
+    from sdruntime.cli import main as sdruntime_main
+    from sdruntime.serving import model_facts, parse_request
+
+    with pytest.raises(InvalidArgument, match="this server takes no embeddings: .* --embedding-dir"):
+        parse_request({"prompt": PROMPT, "embeddings": ["sks"]}, model_facts(sd_ours))
+    assert sdruntime_main(["serve", str(tiny32), "--embedding-dir", str(tmp_path / "none")]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "is not a folder" in line
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_sd3_and_flux_refuse_embeddings(family):
+    from sdruntime.request import GenerationRequest
+    from sdruntime.transformer_plan import _refuse_unet_fields
+
+    with pytest.raises(InvalidArgument, match=f"this {family} export does not take .*embeddings"):
+        _refuse_unet_fields(GenerationRequest("a cat", embeddings=["x.pt"]), family)
