@@ -130,3 +130,47 @@ def test_tiny_decoders_and_tiny_vaes_draw_without_torch(runtime_venv, tiny_taesd
     draw = {"num_inference_steps": 4, "scheduler": "euler", "seed": 1, "strength": 0.5}
     replaced = StableDiffusionPipeline.load(tiny_vae_replaced32)("a red circle", image=tmp_path / "tiny.png", **draw)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "img2img.png")), np.asarray(replaced.images[0]))
+
+
+EMBEDDING_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from sdruntime import StableDiffusionPipeline
+    from sdruntime.textual_inversion import read_embedding
+    folder, pt, safetensors, out = sys.argv[1:5]
+    embedding = read_embedding(pt)  # torch.save's zip, read by torch_pickle's restricted unpickler
+    assert embedding.token == "<Cat-Toy>" and embedding.vectors[None].shape == (3, 32), embedding
+    assert read_embedding(safetensors).vectors[None].shape == (1, 32)
+    pipe = StableDiffusionPipeline.load(folder)
+    draw = dict(num_inference_steps=3, scheduler="euler", seed=4, height=32, width=32)
+    result = pipe("a <Cat-Toy> on a table, sks style", embeddings=[pt, f"sks={safetensors}"], **draw)
+    result.save(out)
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"))
+    assert not loaded, loaded
+    """
+)
+
+
+def test_textual_inversion_embeddings_read_and_draw_without_torch(runtime_venv, tiny32, tmp_path):
+    """A1111's .pt (a pickle, read without torch) and a .safetensors embedding in the runtime-only venv: the same
+    pixels as in this environment, whose pictures match diffusers' load_textual_inversion
+    (test_textual_inversion.py)."""
+    import numpy as np
+    from PIL import Image
+    from sdruntime import StableDiffusionPipeline
+
+    torch = pytest.importorskip("torch")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    generator = torch.Generator().manual_seed(0)
+    pt, safetensors = tmp_path / "cat_toy.pt", tmp_path / "sks.safetensors"
+    torch.save({"string_to_param": {"*": torch.randn(3, 32, generator=generator)}, "name": "<Cat-Toy>"}, pt)
+    safetensors_torch.save_file({"emb_params": torch.randn(1, 32, generator=generator)}, str(safetensors))
+    out = tmp_path / "embedded.png"
+    script = [str(runtime_venv / "bin" / "python"), "-c", EMBEDDING_SCRIPT]
+    run = subprocess.run([*script, str(tiny32), str(pt), str(safetensors), str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    draw = {"num_inference_steps": 3, "scheduler": "euler", "seed": 4, "height": 32, "width": 32}
+    here = StableDiffusionPipeline.load(tiny32)(
+        "a <Cat-Toy> on a table, sks style", embeddings=[pt, ("sks", safetensors)], **draw
+    )
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(here.images[0]))
