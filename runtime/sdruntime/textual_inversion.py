@@ -319,14 +319,20 @@ class Embeddings:
         widths = {name: width for name, width in encoder_widths(target.manifest).items() if name in tokenizers}
         resolved = resolve_embeddings(self.specs, tokenizers, widths)
         for encoder, added in resolved.added.items():
-            name = table_initializer(target.weights(encoder), encoder)
+            name = table_initializer(getattr(target.manifest.components[encoder], "weights", None), encoder)
             base = target.initializers(encoder, [name], changes)[name]
             changes.initializers.setdefault(encoder, {})[name] = added.table(base)
             changes.tokenizers[encoder] = added.tokenizer
 
 
-def table_initializer(weights: Mapping[str, Mapping], encoder: str) -> str:
-    """The initializer that holds an encoder's token table as it is ([vocabulary, width], no layout steps)."""
+def table_initializer(weights: Mapping[str, Mapping] | None, encoder: str) -> str:
+    """The initializer that holds an encoder's token table as it is ([vocabulary, width], no layout steps), from
+    the manifest's weight map."""
+    if not weights:
+        raise EmbeddingError(
+            f"this export records no weight map for its {encoder} (it predates run-time embeddings): "
+            "re-export it with `sdexport convert`"
+        )
     recipe = weights.get(TOKEN_EMBEDDING) or {}
     if not recipe.get("initializer") or any(recipe.get(k) for k in ("steps", "view", "at")):
         why = recipe.get("why") or ("it is laid out another way" if recipe else "the weight map does not list it")

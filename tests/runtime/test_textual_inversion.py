@@ -475,3 +475,28 @@ def test_sd3_and_flux_refuse_embeddings(family):
 
     with pytest.raises(InvalidArgument, match=f"this {family} export does not take .*embeddings"):
         _refuse_unet_fields(GenerationRequest("a cat", embeddings=["x.pt"]), family)
+
+
+@pytest.mark.parametrize(
+    ("weights", "says"),
+    [
+        (None, "records no weight map for its text_encoder (it predates run-time embeddings): re-export"),
+        ({"x.weight": {"initializer": "x"}}, "no token table to extend (the weight map does not list it)"),
+    ],
+)
+def test_an_export_without_the_token_table_in_its_weight_map_is_refused(tmp_path, tiny32, weights, says):
+    import json
+    import shutil
+
+    from sdruntime import StableDiffusionPipeline
+
+    folder = shutil.copytree(tiny32, tmp_path / "old")
+    manifest = json.loads((folder / "sdexport.json").read_text())
+    manifest["components"]["text_encoder"].pop("weights", None)
+    if weights is not None:
+        manifest["components"]["text_encoder"]["weights"] = weights
+    (folder / "sdexport.json").write_text(json.dumps(manifest))
+    path = a1111_pt(tmp_path / "toy.pt", vectors(1), "<t>")
+    with pytest.raises(InvalidArgument) as refused:
+        StableDiffusionPipeline.load(folder, verify=False)("a <t>", embeddings=[path], **SD_DRAW)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
