@@ -21,6 +21,7 @@ from .image import IMAGE_FORMATS, contact_sheet, open_image, save_image
 from .manifest import read_manifest
 from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
+from .prompt_syntax import SYNTAXES
 from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, TIMESTEP_SPACINGS
 from .textual_inversion import EmbeddingSpec
@@ -350,6 +351,14 @@ def cli() -> None:
 )
 @click.option(
     "--clip-skip", type=int, default=None, help="Use the text encoder's hidden state this many layers before the last."
+)
+@click.option(
+    "--prompt-syntax",
+    type=click.Choice(SYNTAXES),
+    default=None,
+    help="Read the prompt and negative prompt as weighted prompts of any length, with compel's math: compel's "
+    "syntax (a (red)1.3 cat++, .blend(), .and()) or A1111's ((red:1.3), [cat], BREAK).  [default: as diffusers, "
+    "truncated at 77 tokens]",
 )
 @click.option(
     "--control",

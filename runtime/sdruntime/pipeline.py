@@ -29,6 +29,8 @@ from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest, r
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
+from .prompt_syntax import parse_prompt
+from .prompt_weighting import TextEncoder, weighted_embeddings
 from .request import GenerationError, GenerationRequest
 from .result import GenerationResult, StepCallback
 from .schedulers import Scheduler, read_scheduler_config
@@ -47,6 +49,14 @@ def final_layer_norm(hidden: np.ndarray, norm) -> np.ndarray:
     mean = hidden.mean(axis=-1, keepdims=True)
     var = np.square(hidden - mean).mean(axis=-1, keepdims=True)
     return ((hidden - mean) / np.sqrt(var + norm["eps"]) * norm["weight"] + norm["bias"]).astype(np.float32)
+
+
+def per_image(rows: np.ndarray, guided: bool, num_images: int) -> np.ndarray:
+    """Rows [prompts...] or [negatives..., prompts...] (guided), each repeated num_images times in its half."""
+    if not guided:
+        return np.repeat(rows, num_images, axis=0)
+    uncond, cond = np.split(rows, 2)
+    return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
 
 
 class StableDiffusionPipeline:
@@ -180,13 +190,21 @@ class StableDiffusionPipeline:
     # -- the steps of a generation -----------------------------------------------------------
 
     def encode_prompt(
-        self, prompts: list[str], negative: list[str] | None, num_images: int, clip_skip: int | None = None
+        self,
+        prompts: list[str],
+        negative: list[str] | None,
+        num_images: int,
+        clip_skip: int | None = None,
+        prompt_syntax: str | None = None,
     ) -> np.ndarray:
         """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times.
 
         With clip_skip, the prompts' embeddings (not the negative prompts', as in diffusers) are the
-        final LayerNorm of the hidden state clip_skip layers before the last.
+        final LayerNorm of the hidden state clip_skip layers before the last. With prompt_syntax, the
+        prompts and negative prompts are weighted, long prompts (encode_weighted).
         """
+        if prompt_syntax:
+            return self.encode_weighted(prompts, negative, num_images, prompt_syntax, clip_skip)[0]
         ids = self.tokenizer(prompts if negative is None else negative + prompts)
         outputs = self.component("text_encoder")(input_ids=ids)
         embeddings = outputs["last_hidden_state"]
@@ -215,6 +233,7 @@ class StableDiffusionPipeline:
         num_images: int,
         clip_skip: int | None = None,
         zero_negative: bool = False,
+        prompt_syntax: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """SDXL's (embeddings, pooled embeddings), [uncond..., cond...] (or cond only), each prompt repeated
         num_images times, as StableDiffusionXLPipeline.encode_prompt builds them.
@@ -222,8 +241,11 @@ class StableDiffusionPipeline:
         The embeddings are each encoder's penultimate hidden state (clip_skip layers further back for the
         prompts, never for the negative prompts, as in diffusers), joined along the last axis; the pooled
         ones are the second encoder's projected `text_embeds`. `zero_negative` (no negative prompt with
-        force_zeros_for_empty_prompt) makes the unconditional half zeros instead of encoding "".
+        force_zeros_for_empty_prompt) makes the unconditional half zeros instead of encoding "". With
+        prompt_syntax, the prompts and negative prompts are weighted, long prompts (encode_weighted).
         """
+        if prompt_syntax:
+            return self.encode_weighted(prompts, negative, num_images, prompt_syntax, clip_skip, zero_negative)
         facts = self.manifest.pipeline
         texts = prompts if negative is None or zero_negative else negative + prompts
         n = len(prompts)
@@ -253,6 +275,56 @@ class StableDiffusionPipeline:
             return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
 
         return halves(embeddings), halves(pooled)
+
+    def encode_weighted(
+        self,
+        prompts: list[str],
+        negative: list[str] | None,
+        num_images: int,
+        syntax: str,
+        clip_skip: int | None = None,
+        zero_negative: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embeddings, SDXL's pooled embeddings or None) of prompts and negative prompts written in `syntax`
+        ("compel" or "a1111"), laid out as encode_prompt(_xl) lays them out, with compel's math
+        (prompt_weighting.py): all of them padded to the longest with the empty prompt's embedding."""
+        texts = prompts if negative is None or zero_negative else negative + prompts
+        parsed = [parse_prompt(text, syntax) for text in texts]
+        embeddings, pooled = weighted_embeddings(parsed, self.weighting_encoders(clip_skip))
+        fixed = self.component("unet").inputs["encoder_hidden_states"].shape[1]  # an int in static exports
+        if isinstance(fixed, int) and fixed != embeddings.shape[1]:
+            raise GenerationError(
+                f"this static export's U-Net reads {fixed} tokens and these prompts take {embeddings.shape[1]} "
+                "(past 75 tokens, .and() and BREAK take more): shorten them, or export without --static"
+            )
+        if negative is not None and zero_negative:
+            embeddings = np.concatenate([np.zeros_like(embeddings), embeddings])
+            pooled = np.concatenate([np.zeros_like(pooled), pooled])
+        guided = negative is not None
+        if pooled is not None:
+            pooled = per_image(pooled, guided, num_images)
+        return per_image(embeddings, guided, num_images), pooled
+
+    def weighting_encoders(self, clip_skip: int | None) -> list[TextEncoder]:
+        """The text encoders as prompt_weighting reads them: SD's last hidden state (with clip_skip, that many
+        layers further back for prompts and negative prompts alike, as compel and A1111 skip), SDXL's
+        penultimate ones, and SDXL's pooled embedding from the encoder that projects one."""
+
+        def run(name: str):
+            return lambda ids: self.component(name)(input_ids=ids)
+
+        if not self.xl:
+            encode = run("text_encoder")
+            if clip_skip:
+                return [TextEncoder(self.tokenizer, lambda ids: self.skipped_hidden_state(encode(ids), clip_skip))]
+            return [TextEncoder(self.tokenizer, lambda ids: encode(ids)["last_hidden_state"])]
+        facts, encoders = self.manifest.pipeline, []
+        for name in self.encoders:
+            count = int((facts.num_hidden_states_2 if name == "text_encoder_2" else facts.num_hidden_states) or 0)
+            encode, state = run(name), f"hidden_states.{count - 2}"
+            pool = (lambda ids, encode=encode: encode(ids)["text_embeds"]) if name == "text_encoder_2" else None
+            encoders.append(TextEncoder(self.tokenizers[name], lambda ids, e=encode, s=state: e(ids)[s], pool))
+        return encoders
 
     def denoise(
         self,
@@ -468,7 +540,12 @@ class StableDiffusionPipeline:
         fixed = plan.guidance.fixed_inputs(plan.batch)
         if self.xl:
             embeddings, fixed["text_embeds"] = self.encode_prompt_xl(
-                plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip, plan.zero_negative
+                plan.prompts,
+                plan.negative_prompts,
+                request.num_images,
+                request.clip_skip,
+                plan.zero_negative,
+                request.prompt_syntax,
             )
             fixed["time_ids"] = plan.guidance.time_ids(
                 request.micro,
@@ -478,7 +555,9 @@ class StableDiffusionPipeline:
                 aesthetic=bool(self.manifest.pipeline.requires_aesthetics_score),
             )
         elif request.prompt_embeds is None:
-            embeddings = self.encode_prompt(plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip)
+            embeddings = self.encode_prompt(
+                plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip, request.prompt_syntax
+            )
         else:  # given for the prompts; the negative prompts are still encoded, as in diffusers
             embeddings = np.repeat(np.asarray(request.prompt_embeds, np.float32), request.num_images, axis=0)
             if plan.negative_prompts is not None:
@@ -576,15 +655,15 @@ class StableDiffusionPipeline:
         preview_every: int = 1,
         loras: Sequence[object] | None = None,
         embeddings: Sequence[object] | None = None,
+        prompt_syntax: str | None = None,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
-        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the
-        three for an SDXL export). `guidance_scale` and `strength` default to diffusers' values for the family
-        (plan.family_defaults). The sizes, crops and aesthetic scores are SDXL's micro-conditioning; sizes are
-        (height, width), None meaning the generated size.
-
-        `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text encoder's output for
-        the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be None.
+        StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the three
+        for an SDXL export). `guidance_scale` and `strength` default to diffusers' values for the family
+        (plan.family_defaults). The sizes, crops and aesthetic scores are SDXL's micro-conditioning; sizes are (height,
+        width), None meaning the generated size. `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text
+        encoder's output for the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be
+        None. `prompt_syntax` ("compel", "a1111") reads weighted, long prompts (encode_weighted).
 
         The scheduler is built from the export's scheduler config as `Cls.from_config(config)` builds it;
         `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,

@@ -27,6 +27,7 @@ from .guidance import Guidance, choose_guidance
 from .image import init_image_hash, init_image_size, parameters_text
 from .manifest import Manifest, PipelineFacts, latent_shape
 from .noise import TorchGenerator, make_generator
+from .prompt_syntax import SYNTAXES, parse_prompt
 from .request import GenerationError, GenerationRequest
 from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, img2img_begin_index, make_scheduler
 from .textual_inversion import Embeddings
@@ -260,6 +261,7 @@ class Plan:
             "Scheduler options": _options_text(request.scheduler_options),
             "Latents": "given" if request.latents is not None and not self.image_to_image else None,
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
+            "Prompt syntax": request.prompt_syntax,
             "Decoder": "tiny" if self.decoder == TINY_DECODER else None,
             **_control_fields(self.control),
             "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in self.adapters.loras) or None,
@@ -315,6 +317,7 @@ def resolve_plan(request: GenerationRequest, export: ExportFacts) -> Plan:
     InvalidArgument) names the first thing to change."""
     prompts, negatives = _prompts(request)
     _check_request(request, export)
+    _check_prompt_syntax(request, [*prompts, *(negatives or [])], export)
     _check_finite(request)
     mode = _mode(request, export)
     defaults = family_defaults(export.pipeline.family).for_mode(mode)
@@ -401,6 +404,22 @@ def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
                 f"{name} applies to SD3 and Flux exports; this {export.pipeline.family} export does not take it: "
                 "leave it out"
             )
+
+
+def _check_prompt_syntax(request: GenerationRequest, texts: list[str], export: ExportFacts) -> None:
+    """prompt_syntax: a known one, prompts it reads (each parsed here, so that a mistake stops the request before
+    anything runs), and nothing it cannot go with."""
+    syntax = request.prompt_syntax
+    if syntax is None:
+        return
+    if syntax not in SYNTAXES:
+        raise GenerationError(f"unknown prompt_syntax '{syntax}': choose one of {', '.join(SYNTAXES)}")
+    if request.prompt_embeds is not None:
+        raise GenerationError("prompt_syntax reads the prompts and prompt_embeds replaces them: give one or the other")
+    if export.xl and request.clip_skip:
+        raise GenerationError("clip_skip with prompt_syntax is not supported on SDXL exports: leave one of them out")
+    for text in texts:
+        parse_prompt(text, syntax)
 
 
 def _mode(request: GenerationRequest, export: ExportFacts) -> str:

@@ -68,3 +68,6 @@ class GenerationRequest:
     embeddings: Sequence[object] | None = None
     # "full": the VAE's decoder; "tiny": the tiny decoder `sdexport convert --tiny-vae` exports (decoders.py)
     decoder: str = "full"
+    # "compel" or "a1111": prompts and negative prompts read as weighted, long prompts (prompt_syntax.py), U-Net families
+    # only; None: as diffusers reads them (truncated at 77 tokens, parentheses are text)
+    prompt_syntax: str | None = None

@@ -25,6 +25,7 @@ from .image import open_image, write_png
 from .manifest import TRANSFORMER_FAMILIES
 from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
+from .prompt_syntax import SYNTAXES, parse_prompt
 from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, scheduler_class
 from .transformer_plan import T5_LONGEST, TRANSFORMER_DEFAULTS
@@ -56,6 +57,7 @@ FIELDS = (
     "stream",
     "loras",
     "embeddings",
+    "prompt_syntax",
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
 TRANSFORMER_FIELDS = {
@@ -293,6 +295,7 @@ class ImageRequest:
     embeddings: tuple[tuple[str | None, str], ...] = ()  # (token or None, name in --embedding-dir): likewise
     decoder: str = FULL  # "tiny": the export's tiny decoder (decoders.py)
     stream: bool = False  # answered as server-sent events, a progress event per step (draw_stream); drawn alone
+    prompt_syntax: str | None = None  # "compel" or "a1111" (prompt_syntax.py); drawn alone
 
     @property
     def batch_key(self) -> tuple | None:
@@ -303,9 +306,11 @@ class ImageRequest:
         None for a request with an image: it runs alone. A pipeline call takes one image and mask, and even
         with the same ones diffusers encodes them with the batch's first generator, so a request sharing
         another's call would not draw what it draws alone with its seeds. A request with control images runs
-        alone too: a call takes one set of them; and a streamed one, whose progress events are its own.
+        alone too: a call takes one set of them; and a streamed one, whose progress events are its own; and one with
+        a prompt syntax, whose prompts' token count (past 75 tokens, .and(), BREAK) sets the embeddings' length, which
+        a batch pads to its longest prompt's.
         """
-        if self.image is not None or self.mask is not None or self.control or self.stream:
+        if self.image is not None or self.mask is not None or self.control or self.stream or self.prompt_syntax:
             return None
         return (
             self.width,
@@ -430,7 +435,24 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
         stream=stream,
         loras=parse_loras(body, facts),
         embeddings=parse_embeddings(body, facts),
+        prompt_syntax=_prompt_syntax(body, facts, (prompt, negative)),
     )
+
+
+def _prompt_syntax(body: Mapping, facts: ModelFacts, texts: Sequence[str | None]) -> str | None:
+    """`prompt_syntax`: "compel" or "a1111", as `generate --prompt-syntax`; the prompts are parsed here, so that a
+    mistake in one gets 400 before a replica draws."""
+    value = body.get("prompt_syntax")
+    if value is None:
+        return None
+    if value not in SYNTAXES:
+        raise InvalidArgument(f"unknown prompt_syntax {value!r}: choose {' or '.join(SYNTAXES)}")
+    if facts.flow_matching:
+        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports take no 'prompt_syntax': leave it out")
+    for text in texts:
+        if text is not None:
+            parse_prompt(text, value)
+    return value
 
 
 def _flag(body: Mapping, name: str) -> bool:
@@ -733,6 +755,7 @@ def batch_request(
         loras=[(loras[name], scale) for name, scale in first.loras] or None,
         embeddings=[(token, embeddings[name]) for token, name in first.embeddings] or None,
         decoder=first.decoder,
+        prompt_syntax=first.prompt_syntax,
     )
 
 

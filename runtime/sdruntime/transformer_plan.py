@@ -192,6 +192,7 @@ def _refuse_unet_fields(request: GenerationRequest, family: str) -> None:
         or request.control_guidance_start != 0.0
         or request.control_guidance_end != 1.0,
         "LoRAs (loras)": bool(request.loras),
+        "weighted prompts (prompt_syntax)": request.prompt_syntax is not None,
         "textual-inversion embeddings (embeddings)": bool(request.embeddings),
     }
     other_family = {
