@@ -174,3 +174,53 @@ def test_textual_inversion_embeddings_read_and_draw_without_torch(runtime_venv, 
         "a <Cat-Toy> on a table, sks style", embeddings=[pt, ("sks", safetensors)], **draw
     )
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(here.images[0]))
+
+
+PROMPT_SYNTAX_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from sdruntime import StableDiffusionPipeline
+    sd, xl = StableDiffusionPipeline.load(sys.argv[1]), StableDiffusionPipeline.load(sys.argv[2])
+    prompts, out = json.loads(sys.argv[3]), {}
+    for syntax, texts in prompts.items():
+        out[f"sd-{syntax}"] = sd.encode_prompt(texts, texts[::-1], 1, prompt_syntax=syntax)
+        out[f"xl-{syntax}"], out[f"xl-pooled-{syntax}"] = xl.encode_prompt_xl(texts, None, 1, prompt_syntax=syntax)
+    out["latents"] = sd(texts[0], prompt_syntax=syntax, num_inference_steps=2, seed=1).latents
+    np.savez(sys.argv[4], **out)
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"))
+    assert not loaded, loaded
+    """
+)
+
+
+def test_weighted_prompts_parse_and_weigh_without_torch(runtime_venv, tiny32, sdxl32, tmp_path):
+    """prompt_syntax.py and prompt_weighting.py in the runtime-only venv, both syntaxes, long prompts, SD and SDXL:
+    the embeddings this environment computes, which match compel's (test_prompt_weighting.py)."""
+    import json
+
+    import numpy as np
+    from sdruntime import StableDiffusionPipeline
+
+    long = "a small red circle and a large blue square on a green background. " * 3
+    prompts = {
+        "compel": ["a (red circle)1.3 on a blue-- background", long * 2 + " (green)0.6", '("a", "b").blend(0.6, 0.4)'],
+        "a1111": ["a (red:1.3) circle on a [blue] background", long + " BREAK ((green))", "\\(red\\) circle"],
+    }
+    out = tmp_path / "embeddings.npz"
+    script = [str(runtime_venv / "bin" / "python"), "-c", PROMPT_SYNTAX_SCRIPT]
+    run = subprocess.run(
+        [*script, str(tiny32), str(sdxl32), json.dumps(prompts), str(out)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    there = np.load(out)
+    sd, xl = StableDiffusionPipeline.load(tiny32), StableDiffusionPipeline.load(sdxl32)
+    for syntax, texts in prompts.items():
+        assert np.allclose(
+            there[f"sd-{syntax}"], sd.encode_prompt(texts, texts[::-1], 1, prompt_syntax=syntax), atol=1e-5
+        )
+        embeddings, pooled = xl.encode_prompt_xl(texts, None, 1, prompt_syntax=syntax)
+        assert np.allclose(there[f"xl-{syntax}"], embeddings, atol=1e-5)
+        assert np.allclose(there[f"xl-pooled-{syntax}"], pooled, atol=1e-5)
+    latents = sd(prompts["a1111"][0], prompt_syntax="a1111", num_inference_steps=2, seed=1).latents
+    assert np.allclose(there["latents"], latents, atol=1e-5)
