@@ -308,6 +308,41 @@ def test_without_a_syntax_prompts_read_as_diffusers_reads_them(tiny_pipe, sd):
     assert difference(sd.encode_prompt([prompt], None, 1, prompt_syntax="compel"), theirs) > 1e-3
 
 
+def test_textual_inversion_tokens_are_weighed_like_words(sd, tmp_path):
+    """A run-time embedding's tokens (TOKEN TOKEN_1) come through the same tokenizer: at weight 1 the prompt draws
+    what the plain path draws (checked against diffusers in test_textual_inversion.py); weighted, it changes."""
+    vectors = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    header = json.dumps({"emb_params": {"dtype": "F32", "shape": [2, 32], "data_offsets": [0, vectors.nbytes]}})
+    path = tmp_path / "toy.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + vectors.tobytes())
+    draw = {"embeddings": [f"<toy>={path}"], "num_inference_steps": 2, "seed": 0}
+    plain = sd("a <toy> on a table", **draw)
+    same = sd("a <toy> on a table", prompt_syntax="compel", **draw)
+    weighted = sd("a (<toy>)1.4 on a table", prompt_syntax="compel", **draw)
+    assert np.abs(plain.latents - same.latents).max() <= 1e-4
+    assert np.abs(plain.latents - weighted.latents).max() > 1e-2
+
+
+def test_a_static_export_refuses_prompts_past_its_77_tokens(tmp_path):
+    from sdexport import convert
+
+    parts = ["text_encoder", "unet", "vae_decoder"]
+    out = convert(
+        "tiny-sd",
+        tmp_path / "static",
+        static=True,
+        height=64,
+        width=64,
+        components=parts,
+        check=False,
+        log=lambda line: None,
+    )
+    static = StableDiffusionPipeline.load(out)
+    assert static("a (red)1.3 circle", prompt_syntax="compel", num_inference_steps=1).latents.shape == (1, 4, 8, 8)
+    with pytest.raises(InvalidArgument, match="static export's U-Net reads 77 tokens and these prompts take 154"):
+        static(LONG, prompt_syntax="compel", num_inference_steps=1)
+
+
 # -- whole pictures --------------------------------------------------------------------------------------------
 
 PICTURE_PROMPT, PICTURE_NEGATIVE = LONG + " (blue background)0.6 a red circle++", "blurry--, (green)1.2"
