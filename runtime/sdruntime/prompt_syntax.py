@@ -118,7 +118,7 @@ class _Group:
 
 
 SWAP = _Unsupported(".swap() (cross-attention control) is not supported: write the prompt without it")
-LORA = _Unsupported("withLora()/useLora() in a prompt is not supported: load LoRAs with the loras option")
+LORA = _Unsupported("withLora()/useLora() in a prompt is not supported: load LoRAs with --lora (loras= in Python)")
 
 Match = tuple[int, list] | None
 
