@@ -7,7 +7,6 @@ carry no LoRA branches. Each LoRA is loaded, fused and unloaded in turn.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
+from sdruntime.lora import LoraError, parse_lora_spec
 
 from .errors import SdexportError, first_line
 from .specs import text_encoders
@@ -32,26 +32,11 @@ FAMILY_HINT = "is it made for another model family (SDXL, SD 2.x vs 1.x)?"
 
 
 def parse_lora(spec: str | Sequence) -> tuple[Path, float]:
-    """ "FILE[:SCALE]" (scale 1.0 by default) or (FILE, SCALE) -> (path, scale)."""
-    if isinstance(spec, (tuple, list)):
-        path, scale = spec
-    else:
-        path, scale = str(spec), 1.0
-        head, sep, tail = path.rpartition(":")
-        if sep and head:
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                pass  # a colon in the file name, no scale
+    """ "FILE[:SCALE]" (scale 1.0 by default) or (FILE, SCALE) -> (path, scale), read as the runtime reads it."""
     try:
-        scale = float(scale)
-    except (TypeError, ValueError):
-        scale = math.nan
-    if not math.isfinite(scale):
-        raise SdexportError(
-            f"LoRA scale in '{spec}' is not a finite number: use --lora FILE[:SCALE], e.g. style.safetensors:0.8"
-        )
-    return Path(path).expanduser(), scale
+        return parse_lora_spec(spec)
+    except LoraError as e:
+        raise SdexportError(str(e)) from e
 
 
 def count_lora_layers(path: Path) -> int:
