@@ -196,6 +196,24 @@ def test_sdxl_kohya_lora_in_sgm_names_on_the_unet_and_both_text_encoders(sdxl_pi
     assert changed == {"unet", "text_encoder", "text_encoder_2"}
 
 
+def test_kohya_lora_on_an_sd2_layout(sd2_case, tmp_path):
+    """SD 2.x's layout: linear proj_in/proj_out (Gemm/MatMul weights, not 1x1 convolutions), per-block head counts,
+    an upcast attention and "!" padding, in both prediction types; a kohya file on the U-Net and text encoder."""
+    _, sd2_pipe, export = sd2_case
+    gen = torch.Generator().manual_seed(6)
+    unet = random_adapter(sd2_pipe.unet, UNET_TARGETS, 4, 2, gen)[2]
+    text = random_adapter(sd2_pipe.text_encoder, TEXT_TARGETS, 4, 2, gen)[2]
+    assert any(name.endswith("proj_in") for name in unet)
+    file = tmp_path / "sd2.safetensors"
+    save_file(kohya_lora(unet, text), file)
+    pipe = StableDiffusionPipeline.load(export)
+    draw = {"num_inference_steps": 4, "seed": 8, "scheduler": "ddim"}
+    mine = pipe(PROMPT, loras=[(file, 0.9)], **draw)
+    theirs = diffusers_picture(fused_pipeline(sd2_pipe, [(file, 0.9)]), export, prompt=PROMPT, **draw)
+    assert psnr(theirs, mine.images[0]) >= 45.0
+    assert psnr(pipe(PROMPT, **draw).images[0], mine.images[0]) < 30.0
+
+
 def test_lcm_lora_shaped_file_with_lcm_scheduler(tiny_pipe, tiny32, ours, tmp_path):
     """LCM-LoRA is a diffusers-format U-Net LoRA over attention, feed-forward and every convolution, drawn with
     the LCM scheduler, 4 steps, guidance 1; its file has no adapter metadata (alpha: the rank)."""
