@@ -210,10 +210,7 @@ class StableDiffusionPipeline:
         embeddings = outputs["last_hidden_state"]
         if clip_skip:
             embeddings[-len(prompts) :] = self.skipped_hidden_state(outputs, clip_skip)[-len(prompts) :]
-        if negative is None:
-            return np.repeat(embeddings, num_images, axis=0)
-        uncond, cond = np.split(embeddings, 2)
-        return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
+        return per_image(embeddings, negative is not None, num_images)
 
     def skipped_hidden_state(self, outputs: dict[str, np.ndarray], clip_skip: int) -> np.ndarray:
         count = int(self.manifest.pipeline.num_hidden_states or 0)
@@ -267,14 +264,8 @@ class StableDiffusionPipeline:
         if negative is not None and zero_negative:
             embeddings = np.concatenate([np.zeros_like(embeddings), embeddings])
             pooled = np.concatenate([np.zeros_like(pooled), pooled])
-        if negative is None:
-            return np.repeat(embeddings, num_images, axis=0), np.repeat(pooled, num_images, axis=0)
-
-        def halves(x: np.ndarray) -> np.ndarray:
-            uncond, cond = np.split(x, 2)
-            return np.concatenate([np.repeat(uncond, num_images, axis=0), np.repeat(cond, num_images, axis=0)])
-
-        return halves(embeddings), halves(pooled)
+        guided = negative is not None
+        return per_image(embeddings, guided, num_images), per_image(pooled, guided, num_images)
 
     def encode_weighted(
         self,

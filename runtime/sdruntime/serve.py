@@ -202,17 +202,9 @@ class Api:
         if request.stream:
             return await self.stream_response(request, started)
         response = self.generator.remote(request)
-        remaining = self.timeout_s - (time.monotonic() - started)
-        try:
-            result: DrawResult = await asyncio.wait_for(response, max(remaining, 0.001))
-        except BackPressureError:
-            return error_response(503, "the queue is full: retry later", self.retry_after())
-        except asyncio.TimeoutError:
-            response.cancel()
-            return error_response(504, f"not drawn within the server's {self.timeout_s:g} s limit: retry later")
-        except REPLICA_FAILURES as e:
-            message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
-            return error_response(503, message, self.retry_after())
+        result, failed = await self.answer(response, response, started)
+        if failed is not None:
+            return failed
         if result.error:
             return error_response(400 if result.user_error else 500, result.error)
         self.seconds_per_request += 0.2 * (time.monotonic() - started - self.seconds_per_request)
@@ -225,40 +217,40 @@ class Api:
             )
         return JSONResponse(images_body(result.images))
 
+    async def answer(self, awaitable, handle, started: float) -> tuple[object, Response | None]:
+        """A replica's answer within the time left, or the error response for the queue being full (503), the time
+        limit (504; `handle` is cancelled) or a replica that stopped (503)."""
+        try:
+            return await asyncio.wait_for(awaitable, max(self.timeout_s - (time.monotonic() - started), 0.001)), None
+        except BackPressureError:
+            return None, error_response(503, "the queue is full: retry later", self.retry_after())
+        except asyncio.TimeoutError:
+            handle.cancel()
+            return None, error_response(504, f"not drawn within the server's {self.timeout_s:g} s limit: retry later")
+        except REPLICA_FAILURES as e:
+            message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
+            return None, error_response(503, message, self.retry_after())
+
     async def stream_response(self, request: ImageRequest, started: float) -> Response:
         """`"stream": true`: text/event-stream, a `progress` event per step and a `result` (or `error`) event.
         Until the first event comes the answers are the plain request's (503, 504); after it, a failure or the
         time limit ends the stream with an `error` event."""
         events = self.generator.options(stream=True, method_name="stream").remote(request)
-
-        def remaining() -> float:
-            return max(self.timeout_s - (time.monotonic() - started), 0.001)
-
-        try:
-            first = await asyncio.wait_for(events.__anext__(), remaining())
-        except BackPressureError:
-            return error_response(503, "the queue is full: retry later", self.retry_after())
-        except asyncio.TimeoutError:
-            events.cancel()
-            return error_response(504, f"not drawn within the server's {self.timeout_s:g} s limit: retry later")
-        except REPLICA_FAILURES as e:
-            message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
-            return error_response(503, message, self.retry_after())
+        first, failed = await self.answer(events.__anext__(), events, started)
+        if failed is not None:
+            return failed
 
         async def body():
             yield first
-            try:
-                while True:
-                    yield await asyncio.wait_for(events.__anext__(), remaining())
-            except StopAsyncIteration:
-                return
-            except asyncio.TimeoutError:
-                events.cancel()
-                message = f"not drawn within the server's {self.timeout_s:g} s limit: retry later"
-                yield sse_event("error", error_body(message, 504))
-            except REPLICA_FAILURES as e:
-                message = f"the replica drawing this request stopped ({type(e).__name__}): retry; Ray replaces it"
-                yield sse_event("error", error_body(message, 503))
+            while True:
+                try:
+                    event, failed = await self.answer(events.__anext__(), events, started)
+                except StopAsyncIteration:
+                    return
+                if failed is not None:
+                    yield sse_event("error", json.loads(failed.body))
+                    return
+                yield event
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
