@@ -32,8 +32,6 @@ from .manifest import ExportError, Manifest
 from .onnx_proto import read_initializers
 from .weight_placement import add_to_initializer
 
-CACHED_SETS = 2  # adapter sets whose sessions stay loaded besides the base: each holds its own U-Net session
-
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -231,15 +229,14 @@ class Adapted:
 
 
 class AdapterCache:
-    """The sessions of the last `capacity` adapter sets, least recently used evicted first.
+    """The sessions of the last `capacity` adapter sets (SessionSettings.adapter_sets), least recently used evicted
+    first.
 
     `create(component, overrides)` makes a session with some initializers replaced (session.Component).
     `sessions_created` counts the sessions made, so that a switch back to a cached set can be seen to make none.
     """
 
-    def __init__(
-        self, target: AdapterTarget, create: Callable[[str, Mapping[str, np.ndarray]], Any], capacity: int = CACHED_SETS
-    ):
+    def __init__(self, target: AdapterTarget, create: Callable[[str, Mapping[str, np.ndarray]], Any], capacity: int):
         self.target = target
         self.create = create
         self.capacity = max(0, int(capacity))

@@ -36,11 +36,9 @@ from .result import GenerationResult, StepCallback
 from .schedulers import Scheduler, read_scheduler_config
 from .session import Component, SessionSettings, check_cpu_layout, first_provider, resolve_providers, shape_of
 from .tokenizer import PromptTokenizer
-from .transformer_pipeline import TransformerPipeline
+from .transformer_pipeline import REPORTING_ARGUMENTS, TransformerPipeline
 
 MICRO_CONDITIONING = tuple(f.name for f in fields(MicroConditioning))
-# __call__'s arguments that are not GenerationRequest fields: how the run reports, not what it draws
-NOT_REQUEST_ARGUMENTS = ("self", "callback", "progress", "preview_callback", "preview_every")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -680,7 +678,7 @@ class StableDiffusionPipeline:
         tokens as `load_textual_inversion` does (textual_inversion.py); the last few sets' sessions stay cached.
         """
         # the arguments are GenerationRequest's fields, but SDXL's micro-conditioning, which it holds as one
-        arguments = {k: v for k, v in locals().items() if k not in NOT_REQUEST_ARGUMENTS}
+        arguments = {k: v for k, v in locals().items() if k not in REPORTING_ARGUMENTS}
         micro = {k: arguments.pop(k) for k in MICRO_CONDITIONING}
         micro.update({k: tuple(micro[k]) for k in ("crops_coords_top_left", "negative_crops_coords_top_left")})
         request = GenerationRequest(**arguments, micro=MicroConditioning(**micro))
