@@ -26,7 +26,7 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -37,6 +37,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
+from . import web
 from .errors import InvalidArgument, UserError
 from .manifest import TINY_DECODER, HashCache, controlnet_component, read_manifest
 from .memory import resident_memory
@@ -164,6 +165,11 @@ class Api:
                 self._facts_call = asyncio.ensure_future(self.generator.facts.remote())
             self._facts = await asyncio.shield(self._facts_call)
         return self._facts
+
+    @api.get("/")
+    async def page(self) -> HTMLResponse:
+        """The page to draw from (sdruntime/web/index.html): a form that streams /v1/images/generations."""
+        return HTMLResponse(web.page(), headers={"Cache-Control": "no-cache"})
 
     @api.get("/health")
     async def health(self) -> JSONResponse:
