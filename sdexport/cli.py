@@ -105,6 +105,11 @@ def cli() -> None:
     help="Export a ControlNet (a diffusers ControlNetModel folder, a .safetensors in the original layout or beside its diffusers config.json, or a "
     "ControlNet preset) as controlnet/NAME; repeatable.",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="One stderr line per component and phase, with times (default: when stderr is a terminal).",
+)
 @one_line_warnings
 def convert(
     source,
@@ -129,6 +134,7 @@ def convert(
     vae,
     tiny_vae,
     controlnets,
+    progress,
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
@@ -158,8 +164,10 @@ def convert(
     check_convert(source, out, ConvertOptions(**options))  # before torch's import, which takes seconds
     with quiet_third_party():  # within one_line_warnings, which would show every warning
         from .converting import convert as run_convert
+        from .progress import reporting
 
-        run_convert(source, out, **options)
+        with reporting(sys.stderr if (sys.stderr.isatty() if progress is None else progress) else None):
+            run_convert(source, out, **options)
     click.echo(out)
 
 

@@ -19,6 +19,7 @@ from .compare import compare_outputs
 from .graph_check import check_written_graph
 from .graph_files import OnDisk, graph_of, save_model
 from .optimize import finish_graph, uses_cpu_layout
+from .progress import end, mark
 from .targets import EXPORT_TARGETS
 from .trace import Traced, trace_component
 from .weight_map import map_weights
@@ -48,12 +49,14 @@ def finish_component(
     PyTorch's outputs when it was traced with a reference. Returns what the manifest records of it."""
 
     component = traced.component
+    mark(component, "optimize")
     model, kept = finish_graph(
         component, traced.path, target, fp16, upcast_attention, extra_fp32_nodes, streamed=traced.streamed
     )
     if component == "unet" and EXPORT_TARGETS[target].residual_defaults:
         graph = graph_of(model).graph
         add_zero_defaults(graph, residual_input_names(graph))
+    mark(component, "write")
     path = folder / component / "model.onnx"
     if traced.streamed:  # its weights are still in the traced files: written first, then those go
         files = save_model(model, path)
@@ -70,11 +73,14 @@ def finish_component(
     if isinstance(model, OnDisk) and model.owner is not None:
         model.owner.cleanup()  # written: its folder goes now, not when the object is collected (a warning then)
     del model
+    mark(component, "check")
     check_written(component, path, target)
     weights = map_weights(path, traced.weights) if traced.weights is not None else None
     result = None
     if traced.reference is not None:
+        mark(component, "compare")
         result = compare_outputs(traced.reference, path, EXPORT_TARGETS[target].check_provider, traced.streamed)
+    end()
     files = tuple(file_entry(folder, f"{component}/{name}") for name in files)
     return Written(files, tuple(kept), result, laid_out, weights)
 

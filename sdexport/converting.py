@@ -25,6 +25,7 @@ from .fp32_fallback import check_convert_options, validate_conversion
 from .load import attach_tiny_vae, load_source, replace_vae
 from .lora import check_loras, fuse_loras
 from .plan import ExportPlan, force_upcast_note, plan_export
+from .progress import end, mark
 from .specs import set_attention, spec_of, transformer_family
 from .staging import staged_folder
 from .trace import Traced, release_unused, release_weights, trace_component
@@ -44,7 +45,9 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
     started = time.perf_counter()
     # a failed validation's export stays in its temporary folder, with the report, for inspection
     with staged_folder(out, log, keep=(ValidationFailed,)) as tmp:
+        mark("pipeline", "load")
         src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
+        end()
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
         check_family_options(src.pipe, loras, opts.controlnets)
         if opts.vae:
@@ -57,10 +60,13 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
             src.loras = fuse_loras(src.pipe, loras, log)
         attach_controlnets(src.pipe, check_controlnet_sources(opts.controlnets), log)
         manifest = export_all(src, tmp, opts)
+        mark("pipeline", "manifest")
         write_configs(src.pipe, src, tmp, list(manifest.components))
         write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
         if validating:
+            mark("pipeline", "validate")
             validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
+        end()
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
 
@@ -119,6 +125,7 @@ def trace_all(pipe, folder: Path, opset: int, plan: ExportPlan) -> list[Traced]:
     # the U-Net last, each module freed once its last component is traced: tracing an SDXL U-Net with
     # the text encoders and VAE still held passed 16 GB
     for i, component in enumerate(order := plan.trace_order()):
+        mark(component, "trace")
         traced.append(trace_component(component, pipe, folder, plan.facts, plan.static, opset, plan.compare))
         if plan.lean:
             release_unused(pipe, order[i + 1 :])

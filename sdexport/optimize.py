@@ -27,6 +27,7 @@ from sdruntime.ort_options import QUIET, WARNINGS, ort_session_options
 from .fusion_limits import keep_within_limits
 from .graph_files import EXTERNAL_DATA_NAME, OnDisk, graph_of, is_large, save_model
 from .precision import fp32_nodes, to_fp16
+from .progress import mark
 from .specs import graph_spec
 from .targets import EXPORT_TARGETS
 
@@ -78,6 +79,7 @@ def finish_graph(
             model = ort_offline_optimize(model, level)
     kept: list[str] = []
     if fp16:
+        mark(component, "fp16")
         kept = list(dict.fromkeys([*fp32_nodes(component, graph_of(model), upcast_attention), *extra_fp32_nodes]))
         model = to_fp16(component, model, kept)
     if target == "tensorrt" and not isinstance(model, OnDisk):  # inference reads weights, and stops at 2 GB

@@ -408,6 +408,11 @@ def cli() -> None:
     show_default=True,
     help="Image path (.png, .jpg, .jpeg or .webp); several images get -0, -1, ...",
 )
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="A progress bar over the denoising steps on stderr (default: when stderr is a terminal).",
+)
 @max_memory_option
 @one_line_warnings
 def generate(
@@ -429,6 +434,7 @@ def generate(
     control_end,
     loras,
     embeddings,
+    progress,
     **kwargs,
 ):
     """Draw PROMPT with the export in FOLDER."""
@@ -455,7 +461,8 @@ def generate(
         **kwargs,
     )
     pipe = _load(folder, provider, threads, no_verify, verbose, init_image is not None, max_memory)
-    result = pipe.generate(request, progress=True)
+    # the bar only where someone watches: piped or logged stderr gets no carriage-return lines
+    result = pipe.generate(request, progress=sys.stderr.isatty() if progress is None else progress)
     for path in result.save(output):
         click.echo(path)
 
