@@ -5,8 +5,9 @@ throughput, latency percentiles and every request that did not come back with an
     python scripts/load_test.py --mix valid=3,oversized=1,malformed=1 --duration 300   # a soak run
 
 With --mix, requests cycle through kinds in the given proportions: valid ones, oversized ones (a size no
-replica's memory admits: 400 expected) and malformed ones (400 expected); the report counts outcomes per kind
-and names every outcome a kind should not get (a valid request may get 503 when the queue is full).
+replica's memory admits: 400 expected), malformed ones (400 expected), streamed ones (`"stream": true`, read to
+their `result` event, as the server's page asks) and loads of the page itself (GET /); the report counts outcomes
+per kind and names every outcome a kind should not get (a valid request may get 503 when the queue is full).
 
 Bounded on purpose: it stops at --duration seconds or --max-requests requests, whichever comes first, each
 request gives up after --request-timeout, and it talks to this machine only (localhost), so it cannot be
@@ -16,6 +17,8 @@ turned on someone else's server. Standard library only, so it runs anywhere the 
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import json
 import math
 import sys
@@ -38,12 +41,16 @@ PROMPTS = (
 )
 
 
-# what each kind of request adds to the body, and the outcomes a server that survives should give it
+# what each kind of request adds to the body (None: GET the page instead), and the outcomes a server that
+# survives should give it
 KINDS = {
     "valid": ({}, {"ok", "503"}),
     "oversized": ({"size": "4096x4096"}, {"400"}),
     "malformed": ({"steps": 0}, {"400"}),
+    "stream": ({"stream": True}, {"ok", "503"}),
+    "page": (None, {"ok"}),
 }
+PAGE_MARK = b'<form id="form">'  # sdruntime/web/index.html's form: the page came whole
 
 
 @dataclass
@@ -83,12 +90,37 @@ def check_local(url: str) -> str:
     return f"{url.rstrip('/')}/v1/images/generations"
 
 
-def post(endpoint: str, body: dict, timeout: float) -> str:
-    """One request's status: "ok" for a PNG, else the HTTP status or how it failed."""
-    request = urllib.request.Request(endpoint, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def answer_status(answer: bytes, streamed: bool) -> str:
+    """The status "ok" for an answer that carries PNGs: a PNG file, a b64_json answer, or server-sent events ending in a
+    `result` event; else what is wrong with it (an `error` event, which comes only once the stream began: a
+    replica that stopped, the time limit)."""
+    if answer.startswith(PNG_SIGNATURE):
+        return "ok"
+    try:
+        if streamed:
+            name, _, data = answer.decode().strip().rpartition("\n\n")[2].partition("\ndata: ")
+            if name == "event: error":
+                return f"error event ({json.loads(data)['error']['type']})"
+            if name != "event: result":
+                return "no result event"
+            answer = data.encode()
+        images = [base64.b64decode(item["b64_json"]) for item in json.loads(answer)["data"]]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return "not a png"
+    return "ok" if images and all(i.startswith(PNG_SIGNATURE) for i in images) else "not a png"
+
+
+def fetch(url: str, body: dict | None, timeout: float) -> str:
+    """One request's status: a POST of `body` ("ok" for its PNGs: answer_status), or with no body a GET of the
+    page ("ok" when it came whole); else the HTTP status or how it failed."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return "ok" if response.read().startswith(PNG_SIGNATURE) else "not a png"
+            answer = response.read()
+            if body is None:
+                return "ok" if PAGE_MARK in answer else "not the page"
+            return answer_status(answer, bool(body.get("stream")))
     except urllib.error.HTTPError as e:
         e.read()
         return str(e.code)
@@ -112,6 +144,7 @@ def run(
     `mix` cycles the kinds of request (parse_mix); by default all are valid."""
     cycle = mix or ["valid"]
     endpoint = check_local(url)
+    page = endpoint.removesuffix("v1/images/generations")
     outcomes: list[Outcome] = []
     lock = threading.Lock()
     issued = 0
@@ -128,9 +161,12 @@ def run(
             kind = cycle[number % len(cycle)]
             body = {"prompt": PROMPTS[number % len(PROMPTS)], "seed": number}
             body.update({k: v for k, v in (("steps", steps), ("size", size)) if v is not None})
-            body.update(KINDS[kind][0])
+            extra = KINDS[kind][0]
             started = time.monotonic()
-            status = post(endpoint, body, request_timeout)
+            if extra is None:
+                status = fetch(page, None, request_timeout)
+            else:
+                status = fetch(endpoint, body | extra, request_timeout)
             with lock:
                 outcomes.append(Outcome(started - begin, time.monotonic() - started, status, kind))
 
@@ -139,19 +175,27 @@ def run(
         thread.start()
     for thread in threads:
         thread.join()
-    wall = time.monotonic() - begin
-    ok = [o.latency for o in outcomes if o.status == "ok"]
+    return summarize(outcomes, cycle, concurrency, time.monotonic() - begin)
+
+
+def summarize(outcomes: list[Outcome], cycle: list[str], concurrency: int, wall: float) -> dict:
+    """The report: counts, throughput and latency percentiles of the image requests, the page loads' own latency,
+    errors, lost requests, and per kind what came back and what should not have."""
+    ok = [o.latency for o in outcomes if o.status == "ok" and o.kind != "page"]
+    pages = [o.latency for o in outcomes if o.status == "ok" and o.kind == "page"]
     by_kind = {kind: dict(Counter(o.status for o in outcomes if o.kind == kind)) for kind in dict.fromkeys(cycle)}
     return {
         "concurrency": concurrency,
         "requests": len(outcomes),
-        "ok": len(ok),
+        "ok": len(ok),  # images
+        "pages": len(pages),  # page loads (GET /) that came whole
         "errors": dict(Counter(o.status for o in outcomes if o.status != "ok")),
         # no answer at all, as against an HTTP error the server chose to send
         "lost": sum(o.status in ("timeout", "connection") for o in outcomes),
         "wall_s": round(wall, 2),
         "images_per_s": round(len(ok) / wall, 3) if wall else 0.0,
         "latency_s": {f"p{q}": round(percentile(ok, q), 3) for q in (50, 95, 99)},
+        "page_latency_s": {f"p{q}": round(percentile(pages, q), 3) for q in (50, 95, 99)} if pages else None,
         "by_kind": by_kind,
         # what a kind should never get: a lost request, a 5xx other than a full queue's 503, a wrong answer
         "unexpected": {
@@ -197,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['images_per_s']} images/s; latency p50 {latency['p50']} s, p95 {latency['p95']} s, "
         f"p99 {latency['p99']} s; errors {report['errors'] or 'none'}, lost {report['lost']}"
     )
+    if report["page_latency_s"]:
+        page = report["page_latency_s"]
+        print(f"{report['pages']} page loads: latency p50 {page['p50']} s, p95 {page['p95']} s, p99 {page['p99']} s")
     if mix:
         print(f"by kind {report['by_kind']}; unexpected {report['unexpected'] or 'none'}")
     if args.json_path:

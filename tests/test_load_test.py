@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import threading
@@ -10,22 +11,42 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from sdruntime.serving import error_body, sse_event
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import load_test  # noqa: E402
 
+PNG = load_test.PNG_SIGNATURE + b"rest"
+PAGE = (Path(__file__).resolve().parents[1] / "runtime/sdruntime/web/index.html").read_bytes()
+
+
+def b64_answer(*pngs: bytes) -> dict:
+    return {"created": 0, "data": [{"b64_json": base64.b64encode(png).decode(), "seed": 0} for png in pngs]}
+
 
 class StandIn(BaseHTTPRequestHandler):
-    """Answers a PNG signature, or 503 for every seed divisible by 3, after `delay` seconds."""
+    """Answers a PNG signature, or 503 for every seed divisible by 3, after `delay` seconds; a streamed request's
+    events (the server's own sse_event) end in a `result`, or for seeds divisible by 7 in an `error` (a replica
+    that stopped mid-stream); GET / the page."""
 
     delay = 0.0
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(self.delay)
-        status, payload = (503, b"{}") if body["seed"] % 3 == 0 else (200, load_test.PNG_SIGNATURE + b"rest")
+        status, payload = (503, b"{}") if body["seed"] % 3 == 0 else (200, PNG)
         if body.get("steps") == 0 or body.get("size") == "4096x4096":
             status, payload = (400, b"{}") if body["seed"] % 5 else (500, b"{}")  # a 500 now and then
+        if body.get("stream") and status == 200:
+            last = sse_event("error", error_body("the replica stopped", 503)) if body["seed"] % 7 == 0 else None
+            events = sse_event("progress", {"step": 1, "steps": 1}) + (last or sse_event("result", b64_answer(PNG)))
+            payload = events.encode()
+        self.reply(status, payload)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.reply(*((200, PAGE) if self.path == "/" else (404, b"{}")))
+
+    def reply(self, status: int, payload: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -91,3 +112,27 @@ def test_percentile_is_nearest_rank():
 def test_refuses_other_machines(url, capsys):
     assert load_test.main(["--url", url, "--max-requests", "1"]) == 2
     assert "talks to this machine only" in capsys.readouterr().err
+
+
+def test_a_mix_with_streams_and_the_page_counts_them_apart(stand_in, capsys):
+    url = f"http://127.0.0.1:{stand_in.server_port}"
+    report = load_test.run(url, 3, 30, 24, 5, mix=load_test.parse_mix("page=1,valid=1,stream=1"))
+    # seeds 1, 4, ..., 22 are valid and 2, 5, ..., 23 streamed; the stand-in ends 14's stream with an error event
+    assert report["by_kind"]["valid"] == {"ok": 8}
+    assert report["by_kind"]["stream"] == {"ok": 7, "error event (server_error)": 1}
+    assert report["by_kind"]["page"] == {"ok": 8} and report["pages"] == 8 and report["page_latency_s"]["p50"] < 5
+    assert report["ok"] == 15  # images only, not page loads
+    assert report["unexpected"] == {"stream": {"error event (server_error)": 1}} and report["lost"] == 0
+    assert load_test.main(["--url", url, "--max-requests", "6", "--mix", "valid=1,page=1"]) == 0
+    assert "3 page loads: latency p50" in capsys.readouterr().out
+
+
+def test_answers_without_pngs_are_not_ok():
+    assert load_test.answer_status(PNG, False) == "ok"
+    assert load_test.answer_status(json.dumps(b64_answer(PNG, PNG)).encode(), False) == "ok"
+    assert load_test.answer_status(json.dumps(b64_answer(PNG, b"GIF89a")).encode(), False) == "not a png"
+    assert load_test.answer_status(b'{"data": []}', False) == "not a png"
+    progress_only = sse_event("progress", {"step": 1, "steps": 2}).encode()
+    assert load_test.answer_status(progress_only, True) == "no result event"
+    late = sse_event("error", error_body("not drawn within the server's limit", 504)).encode()
+    assert load_test.answer_status(progress_only + late, True) == "error event (server_error)"
