@@ -396,6 +396,7 @@ def serve_forever(
             f"serving {folder} on {where} at http://{host}:{port}/v1/images/generations "
             f"({replicas} replica{'s' if replicas > 1 else ''}, batches of up to {max_batch}); Ctrl-C stops"
         )
+        echo(f"the page to draw from: http://{host}:{port}/")
         stopped = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stopped.set())
