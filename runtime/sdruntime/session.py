@@ -21,6 +21,15 @@ PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+OPENVINO = PROVIDER_NAMES["openvino"]
+# how each provider's package is installed, for the refusal when it is missing
+INSTALL_HINTS = {
+    "CUDAExecutionProvider": "install onnxruntime-gpu for cuda/tensorrt",
+    "TensorrtExecutionProvider": "install onnxruntime-gpu for cuda/tensorrt",
+    OPENVINO: 'pip install "sdexport-runtime[openvino]" && pip install --force-reinstall --no-deps '
+    "onnxruntime-openvino (its package replaces onnxruntime's files)",
 }
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
@@ -46,6 +55,11 @@ class SessionSettings:
     trt_cache_dir: str | None = None
     trt_images: tuple[int, int, int] = (1, 1, 4)  # images per call: min, opt, max
     trt_sizes: tuple[int, int, int] | None = None  # pixel side: min, opt, max (default: the export's default)
+    # OpenVINO EP: the device ("CPU", "GPU", "NPU", "GPU.1", ...; "openvino:GPU" as a provider name sets it too),
+    # its compiled-model cache (default: openvino_cache beside the export) and precision (None: the device's own)
+    openvino_device: str = "CPU"
+    openvino_cache_dir: str | None = None
+    openvino_precision: str | None = None
     # LoRA sets (adapters.py) whose sessions stay loaded besides the base's; each holds its own U-Net session
     adapter_sets: int = 2
 
@@ -53,26 +67,32 @@ class SessionSettings:
 def resolve_providers(provider: str | Sequence, target: str) -> list:
     """Turn `provider` into ORT's provider list for a target, or raise one clear line.
 
-    A name ("cpu", "cuda", "tensorrt") asks for exactly that provider; a list of ORT providers
-    (names or (name, options) pairs) falls back in order among those installed that the target supports.
+    A name ("cpu", "cuda", "tensorrt", "openvino", "openvino:GPU") asks for exactly that provider; a list of
+    ORT providers (names or (name, options) pairs) falls back in order among those installed that the target supports.
     """
     available = ort.get_available_providers()
     known = RUNTIME_TARGETS.get(target)  # which providers may run the target's graphs (targets.py)
     supported = known.providers if known else None
     if isinstance(provider, str):
+        provider, _, device = provider.partition(":") if provider.startswith("openvino:") else (provider, "", "")
         if provider not in PROVIDER_NAMES and provider not in PROVIDER_NAMES.values():
-            raise ProviderError(f"unknown provider '{provider}': choose cpu, cuda, tensorrt or a list of ORT providers")
+            raise ProviderError(
+                f"unknown provider '{provider}': choose cpu, cuda, tensorrt, openvino or a list of ORT providers"
+            )
         name = PROVIDER_NAMES.get(provider, provider)
         if name not in available:
+            hint = INSTALL_HINTS.get(name)
             raise ProviderError(
                 f"{name} is not installed: this onnxruntime offers {', '.join(available)}"
-                + (" (install onnxruntime-gpu for cuda/tensorrt)" if name != "CPUExecutionProvider" else "")
+                + (f" ({hint})" if hint else "")
             )
         if supported is not None and name not in supported:
             raise ProviderError(
                 f"this export targets '{target}' and cannot run on {name}: use {' or '.join(sorted(supported))}, "
                 f"or re-export with `sdexport convert --target generic`"
             )
+        if device:  # "openvino:GPU": the device travels as the provider's own option
+            return [(name, {"device_type": device})]
         return [name] if name != "TensorrtExecutionProvider" else [name, "CUDAExecutionProvider"]
     chosen = []
     for entry in provider:
@@ -200,10 +220,15 @@ def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -
 
 
 def provider_options(providers: list, manifest: Manifest, component: str, settings: SessionSettings) -> list:
-    """Add this project's defaults to named providers: TensorRT caches, fp16 and profiles; CUDA graphs."""
+    """Add this project's defaults to named providers: TensorRT caches, fp16 and profiles; CUDA graphs; OpenVINO's
+    device and model cache."""
     expanded = []
     for entry in providers:
-        if isinstance(entry, tuple):  # the caller's own options win
+        if first_provider([entry]) == OPENVINO:  # the caller's own options win over the settings'
+            expanded.append(
+                (OPENVINO, {**openvino_options(manifest, settings), **(entry[1] if isinstance(entry, tuple) else {})})
+            )
+        elif isinstance(entry, tuple):  # the caller's own options win
             expanded.append(entry)
         elif entry == "TensorrtExecutionProvider":
             cache = settings.trt_cache_dir or str(manifest.folder / "trt_cache")
@@ -225,6 +250,34 @@ def provider_options(providers: list, manifest: Manifest, component: str, settin
         else:
             expanded.append(entry)
     return expanded
+
+
+def openvino_options(manifest: Manifest, settings: SessionSettings) -> dict[str, str]:
+    """The OpenVINO EP's options from the settings: device, model cache, precision, threads."""
+    options = {
+        "device_type": settings.openvino_device,
+        "cache_dir": settings.openvino_cache_dir or str(manifest.folder / "openvino_cache"),
+    }
+    if settings.openvino_precision:
+        options["precision"] = settings.openvino_precision
+    if settings.intra_op_threads > 0:
+        options["num_of_threads"] = str(settings.intra_op_threads)
+    return options
+
+
+def openvino_start_error(options: dict[str, str]) -> ProviderError:
+    """The refusal when ORT could not start the OpenVINO EP with these options (it then falls back to the CPU EP)."""
+    try:  # the OpenVINO build's own list; absent from other builds
+        from onnxruntime.capi._pybind_state import get_available_openvino_device_ids
+
+        devices = ", ".join(get_available_openvino_device_ids()) or "none"
+    except ImportError:
+        devices = "unknown"
+    asked = ", ".join(f"{k}={options[k]}" for k in ("device_type", "precision") if k in options)
+    return ProviderError(
+        f"OpenVINO could not start with {asked} (ONNX Runtime's log above says why; OpenVINO devices here: {devices}): "
+        "choose a device this machine has, e.g. --provider openvino:CPU, and a precision it supports (CPU: FP32, ACCURACY)"
+    )
 
 
 def uses_cuda_graph(manifest: Manifest, component: str, settings: SessionSettings) -> bool:
@@ -278,6 +331,8 @@ class Component:
         self.required_inputs = {i.name for i in self.session.get_inputs()}
         used = self.session.get_providers()
         self.provider = used[0]
+        if first_provider(providers) == OPENVINO and self.provider != OPENVINO:  # ORT fell back to the CPU EP silently
+            raise openvino_start_error(provider_options(providers, manifest, name, settings)[0][1])
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         # a static export's batch: its first input's first axis (a ControlNet's conditioning_scale is fixed in
         # every export, so the export's being static decides, not any fixed axis)

@@ -4,7 +4,7 @@ The exporter's half (the attention form traced, the offline optimization, the fu
 convert checks on) is sdexport/targets.py; both are keyed by TARGETS, the names the manifest accepts.
 
 target    providers that run it    CPU EP load level  CUDA graphs
-generic   any                      per component      yes
+generic   any (OpenVINO EP too)    per component      yes
 cpu       CPU EP                   basic              no
 cuda      CUDA EP                  per component      yes
 tensorrt  TensorRT, CUDA, CPU EPs  per component      yes
@@ -13,6 +13,10 @@ The load level is the session's optimization level on the CPU EP for graphs laid
 providers load at "all"); "per component" is "all" for the VAE and "basic" for the U-Net and text
 encoder (session.default_level). A cpu export's graphs were optimized at "all" when exported, so
 "basic" loads them as they are.
+
+The OpenVINO EP runs generic graphs (pictures within 1e-5 of the CPU EP's latents on tiny-sd); it
+refuses a cpu export's graphs ("OpenVINO does not support ... com.microsoft.nchwc.Conv", onnxruntime-openvino
+1.24.1), so the cpu target stays on the CPU EP.
 """
 
 from __future__ import annotations
