@@ -163,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "test":
         parser.error(f"unexpected arguments {' '.join(rest)}: only `test` passes arguments on (to pytest)")
-    if sys.version_info < (3, 10):
-        raise SystemExit(f"quickstart: Python {sys.version.split()[0]} is too old: run it with python3.11")
     if args.command == "setup":
         setup()
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -34,9 +35,29 @@ def test_setup_installs_the_test_extras():
     assert "pytest" in {re.split(r"[<>=\[ ]", r)[0] for r in extras(REPO / "runtime" / "pyproject.toml", "test")}
 
 
-def test_ci_runs_readme_lines_as_they_stand():
-    assert readme_block("Tests").strip() == 'python -m pytest -q -m "not slow"'
+def test_quick_start_is_two_lines_that_ci_runs():
+    assert readme_block("Quick start").splitlines() == [
+        "python3.11 quickstart.py demo",
+        "python3.11 quickstart.py test",
+    ]
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("## Quick start") < readme.index("## Set up")  # the first section a newcomer meets
     ci = (REPO / ".ci" / "run").read_text()
-    assert 'setup=$(readme_block "Set up")' in ci and 'eval "$setup"' in ci
-    assert 'tests=$(readme_block "Tests")' in ci and 'eval "$tests"' in ci
-    assert "pytest" not in ci.split('eval "$tests"')[0]  # no test run of its own before README's
+    assert 'quick_test=$(readme_block "Quick start" | sed -n 2p)' in ci and 'eval "$quick_test"' in ci
+    before = ci.split('eval "$quick_test"')[0]
+    assert "pytest" not in before and "pip install" not in before  # no set-up or test run of its own first
+    assert "rm -rf .venv" in before  # and the quick start's set-up starts from nothing
+
+
+def test_quickstart_runs_the_readme_lines():
+    """quickstart.py's set-up is README's Set up block, and its test command README's Tests line."""
+    import quickstart
+
+    assert readme_block("Tests").strip() == 'python -m pytest -q -m "not slow"'
+    assert shlex.split(readme_block("Tests")) == ["python", *quickstart.TEST_ARGS]
+    commands = [shlex.split(c) for line in readme_block("Set up").splitlines() for c in line.split("&&")]
+    assert commands[0] == ["python3.11", "-m", "venv", quickstart.VENV_NAME]
+    torch = commands.index(["pip", "install", quickstart.TORCH])
+    assert commands.index(["pip", "install", "-c", quickstart.CONSTRAINTS, *quickstart.PACKAGES]) > torch
+    pins = (REPO / quickstart.CONSTRAINTS).read_text().split()
+    assert quickstart.TORCH in pins  # torch pinned on every constrained pip call too

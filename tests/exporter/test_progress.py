@@ -1,60 +1,38 @@
 """`sdexport convert`'s progress (sdexport/progress.py): on a terminal, one line per component and phase, in the
-order the export runs them, with times that add up; on a pipe, the same output as without it."""
+order the export runs them, with times that add up; elsewhere, only the export's own lines (unless asked)."""
 
 from __future__ import annotations
 
 import io
-import os
-import pty
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from sdexport import progress
+from sdexport import converting, progress
+from sdexport.cli import main
+from tests.terminal import run_on_terminal
 
 SDEXPORT = str(Path(sys.executable).parent / "sdexport")
 LINE = re.compile(r"^(\S+): (\w+) (\d+\.\d) s \((\d+\.\d) s in all\)$")
 PER_COMPONENT = ["trace", "optimize", "fp16", "write", "check", "compare"]
 
 
-def run_on_terminal(args: list[str]) -> tuple[int, str]:
-    """Run a command with stderr on a pseudo-terminal (stdout piped away); its exit code and stderr."""
-    parent, child = pty.openpty()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=child)
-    os.close(child)
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(parent, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(parent)
-    return proc.wait(), b"".join(chunks).decode().replace("\r\n", "\n")
-
-
 @pytest.fixture(scope="module")
-def converts(tmp_path_factory) -> dict[str, tuple[int, str, float]]:
-    """The same fp16 text-encoder export twice: stderr on a terminal, and on a pipe."""
-    folder = tmp_path_factory.mktemp("progress")
-    args = [SDEXPORT, "convert", "tiny-sd", "--components", "text_encoder", "--dtype", "fp16"]
-    runs = {}
+def on_terminal(tmp_path_factory) -> tuple[int, str, float]:
+    """An fp16 text-encoder export with stderr on a terminal: its exit code, stderr and wall time."""
+    out = tmp_path_factory.mktemp("progress") / "tty"
     started = time.perf_counter()
-    code, err = run_on_terminal([*args, "-o", str(folder / "tty")])
-    runs["tty"] = (code, err, time.perf_counter() - started)
-    piped = subprocess.run([*args, "-o", str(folder / "pipe")], capture_output=True, text=True)
-    runs["pipe"] = (piped.returncode, piped.stderr, 0.0)
-    return runs
+    code, err = run_on_terminal(
+        [SDEXPORT, "convert", "tiny-sd", "--components", "text_encoder", "--dtype", "fp16", "-o", str(out)]
+    )
+    return code, err, time.perf_counter() - started
 
 
-def test_terminal_shows_each_phase_in_order_with_times(converts):
-    code, err, wall = converts["tty"]
+def test_terminal_shows_each_phase_in_order_with_times(on_terminal):
+    code, err, wall = on_terminal
     assert code == 0, err
     phases = [m.groups() for m in map(LINE.match, err.splitlines()) if m]
     assert [(c, p) for c, p, *_ in phases] == [
@@ -78,14 +56,23 @@ def test_terminal_shows_each_phase_in_order_with_times(converts):
     assert first("pipeline: manifest") < first("wrote ")
 
 
-def test_pipe_gets_only_the_export_lines(converts):
-    code, err, _ = converts["pipe"]
-    assert code == 0, err
-    tty_lines = [line for line in converts["tty"][1].splitlines() if not LINE.match(line)]
-    assert not any(LINE.match(line) for line in err.splitlines()), err
-    # the same lines as on the terminal, less the phases (times and paths differ)
-    shape = [re.sub(r"[\d.]+|/\S+", "#", line) for line in err.splitlines()]
-    assert shape == [re.sub(r"[\d.]+|/\S+", "#", line) for line in tty_lines]
+def fake_convert(source, out, log, **options) -> None:
+    """Stands in for the export (which the terminal test runs): its log lines and two phases."""
+    log("loaded")
+    progress.mark("unet", "trace")
+    progress.mark("unet", "optimize")
+    log("exported unet")
+
+
+@pytest.mark.parametrize("flag, shown", [((), False), (("--progress",), True)])
+def test_not_a_terminal_gets_the_export_lines_only(monkeypatch, capsys, tmp_path, flag, shown):
+    monkeypatch.setattr(converting, "convert", fake_convert)
+    assert main(["convert", "tiny-sd", "-o", str(tmp_path / "out"), *flag]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert [line for line in lines if not LINE.match(line)] == ["loaded", "exported unet"]
+    assert [LINE.match(line).group(1, 2) for line in lines if LINE.match(line)] == (
+        [("unet", "trace"), ("unet", "optimize")] if shown else []
+    )
 
 
 def test_nothing_is_written_unless_reporting():
