@@ -36,6 +36,8 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile  # what Request.form() holds (FastAPI's is a subclass)
+from starlette.exceptions import HTTPException
 
 from . import web
 from .errors import InvalidArgument, UserError
@@ -44,9 +46,12 @@ from .memory import resident_memory
 from .serving import (
     DrawResult,
     ImageRequest,
+    ImageStore,
     ModelFacts,
+    RequestError,
     draw_batch,
     draw_stream,
+    edit_body,
     embedding_files,
     error_body,
     images_body,
@@ -59,6 +64,8 @@ from .serving import (
 APP_NAME = "sdexport"
 BATCH_WAIT_S = 0.02  # how long a replica waits for more requests to fill a batch once one has come in
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20  # requests and PNGs are small; Ray's default takes 30% of the RAM
+URL_TTL_S = 600.0  # how long the ingress keeps a url request's PNGs to be fetched
+URL_MAX_IMAGES = 256  # and how many at most (the oldest go first): 256 images of 512x512 take about 100 MB
 # What a replica that stopped looks like from the caller: the actor died, is unreachable, or Serve cancelled
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError, RequestCancelledError)
 
@@ -136,10 +143,38 @@ class ImageGenerator:
 api = FastAPI(title="sdexport", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    retry_after: int | None = None,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     """OpenAI's error shape, with Retry-After where waiting helps."""
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(error_body(message, status), status, headers=headers)
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(error_body(message, status, param, code), status, headers=headers or None)
+
+
+@api.exception_handler(HTTPException)
+async def http_error(http: Request, e: HTTPException) -> JSONResponse:
+    """Starlette's own answers (an unknown route, a method a route does not take) in OpenAI's error shape."""
+    where = f"{http.method} {http.url.path}"
+    if e.status_code == 405:
+        allowed = (e.headers or {}).get("Allow", "")
+        message = f"{where} is not allowed: this endpoint takes {allowed or 'another method'}"
+    elif e.status_code == 404:
+        message = f"Invalid URL ({where}): see GET /v1/models, POST /v1/images/generations and /v1/images/edits"
+    else:
+        message = f"{where}: {e.detail}"
+    return error_response(e.status_code, message, headers=e.headers)
+
+
+def accepts_png(accept: str | None) -> bool:
+    """An `Accept` header asking for a PNG, not JSON: such a request's default response_format is png."""
+    return accept is not None and "image/png" in accept and "application/json" not in accept
 
 
 @serve.deployment(name="Api", ray_actor_options={"num_cpus": 0})
@@ -153,6 +188,7 @@ class Api:
         self._facts: ModelFacts | None = None
         self._facts_call: asyncio.Future | None = None
         self.seconds_per_request = 1.0  # a running mean of answered requests' time, for Retry-After
+        self.urls = ImageStore(URL_TTL_S, URL_MAX_IMAGES)  # url requests' PNGs: GET /v1/images/{id}.png
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self.seconds_per_request))
@@ -189,20 +225,72 @@ class Api:
             return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
         return JSONResponse({"object": "list", "data": [facts.card()]})
 
-    @api.post("/v1/images/generations")
-    async def generations(self, http: Request) -> Response:
-        started = time.monotonic()
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return error_response(400, f"the body is not JSON: {e}")
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> JSONResponse:
+        """The served model's card (OpenAI's model object), or 404 for any other name."""
         try:
             facts = await asyncio.wait_for(self.facts(), self.timeout_s)
         except (asyncio.TimeoutError, *REPLICA_FAILURES, BackPressureError):
             return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
+        if model != facts.name:
+            message = f"the model {model!r} does not exist: this server serves {facts.name!r}"
+            return error_response(404, message, param="model", code="model_not_found")
+        return JSONResponse(facts.card())
+
+    @api.get("/v1/images/{key}.png")
+    async def image(self, key: str) -> Response:
+        """A url request's image, while the ingress keeps it (URL_TTL_S, URL_MAX_IMAGES)."""
+        png = self.urls.get(key)
+        if png is None:
+            message = f"no image {key}.png here: a url answer's images are kept for {URL_TTL_S / 60:g} minutes"
+            return error_response(404, message, code="image_not_found")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    @api.post("/v1/images/generations")
+    async def generations(self, http: Request) -> Response:
+        """OpenAI's images.generate: a JSON body (parse_request's fields)."""
+        started = time.monotonic()
+        try:
+            body = json.loads(await http.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error_response(400, f"the body is not JSON: {e}", code="invalid_json")
+        return await self.draw_answer(http, body, started)
+
+    @api.post("/v1/images/edits")
+    async def edits(self, http: Request) -> Response:
+        """OpenAI's images.edit: a multipart form with the image (and a mask, OpenAI's: transparent is repainted),
+        drawn as image-to-image or inpainting; or a JSON body as /v1/images/generations takes."""
+        started = time.monotonic()
+        kind = http.headers.get("content-type", "")
+        try:
+            if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+                body = json.loads(await http.body())
+            else:
+                form = await http.form()
+                items = [(k, await v.read() if isinstance(v, UploadFile) else v) for k, v in form.multi_items()]
+                body = await asyncio.to_thread(edit_body, items)  # a thread: it reads the images
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error_response(400, f"the body is neither a multipart form nor JSON: {e}", code="invalid_json")
+        except RequestError as e:
+            return error_response(e.status, str(e), param=e.param, code=e.code)
+        except HTTPException as e:  # a malformed multipart body
+            return error_response(400, f"the body is not a readable multipart form: {e.detail}")
+        if isinstance(body, dict) and body.get("image") is None:
+            return error_response(400, "an edit needs 'image': the picture to edit", param="image")
+        return await self.draw_answer(http, body, started)
+
+    async def draw_answer(self, http: Request, body: object, started: float) -> Response:
+        """A request's body checked and drawn: its images as the response_format asks, or OpenAI's error shape."""
+        try:
+            facts = await asyncio.wait_for(self.facts(), self.timeout_s)
+        except (asyncio.TimeoutError, *REPLICA_FAILURES, BackPressureError):
+            return error_response(503, "no replica answered: the model is starting or busy", self.retry_after())
+        default = "png" if accepts_png(http.headers.get("accept")) else "b64_json"
         try:
             # a thread: decoding a sent image would hold up every other request's answer
-            request = await asyncio.to_thread(parse_request, body, facts)
+            request = await asyncio.to_thread(parse_request, body, facts, default)
+        except RequestError as e:
+            return error_response(e.status, str(e), param=e.param, code=e.code)
         except InvalidArgument as e:
             return error_response(400, str(e))
         if request.stream:
@@ -221,7 +309,11 @@ class Api:
                 media_type="image/png",
                 headers={"X-Seed": str(image.seed), "X-Batch-Images": str(image.batch_images)},
             )
-        return JSONResponse(images_body(result.images))
+        urls = None
+        if request.response_format == "url":
+            base = str(http.base_url).rstrip("/")
+            urls = [f"{base}/v1/images/{self.urls.put(image.png)}.png" for image in result.images]
+        return JSONResponse(images_body(result.images, urls))
 
     async def answer(self, awaitable, handle, started: float) -> tuple[object, Response | None]:
         """A replica's answer within the time left, or the error response for the queue being full (503), the time

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import json
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from PIL import Image
 from .decoders import DECODERS, FULL, TINY, TINY_VAE_HINT, StepPreview, has_tiny_decoder
 from .errors import InvalidArgument, UserError
 from .image import open_image, write_png
-from .manifest import TRANSFORMER_FAMILIES
+from .manifest import MANIFEST_NAME, TRANSFORMER_FAMILIES
 from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .prompt_syntax import SYNTAXES, parse_prompt
@@ -30,6 +31,28 @@ from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, scheduler_class
 from .transformer_plan import T5_LONGEST, TRANSFORMER_DEFAULTS
 
+# OpenAI's Images API fields that do not map onto a field of ours: each value that means what we do anyway is
+# accepted (the default, or for `moderation` "low": there is no moderation here), any other is refused naming it
+OPENAI_CHOICES: dict[str, tuple[object, ...]] = {
+    "output_format": ("png",),
+    "quality": ("auto", "standard"),  # "standard": DALL-E's default
+    "style": ("vivid",),  # DALL-E 3's default
+    "background": ("auto", "opaque"),
+    "moderation": ("auto", "low"),
+    "output_compression": (100,),  # the default; it applies to webp and jpeg only
+    "partial_images": (0,),
+    "input_fidelity": ("low",),  # image edits' default
+}
+# fields of OpenAI's reference for what this server does not make: refused by name when given a value
+OPENAI_UNSUPPORTED = {
+    "complexity": "image planning",
+    "frame_count": "GIF output",
+    "frame_duration_ms": "GIF output",
+    "svg": "SVG output",
+    "markup": "markup edits",
+}
+OPENAI_IGNORED = ("user", "safety_identifier")  # strings for the caller's own records: accepted, not used
+OPENAI_FIELDS = ("model", *OPENAI_CHOICES, *OPENAI_UNSUPPORTED, *OPENAI_IGNORED)
 FIELDS = (
     "prompt",
     "negative_prompt",
@@ -58,6 +81,7 @@ FIELDS = (
     "loras",
     "embeddings",
     "prompt_syntax",
+    *OPENAI_FIELDS,
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
 TRANSFORMER_FIELDS = {
@@ -71,7 +95,7 @@ TRANSFORMER_FIELDS = {
 }
 FAMILY_NAMES = {"sd3": "SD3", "flux": "Flux"}
 CONTROL_FIELDS = ("name", "image", "scale", "start", "end")
-RESPONSE_FORMATS = ("png", "b64_json")
+RESPONSE_FORMATS = ("b64_json", "url", "png")  # OpenAI's two, and raw PNG bytes (one image)
 MAX_STEPS = 150  # as A1111's UI caps them: more steps than this only ties a replica up
 MAX_IMAGES = 8  # per request; a client wanting more sends more requests, which batch with others
 MAX_PROMPT_CHARS = 4000
@@ -85,6 +109,15 @@ LORA_SUFFIX = ".safetensors"
 MAX_EMBEDDINGS = 16  # textual-inversion embeddings per request
 MAX_TOKEN_CHARS = 100  # an embedding's token
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")  # A1111's and diffusers' files
+
+
+class RequestError(InvalidArgument):
+    """A request's mistake, with what OpenAI's error shape names besides the message: the field it is in
+    (`param`, None for the request as a whole), OpenAI's `code` for it, and the HTTP status."""
+
+    def __init__(self, param: str | None, message: str, code: str | None = "invalid_value", status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
 
 
 @dataclass(frozen=True)
@@ -110,6 +143,7 @@ class ModelFacts:
     loras: tuple[str, ...] | None = None  # the LoRAs in the server's --lora-dir, by name; None: no --lora-dir
     embeddings: tuple[str, ...] | None = None  # the server's --embedding-dir files, by name; None: no --embedding-dir
     tiny_decoder: bool = False  # the export has a tiny decoder (--tiny-vae): `decoder: "tiny"`, streamed previews
+    created: int = 0  # when the export was written (its manifest's time, Unix seconds): /v1/models' `created`
 
     @property
     def sizes(self) -> SizeRule:
@@ -127,6 +161,7 @@ class ModelFacts:
         return {
             "id": self.name,
             "object": "model",
+            "created": self.created,
             "owned_by": "sdexport",
             "family": self.family,
             "dtype": self.dtype,
@@ -211,6 +246,7 @@ def model_facts(
         loras=None if loras is None else tuple(loras),
         embeddings=None if embeddings is None else tuple(embeddings),
         tiny_decoder=has_tiny_decoder(manifest.pipeline),
+        created=int((pipe.folder / MANIFEST_NAME).stat().st_mtime),
     )
 
 
@@ -233,12 +269,12 @@ def decode_image(body: Mapping, name: str, what: str, label: str | None = None) 
         return None
     name = label or name
     if not isinstance(value, str):
-        raise InvalidArgument(f"'{name}' must be a base64-encoded PNG or JPEG file, got {type(value).__name__}")
+        raise RequestError(name, f"'{name}' must be a base64-encoded PNG or JPEG file, got {type(value).__name__}")
     try:
         data = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise InvalidArgument(f"'{name}' is not base64 ({e}): send the image file's bytes base64-encoded") from None
-    too_large = InvalidArgument(f"'{name}' is larger than {MAX_SIDE}x{MAX_SIDE} pixels: send a smaller image")
+        raise RequestError(name, f"'{name}' is not base64 ({e}): send the image file's bytes base64-encoded") from None
+    too_large = RequestError(name, f"'{name}' is larger than {MAX_SIDE}x{MAX_SIDE} pixels: send a smaller image")
     try:
         with Image.open(io.BytesIO(data)) as header:  # the header alone: a huge picture is refused undecoded
             width, height = header.size
@@ -248,7 +284,10 @@ def decode_image(body: Mapping, name: str, what: str, label: str | None = None) 
         width = height = 0  # open_image says what is wrong
     if max(width, height) > MAX_SIDE:
         raise too_large
-    open_image(data, what).close()  # the whole file: a damaged one fails here, not on a replica
+    try:
+        open_image(data, what).close()  # the whole file: a damaged one fails here, not on a replica
+    except InvalidArgument as e:
+        raise RequestError(name, str(e)) from None
     return EncodedImage(data, width, height)
 
 
@@ -330,7 +369,7 @@ class ImageRequest:
 def _integer(body: Mapping, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidArgument(f"'{name}' must be an integer from {low} to {high}, got {value!r}")
+        raise RequestError(name, f"'{name}' must be an integer from {low} to {high}, got {value!r}")
     return value
 
 
@@ -339,28 +378,30 @@ def _text(body: Mapping, name: str, required: bool) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
-        raise InvalidArgument(f"'{name}' must be a{' non-empty' if required else ''} string, got {value!r}")
+        raise RequestError(name, f"'{name}' must be a{' non-empty' if required else ''} string, got {value!r}")
     if len(value) > MAX_PROMPT_CHARS:
-        raise InvalidArgument(f"'{name}' is {len(value)} characters long: keep it under {MAX_PROMPT_CHARS}")
+        raise RequestError(name, f"'{name}' is {len(value)} characters long: keep it under {MAX_PROMPT_CHARS}")
     return value
 
 
 def parse_size(value: object, facts: ModelFacts, image: EncodedImage | None = None) -> tuple[int, int]:
     """'WIDTHxHEIGHT' as OpenAI's `size` writes it, checked against the export's size multiple; when absent, the
     image's size rounded down to the size multiple (as `sdruntime generate --image` draws), else the default."""
-    if value is None and image is not None:
+    if value in (None, "auto") and image is not None:
         height, width = facts.sizes.round_down(image.height, image.width)
         value = f"{width}x{height}"
-    if value is None:
+    if value is None or value == "auto":  # OpenAI's "auto": the export's default size
         return facts.default_size
     parts = value.lower().split("x") if isinstance(value, str) else []
     if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise InvalidArgument(
-            f"'size' must be 'WIDTHxHEIGHT' such as '{facts.default_size[0]}x{facts.default_size[1]}', got {value!r}"
+        raise RequestError(
+            "size",
+            f"'size' must be 'WIDTHxHEIGHT' such as '{facts.default_size[0]}x{facts.default_size[1]}', got {value!r}",
         )
     width, height = int(parts[0]), int(parts[1])
-    not_multiples = InvalidArgument(
-        f"'size' {value} must be multiples of {facts.size_multiple} up to {MAX_SIDE} (this export's size multiple)"
+    not_multiples = RequestError(
+        "size",
+        f"'size' {value} must be multiples of {facts.size_multiple} up to {MAX_SIDE} (this export's size multiple)",
     )
     if width > MAX_SIDE or height > MAX_SIDE:
         raise not_multiples
@@ -369,35 +410,41 @@ def parse_size(value: object, facts: ModelFacts, image: EncodedImage | None = No
     except SizeError as e:
         if e.static is None:
             raise not_multiples from None
-        raise InvalidArgument(f"this export is static at {e.static[1]}x{e.static[0]}: ask for that size") from None
+        raise RequestError("size", f"this export is static at {e.static[1]}x{e.static[0]}: ask for that size") from None
     return width, height
 
 
-def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
-    """A request's JSON body -> ImageRequest; any mistake raises InvalidArgument, one line naming the field."""
+def parse_request(body: object, facts: ModelFacts, default_format: str = "b64_json") -> ImageRequest:
+    """A request's JSON body -> ImageRequest; any mistake raises RequestError, one line naming the field.
+    `default_format`: the response_format of a request that names none (serve.py: "png" for `Accept: image/png`)."""
     if not isinstance(body, Mapping):
-        raise InvalidArgument('the body must be a JSON object such as {"prompt": "a red circle"}')
+        raise RequestError(None, 'the body must be a JSON object such as {"prompt": "a red circle"}')
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise InvalidArgument(f"unknown field '{unknown[0]}': the fields are {', '.join(FIELDS)}")
+        raise RequestError(
+            unknown[0], f"unknown field '{unknown[0]}': the fields are {', '.join(FIELDS)}", "unknown_parameter"
+        )
+    check_openai_fields(body, facts)
     prompt = _text(body, "prompt", required=True)
     negative = _text(body, "negative_prompt", required=False)
     transformer_fields = parse_transformer_fields(body, facts)
     sigmas = transformer_fields["sigmas"]
     steps = _integer(body, "steps", facts.default_steps if sigmas is None else len(sigmas), 1, MAX_STEPS)
     if sigmas is not None and steps != len(sigmas):
-        raise InvalidArgument(f"'steps' {steps} with {len(sigmas)} 'sigmas': the sigmas set the steps, leave steps out")
+        raise RequestError(
+            "steps", f"'steps' {steps} with {len(sigmas)} 'sigmas': the sigmas set the steps, leave steps out"
+        )
     n = _integer(body, "n", 1, 1, MAX_IMAGES)
     guidance = _scale(body, "guidance")  # None: the plan's default, for the family and the mode
-    scheduler = scheduler_class(body.get("scheduler") or facts.default_scheduler, facts.flow_matching).NAME
+    scheduler = _scheduler(body, facts)
     options = _scheduler_options(body, scheduler, facts.flow_matching)
     # drawn here when not given, not in the pipeline, so that the response can say which seed brings each image back
     start = None if body.get("seed") is None else _integer(body, "seed", 0, 0, SEED_LIMIT - 1)
     seeds = batch_seeds(n, start)
     image, mask = decode_image(body, "image", "init image"), decode_image(body, "mask", "mask image")
     if (image or mask) and not facts.image_inputs:
-        raise InvalidArgument(
-            "this export has no VAE encoder, so it draws from prompts alone: leave out 'image' and 'mask'"
+        raise RequestError(
+            "image", "this export has no VAE encoder, so it draws from prompts alone: leave out 'image' and 'mask'"
         )
     strength = _strength(body, image)
     control = parse_control(body, facts)
@@ -407,13 +454,7 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     follows = None if facts.flow_matching else image or (control[0].image if control else None)
     width, height = parse_size(body.get("size"), facts, follows)
     stream = _flag(body, "stream")
-    response_format = body.get("response_format") or ("png" if n == 1 and not stream else "b64_json")
-    if response_format not in RESPONSE_FORMATS:
-        raise InvalidArgument(f"unknown response_format {response_format!r}: choose png or b64_json")
-    if response_format == "png" and n > 1:
-        raise InvalidArgument(f"a PNG response holds one image: ask n=1, or response_format b64_json for {n}")
-    if response_format == "png" and stream:
-        raise InvalidArgument("a streamed response carries its images as b64_json: leave out response_format")
+    response_format = _response_format(body, n, stream, default_format)
     return ImageRequest(
         prompt=prompt,
         negative_prompt=negative,
@@ -439,6 +480,59 @@ def parse_request(body: object, facts: ModelFacts) -> ImageRequest:
     )
 
 
+def _response_format(body: Mapping, n: int, stream: bool, default: str) -> str:
+    """`response_format`: OpenAI's b64_json (JSON, the default) or url (served for a while: ImageStore), or png (the
+    PNG file itself, for one image); a streamed request's images come as b64_json in its `result` event."""
+    value = body.get("response_format")
+    if value is not None and value not in RESPONSE_FORMATS:
+        raise RequestError(
+            "response_format", f"unknown response_format {value!r}: choose {', '.join(RESPONSE_FORMATS)}"
+        )
+    if stream:
+        if value not in (None, "b64_json"):
+            raise RequestError(
+                "response_format", "a streamed response carries its images as b64_json: leave out response_format"
+            )
+        return "b64_json"
+    value = value or default
+    if value == "png" and n > 1:
+        raise RequestError(
+            "response_format", f"a PNG response holds one image: ask n=1, or response_format b64_json for {n}"
+        )
+    return value
+
+
+def check_openai_fields(body: Mapping, facts: ModelFacts) -> None:
+    """OpenAI's fields that are not ours (OPENAI_FIELDS): `model` must name this export (else 404, as OpenAI
+    answers an unknown model), the others take the values that mean what this server does."""
+    model = body.get("model")
+    if model is not None and model != facts.name:
+        message = f"the model {model!r} does not exist: this server serves {facts.name!r} (GET /v1/models)"
+        raise RequestError("model", message, "model_not_found", 404)
+    for name, choices in OPENAI_CHOICES.items():
+        value = body.get(name)
+        if value is not None and (value not in choices or isinstance(value, bool)):
+            listed = " or ".join(repr(c) if isinstance(c, str) else str(c) for c in choices)
+            message = f"'{name}' {value!r} is not available here: leave it out, or send {listed}"
+            raise RequestError(name, message, "unsupported_value")
+    for name, what in OPENAI_UNSUPPORTED.items():
+        if body.get(name) is not None:
+            raise RequestError(
+                name, f"'{name}' asks for {what}, which this server does not do: leave it out", "unsupported_parameter"
+            )
+    for name in OPENAI_IGNORED:
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(name, f"'{name}' must be a string, got {body[name]!r}", "invalid_type")
+
+
+def _scheduler(body: Mapping, facts: ModelFacts) -> str:
+    """`scheduler`: a name of schedulers/ (the export's own by default)."""
+    try:
+        return scheduler_class(body.get("scheduler") or facts.default_scheduler, facts.flow_matching).NAME
+    except InvalidArgument as e:
+        raise RequestError("scheduler", str(e)) from None
+
+
 def _prompt_syntax(body: Mapping, facts: ModelFacts, texts: Sequence[str | None]) -> str | None:
     """`prompt_syntax`: "compel" or "a1111", as `generate --prompt-syntax`; the prompts are parsed here, so that a
     mistake in one gets 400 before a replica draws."""
@@ -446,19 +540,24 @@ def _prompt_syntax(body: Mapping, facts: ModelFacts, texts: Sequence[str | None]
     if value is None:
         return None
     if value not in SYNTAXES:
-        raise InvalidArgument(f"unknown prompt_syntax {value!r}: choose {' or '.join(SYNTAXES)}")
+        raise RequestError("prompt_syntax", f"unknown prompt_syntax {value!r}: choose {' or '.join(SYNTAXES)}")
     if facts.flow_matching:
-        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports take no 'prompt_syntax': leave it out")
-    for text in texts:
+        raise RequestError(
+            "prompt_syntax", f"{FAMILY_NAMES[facts.family]} exports take no 'prompt_syntax': leave it out"
+        )
+    for param, text in zip(("prompt", "negative_prompt"), texts):
         if text is not None:
-            parse_prompt(text, value)
+            try:
+                parse_prompt(text, value)
+            except InvalidArgument as e:
+                raise RequestError(param, str(e)) from None
     return value
 
 
 def _flag(body: Mapping, name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
-        raise InvalidArgument(f"'{name}' must be true or false, got {value!r}")
+        raise RequestError(name, f"'{name}' must be true or false, got {value!r}")
     return value
 
 
@@ -466,11 +565,11 @@ def _decoder(body: Mapping, facts: ModelFacts) -> str:
     """`decoder`: "full" (the VAE's, the default) or "tiny" (the export's tiny decoder), as `generate --decoder`."""
     value = body.get("decoder") or FULL
     if value not in DECODERS:
-        raise InvalidArgument(f"unknown decoder {value!r}: choose {' or '.join(DECODERS)}")
+        raise RequestError("decoder", f"unknown decoder {value!r}: choose {' or '.join(DECODERS)}")
     if value == TINY and facts.flow_matching:
-        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports have no tiny decoder: leave out 'decoder'")
+        raise RequestError("decoder", f"{FAMILY_NAMES[facts.family]} exports have no tiny decoder: leave out 'decoder'")
     if value == TINY and not facts.tiny_decoder:
-        raise InvalidArgument(f"this export has no tiny decoder: leave out 'decoder', or {TINY_VAE_HINT}")
+        raise RequestError("decoder", f"this export has no tiny decoder: leave out 'decoder', or {TINY_VAE_HINT}")
     return value
 
 
@@ -480,8 +579,8 @@ def parse_transformer_fields(body: Mapping, facts: ModelFacts) -> dict[str, obje
     for name, families in TRANSFORMER_FIELDS.items():
         if body.get(name) is not None and facts.family not in families:
             takes = " and ".join(FAMILY_NAMES[f] for f in families)
-            raise InvalidArgument(
-                f"'{name}' applies to {takes} exports; this {facts.family} export does not take it: leave it out"
+            raise RequestError(
+                name, f"'{name}' applies to {takes} exports; this {facts.family} export does not take it: leave it out"
             )
     prompts = ("prompt_2", "prompt_3", "negative_prompt_2", "negative_prompt_3")
     fields: dict[str, object] = {name: _text(body, name, required=False) for name in prompts}
@@ -499,10 +598,11 @@ def parse_loras(body: Mapping, facts: ModelFacts) -> tuple[tuple[str, float], ..
     if entries is None:
         return ()
     if facts.loras is None:
-        raise InvalidArgument("this server takes no LoRAs: leave out 'loras', or start it with --lora-dir FOLDER")
+        raise RequestError("loras", "this server takes no LoRAs: leave out 'loras', or start it with --lora-dir FOLDER")
     if not isinstance(entries, list) or len(entries) > MAX_LORAS:
-        raise InvalidArgument(
-            f'\'loras\' must be a list of up to {MAX_LORAS} entries such as {{"name": "style", "scale": 0.8}} or "style:0.8"'
+        raise RequestError(
+            "loras",
+            f'\'loras\' must be a list of up to {MAX_LORAS} entries such as {{"name": "style", "scale": 0.8}} or "style:0.8"',
         )
     return tuple(_lora_entry(entry, f"loras[{i}]", facts.loras) for i, entry in enumerate(entries))
 
@@ -514,21 +614,24 @@ def _lora_entry(entry: object, where: str, offered: Sequence[str]) -> tuple[str,
     elif isinstance(entry, Mapping) and not set(entry) - {"name", "scale"}:
         name, scale = entry.get("name"), entry.get("scale", 1.0)
     else:
-        raise InvalidArgument(f"'{where}' must be \"NAME[:SCALE]\" or an object with 'name' and 'scale', got {entry!r}")
+        raise RequestError(
+            "loras", f"'{where}' must be \"NAME[:SCALE]\" or an object with 'name' and 'scale', got {entry!r}"
+        )
     try:
         scale = None if isinstance(scale, bool) else float(scale)
     except (TypeError, ValueError):
         scale = None
     if scale is None or not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
-        raise InvalidArgument(f"'{where}' scale must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+        raise RequestError("loras", f"'{where}' scale must be a number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
     if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
-        raise InvalidArgument(
-            f"'{where}' names {name!r}: a LoRA is named by its file name in the server's LoRA folder, without a path"
+        raise RequestError(
+            "loras",
+            f"'{where}' names {name!r}: a LoRA is named by its file name in the server's LoRA folder, without a path",
         )
     name = name[: -len(LORA_SUFFIX)] if name.endswith(LORA_SUFFIX) else name
     if name not in offered:
         listed = ", ".join(offered[:20]) or "none"
-        raise InvalidArgument(f"unknown LoRA {name!r} in '{where}': this server offers {listed}")
+        raise RequestError("loras", f"unknown LoRA {name!r} in '{where}': this server offers {listed}")
     return name, scale
 
 
@@ -540,15 +643,17 @@ def parse_embeddings(body: Mapping, facts: ModelFacts) -> tuple[tuple[str | None
     if entries is None:
         return ()
     if facts.flow_matching:
-        raise InvalidArgument(f"{FAMILY_NAMES[facts.family]} exports take no 'embeddings': leave them out")
+        raise RequestError("embeddings", f"{FAMILY_NAMES[facts.family]} exports take no 'embeddings': leave them out")
     if facts.embeddings is None:
-        raise InvalidArgument(
-            "this server takes no embeddings: leave out 'embeddings', or start it with --embedding-dir FOLDER"
+        raise RequestError(
+            "embeddings",
+            "this server takes no embeddings: leave out 'embeddings', or start it with --embedding-dir FOLDER",
         )
     if not isinstance(entries, list) or len(entries) > MAX_EMBEDDINGS:
-        raise InvalidArgument(
+        raise RequestError(
+            "embeddings",
             f"'embeddings' must be a list of up to {MAX_EMBEDDINGS} entries such as \"<cat-toy>=cat_toy\" or "
-            '{"name": "cat_toy", "token": "<cat-toy>"}'
+            '{"name": "cat_toy", "token": "<cat-toy>"}',
         )
     return tuple(_embedding_entry(entry, f"embeddings[{i}]", facts.embeddings) for i, entry in enumerate(entries))
 
@@ -560,17 +665,22 @@ def _embedding_entry(entry: object, where: str, offered: Sequence[str]) -> tuple
     elif isinstance(entry, Mapping) and not set(entry) - {"name", "token"}:
         token, name = entry.get("token"), entry.get("name")
     else:
-        raise InvalidArgument(f"'{where}' must be \"[TOKEN=]NAME\" or an object with 'name' and 'token', got {entry!r}")
+        raise RequestError(
+            "embeddings", f"'{where}' must be \"[TOKEN=]NAME\" or an object with 'name' and 'token', got {entry!r}"
+        )
     if token is not None and (not isinstance(token, str) or not token.strip() or len(token) > MAX_TOKEN_CHARS):
-        raise InvalidArgument(f"'{where}' token must be a non-empty string of up to {MAX_TOKEN_CHARS} characters")
+        raise RequestError(
+            "embeddings", f"'{where}' token must be a non-empty string of up to {MAX_TOKEN_CHARS} characters"
+        )
     if not isinstance(name, str) or not name or any(c in name for c in "/\\\0") or name.startswith("."):
-        raise InvalidArgument(
-            f"'{where}' names {name!r}: an embedding is named by its file name in the server's folder, without a path"
+        raise RequestError(
+            "embeddings",
+            f"'{where}' names {name!r}: an embedding is named by its file name in the server's folder, without a path",
         )
     name = next((name[: -len(s)] for s in EMBEDDING_SUFFIXES if name.endswith(s)), name)
     if name not in offered:
         listed = ", ".join(offered[:20]) or "none"
-        raise InvalidArgument(f"unknown embedding {name!r} in '{where}': this server offers {listed}")
+        raise RequestError("embeddings", f"unknown embedding {name!r} in '{where}': this server offers {listed}")
     return token, name
 
 
@@ -580,7 +690,7 @@ def _scale(body: Mapping, name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= MAX_GUIDANCE:
-        raise InvalidArgument(f"'{name}' must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}")
+        raise RequestError(name, f"'{name}' must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}")
     return float(value)
 
 
@@ -593,7 +703,7 @@ def _sigmas(body: Mapping) -> tuple[float, ...] | None:
         isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in value
     )
     if not numbers or not 1 <= len(value) <= MAX_STEPS:
-        raise InvalidArgument(f"'sigmas' must be a list of 1 to {MAX_STEPS} numbers from 0 to 1, one per step")
+        raise RequestError("sigmas", f"'sigmas' must be a list of 1 to {MAX_STEPS} numbers from 0 to 1, one per step")
     return tuple(float(v) for v in value)
 
 
@@ -604,38 +714,47 @@ def parse_control(body: Mapping, facts: ModelFacts) -> tuple[ControlImage, ...]:
     if entries is None:
         return ()
     if not isinstance(entries, list) or not entries or not all(isinstance(e, Mapping) for e in entries):
-        raise InvalidArgument(
-            '\'control\' must be a non-empty list of objects such as {"name": "canny", "image": "<base64 PNG>"}'
+        raise RequestError(
+            "control",
+            '\'control\' must be a non-empty list of objects such as {"name": "canny", "image": "<base64 PNG>"}',
         )
     if not facts.controlnets:
-        raise InvalidArgument(
-            "this export has no ControlNet: leave out 'control', or add one with `sdexport add-controlnet OUT [NAME=]PATH`"
+        raise RequestError(
+            "control",
+            "this export has no ControlNet: leave out 'control', or add one with `sdexport add-controlnet OUT [NAME=]PATH`",
         )
     if len(entries) > MAX_CONTROLS:
-        raise InvalidArgument(f"'control' has {len(entries)} entries: send at most {MAX_CONTROLS}")
+        raise RequestError("control", f"'control' has {len(entries)} entries: send at most {MAX_CONTROLS}")
     return tuple(_control_entry(entry, f"control[{i}]", facts.controlnets) for i, entry in enumerate(entries))
 
 
 def _control_entry(entry: Mapping, where: str, exported: Sequence[str]) -> ControlImage:
     unknown = sorted(set(entry) - set(CONTROL_FIELDS))
     if unknown:
-        raise InvalidArgument(f"unknown field '{where}.{unknown[0]}': an entry has {', '.join(CONTROL_FIELDS)}")
+        raise RequestError("control", f"unknown field '{where}.{unknown[0]}': an entry has {', '.join(CONTROL_FIELDS)}")
     name = entry.get("name")
     if name is None and len(exported) != 1:
-        raise InvalidArgument(
+        raise RequestError(
+            "control",
             f"'{where}' has no 'name' and this export has {len(exported)} ControlNets ({', '.join(exported)}): "
-            "name the one its image is for"
+            "name the one its image is for",
         )
     if name is not None and name not in exported:
-        raise InvalidArgument(f"unknown ControlNet {name!r} in '{where}.name': this export has {', '.join(exported)}")
+        raise RequestError(
+            "control", f"unknown ControlNet {name!r} in '{where}.name': this export has {', '.join(exported)}"
+        )
     image = decode_image(entry, "image", "control image", f"{where}.image")
     if image is None:
-        raise InvalidArgument(f"'{where}' has no 'image': send the control image, a base64-encoded PNG or JPEG file")
+        raise RequestError(
+            "control", f"'{where}' has no 'image': send the control image, a base64-encoded PNG or JPEG file"
+        )
     scale = _number(entry, "scale", where, 0.0, MAX_CONTROL_SCALE)
     start, end = _number(entry, "start", where, 0.0, 1.0), _number(entry, "end", where, 0.0, 1.0)
     start, end = 0.0 if start is None else start, 1.0 if end is None else end
     if start >= end:
-        raise InvalidArgument(f"'{where}': 'start' {start:g} must be below 'end' {end:g} (fractions of the steps)")
+        raise RequestError(
+            "control", f"'{where}': 'start' {start:g} must be below 'end' {end:g} (fractions of the steps)"
+        )
     return ControlImage(name or exported[0], image, scale, start, end)
 
 
@@ -643,9 +762,11 @@ def _guess_mode(body: Mapping, control: Sequence[ControlImage]) -> bool:
     """`guess_mode`, as `--guess-mode`: the ControlNets see the prompt's half of the batch only."""
     value = body.get("guess_mode", False)
     if not isinstance(value, bool):
-        raise InvalidArgument(f"'guess_mode' must be true or false, got {value!r}")
+        raise RequestError("guess_mode", f"'guess_mode' must be true or false, got {value!r}")
     if value and not control:
-        raise InvalidArgument("'guess_mode' applies to ControlNets: send 'control' too, or leave guess_mode out")
+        raise RequestError(
+            "guess_mode", "'guess_mode' applies to ControlNets: send 'control' too, or leave guess_mode out"
+        )
     return value
 
 
@@ -655,7 +776,7 @@ def _number(entry: Mapping, name: str, where: str, low: float, high: float) -> f
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise InvalidArgument(f"'{where}.{name}' must be a number from {low:g} to {high:g}, got {value!r}")
+        raise RequestError("control", f"'{where}.{name}' must be a number from {low:g} to {high:g}, got {value!r}")
     return float(value)
 
 
@@ -665,9 +786,9 @@ def _strength(body: Mapping, image: EncodedImage | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise InvalidArgument(f"'strength' must be a number in (0, 1], got {value!r}")
+        raise RequestError("strength", f"'strength' must be a number in (0, 1], got {value!r}")
     if image is None:
-        raise InvalidArgument("'strength' says how far to noise 'image': send an image, or leave strength out")
+        raise RequestError("strength", "'strength' says how far to noise 'image': send an image, or leave strength out")
     return float(value)
 
 
@@ -677,12 +798,91 @@ def _scheduler_options(body: Mapping, scheduler: str, flow_matching: bool) -> tu
     if not isinstance(options, Mapping) or not all(
         isinstance(v, (str, int, float, bool)) or v is None for v in options.values()
     ):
-        raise InvalidArgument("'scheduler_options' must be an object of plain values, e.g. {\"clip_sample\": false}")
+        raise RequestError(
+            "scheduler_options", "'scheduler_options' must be an object of plain values, e.g. {\"clip_sample\": false}"
+        )
     known = scheduler_class(scheduler, flow_matching).DEFAULTS
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise InvalidArgument(f"{scheduler} has no setting {unknown[0]!r}: choose among {', '.join(sorted(known))}")
+        raise RequestError(
+            "scheduler_options", f"{scheduler} has no setting {unknown[0]!r}: choose among {', '.join(sorted(known))}"
+        )
     return tuple(sorted(options.items()))
+
+
+# -- images.edit: a multipart form ---------------------------------------------------------------------------------
+
+
+# the fields whose form values are text as sent; any other's value is read as JSON ("2", "7.5", "true", ...)
+FORM_TEXT_FIELDS = frozenset(
+    name
+    for name in FIELDS
+    if name.startswith(("prompt", "negative_prompt")) or name in ("scheduler", "size", "response_format", "decoder")
+) | frozenset(("model", "user", "safety_identifier", *(n for n, c in OPENAI_CHOICES.items() if isinstance(c[0], str))))
+
+
+def edit_body(form: Sequence[tuple[str, str | bytes]]) -> dict[str, object]:
+    """An images.edit multipart form (OpenAI's: `image` or `image[]` files, a `mask` file, fields as text, `x[]` for
+    lists and `x[key]` for objects) -> the JSON body parse_request reads: the image and the mask as this server's
+    (edit_inputs), other values read as JSON unless FORM_TEXT_FIELDS keeps them text."""
+    body: dict[str, object] = {}
+    images: list[bytes] = []
+    for key, value in form:
+        name, _, rest = key.partition("[")
+        if name == "image":
+            images.append(value if isinstance(value, bytes) else value.encode())
+            continue
+        if isinstance(value, bytes) and name != "mask":
+            raise RequestError(name, f"'{name}' is a file: only 'image' and 'mask' are", "invalid_type")
+        if isinstance(value, str) and name not in FORM_TEXT_FIELDS:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass  # a word such as a scheduler's name: the field's own check says whether it fits
+        if rest == "]":
+            body.setdefault(name, []).append(value)  # type: ignore[union-attr]
+        elif rest.endswith("]"):
+            body.setdefault(name, {})[rest[:-1]] = value  # type: ignore[index]
+        else:
+            body[name] = value
+    if len(images) != 1:
+        raise RequestError("image", f"send one 'image' file to edit, got {len(images)}", "missing_required_parameter")
+    mask = body.pop("mask", None)
+    if mask is not None and not isinstance(mask, bytes):
+        raise RequestError("mask", "'mask' must be a PNG file", "invalid_type")
+    image, mask = edit_inputs(images[0], mask)
+    body["image"] = base64.b64encode(image).decode("ascii")
+    if mask is not None:
+        body["mask"] = base64.b64encode(mask).decode("ascii")
+    return body
+
+
+def edit_inputs(image: bytes, mask: bytes | None) -> tuple[bytes, bytes | None]:
+    """An edit's image and mask in this server's terms (white is repainted): OpenAI's mask repaints where it is
+    fully transparent; a mask without an alpha channel is taken as white-repaints already. Without a mask, an image's
+    own fully transparent pixels are the mask (as DALL-E 2 edits); an opaque image is drawn from (image-to-image)."""
+    if mask is not None:
+        return image, _transparent_white(mask, "mask") or mask
+    return image, _transparent_white(image, "image")
+
+
+def _transparent_white(data: bytes, param: str) -> bytes | None:
+    """A mask PNG, white where `data`'s picture is fully transparent; None when it has no alpha channel or no such
+    pixel (an image) or no alpha channel (a mask)."""
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            if max(picture.size) > MAX_SIDE:
+                return None  # decode_image refuses it, undecoded
+            if picture.mode not in ("RGBA", "LA", "PA") and "transparency" not in picture.info:
+                return None
+            alpha = picture.convert("RGBA").getchannel("A")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(param, f"cannot read the '{param}' file ({e}): send a PNG") from None
+    if param == "image" and alpha.getextrema()[0] != 0:
+        return None
+    buffer = io.BytesIO()
+    alpha.point(lambda a: 255 if a == 0 else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclass
@@ -805,18 +1005,48 @@ def draw_batch(
 # -- streamed requests: server-sent events -------------------------------------------------------------------------
 
 
-def images_body(images: Sequence[DrawnImage]) -> dict[str, object]:
-    """The JSON answer of a b64_json request (OpenAI's shape, with each image's seed, parameters and batch size)."""
+def images_body(images: Sequence[DrawnImage], urls: Sequence[str] | None = None) -> dict[str, object]:
+    """The JSON answer (OpenAI's ImagesResponse, with each image's seed, parameters and batch size): each image's
+    PNG as `b64_json`, or with `urls` (a url request's, ImageStore) where to fetch it."""
     data = [
         {
-            "b64_json": base64.b64encode(i.png).decode("ascii"),
+            **({"b64_json": base64.b64encode(i.png).decode("ascii")} if urls is None else {"url": urls[k]}),
             "seed": i.seed,
             "parameters": i.parameters,
             "batch_images": i.batch_images,
         }
-        for i in images
+        for k, i in enumerate(images)
     ]
-    return {"created": int(time.time()), "data": data}
+    return {"created": int(time.time()), "data": data, "output_format": "png"}
+
+
+class ImageStore:
+    """The PNGs of `response_format: "url"` requests, kept in memory for `ttl_s` seconds and at most `max_images`
+    of them (the oldest go first), each under an unguessable id: GET /v1/images/{id}.png serves it."""
+
+    def __init__(self, ttl_s: float, max_images: int, clock: Callable[[], float] = time.monotonic):
+        self.ttl_s, self.max_images, self.clock = ttl_s, max_images, clock
+        self.images: dict[str, tuple[float, bytes]] = {}  # id -> (expiry, PNG), oldest first
+
+    def put(self, png: bytes) -> str:
+        """Keep `png`; its id."""
+        self.expire()
+        while len(self.images) >= self.max_images:
+            del self.images[next(iter(self.images))]
+        key = secrets.token_urlsafe(16)
+        self.images[key] = (self.clock() + self.ttl_s, png)
+        return key
+
+    def get(self, key: str) -> bytes | None:
+        """The PNG kept as `key`, or None once it expired or was never kept."""
+        self.expire()
+        kept = self.images.get(key)
+        return None if kept is None else kept[1]
+
+    def expire(self) -> None:
+        now = self.clock()
+        for key in [key for key, (expiry, _) in self.images.items() if expiry <= now]:
+            del self.images[key]
 
 
 def sse_event(event: str, data: Mapping[str, object]) -> str:
@@ -824,10 +1054,11 @@ def sse_event(event: str, data: Mapping[str, object]) -> str:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def error_body(message: str, status: int) -> dict[str, object]:
-    """OpenAI's error shape (serve.error_response's body)."""
-    kind = "invalid_request_error" if status == 400 else "server_error"
-    return {"error": {"message": message, "type": kind, "code": status}}
+def error_body(message: str, status: int, param: str | None = None, code: str | None = None) -> dict[str, object]:
+    """OpenAI's error shape (serve.error_response's body): the message, its type (the client's mistake or the
+    server's), the field it is about (`param`) and OpenAI's code for it, a string or null."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def progress_event(preview: StepPreview) -> str:

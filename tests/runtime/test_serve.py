@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 import urllib.error
 import urllib.request
 import zlib
@@ -32,7 +33,15 @@ from sdruntime.cli import main as sdruntime_main
 from sdruntime.errors import InvalidArgument
 from sdruntime.manifest import read_manifest
 from sdruntime.pipeline import StableDiffusionPipeline
-from sdruntime.serving import ModelFacts, draw_batch, model_facts, parse_request
+from sdruntime.serving import (
+    ImageStore,
+    ModelFacts,
+    RequestError,
+    draw_batch,
+    edit_body,
+    model_facts,
+    parse_request,
+)
 
 PROMPT = "a red circle on a blue background, center"
 GENERATOR_TITLE = "ServeReplica:sdexport:ImageGenerator"
@@ -81,7 +90,12 @@ def test_request_defaults_and_seeds_follow_the_cli(facts):
     assert request.response_format == "b64_json" and request.negative_prompt is None
     m = facts.size_multiple
     single = parse_request({"prompt": PROMPT, "size": f"{2 * m}x{3 * m}"}, facts)
-    assert single.response_format == "png" and (single.width, single.height) == (2 * m, 3 * m)
+    assert single.response_format == "b64_json" and (single.width, single.height) == (2 * m, 3 * m)  # OpenAI's
+    assert parse_request({"prompt": PROMPT}, facts, default_format="png").response_format == "png"  # Accept: image/png
+    assert (parse_request({"prompt": PROMPT, "size": "auto"}, facts).width, single.height) == (
+        facts.default_size[0],
+        3 * m,
+    )
     assert 0 <= single.seeds[0] < 2**32  # drawn by the server, so the answer can name it
 
 
@@ -117,6 +131,132 @@ def test_bad_requests_are_refused_in_one_line(facts, body, message):
     with pytest.raises(InvalidArgument, match=message) as caught:
         parse_request(body, facts)
     assert "\n" not in str(caught.value)
+
+
+def openai_fields(params: type) -> dict[str, tuple]:
+    """The fields of an openai request type (image_generate_params.py's, image_edit_params.py's), each with the
+    values its Literal lists (none for free values)."""
+    hints = typing.get_type_hints(params, include_extras=True)
+
+    def literals(hint) -> tuple:
+        if typing.get_origin(hint) is typing.Literal:
+            return typing.get_args(hint)
+        return tuple(v for arg in typing.get_args(hint) for v in literals(arg))
+
+    return {name: literals(hint) for name, hint in hints.items()}
+
+
+@pytest.mark.parametrize("params", ["ImageGenerateParamsNonStreaming", "ImageEditParamsNonStreaming"])
+def test_every_field_of_openais_reference_is_taken_or_refused_by_name(facts, params):
+    """Field by field, value by value, as the openai package's types list them: each value draws or is refused in one
+    line naming its field (OpenAI's `param`), never as an unknown field; the values that mean what this server does
+    (the defaults) are taken."""
+    openai_types = pytest.importorskip("openai.types")
+    module = "image_generate_params" if params.startswith("ImageGenerate") else "image_edit_params"
+    fields = openai_fields(getattr(getattr(openai_types, module), params))
+    assert {"model", "quality", "size", "response_format", "user"} <= set(fields)
+    taken = []
+    for name, values in fields.items():
+        for value in values or (None,):
+            if name in ("prompt", "image", "stream") or (name == "response_format" and value == "url"):
+                continue
+            try:
+                parse_request({"prompt": PROMPT, name: value}, facts)
+                taken.append((name, value))
+            except RequestError as e:
+                assert e.param == name and e.code != "unknown_parameter" and "\n" not in str(e), (name, value, e)
+    for default in [("quality", "auto"), ("style", "vivid"), ("background", "auto"), ("moderation", "auto")]:
+        assert default in taken or default[0] not in fields
+    assert ("output_format", "png") in taken and ("response_format", "b64_json") in taken and ("size", "auto") in taken
+    assert ("quality", "hd") not in taken and ("output_format", "jpeg") not in taken
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"model": "dall-e-3"}, 404, "model", "model_not_found"),
+        ({"guidance_scale": 3}, 400, "guidance_scale", "unknown_parameter"),
+        ({"size": "20x16"}, 400, "size", "invalid_value"),
+        ({"quality": "hd"}, 400, "quality", "unsupported_value"),
+        ({"output_format": "webp"}, 400, "output_format", "unsupported_value"),
+        ({"frame_count": 4}, 400, "frame_count", "unsupported_parameter"),
+        ({"user": 3}, 400, "user", "invalid_type"),
+        ({"steps": 0}, 400, "steps", "invalid_value"),
+        ({"scheduler": "heun"}, 400, "scheduler", "invalid_value"),
+        ({"image": "not base64!"}, 400, "image", "invalid_value"),
+        ({"n": 2, "response_format": "png"}, 400, "response_format", "invalid_value"),
+        ({"stream": True, "response_format": "url"}, 400, "response_format", "invalid_value"),
+    ],
+)
+def test_refusals_name_their_field_and_openais_code(facts, body, status, param, code):
+    with pytest.raises(RequestError) as caught:
+        parse_request({"prompt": PROMPT, **body}, facts)
+    assert (caught.value.status, caught.value.param, caught.value.code) == (status, param, code)
+
+
+def test_openai_values_that_mean_ours_draw_the_same_request(facts):
+    plain = parse_request({"prompt": PROMPT, "seed": 1}, facts)
+    dressed = {"model": facts.name, "size": "auto", "quality": "auto", "style": "vivid", "user": "u-1"}
+    dressed |= {"output_format": "png", "background": "opaque", "moderation": "low", "safety_identifier": "h"}
+    assert parse_request({"prompt": PROMPT, "seed": 1, **dressed}, facts) == plain
+
+
+def test_the_image_store_keeps_pngs_for_a_bounded_time_and_count():
+    now = [0.0]
+    store = ImageStore(ttl_s=10.0, max_images=2, clock=lambda: now[0])
+    first, second = store.put(b"1"), store.put(b"2")
+    assert (store.get(first), store.get(second), store.get("nope")) == (b"1", b"2", None) and first != second
+    third = store.put(b"3")  # past the count: the oldest goes
+    assert (store.get(first), store.get(second), store.get(third)) == (None, b"2", b"3")
+    now[0] = 9.9
+    assert store.get(third) == b"3"
+    now[0] = 10.0
+    assert store.get(second) is None and store.get(third) is None and not store.images
+
+
+def rgba_png(alpha: np.ndarray) -> bytes:
+    return png_file(Image.fromarray(np.dstack([np.full(alpha.shape + (3,), 90, np.uint8), alpha]), "RGBA"))
+
+
+def test_an_edit_form_becomes_the_body_with_openais_mask_meaning(facts):
+    """OpenAI's mask: fully transparent pixels are edited; this server's: white is repainted. Form values arrive as
+    text and are read as the fields' types."""
+    alpha = np.full((48, 64), 255, np.uint8)
+    alpha[10:30, 5:40] = 0
+    alpha[0, 0] = 128  # half transparent: kept, as OpenAI edits only where alpha is zero
+    init = png_file(Image.new("RGB", (64, 48), (200, 30, 30)))
+    form = [("image", init), ("mask", rgba_png(alpha)), ("prompt", "7"), ("n", "2"), ("guidance", "3.5")]
+    form += [("stream", "false"), ("scheduler", "ddim"), ("loras[]", "a"), ("scheduler_options[clip_sample]", "false")]
+    body = edit_body(form)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask"]))))
+    assert np.array_equal(mask, np.where(alpha == 0, 255, 0))
+    assert base64.b64decode(body["image"]) == init
+    assert {k: v for k, v in body.items() if k not in ("image", "mask")} == {
+        "prompt": "7",
+        "n": 2,
+        "guidance": 3.5,
+        "stream": False,
+        "scheduler": "ddim",
+        "loras": ["a"],
+        "scheduler_options": {"clip_sample": False},
+    }
+    request = parse_request({**body, "loras": None}, facts)
+    assert (request.width, request.height, request.seeds[1] - request.seeds[0]) == (64, 48, 1)
+    # no mask: an image's own transparent pixels are the mask (DALL-E 2's edits); an opaque one is image-to-image
+    assert np.array_equal(
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(edit_body([("image", rgba_png(alpha))])["mask"])))), mask
+    )
+    assert "mask" not in edit_body([("image", init)])
+    grey = png_file(Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8)))  # no alpha: ours already
+    assert base64.b64decode(edit_body([("image", init), ("mask", grey)])["mask"]) == grey
+    for form, param in [
+        ([], "image"),
+        ([("image", init)] * 2, "image"),
+        ([("image", init), ("prompt", b"x")], "prompt"),
+    ]:
+        with pytest.raises(RequestError) as caught:
+            edit_body(form)
+        assert caught.value.param == param
 
 
 def test_scheduler_options_reach_the_scheduler_and_split_batches(tiny_pipe32, facts):
@@ -461,10 +601,12 @@ class Server:
                 pass
 
 
-def request(url: str, body: dict | bytes | None = None, timeout: float = 120) -> tuple[int, dict, bytes]:
+def request(
+    url: str, body: dict | bytes | None = None, timeout: float = 120, headers: dict | None = None
+) -> tuple[int, dict, bytes]:
     """(status, headers, body) of a GET, or of a POST when there is a body."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -495,13 +637,20 @@ def server(tiny32, tmp_path_factory):
         running.stop()
 
 
-def generate(server: Server, body: dict) -> tuple[int, dict, bytes]:
-    return request(server.url + "/v1/images/generations", body)
+def generate(server: Server, body: dict, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    return request(server.url + "/v1/images/generations", body, headers=headers)
+
+
+def generate_png(server: Server, body: dict) -> tuple[int, dict, bytes]:
+    """The PNG file itself (`response_format: "png"`, this server's own), with the seed in X-Seed."""
+    return generate(server, {**body, "response_format": "png"})
 
 
 def test_http_draws_the_pixels_and_metadata_of_sdruntime_generate(server, tiny32, tmp_path):
-    status, headers, png = generate(server, {"prompt": PROMPT, "seed": 42, "steps": 6, "scheduler": "euler-a"})
+    body = {"prompt": PROMPT, "seed": 42, "steps": 6, "scheduler": "euler-a"}
+    status, headers, png = generate(server, body, {"Accept": "image/png"})  # as `curl -H 'Accept: image/png'`
     assert status == 200 and headers["content-type"] == "image/png" and headers["x-seed"] == "42"
+    assert generate_png(server, body)[2] == png
     out = tmp_path / "cli.png"
     code = sdruntime_main(
         ["generate", str(tiny32), PROMPT, "--seed", "42", "--steps", "6", "--scheduler", "euler-a", "-o", str(out)]
@@ -515,11 +664,11 @@ def test_http_draws_the_pixels_and_metadata_of_sdruntime_generate(server, tiny32
 def test_concurrent_requests_share_a_unet_batch_and_keep_their_pixels(server):
     bodies = [{"prompt": p, "seed": s, "steps": 20} for s, p in enumerate(["a red circle", "a green star"] * 3)]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        together = list(pool.map(lambda b: generate(server, b), bodies))
+        together = list(pool.map(lambda b: generate_png(server, b), bodies))
     assert [status for status, _, _ in together] == [200] * len(bodies), [body for _, _, body in together]
     assert max(int(headers["x-batch-images"]) for _, headers, _ in together) > 1
     for body, (_, _, png) in zip(bodies, together):
-        status, headers, alone = generate(server, body)
+        status, headers, alone = generate_png(server, body)
         assert status == 200 and headers["x-batch-images"] == "1"
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(Image.open(io.BytesIO(alone))))
 
@@ -565,7 +714,7 @@ def test_bad_requests_get_400_with_one_message(server):
 
 
 def test_http_inpaints_as_sdruntime_generate(server, tiny32, inpaint_files, tmp_path):
-    status, headers, png = generate(server, image_body(*inpaint_files, seed=8, steps=3))
+    status, headers, png = generate_png(server, image_body(*inpaint_files, seed=8, steps=3))
     assert status == 200 and headers["content-type"] == "image/png" and headers["x-batch-images"] == "1"
     out = tmp_path / "cli.png"
     init, mask = (str(path) for path in inpaint_files)
@@ -595,7 +744,7 @@ def test_a_request_past_the_replica_memory_gets_400_and_the_server_stays_up(serv
     assert status == 400 and headers["content-type"] == "application/json"
     assert message.startswith("1024x1024 needs about ") and f"the largest that fits is {side}x{side}" in message
     assert request(server.url + "/health")[0] == 200
-    status, _, png = generate(server, {"prompt": PROMPT, "seed": 1, "steps": 2, "size": f"{side}x{side}"})
+    status, _, png = generate_png(server, {"prompt": PROMPT, "seed": 1, "steps": 2, "size": f"{side}x{side}"})
     assert status == 200 and Image.open(io.BytesIO(png)).size == (side, side)
 
 
@@ -695,7 +844,7 @@ def test_a_shapes_replica_refuses_1024_within_its_budget_and_stays_up(shapes32, 
         assert status == 400 and f"the largest that fits is {side}x{side}" in message
         assert request(shapes.url + "/health")[0] == 200
         for size in (f"{side}x{side}", "32x32"):
-            status, _, png = generate(shapes, {"prompt": PROMPT, "seed": 0, "steps": 2, "size": size})
+            status, _, png = generate_png(shapes, {"prompt": PROMPT, "seed": 0, "steps": 2, "size": size})
             assert status == 200 and Image.open(io.BytesIO(png)).size == tuple(map(int, size.split("x")))
         assert request(shapes.url + "/health")[0] == 200
     finally:
@@ -880,7 +1029,8 @@ def test_http_refuses_transformer_fields_on_a_unet_export(server):
         "error": {
             "message": "'prompt_2' applies to SD3 and Flux exports; this sd1 export does not take it: leave it out",
             "type": "invalid_request_error",
-            "code": 400,
+            "param": "prompt_2",
+            "code": "invalid_value",
         }
     }
 
@@ -894,7 +1044,7 @@ def test_http_draws_flux_as_the_python_api(flux32, tmp_path):
         card = json.loads(request(flux.url + "/v1/models")[2])["data"][0]
         assert (card["family"], card["default_guidance"], card["default_steps"]) == ("flux", 3.5, 28)
         body = {"prompt": PROMPT, "seed": 2, "size": "32x32", **TRANSFORMER_REQUESTS["flux"][1]}
-        status, headers, png = generate(flux, body)
+        status, headers, png = generate_png(flux, body)
         assert status == 200 and headers["x-seed"] == "2"
         alone = StableDiffusionPipeline.load(flux32)(PROMPT, **api_arguments(body))
         served = Image.open(io.BytesIO(png))
