@@ -545,6 +545,34 @@ class LayoutProbe(_JsonFields):
 
 
 @dataclass(frozen=True)
+class QuantizationEntry(_JsonFields):
+    """How an int8 export quantized a component (sdexport/quantize.py): "weights" (dynamic: int8 weights,
+    activations quantized at run time) or "full" (QDQ: int8 weights, activations calibrated on prompts)."""
+
+    scheme: str
+    weight_type: str
+    activation_type: str  # "dynamic uint8" for the weights scheme
+    per_channel: bool
+    op_types: tuple[str, ...]
+    excluded_nodes: int  # nodes kept in float
+    calibration_prompts: int  # 0 for the weights scheme
+
+    @classmethod
+    def from_json(cls, data: Mapping | None) -> QuantizationEntry | None:
+        if data is None:
+            return None
+        return cls(
+            data["scheme"],
+            data["weight_type"],
+            data["activation_type"],
+            bool(data["per_channel"]),
+            tuple(data["op_types"]),
+            int(data["excluded_nodes"]),
+            int(data["calibration_prompts"]),
+        )
+
+
+@dataclass(frozen=True)
 class ComponentEntry(_JsonFields):
     """One exported component: its graph, its files, its dtype and the target-related facts, its IO."""
 
@@ -560,8 +588,9 @@ class ComponentEntry(_JsonFields):
     notes: tuple[str, ...] = ()  # what validation changed, e.g. nodes or the whole component kept in fp32
     # U-Net families' unet and text encoders: PyTorch weight name -> its place in the graph (weight_placement.py)
     weights: Mapping[str, Mapping[str, Any]] | None = field(default=None, hash=False)
+    quantization: QuantizationEntry | None = None  # int8 exports (`sdexport convert --quantize`); no weight map then
 
-    OMITTED_WHEN_EMPTY = ("notes", "weights")
+    OMITTED_WHEN_EMPTY = ("notes", "weights", "quantization")
 
     @classmethod
     def from_json(cls, data: Mapping) -> ComponentEntry:
@@ -577,6 +606,7 @@ class ComponentEntry(_JsonFields):
             outputs=tuple(TensorEntry.from_json(t) for t in data["outputs"]),
             notes=tuple(data.get("notes", ())),
             weights=data.get("weights"),
+            quantization=QuantizationEntry.from_json(data.get("quantization")),
         )
 
     def input(self, name: str) -> TensorEntry:

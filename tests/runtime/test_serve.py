@@ -845,7 +845,8 @@ def test_a_shapes_replica_refuses_1024_within_its_budget_and_stays_up(shapes32, 
         assert request(shapes.url + "/health")[0] == 200
         for size in (f"{side}x{side}", "32x32"):
             status, _, png = generate_png(shapes, {"prompt": PROMPT, "seed": 0, "steps": 2, "size": size})
-            assert status == 200 and Image.open(io.BytesIO(png)).size == tuple(map(int, size.split("x")))
+            assert status == 200, png
+            assert Image.open(io.BytesIO(png)).size == tuple(map(int, size.split("x")))
         assert request(shapes.url + "/health")[0] == 200
     finally:
         shapes.stop()
