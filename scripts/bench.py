@@ -8,7 +8,22 @@ included) and peak RSS are the arm's own. The models are saved and exported once
 and reused by later runs. Each round runs every arm once (a cold start and --images images);
 ratios are medians over rounds of the per-round ratios of median seconds per image (paired runs).
 Arms: diffusers, optimum (when optimum-onnx is installed, on our generic export) and ours on each
-target whose graphs run here (generic and cpu on a CPU-only machine).
+target whose graphs run here (generic and cpu on a CPU-only machine). Two more run in their own venvs,
+found under build/ or named by --python-openvino / --python-optimum-intel, and are skipped without them:
+  ours-openvino   our generic export on ONNX Runtime's OpenVINO provider (onnxruntime-openvino, which
+                  replaces onnxruntime's module, so it cannot share this venv)
+  optimum-intel   optimum-intel's OVStableDiffusionPipeline on its own OpenVINO export of the same saved
+                  diffusers folder (fp32 weights, INFERENCE_PRECISION_HINT f32), reshaped to static shapes
+                  (--optimum-intel-shapes static, the default) or left dynamic
+Set those venvs up with:
+  python3.11 -m venv build/venv-openvino && build/venv-openvino/bin/pip install -c .ci/constraints.txt \
+      -c .ci/constraints-openvino.txt -e "runtime[openvino]" && build/venv-openvino/bin/pip install \
+      -c .ci/constraints-openvino.txt --force-reinstall --no-deps onnxruntime-openvino
+  python3.11 -m venv build/venv-optimum-intel && build/venv-optimum-intel/bin/pip install torch==2.13.0 && \
+      build/venv-optimum-intel/bin/pip install -c .ci/constraints.txt -c .ci/constraints-openvino.txt \
+      "optimum-intel[openvino]" diffusers accelerate && build/venv-optimum-intel/bin/pip uninstall -y torchvision
+  (PyPI's torchvision 0.28.0, which optimum-intel pulls in, fails against the local CPU torch 2.13.0 wheel,
+  "operator torchvision::nms does not exist", and breaks transformers' imports; nothing here needs it)
 """
 
 from __future__ import annotations
@@ -25,6 +40,12 @@ import time
 from pathlib import Path
 
 PROMPT = "a red circle on a blue background, top left"
+REPO = Path(__file__).resolve().parents[1]
+# the arms that run in another venv's python: arm name -> (option holding the python, default venv under build/)
+OTHER_VENVS = {
+    "ours-openvino": ("python_openvino", "venv-openvino"),
+    "optimum-intel": ("python_optimum_intel", "venv-optimum-intel"),
+}
 
 
 # -- the arms, each run in a child process ------------------------------------------------------
@@ -71,6 +92,46 @@ def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[floa
         unet_time,
         args,
     )
+
+
+def arm_optimum_intel(export: Path, args) -> tuple[list[float], list[float], list[float]]:
+    import torch
+    from optimum.intel import OVStableDiffusionPipeline
+
+    config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like every other arm (OpenVINO's CPU default may be bf16)
+    if args.threads:
+        config["INFERENCE_NUM_THREADS"] = str(args.threads)
+    pipe = OVStableDiffusionPipeline.from_pretrained(str(export), compile=False, ov_config=config)
+    if args.optimum_intel_shapes == "static":
+        pipe.reshape(batch_size=1, height=args.size, width=args.size, num_images_per_prompt=1)
+    pipe.compile()
+    pipe.set_progress_bar_config(disable=True)
+    unet_time = timed_method(pipe.unet, "forward")
+    return generate_loop(
+        lambda i: pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator("cpu").manual_seed(i),
+        ),
+        unet_time,
+        args,
+    )
+
+
+def export_optimum_intel(source: Path, out: Path) -> None:
+    """optimum-intel's own OpenVINO export of a saved diffusers folder, fp32 weights (no 8-bit compression)."""
+    import shutil
+
+    from optimum.intel import OVStableDiffusionPipeline
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    OVStableDiffusionPipeline.from_pretrained(
+        str(source), export=True, compile=False, load_in_8bit=False
+    ).save_pretrained(partial)
+    partial.rename(out)
 
 
 def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]:
@@ -133,7 +194,10 @@ def args_steps_run(args) -> int:
 
 
 def child(args) -> None:
-    arms = {"diffusers": arm_diffusers, "optimum": arm_optimum, "ours": arm_ours}
+    if args.arm == "export-optimum-intel":
+        export_optimum_intel(Path(args.path), Path(args.out))
+        return
+    arms = {"diffusers": arm_diffusers, "optimum": arm_optimum, "optimum-intel": arm_optimum_intel, "ours": arm_ours}
     image_s, unet_step_s, overhead = arms[args.arm](Path(args.path), args)
     print(
         "RESULT "
@@ -176,12 +240,38 @@ def prepare(model: str, cache: Path, targets: list[str]) -> dict[str, Path]:
     return paths
 
 
-def run_arm(arm: str, path: Path, args) -> dict:
+def other_python(arm: str, args) -> str | None:
+    """The python that runs an arm needing another venv (OTHER_VENVS), or None when there is none."""
+    option, venv = OTHER_VENVS[arm]
+    python = getattr(args, option) or REPO / "build" / venv / "bin" / "python"
+    return str(python) if Path(python).is_file() else None
+
+
+def prepare_optimum_intel(paths: dict[str, Path], args) -> None:
+    """optimum-intel's own export of the saved diffusers folder, made once by its venv's python."""
+    python = other_python("optimum-intel", args)
+    paths["optimum-intel"] = paths["diffusers"].parent / "export-optimum-intel"
+    if python is None or (paths["optimum-intel"] / "model_index.json").is_file():
+        return
+    print(f"[{paths['diffusers'].parent.name}] exporting for optimum-intel once", flush=True)
+    command = [python, __file__, "--arm", "export-optimum-intel", "--path", str(paths["diffusers"].resolve())]
+    subprocess.run(
+        [*command, "--out", str(paths["optimum-intel"])], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+
+
+def run_arm(name: str, path: Path, args) -> dict:
+    """Run one arm in a child process: the arm's kind (diffusers, optimum, optimum-intel, ours) from its name."""
+    arm = name if name in ("diffusers", "optimum", "optimum-intel") else "ours"
     cmd = [
-        sys.executable,
+        other_python(name, args) if name in OTHER_VENVS else sys.executable,
         __file__,
         "--arm",
         arm,
+        "--provider",
+        "openvino" if name == "ours-openvino" else "cpu",
+        "--optimum-intel-shapes",
+        args.optimum_intel_shapes,
         "--path",
         str(path),
         "--steps",
@@ -233,6 +323,12 @@ def bench_model(model: str, args) -> dict:
     except ImportError:
         print("optimum-onnx is not installed: skipping its arm", flush=True)
     arms += [(f"ours-{t}", paths[t]) for t in targets]
+    prepare_optimum_intel(paths, args)
+    for name, path in (("ours-openvino", paths["generic"]), ("optimum-intel", paths["optimum-intel"])):
+        if other_python(name, args) is None:
+            print(f"no venv for the {name} arm (see this script's docstring): skipping it", flush=True)
+        else:
+            arms.append((name, path))
     config = json.loads((paths["diffusers"] / "scheduler" / "scheduler_config.json").read_text())
     args.unet_calls = args.steps + (1 if config["_class_name"] == "PNDMScheduler" else 0)
     rounds: list[dict[str, dict]] = []
@@ -240,7 +336,7 @@ def bench_model(model: str, args) -> dict:
         this = {}
         for name, path in arms:
             print(f"[{model}] round {r + 1}/{args.rounds}: {name}", flush=True)
-            this[name] = run_arm(name.split("-")[0], path, args)
+            this[name] = run_arm(name, path, args)
         rounds.append(this)
     summary = {}
     for name, _ in arms:
@@ -259,7 +355,7 @@ def bench_model(model: str, args) -> dict:
     for name, _ in arms:
         if not name.startswith("ours"):
             continue
-        for peer in ("diffusers", "optimum"):
+        for peer in ("diffusers", "optimum", "optimum-intel"):
             if peer in summary:
                 ratios[f"{name}/{peer}"] = {
                     "image": median(
@@ -283,7 +379,7 @@ def print_table(model: str, result: dict, args) -> None:
             f"{name:<14} {a['image_s']:>8.2f} {a['unet_step_s']:>13.3f} {overhead:>14} {a['cold_start_s']:>13.1f} {a['peak_rss_gb']:>12.2f}"
         )
     for key, ratio in result["ratios"].items():
-        print(f"{key:<24} time per image {ratio['image']:.2f}x, cold start {ratio['cold_start']:.2f}x")
+        print(f"{key:<28} time per image {ratio['image']:.2f}x, cold start {ratio['cold_start']:.2f}x")
 
 
 def main() -> None:
@@ -299,7 +395,19 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--prepare-only", action="store_true", help="save and export the models, time nothing")
+    parser.add_argument(
+        "--python-openvino", type=Path, help="python of a venv with onnxruntime-openvino and the runtime"
+    )
+    parser.add_argument("--python-optimum-intel", type=Path, help="python of a venv with optimum-intel and diffusers")
+    parser.add_argument(
+        "--optimum-intel-shapes",
+        choices=("static", "dynamic"),
+        default="static",
+        help="optimum-intel's models reshaped to the bench's size (static) or left dynamic",
+    )
     parser.add_argument("--arm", help=argparse.SUPPRESS)
+    parser.add_argument("--provider", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--unet-calls", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -308,7 +416,7 @@ def main() -> None:
         return
     if args.prepare_only:
         for model in args.models.split(","):
-            prepare(model, args.cache, local_targets())
+            prepare_optimum_intel(prepare(model, args.cache, local_targets()), args)
         return
     started = time.perf_counter()
     load = os.getloadavg()[0]
