@@ -137,7 +137,8 @@ def export_optimum_intel(source: Path, out: Path) -> None:
 def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]:
     from sdruntime import SessionSettings, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.load(export, settings=SessionSettings(intra_op_threads=args.threads))
+    settings = SessionSettings(intra_op_threads=args.threads)
+    pipe = StableDiffusionPipeline.load(export, provider=args.provider, settings=settings)
     unet = pipe.component("unet")
     before = [0.0]
 
