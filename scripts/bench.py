@@ -238,6 +238,13 @@ def prepare(model: str, cache: Path, targets: list[str]) -> dict[str, Path]:
             started = time.perf_counter()
             sdexport.convert(str(paths["diffusers"]), paths[target], target=target, check=False, log=lambda s: None)
             print(f"[{model}]   {time.perf_counter() - started:.0f} s", flush=True)
+    if "cuda" not in targets:  # the ours-int8 arm: `sdexport convert --quantize int8` makes graphs for the CPU EP
+        paths["int8"] = root / "export-int8"
+        if not (paths["int8"] / "sdexport.json").is_file():
+            print(f"[{model}] exporting int8 (--quantize int8) once", flush=True)
+            started = time.perf_counter()
+            sdexport.convert(str(paths["diffusers"]), paths["int8"], quantize="int8", check=False, log=lambda s: None)
+            print(f"[{model}]   {time.perf_counter() - started:.0f} s", flush=True)
     return paths
 
 
@@ -324,6 +331,8 @@ def bench_model(model: str, args) -> dict:
     except ImportError:
         print("optimum-onnx is not installed: skipping its arm", flush=True)
     arms += [(f"ours-{t}", paths[t]) for t in targets]
+    if "int8" in paths:
+        arms.append(("ours-int8", paths["int8"]))
     prepare_optimum_intel(paths, args)
     for name, path in (("ours-openvino", paths["generic"]), ("optimum-intel", paths["optimum-intel"])):
         if other_python(name, args) is None:

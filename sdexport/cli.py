@@ -110,6 +110,18 @@ def cli() -> None:
     default=None,
     help="One stderr line per component and phase, with times (default: when stderr is a terminal).",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int8-weights", "int8-full"]),
+    help="int8 text encoders and U-Net for the CPU EP: int8-weights (int8 MatMul weights, activations quantized at "
+    "run time), int8-full (int8 QDQ, activations calibrated on prompts); int8 is int8-weights (docs/benchmarks.md).",
+)
+@click.option(
+    "--calibration-prompts",
+    metavar="FILE",
+    help="--quantize int8-full: calibrate on these prompts, one a line (default: a fixed set of 12 varied prompts).",
+)
+@click.option("--quantize-vae", is_flag=True, help="--quantize: quantize the VAE decoder too.")
 @one_line_warnings
 def convert(
     source,
@@ -135,6 +147,9 @@ def convert(
     tiny_vae,
     controlnets,
     progress,
+    quantize,
+    calibration_prompts,
+    quantize_vae,
 ):
     """Export SOURCE (a diffusers folder, a single-file .safetensors checkpoint, a preset or a hub id;
     default: the `shapes` preset) to OUT."""
@@ -160,6 +175,9 @@ def convert(
         vae=vae,
         tiny_vae=tiny_vae,
         controlnets=controlnets,
+        quantize=quantize,
+        calibration_prompts=calibration_prompts,
+        quantize_vae=quantize_vae,
     )
     check_convert(source, out, ConvertOptions(**options))  # before torch's import, which takes seconds
     with quiet_third_party():  # within one_line_warnings, which would show every warning

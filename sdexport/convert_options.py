@@ -15,6 +15,7 @@ from sdruntime.targets import TARGETS
 from .controlnet import check_controlnet_sources
 from .errors import SdexportError
 from .presets import tiny_vae_presets
+from .quantize import check_quantize_options
 from .sources import locate_source, read_json
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")  # what --vae takes; --tiny-vae takes AutoencoderTiny only
@@ -43,6 +44,9 @@ class ConvertOptions:
     vae: str | None = None  # a diffusers AutoencoderKL or AutoencoderTiny folder that replaces the pipeline's VAE
     tiny_vae: str | None = None  # a diffusers AutoencoderTiny folder or preset, exported beside as vae_decoder_tiny
     controlnets: Sequence[str] = ()  # "[NAME=]PATH": each exported as controlnet/NAME (controlnet.py)
+    quantize: str | None = None  # int8 | int8-weights | int8-full (quantize.py)
+    calibration_prompts: str | None = None  # int8-full: prompts, one a line (default: quantize.DEFAULT_PROMPTS)
+    quantize_vae: bool = False  # quantize the VAE decoder too
 
 
 def check_options(opts: ConvertOptions) -> None:
@@ -79,6 +83,9 @@ def check_options(opts: ConvertOptions) -> None:
             "export with `sdexport add-controlnet OUT [NAME=]PATH`"
         )
     check_controlnet_sources(opts.controlnets)
+    check_quantize_options(opts.quantize, opts.dtype, opts.target, opts.calibration_prompts, opts.quantize_vae)
+    if opts.quantize and (opts.validate or opts.auto_fp32_fallback):
+        raise SdexportError("--validate checks fp32 graphs at fp32 tolerances: drop it with --quantize")
     if opts.vae:
         locate_vae(opts.vae, "--vae", VAE_CLASSES)
     if opts.tiny_vae:

@@ -63,12 +63,22 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
         mark("pipeline", "manifest")
         write_configs(src.pipe, src, tmp, list(manifest.components))
         write_manifest(tmp, replace(manifest, config_files=config_file_entries(tmp)))
+        if opts.quantize:
+            quantize_written(tmp, opts)
         if validating:
             mark("pipeline", "validate")
             validate_conversion(src, tmp, out, opts.target, opts.auto_fp32_fallback, log)
         end()
     log(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def quantize_written(folder: Path, opts: ConvertOptions) -> None:
+    """--quantize: the written export's graphs made int8 in place (quantize.py)."""
+    from .quantize import DEFAULT_PROMPTS, quantize_export, read_prompts, scheme_of
+
+    prompts = read_prompts(opts.calibration_prompts) if opts.calibration_prompts else list(DEFAULT_PROMPTS)
+    quantize_export(folder, scheme_of(opts.quantize), prompts, opts.quantize_vae, opts.log)
 
 
 def check_family_options(pipe, loras, controlnets) -> None:

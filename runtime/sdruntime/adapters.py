@@ -134,6 +134,11 @@ class AdapterTarget:
         """The manifest's weight map of a component: {PyTorch weight name: where it sits in the graph}."""
         entry = self.manifest.components.get(component)
         weights = getattr(entry, "weights", None)
+        if getattr(entry, "quantization", None) is not None:  # its weights are int8 now: a float delta has no place
+            raise LoraError(
+                f"this export's {component} is int8-quantized: run-time LoRAs and embeddings need float weights; "
+                "fuse the LoRA at export (`sdexport convert --lora FILE --quantize int8`) or export without --quantize"
+            )
         if not weights:
             raise ExportError(
                 f"{self.folder} records no weight map for its {component} (it predates run-time LoRAs): "

@@ -319,6 +319,11 @@ class Embeddings:
         widths = {name: width for name, width in encoder_widths(target.manifest).items() if name in tokenizers}
         resolved = resolve_embeddings(self.specs, tokenizers, widths)
         for encoder, added in resolved.added.items():
+            if getattr(target.manifest.components[encoder], "quantization", None) is not None:
+                raise EmbeddingError(
+                    f"this export's {encoder} is int8-quantized and records no weight map: run-time embeddings "
+                    "need one; export without --quantize"
+                )
             name = table_initializer(getattr(target.manifest.components[encoder], "weights", None), encoder)
             base = target.initializers(encoder, [name], changes)[name]
             changes.initializers.setdefault(encoder, {})[name] = added.table(base)
