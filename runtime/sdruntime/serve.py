@@ -38,6 +38,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile  # what Request.form() holds (FastAPI's is a subclass)
 from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from . import web
 from .errors import InvalidArgument, UserError
@@ -273,8 +274,9 @@ class Api:
             return error_response(400, f"the body is neither a multipart form nor JSON: {e}", code="invalid_json")
         except RequestError as e:
             return error_response(e.status, str(e), param=e.param, code=e.code)
-        except HTTPException as e:  # a malformed multipart body
-            return error_response(400, f"the body is not a readable multipart form: {e.detail}")
+        except (HTTPException, MultiPartException) as e:  # a malformed multipart body (Starlette raises either)
+            detail = e.detail if isinstance(e, HTTPException) else e.message
+            return error_response(400, f"the body is not a readable multipart form: {detail}")
         if isinstance(body, dict) and body.get("image") is None:
             return error_response(400, "an edit needs 'image': the picture to edit", param="image")
         return await self.draw_answer(http, body, started)

@@ -129,6 +129,9 @@ def test_unknown_routes_and_methods_answer_in_openais_error_shape(client, served
         status, headers, body = request(served.url + path)
         assert status == 405 and headers["allow"] == "POST"
         assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    form = {"Content-Type": "multipart/form-data"}  # no boundary: not a form that can be read
+    status, _, body = request(served.url + "/v1/images/edits", b"--x\r\n", headers=form)
+    assert status == 400 and json.loads(body)["error"]["message"].startswith("the body is not a readable multipart")
 
 
 def test_edit_inpaints_where_openais_mask_is_transparent(client, local, tiny32):
