@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnxruntime as ort
-from sdruntime.manifest import UNET_RESIDUAL_INPUTS, PipelineFacts, StaticShapes, file_entry
+from sdruntime.manifest import TEXT_ENCODER_MASK, UNET_RESIDUAL_INPUTS, PipelineFacts, StaticShapes, file_entry
 
 from .artifacts import Written
 from .compare import compare_outputs
@@ -56,6 +56,8 @@ def finish_component(
     if component == "unet" and EXPORT_TARGETS[target].residual_defaults:
         graph = graph_of(model).graph
         add_zero_defaults(graph, residual_input_names(graph))
+    if EXPORT_TARGETS[target].residual_defaults:  # the text encoders' attention_mask, where they take one
+        add_mask_default(graph_of(model).graph)
     mark(component, "write")
     path = folder / component / "model.onnx"
     if traced.streamed:  # its weights are still in the traced files: written first, then those go
@@ -104,6 +106,17 @@ def add_zero_defaults(graph: onnx.GraphProto, names: list[str]) -> None:
         channels = tensor_type.shape.dim[1].dim_value
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((1, channels, 1, 1), dtype), name))
+
+
+def add_mask_default(graph: onnx.GraphProto) -> None:
+    """Give a text encoder's attention_mask [batch, tokens] a default: ones [1, tokens] by the same name, so
+    runners that feed input_ids alone (optimum) get the unmasked encoding. A static export's stays required
+    (the runtime feeds ones), as add_zero_defaults leaves its residuals."""
+    found = [i for i in graph.input if i.name == TEXT_ENCODER_MASK]
+    if not found or found[0].type.tensor_type.shape.dim[0].HasField("dim_value"):
+        return
+    tokens = found[0].type.tensor_type.shape.dim[1].dim_value
+    graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, tokens), np.int64), TEXT_ENCODER_MASK))
 
 
 def export_component(

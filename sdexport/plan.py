@@ -57,6 +57,7 @@ def pipeline_facts(pipe, family: str) -> PipelineFacts:
         vae_force_upcast=bool(pipe.vae.config.get("force_upcast", True)) if family == "sdxl" else None,
         unet_residual_scales=residual_layout(unet)[0],
         unet_residual_channels=residual_layout(unet)[1],
+        text_encoder_attention_mask=True,
         **tiny_vae_facts(pipe),
         **sdxl,
     )
@@ -238,7 +239,8 @@ def plan_export(pipe, opts: ConvertOptions, compare: bool) -> ExportPlan:
     static = static_shapes(opts, facts, multiple)
     # component_export.add_zero_defaults gives the residual inputs defaults where their batch is not fixed
     if not facts.transformer_family:
-        facts = replace(facts, unet_residual_defaults=EXPORT_TARGETS[opts.target].residual_defaults and static is None)
+        defaults = EXPORT_TARGETS[opts.target].residual_defaults and static is None
+        facts = replace(facts, unet_residual_defaults=defaults, text_encoder_mask_defaults=defaults)
     components = export_components(pipe, opts.components)
     check_streamed(pipe, components, opts.target)
     return ExportPlan(

@@ -18,6 +18,7 @@ from sdruntime.manifest import (
     CONTROLNET,
     DYNAMIC_AXES,
     FINAL_LAYER_NORM,
+    TEXT_ENCODER_MASK,
     TINY_DECODER,
     UNET_OPTIONAL_INPUTS,
     component_io,
@@ -28,12 +29,15 @@ ATTENTION_FORMS = ("sdpa", "plain")
 
 
 class TextEncoder(torch.nn.Module):
+    """CLIP: the last hidden state, the pooled output and every hidden state; `attention_mask` (U-Net families'
+    exports) masks tokens out as transformers applies it, added to CLIP's causal mask."""
+
     def __init__(self, text_encoder):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids):
-        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids, attention_mask=None):
+        out = self.text_encoder(input_ids, attention_mask, output_hidden_states=True, return_dict=True)
         return (out.last_hidden_state, out.pooler_output, *out.hidden_states)
 
 
@@ -44,8 +48,8 @@ class TextEncoderWithProjection(torch.nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids):
-        out = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids, attention_mask=None):
+        out = self.text_encoder(input_ids, attention_mask, output_hidden_states=True, return_dict=True)
         return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
 
 
@@ -443,6 +447,7 @@ def io_of(component: str, pipe):
         timestep_cond=pipe.unet.config.get("time_cond_proj_dim") is not None,
         residual_scales=residual_layout(pipe.unet.config)[0],
         tiny_vae=is_tiny_vae(pipe.vae),
+        attention_mask=True,
     )
 
 
@@ -472,7 +477,13 @@ def text_encoder_inputs(component: str, pipe, batch: int, gen: torch.Generator) 
     ids = torch.randint(0, encoder.config.vocab_size - 2, (batch, tokenizer.model_max_length), generator=gen)
     ids[:, 0] = tokenizer.bos_token_id
     ids[:, -1] = tokenizer.eos_token_id
-    return {"input_ids": ids}
+    if TEXT_ENCODER_MASK not in {s.name for s in io_of(component, pipe).inputs}:
+        return {"input_ids": ids}
+    # a mask with tokens masked out, so that the comparison with PyTorch covers the mask's path; the first
+    # token stays unmasked (compel never masks it, and a query row with every key masked is undefined)
+    mask = (torch.rand(ids.shape, generator=gen) > 0.3).long()
+    mask[:, 0] = 1
+    return {"input_ids": ids, TEXT_ENCODER_MASK: mask}
 
 
 def unet_inputs(

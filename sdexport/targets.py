@@ -41,8 +41,9 @@ class ExportTarget:
     attention: str  # the attention form traced: "sdpa" or "plain"
     offline_level: str | None  # ORT's level applied once at export and saved; None: no offline pass
     fused_ops: bool  # its graphs hold ORT's Stable Diffusion fusions (contrib ops of the CUDA EP)
-    # the U-Net's ControlNet residual inputs default to zeros (an initializer of the same name), so runners
-    # that feed only sample, timestep and encoder_hidden_states (optimum) run it; TensorRT's parser takes an
+    # the U-Net's ControlNet residual inputs default to zeros and the text encoders' attention_mask to ones (an
+    # initializer of the same name), so runners that feed only sample, timestep and encoder_hidden_states, or
+    # input_ids (optimum) run them; TensorRT's parser takes an
     # input that has an initializer for a constant weight, so there the inputs are required and fed
     residual_defaults: bool = True
 

@@ -22,6 +22,7 @@ from .manifest import read_manifest
 from .memory import parse_memory_size
 from .plan import FAMILY_DEFAULTS, SD_DEFAULTS, batch_seeds
 from .prompt_syntax import SYNTAXES
+from .prompt_weighting import DOWNWEIGHT_MODES
 from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, TIMESTEP_SPACINGS
 from .textual_inversion import EmbeddingSpec
@@ -359,6 +360,13 @@ def cli() -> None:
     help="Read the prompt and negative prompt as weighted prompts of any length, with compel's math: compel's "
     "syntax (a (red)1.3 cat++, .blend(), .and()) or A1111's ((red:1.3), [cat], BREAK).  [default: as diffusers, "
     "truncated at 77 tokens]",
+)
+@click.option(
+    "--downweight",
+    type=click.Choice(DOWNWEIGHT_MODES),
+    default=None,
+    help="With --prompt-syntax, how weights below 1 work: mask the fragment out with the text encoder's attention "
+    "mask (compel's default) or remove it from the text.  [default: mask]",
 )
 @click.option(
     "--control",

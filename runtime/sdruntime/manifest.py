@@ -238,6 +238,8 @@ UNET_OPTIONAL_INPUTS: dict[str, TensorSpec] = {
 }
 
 FINAL_LAYER_NORM = "text_encoder/final_layer_norm.npz"
+# the CLIP text encoders' optional input (PipelineFacts.text_encoder_attention_mask): 1 attends, 0 masks a token out
+TEXT_ENCODER_MASK = "attention_mask"
 TEXT_ENCODER_HIDDEN = {
     "text_encoder": ("max_length", "text_hidden_size"),
     "text_encoder_2": ("max_length_2", "text_hidden_size_2"),
@@ -253,8 +255,10 @@ def component_io(
     family: str = "",
     guidance_embeds: bool = False,
     tiny_vae: bool = False,
+    attention_mask: bool = False,
 ) -> ComponentIO:
-    """The IO table's entry. A text encoder also outputs `hidden_states.{i}` (optimum's names) for
+    """The IO table's entry. A CLIP text encoder takes `attention_mask` after input_ids when `attention_mask`
+    (TEXT_ENCODER_MASK), and also outputs `hidden_states.{i}` (optimum's names) for
     i < num_hidden_states: the embeddings and each layer's output (clip_skip; SDXL's penultimate
     layer). The U-Net takes `timestep_cond` when `timestep_cond` (LCM) and `text_embeds` and
     `time_ids` when `text_time` (SDXL), then a ControlNet's residuals when `residual_scales` says
@@ -269,10 +273,11 @@ def component_io(
         return ComponentIO(io.inputs + (FLUX_GUIDANCE_INPUT,), io.outputs)
     if io is T5_ENCODER_IO:
         return io
-    if kind in TEXT_ENCODER_HIDDEN and num_hidden_states:
+    if kind in TEXT_ENCODER_HIDDEN and (num_hidden_states or attention_mask):
         shape = ("batch", *TEXT_ENCODER_HIDDEN[kind])
         hidden = tuple(TensorSpec(f"hidden_states.{i}", "float", shape) for i in range(num_hidden_states))
-        return ComponentIO(io.inputs, io.outputs + hidden)
+        mask = (TensorSpec(TEXT_ENCODER_MASK, "int64", shape[:2]),) if attention_mask else ()
+        return ComponentIO(io.inputs + mask, io.outputs + hidden)
     if kind == "unet":
         wanted = {"timestep_cond": timestep_cond, "text_embeds": text_time, "time_ids": text_time}
         extra = tuple(spec for name, spec in UNET_OPTIONAL_INPUTS.items() if wanted[name])
@@ -295,6 +300,7 @@ def facts_io(facts: PipelineFacts, component: str) -> ComponentIO:
         family=facts.family,
         guidance_embeds=bool(facts.guidance_embeds),
         tiny_vae=bool(facts.vae_tiny),
+        attention_mask=bool(facts.text_encoder_attention_mask),
     )
 
 
@@ -415,6 +421,11 @@ class PipelineFacts(_JsonFields):
     unet_residual_channels: tuple[int, ...] | None = None
     # whether those inputs default to zeros (not on the tensorrt target, nor in static exports: fed zeros there)
     unet_residual_defaults: bool | None = None
+    # text_encoder and text_encoder_2 take an `attention_mask` (int64 [batch, tokens]; compel's downweighting masks
+    # a fragment out with it); None: an export that predates it. text_encoder_mask_defaults: the input defaults to
+    # ones (not on the tensorrt target, nor in static exports: fed ones there)
+    text_encoder_attention_mask: bool | None = None
+    text_encoder_mask_defaults: bool | None = None
     # The transformer families (SD3, Flux); None in U-Net exports. The VAE's latents are
     # (z - vae_shift_factor) * vae_scaling_factor; the transformer works on patch_size x patch_size
     # patches (Flux packs them into channels before the transformer); T5's hidden width is the
@@ -452,6 +463,8 @@ class PipelineFacts(_JsonFields):
         "unet_residual_scales",
         "unet_residual_channels",
         "unet_residual_defaults",
+        "text_encoder_attention_mask",
+        "text_encoder_mask_defaults",
         "vae_shift_factor",
         "patch_size",
         "joint_attention_dim",

@@ -25,12 +25,12 @@ from .control import ControlRun, load_control_image
 from .decoders import FULL_DECODER, PreviewCallback, Previewer, decode, encode_tiny, scaling_factor, step_callback
 from .image import load_init_image, short_hash, to_pil
 from .inpaint import Inpainting, load_mask, mask_to_latents
-from .manifest import FINAL_LAYER_NORM, ExportError, HashCache, read_manifest, residual_names
+from .manifest import FINAL_LAYER_NORM, TEXT_ENCODER_MASK, ExportError, HashCache, read_manifest, residual_names
 from .memory import MemoryBudget, MemoryModel, Pieces, RequestShape, admit, resident_memory
 from .noise import TorchGenerator, randn_tensor
 from .plan import ExportFacts, Plan, resolve_plan
 from .prompt_syntax import parse_prompt
-from .prompt_weighting import TextEncoder, weighted_embeddings
+from .prompt_weighting import DEFAULT_DOWNWEIGHT, TextEncoder, weighted_embeddings
 from .request import GenerationError, GenerationRequest
 from .result import GenerationResult, StepCallback
 from .schedulers import Scheduler, read_scheduler_config
@@ -194,17 +194,19 @@ class StableDiffusionPipeline:
         num_images: int,
         clip_skip: int | None = None,
         prompt_syntax: str | None = None,
+        downweight: str | None = None,
     ) -> np.ndarray:
         """Text embeddings [uncond..., cond...] (or cond only), each prompt repeated num_images times.
 
         With clip_skip, the prompts' embeddings (not the negative prompts', as in diffusers) are the
         final LayerNorm of the hidden state clip_skip layers before the last. With prompt_syntax, the
-        prompts and negative prompts are weighted, long prompts (encode_weighted).
+        prompts and negative prompts are weighted, long prompts (encode_weighted; `downweight` "mask" or "remove").
         """
         if prompt_syntax:
-            return self.encode_weighted(prompts, negative, num_images, prompt_syntax, clip_skip)[0]
+            weighted = self.encode_weighted(prompts, negative, num_images, prompt_syntax, clip_skip, False, downweight)
+            return weighted[0]
         ids = self.tokenizer(prompts if negative is None else negative + prompts)
-        outputs = self.component("text_encoder")(input_ids=ids)
+        outputs = self.run_text_encoder("text_encoder", ids)
         embeddings = outputs["last_hidden_state"]
         if clip_skip:
             embeddings[-len(prompts) :] = self.skipped_hidden_state(outputs, clip_skip)[-len(prompts) :]
@@ -229,6 +231,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         zero_negative: bool = False,
         prompt_syntax: str | None = None,
+        downweight: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """SDXL's (embeddings, pooled embeddings), [uncond..., cond...] (or cond only), each prompt repeated
         num_images times, as StableDiffusionXLPipeline.encode_prompt builds them.
@@ -240,7 +243,9 @@ class StableDiffusionPipeline:
         prompt_syntax, the prompts and negative prompts are weighted, long prompts (encode_weighted).
         """
         if prompt_syntax:
-            return self.encode_weighted(prompts, negative, num_images, prompt_syntax, clip_skip, zero_negative)
+            return self.encode_weighted(
+                prompts, negative, num_images, prompt_syntax, clip_skip, zero_negative, downweight
+            )
         facts = self.manifest.pipeline
         texts = prompts if negative is None or zero_negative else negative + prompts
         n = len(prompts)
@@ -251,7 +256,7 @@ class StableDiffusionPipeline:
                 raise GenerationError(
                     f"clip_skip must be between 1 and {count - 2} for this text encoder, got {clip_skip}"
                 )
-            outputs = self.component(name)(input_ids=self.tokenizers[name](texts))
+            outputs = self.run_text_encoder(name, self.tokenizers[name](texts))
             states = outputs[f"hidden_states.{count - 2}"]
             if clip_skip:
                 states[-n:] = outputs[f"hidden_states.{count - 2 - clip_skip}"][-n:]
@@ -273,13 +278,16 @@ class StableDiffusionPipeline:
         syntax: str,
         clip_skip: int | None = None,
         zero_negative: bool = False,
+        downweight: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """(embeddings, SDXL's pooled embeddings or None) of prompts and negative prompts written in `syntax`
         ("compel" or "a1111"), laid out as encode_prompt(_xl) lays them out, with compel's math
-        (prompt_weighting.py): all of them padded to the longest with the empty prompt's embedding."""
+        (prompt_weighting.py; weights below 1 as `downweight` says, "mask" by default): all of them padded to
+        the longest with the empty prompt's embedding."""
         texts = prompts if negative is None or zero_negative else negative + prompts
         parsed = [parse_prompt(text, syntax) for text in texts]
-        embeddings, pooled = weighted_embeddings(parsed, self.weighting_encoders(clip_skip))
+        mode = downweight or DEFAULT_DOWNWEIGHT
+        embeddings, pooled = weighted_embeddings(parsed, self.weighting_encoders(clip_skip), mode)
         fixed = self.component("unet").inputs["encoder_hidden_states"].shape[1]  # an int in static exports
         if isinstance(fixed, int) and fixed != embeddings.shape[1]:
             raise GenerationError(
@@ -300,20 +308,36 @@ class StableDiffusionPipeline:
         penultimate ones, and SDXL's pooled embedding from the encoder that projects one."""
 
         def run(name: str):
-            return lambda ids: self.component(name)(input_ids=ids)
+            return lambda ids, mask=None: self.run_text_encoder(name, ids, mask)
 
+        masks = bool(self.manifest.pipeline.text_encoder_attention_mask)
         if not self.xl:
             encode = run("text_encoder")
             if clip_skip:
-                return [TextEncoder(self.tokenizer, lambda ids: self.skipped_hidden_state(encode(ids), clip_skip))]
-            return [TextEncoder(self.tokenizer, lambda ids: encode(ids)["last_hidden_state"])]
+                return [
+                    TextEncoder(
+                        self.tokenizer, lambda ids, m: self.skipped_hidden_state(encode(ids, m), clip_skip), masks=masks
+                    )
+                ]
+            return [TextEncoder(self.tokenizer, lambda ids, m: encode(ids, m)["last_hidden_state"], masks=masks)]
         facts, encoders = self.manifest.pipeline, []
         for name in self.encoders:
             count = int((facts.num_hidden_states_2 if name == "text_encoder_2" else facts.num_hidden_states) or 0)
             encode, state = run(name), f"hidden_states.{count - 2}"
             pool = (lambda ids, encode=encode: encode(ids)["text_embeds"]) if name == "text_encoder_2" else None
-            encoders.append(TextEncoder(self.tokenizers[name], lambda ids, e=encode, s=state: e(ids)[s], pool))
+            embed = lambda ids, m, e=encode, s=state: e(ids, m)[s]  # noqa: E731
+            encoders.append(TextEncoder(self.tokenizers[name], embed, pool, masks))
         return encoders
+
+    def run_text_encoder(self, name: str, ids: np.ndarray, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """A CLIP text encoder's outputs for token ids [N, L]; `mask` [N, L] (1 attends) is fed where given, and
+        ones where the export's attention_mask has no default (tensorrt, static exports)."""
+        feeds = {"input_ids": ids}
+        if mask is None and TEXT_ENCODER_MASK in self.component(name).required_inputs:
+            mask = np.ones_like(ids)
+        if mask is not None:
+            feeds[TEXT_ENCODER_MASK] = mask
+        return self.component(name)(**feeds)
 
     def denoise(
         self,
@@ -535,6 +559,7 @@ class StableDiffusionPipeline:
                 request.clip_skip,
                 plan.zero_negative,
                 request.prompt_syntax,
+                request.downweight,
             )
             fixed["time_ids"] = plan.guidance.time_ids(
                 request.micro,
@@ -545,7 +570,12 @@ class StableDiffusionPipeline:
             )
         elif request.prompt_embeds is None:
             embeddings = self.encode_prompt(
-                plan.prompts, plan.negative_prompts, request.num_images, request.clip_skip, request.prompt_syntax
+                plan.prompts,
+                plan.negative_prompts,
+                request.num_images,
+                request.clip_skip,
+                request.prompt_syntax,
+                request.downweight,
             )
         else:  # given for the prompts; the negative prompts are still encoded, as in diffusers
             embeddings = np.repeat(np.asarray(request.prompt_embeds, np.float32), request.num_images, axis=0)
@@ -645,14 +675,14 @@ class StableDiffusionPipeline:
         loras: Sequence[object] | None = None,
         embeddings: Sequence[object] | None = None,
         prompt_syntax: str | None = None,
+        downweight: str | None = None,
     ) -> GenerationResult:
         """Draw images; arguments mean what they mean in diffusers' pipelines (StableDiffusionPipeline and
         StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline with `mask_image`, or the XL forms of the three
         for an SDXL export). `guidance_scale` and `strength` default to diffusers' values for the family
-        (plan.family_defaults). The sizes, crops and aesthetic scores are SDXL's micro-conditioning; sizes are (height,
-        width), None meaning the generated size. `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the text
-        encoder's output for the prompts (the negative prompts are still encoded), as in diffusers; `prompt` may then be
-        None. `prompt_syntax` ("compel", "a1111") reads weighted, long prompts (encode_weighted).
+        (plan.family_defaults). SDXL's micro-conditioning: sizes (height, width; None: the generated size), crops and
+        aesthetic scores. `prompt_embeds` ([len(prompt), max_length, hidden]) replaces the prompts' encoding (negatives
+        are still encoded; `prompt` may be None). Weighted prompts: `prompt_syntax`, `downweight` (encode_weighted).
 
         The scheduler is built from the export's scheduler config as `Cls.from_config(config)` builds it;
         `timestep_spacing` ("leading", "linspace" or "trailing") and `scheduler_options` (other config keys,

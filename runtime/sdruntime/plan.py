@@ -28,6 +28,7 @@ from .image import init_image_hash, init_image_size, parameters_text
 from .manifest import Manifest, PipelineFacts, latent_shape
 from .noise import TorchGenerator, make_generator
 from .prompt_syntax import SYNTAXES, parse_prompt
+from .prompt_weighting import DEFAULT_DOWNWEIGHT, DOWNWEIGHT_MODES, MASK_REFUSAL, downweighted
 from .request import GenerationError, GenerationRequest
 from .schedulers import TIMESTEP_SPACINGS, Scheduler, exported_scheduler_name, img2img_begin_index, make_scheduler
 from .textual_inversion import Embeddings
@@ -262,6 +263,7 @@ class Plan:
             "Latents": "given" if request.latents is not None and not self.image_to_image else None,
             "Prompt embeds": "given" if request.prompt_embeds is not None else None,
             "Prompt syntax": request.prompt_syntax,
+            "Downweight": "remove" if request.prompt_syntax and request.downweight == "remove" else None,
             "Decoder": "tiny" if self.decoder == TINY_DECODER else None,
             **_control_fields(self.control),
             "Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora in self.adapters.loras) or None,
@@ -409,8 +411,12 @@ def _check_request(request: GenerationRequest, export: ExportFacts) -> None:
 def _check_prompt_syntax(request: GenerationRequest, texts: list[str], export: ExportFacts) -> None:
     """prompt_syntax: a known one, prompts it reads (each parsed here, so that a mistake stops the request before
     anything runs), and nothing it cannot go with."""
-    syntax = request.prompt_syntax
+    syntax, downweight = request.prompt_syntax, request.downweight or DEFAULT_DOWNWEIGHT
+    if downweight not in DOWNWEIGHT_MODES:
+        raise GenerationError(f"unknown downweight '{downweight}': choose {' or '.join(DOWNWEIGHT_MODES)}")
     if syntax is None:
+        if request.downweight is not None:
+            raise GenerationError("downweight applies to weighted prompts: give prompt_syntax too, or leave it out")
         return
     if syntax not in SYNTAXES:
         raise GenerationError(f"unknown prompt_syntax '{syntax}': choose one of {', '.join(SYNTAXES)}")
@@ -418,8 +424,10 @@ def _check_prompt_syntax(request: GenerationRequest, texts: list[str], export: E
         raise GenerationError("prompt_syntax reads the prompts and prompt_embeds replaces them: give one or the other")
     if export.xl and request.clip_skip:
         raise GenerationError("clip_skip with prompt_syntax is not supported on SDXL exports: leave one of them out")
-    for text in texts:
-        parse_prompt(text, syntax)
+    parsed = [parse_prompt(text, syntax) for text in texts]
+    masks = bool(export.pipeline.text_encoder_attention_mask)
+    if downweight == "mask" and not masks and any(downweighted(p) for p in parsed):
+        raise GenerationError(MASK_REFUSAL)
 
 
 def _mode(request: GenerationRequest, export: ExportFacts) -> str:

@@ -1,16 +1,18 @@
 """Embeddings of weighted and long prompts (prompt_syntax.py's structure) from the export's text encoders,
 in NumPy, with compel's math (compel 2.1.1, `embeddings_provider.py` and `compel.py`,
-`truncate_long_prompts=False`, `downweight_mode=DownweightMode.REMOVE`):
+`truncate_long_prompts=False`, either `downweight_mode`):
 
 - Tokens: each fragment tokenized alone, the ids joined, each token carrying its fragment's weight.
 - Chunks: 75 tokens at most, each framed by the start and end tokens and padded to 77; a prompt past 75
   tokens is cut at the last "." within the 75, else the last "," "." ";" ":", else the last word end
   (compel's SplitLongTextMode.SENTENCES).
 - Weights: per chunk, `empty + (E(chunk) - empty) * w` per token, `empty` the encoding of an empty chunk.
-- Weights below 1: the embedding is lerped towards the prompt's embedding with that fragment removed
-  (re-tokenized without it), with lerp weight tan((1 - w) * pi / 2) against 1 for the prompt itself, the
-  weights normalized to sum 1. compel's default, DownweightMode.MASK, masks the fragment out with an
-  attention mask instead; an exported text encoder takes no attention mask, so this is the mode it can run.
+- Weights below 1: the embedding is lerped towards the prompt's embedding without that fragment, with lerp
+  weight tan((1 - w) * pi / 2) against 1 for the prompt itself, the weights normalized to sum 1. "Without" is,
+  in "mask" (compel's default, DownweightMode.MASK), the same tokens and weights with the fragment's tokens
+  masked out by the text encoder's attention_mask: every place from the fragment's first token to its last
+  (in a fragment cut across chunks, the end token and pads of the chunk it leaves too), then each chunk's
+  first and last place unmasked again; in "remove" (DownweightMode.REMOVE), the text re-tokenized without it.
   Where removing a fragment changes the chunk count (compel fails there) the shorter is padded as below.
 - `.blend()`: the texts' embeddings summed with their weights (divided by their sum unless no_normalize).
 - `.and()` and BREAK: the parts' embeddings joined along the token axis, each part first lerped from the
@@ -29,30 +31,42 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InvalidArgument
 from .prompt_syntax import Blend, Fragment, ParsedPrompt, WeightedText
+from .request import GenerationError
 from .tokenizer import PromptTokenizer
 
 SENTENCE_ENDS = frozenset({".</w>"})
 PHRASE_ENDS = frozenset({".</w>", ",</w>", ";</w>", ":</w>"})
 SMALLEST_WEIGHT = 1e-5  # compel's floor before tan(): weight 0 would lerp by infinity
+DOWNWEIGHT_MODES = ("mask", "remove")  # compel's DownweightMode.MASK (its default) and REMOVE
+DEFAULT_DOWNWEIGHT = "mask"
+MASK_REFUSAL = (
+    "this export's text encoders take no attention_mask, which downweight 'mask' (the default) needs for weights "
+    "below 1: re-export it with this sdexport, or use downweight 'remove' (--downweight remove)"
+)
 
 
 @dataclass(frozen=True)
 class TextEncoder:
-    """A text encoder as the weighting reads it: `embed` maps ids [N, L] to embeddings [N, L, D] (the hidden
-    state the family takes), `pool` (SDXL's second encoder) maps ids to pooled embeddings [N, P]."""
+    """A text encoder as the weighting reads it: `embed` maps ids [N, L] and an attention mask [N, L] (or None:
+    every token attends) to embeddings [N, L, D] (the hidden state the family takes), `pool` (SDXL's second
+    encoder) maps ids to pooled embeddings [N, P]; `masks`: the encoder takes an attention mask."""
 
     tokenizer: PromptTokenizer
-    embed: Callable[[np.ndarray], np.ndarray]
+    embed: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
     pool: Callable[[np.ndarray], np.ndarray] | None = None
+    masks: bool = True
 
 
 @dataclass(frozen=True)
 class Chunks:
-    """Token ids [C, L] (C chunks of the tokenizer's max length) and each token's weight [C, L]."""
+    """Token ids [C, L] (C chunks of the tokenizer's max length), each token's weight [C, L] and, where some
+    tokens are masked out, the attention mask [C, L] (1 attends, 0 masked; None: every token attends)."""
 
     ids: np.ndarray
     weights: np.ndarray
+    mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -95,60 +109,100 @@ def split_point(tokenizer: PromptTokenizer, ids: list[int], limit: int) -> int:
     return limit
 
 
-def chunk(tokenizer: PromptTokenizer, ids: list[int], weights: list[float]) -> Chunks:
-    """Ids and their weights cut into chunks, each framed and padded to max_length (weight 1 outside the text)."""
+def chunk(tokenizer: PromptTokenizer, ids: list[int], weights: list[float]) -> tuple[Chunks, list[int]]:
+    """Ids and their weights cut into chunks, each framed and padded to max_length (weight 1 outside the text),
+    and the place of each id in the chunks laid end to end."""
     length = tokenizer.max_length
     start, end = frame(tokenizer)
-    rows, row_weights = [], []
+    rows, row_weights, places = [], [], []
     while True:
         cut = split_point(tokenizer, ids, length - 2)
         body, ids = ids[:cut], ids[cut:]
         body_weights, weights = weights[:cut], weights[cut:]
         pad = length - 2 - len(body)
+        places += range(len(rows) * length + 1, len(rows) * length + 1 + len(body))
         rows.append([start, *body, end] + [tokenizer.pad_id] * pad)
         row_weights.append([1.0, *body_weights, 1.0] + [1.0] * pad)
         if not ids:
-            return Chunks(np.asarray(rows, np.int64), np.asarray(row_weights, np.float32))
+            return Chunks(np.asarray(rows, np.int64), np.asarray(row_weights, np.float32)), places
 
 
-def fragment_chunks(tokenizer: PromptTokenizer, fragments: Sequence[Fragment]) -> Chunks:
-    """Each fragment tokenized alone, the ids joined, each token with its fragment's weight, then chunked."""
+def fragment_chunks(tokenizer: PromptTokenizer, fragments: Sequence[Fragment]) -> tuple[Chunks, list[range]]:
+    """Each fragment tokenized alone, the ids joined, each token with its fragment's weight, then chunked;
+    and each fragment's tokens' places in the chunks laid end to end (empty for a fragment without tokens)."""
     ids: list[int] = []
     weights: list[float] = []
+    spans = []
     for fragment in fragments or (Fragment(""),):
         body = tokenizer.encode(fragment.text)[1:-1]
+        spans.append((len(ids), len(ids) + len(body)))
         ids += body
         weights += [float(fragment.weight)] * len(body)
-    return chunk(tokenizer, ids, weights)
+    chunks, places = chunk(tokenizer, ids, weights)
+    return chunks, [range(places[a], places[b - 1] + 1) if b > a else range(0) for a, b in spans]
 
 
-def text_plan(tokenizer: PromptTokenizer, text: WeightedText) -> TextPlan:
-    """The chunks of a weighted text and, for each fragment below weight 1, of the text without it."""
+def masked_without(tokenizer: PromptTokenizer, chunks: Chunks, places: range) -> Chunks:
+    """The chunks with a fragment's places masked out as compel's DownweightMode.MASK masks them: all of them
+    from its first token to its last, then each chunk's first and last place attending again."""
+    mask = np.ones(chunks.ids.size, np.int64)
+    mask[places.start : places.stop] = 0
+    length = tokenizer.max_length
+    mask[0::length] = 1
+    mask[length - 1 :: length] = 1
+    return Chunks(chunks.ids, chunks.weights, mask.reshape(chunks.ids.shape))
+
+
+def text_plan(tokenizer: PromptTokenizer, text: WeightedText, downweight: str = DEFAULT_DOWNWEIGHT) -> TextPlan:
+    """The chunks of a weighted text and, for each fragment below weight 1, of the text without it (masked out,
+    or removed, as `downweight` says)."""
     fragments = text.fragments
+    base, spans = fragment_chunks(tokenizer, fragments)
     without = []
     for i, fragment in enumerate(fragments):
         if fragment.weight < 1:
             lerp = math.tan((1.0 - max(SMALLEST_WEIGHT, fragment.weight)) * math.pi / 2)
-            without.append((fragment_chunks(tokenizer, fragments[:i] + fragments[i + 1 :]), lerp))
-    return TextPlan(fragment_chunks(tokenizer, fragments), tuple(without))
+            if downweight == "mask":
+                variant = masked_without(tokenizer, base, spans[i])
+            else:
+                variant = fragment_chunks(tokenizer, fragments[:i] + fragments[i + 1 :])[0]
+            without.append((variant, lerp))
+    return TextPlan(base, tuple(without))
 
 
-def prompt_plan(tokenizer: PromptTokenizer, prompt: ParsedPrompt) -> PromptPlan:
+def prompt_plan(tokenizer: PromptTokenizer, prompt: ParsedPrompt, downweight: str = DEFAULT_DOWNWEIGHT) -> PromptPlan:
     parts = []
     for part, weight in zip(prompt.parts, prompt.weights):
         if isinstance(part, Blend):
-            plans = tuple(text_plan(tokenizer, text) for text in part.texts)
+            plans = tuple(text_plan(tokenizer, text, downweight) for text in part.texts)
             parts.append((BlendPlan(plans, part.weights, part.normalize), weight))
         else:
-            parts.append((text_plan(tokenizer, part), weight))
+            parts.append((text_plan(tokenizer, part, downweight), weight))
     return tuple(parts)
 
 
-def plan_rows(plan: PromptPlan) -> list[np.ndarray]:
-    """Every chunk's ids a prompt plan encodes."""
+def downweighted(prompt: ParsedPrompt) -> bool:
+    """Whether some fragment of the prompt weighs less than 1 (so downweighting has work to do)."""
+    texts = [t for part in prompt.parts for t in (part.texts if isinstance(part, Blend) else (part,))]
+    return any(f.weight < 1 for t in texts for f in t.fragments)
+
+
+def chunk_rows(chunks: Chunks) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Each chunk's (ids, attention mask or None where every token attends)."""
+    masks = chunks.mask if chunks.mask is not None else [None] * len(chunks.ids)
+    return [(ids, None if mask is None or mask.all() else mask) for ids, mask in zip(chunks.ids, masks)]
+
+
+def row_key(row: tuple[np.ndarray, np.ndarray | None]) -> bytes:
+    ids, mask = row
+    return ids.tobytes() + (b"" if mask is None else b"mask" + mask.tobytes())
+
+
+def plan_rows(plan: PromptPlan) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Every chunk's (ids, attention mask or None) a prompt plan encodes."""
     texts = [t for part, _ in plan for t in (part.texts if isinstance(part, BlendPlan) else (part,))]
     chunks = [c for t in texts for c in (t.base, *(w for w, _ in t.without))]
-    return [row for c in chunks for row in c.ids]
+    return [row for c in chunks for row in chunk_rows(c)]
 
 
 def pooled_ids(tokenizer: PromptTokenizer, text: str) -> list[int]:
@@ -177,18 +231,24 @@ class ChunkEmbeddings:
     """One text encoder's embedding of each distinct chunk the plans name, encoded in one run, and compel's
     arithmetic over them. Embeddings are [tokens, D], tokens a multiple of the tokenizer's max length."""
 
-    def __init__(self, encoder: TextEncoder, rows: Sequence[np.ndarray]):
+    def __init__(self, encoder: TextEncoder, rows: Sequence[tuple[np.ndarray, np.ndarray | None]]):
         tokenizer = encoder.tokenizer
         start, end = frame(tokenizer)
-        empty = np.asarray([start, end] + [tokenizer.pad_id] * (tokenizer.max_length - 2), np.int64)
-        unique = {row.tobytes(): row for row in (empty, *rows)}
-        encoded = np.asarray(encoder.embed(np.stack(list(unique.values()))), np.float32)
+        empty = (np.asarray([start, end] + [tokenizer.pad_id] * (tokenizer.max_length - 2), np.int64), None)
+        unique = {row_key(row): row for row in (empty, *rows)}
+        ids = np.stack([i for i, _ in unique.values()])
+        masks = None  # fed only where some token is masked out: the same encoding as ones, in one run
+        if any(m is not None for _, m in unique.values()):
+            if not encoder.masks:
+                raise GenerationError(MASK_REFUSAL)
+            masks = np.stack([np.ones_like(i) if m is None else m for i, m in unique.values()])
+        encoded = np.asarray(encoder.embed(ids, masks), np.float32)
         self.rows = dict(zip(unique, encoded))
-        self.empty = self.rows[empty.tobytes()]  # the empty prompt's embedding, one chunk
+        self.empty = self.rows[row_key(empty)]  # the empty prompt's embedding, one chunk
 
     def weighted(self, chunks: Chunks) -> np.ndarray:
-        """Each token's embedding moved from the empty chunk's by its weight."""
-        z = np.stack([self.rows[row.tobytes()] for row in chunks.ids])
+        """Each token's embedding moved from the empty chunk's by its weight (compel's empty chunk is unmasked)."""
+        z = np.stack([self.rows[row_key(row)] for row in chunk_rows(chunks)])
         return (self.empty + (z - self.empty) * chunks.weights[..., None]).reshape(-1, z.shape[-1])
 
     def pad(self, embeddings: np.ndarray, tokens: int) -> np.ndarray:
@@ -224,14 +284,17 @@ class ChunkEmbeddings:
 
 
 def weighted_embeddings(
-    prompts: Sequence[ParsedPrompt], encoders: Sequence[TextEncoder]
+    prompts: Sequence[ParsedPrompt], encoders: Sequence[TextEncoder], downweight: str = DEFAULT_DOWNWEIGHT
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """(embeddings [N, T, D], pooled [N, P] or None) of N parsed prompts: each encoder's embeddings joined on
     features; T is the longest prompt's token count, shorter prompts padded with the empty prompt's embedding.
-    The pooled embeddings are the first pooling encoder's for each prompt's pooled_text."""
+    Weights below 1 follow `downweight` ("mask" or "remove"). The pooled embeddings are the first pooling
+    encoder's for each prompt's pooled_text (unmasked in either mode, as compel's get_pooled_embeddings)."""
+    if downweight not in DOWNWEIGHT_MODES:
+        raise InvalidArgument(f"unknown downweight {downweight!r}: choose {' or '.join(DOWNWEIGHT_MODES)}")
     results = []
     for encoder in encoders:
-        plans = [prompt_plan(encoder.tokenizer, p) for p in prompts]
+        plans = [prompt_plan(encoder.tokenizer, p, downweight) for p in prompts]
         chunks = ChunkEmbeddings(encoder, [row for plan in plans for row in plan_rows(plan)])
         results.append((chunks, [chunks.prompt(plan) for plan in plans]))
     tokens = max(len(e) for _, embeddings in results for e in embeddings)

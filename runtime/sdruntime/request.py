@@ -71,3 +71,6 @@ class GenerationRequest:
     # "compel" or "a1111": prompts and negative prompts read as weighted, long prompts (prompt_syntax.py), U-Net families
     # only; None: as diffusers reads them (truncated at 77 tokens, parentheses are text)
     prompt_syntax: str | None = None
+    # with prompt_syntax, how weights below 1 work (prompt_weighting.py): "mask" (compel's default) or "remove";
+    # None: "mask"
+    downweight: str | None = None

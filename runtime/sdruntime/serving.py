@@ -27,6 +27,7 @@ from .manifest import MANIFEST_NAME, TRANSFORMER_FAMILIES
 from .memory import largest_side
 from .plan import SEED_LIMIT, SizeError, SizeRule, batch_seeds, family_defaults
 from .prompt_syntax import SYNTAXES, parse_prompt
+from .prompt_weighting import DOWNWEIGHT_MODES
 from .request import GenerationRequest
 from .schedulers import FLOW_SCHEDULERS, SCHEDULERS, scheduler_class
 from .transformer_plan import T5_LONGEST, TRANSFORMER_DEFAULTS
@@ -81,6 +82,7 @@ FIELDS = (
     "loras",
     "embeddings",
     "prompt_syntax",
+    "downweight",
     *OPENAI_FIELDS,
 )
 # The fields only SD3 and Flux exports take (transformer_plan.py), and which of the two takes each
@@ -335,6 +337,7 @@ class ImageRequest:
     decoder: str = FULL  # "tiny": the export's tiny decoder (decoders.py)
     stream: bool = False  # answered as server-sent events, a progress event per step (draw_stream); drawn alone
     prompt_syntax: str | None = None  # "compel" or "a1111" (prompt_syntax.py); drawn alone
+    downweight: str | None = None  # with prompt_syntax: "mask" (the default) or "remove" (prompt_weighting.py)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -477,6 +480,7 @@ def parse_request(body: object, facts: ModelFacts, default_format: str = "b64_js
         loras=parse_loras(body, facts),
         embeddings=parse_embeddings(body, facts),
         prompt_syntax=_prompt_syntax(body, facts, (prompt, negative)),
+        downweight=_downweight(body),
     )
 
 
@@ -551,6 +555,16 @@ def _prompt_syntax(body: Mapping, facts: ModelFacts, texts: Sequence[str | None]
                 parse_prompt(text, value)
             except InvalidArgument as e:
                 raise RequestError(param, str(e)) from None
+    return value
+
+
+def _downweight(body: Mapping) -> str | None:
+    """`downweight`: "mask" or "remove", as `generate --downweight`; only beside prompt_syntax."""
+    value = body.get("downweight")
+    if value is not None and value not in DOWNWEIGHT_MODES:
+        raise RequestError("downweight", f"unknown downweight {value!r}: choose {' or '.join(DOWNWEIGHT_MODES)}")
+    if value is not None and body.get("prompt_syntax") is None:
+        raise RequestError("downweight", "downweight applies to weighted prompts: give prompt_syntax too")
     return value
 
 
@@ -956,6 +970,7 @@ def batch_request(
         embeddings=[(token, embeddings[name]) for token, name in first.embeddings] or None,
         decoder=first.decoder,
         prompt_syntax=first.prompt_syntax,
+        downweight=first.downweight,
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import UserError
-from .manifest import ExportError, Manifest, TensorEntry
+from .manifest import TEXT_ENCODER_MASK, ExportError, Manifest, TensorEntry
 from .onnx_proto import external_data_locations
 from .ort_options import WARNINGS, ort_session_options
 from .targets import RUNTIME_TARGETS
@@ -214,6 +214,7 @@ def trt_profile(manifest: Manifest, component: str, settings: SessionSettings) -
             f"{i.name}:{'x'.join(str(d) for d in shape_of(i.shape, known))}"
             for i in manifest.components[component].inputs
             if not (component == "unet" and "residual" in i.name and manifest.pipeline.unet_residual_defaults)
+            and not (i.name == TEXT_ENCODER_MASK and manifest.pipeline.text_encoder_mask_defaults)
         ]
         profile[f"trt_profile_{key}_shapes"] = ",".join(shapes)
     return profile

@@ -192,7 +192,8 @@ def _refuse_unet_fields(request: GenerationRequest, family: str) -> None:
         or request.control_guidance_start != 0.0
         or request.control_guidance_end != 1.0,
         "LoRAs (loras)": bool(request.loras),
-        "weighted prompts (prompt_syntax)": request.prompt_syntax is not None,
+        "weighted prompts (prompt_syntax, downweight)": request.prompt_syntax is not None
+        or request.downweight is not None,
         "textual-inversion embeddings (embeddings)": bool(request.embeddings),
     }
     other_family = {

@@ -2,8 +2,8 @@
 compel's own, the embeddings (SD 1.x and SDXL, pooled too) against compel's on the same tiny pipelines as the
 exports, and whole pictures against diffusers fed compel's embeddings.
 
-compel runs with `truncate_long_prompts=False` and `downweight_mode=DownweightMode.REMOVE`: an exported text
-encoder takes no attention mask, which compel's default downweighting (MASK) needs (prompt_weighting.py).
+compel runs with `truncate_long_prompts=False` and either `downweight_mode`: its default, MASK (the runtime's
+default too, through the exported text encoders' attention_mask), and REMOVE (`downweight="remove"`).
 A1111's syntax is checked against its documented weights, and its embeddings against compel's math on the
 fragments those weights give."""
 
@@ -16,7 +16,14 @@ import pytest
 from sdruntime import StableDiffusionPipeline
 from sdruntime.errors import InvalidArgument
 from sdruntime.prompt_syntax import Blend, PromptSyntaxError, parse_a1111, parse_compel
-from sdruntime.prompt_weighting import weighted_embeddings
+from sdruntime.prompt_weighting import (
+    MASK_REFUSAL,
+    ChunkEmbeddings,
+    TextPlan,
+    plan_rows,
+    prompt_plan,
+    weighted_embeddings,
+)
 
 torch = pytest.importorskip("torch")
 compel = pytest.importorskip("compel")
@@ -29,17 +36,22 @@ from compel.prompt_parser import Conjunction, FlattenedPrompt, PromptParser  # n
 
 from .test_pipeline import psnr, reference_scheduler  # noqa: E402
 
-SENTENCES = "a small red circle and a large blue square on a green background. " * 3  # 45 tokens
+SENTENCE = "a small red circle and a large blue square on a green background. "
+SENTENCES = SENTENCE * 3  # 45 tokens
 PHRASES = "a small red circle, a large blue square, a green background, " * 5  # 70 tokens, commas only
 LONG = SENTENCES + PHRASES  # 115 tokens: two chunks, cut after the last "." within 75
 LONGER = LONG + "a yellow triangle in the top left corner next to the circle " * 5  # 175 tokens: three chunks
 WEIGHTED_LONGER = "(" + LONGER + ")1.1 and a (green)0.7 square"
 WEIGHTED_AND = '("a red circle", "a blue square--", "green").and(1, 0.5, 1.5)'  # compel 2.1.1 fails on it for SDXL
+# a fragment below 1 cut across two chunks: MASK masks the first chunk's end token and pads too, not its start tokens
+# (the first chunk is cut at the "." inside it; removing it keeps two chunks, so compel's REMOVE runs it too)
+SPANNING = SENTENCE * 2 + "(a yellow triangle. a purple star)0.8 " + PHRASES[:-60] + "a (blue)0.5 square"
 # every construct of compel's syntax, alone and together
 COMPEL_PROMPTS = [
     "a red circle on a blue background",
     "a red circle++ on a blue background",  # +
     "a red circle+++ on a blue-- background",  # +++ and --
+    "a red-- circle on a (blue)0.5 background--",  # several fragments below 1: one masked variant each
     "a red circle- on a blue background",  # -
     "a (red circle)1.3 on a blue background",  # (words)1.3
     "a (red circle on a)0.5 blue background",  # (a b)0.5
@@ -57,6 +69,7 @@ COMPEL_PROMPTS = [
     LONG,  # past 77 tokens
     LONG + " (blue background)0.6",  # a weight below 1 in the second chunk
     WEIGHTED_LONGER,  # past 154 tokens
+    SPANNING,
     PHRASES * 2,  # cut at a comma
     "red circle blue square " * 25,  # no punctuation: cut at a word end
 ]
@@ -107,7 +120,7 @@ def ours_flat(parsed) -> tuple:
 # -- parsing -------------------------------------------------------------------------------------------------
 
 PARSER_PROMPTS = [
-    *COMPEL_PROMPTS[:17],
+    *COMPEL_PROMPTS[:18],
     "a cat++ dog",
     "a++b c-d e+f",  # + and - inside a word are text; a word followed by + or - is weighted
     "(cat)-1",  # "-" is a weight, "1" text
@@ -185,12 +198,15 @@ def xl(sdxl32):
     return StableDiffusionPipeline.load(sdxl32)
 
 
-def sd_compel(pipe, **kwargs) -> Compel:
-    options = {"truncate_long_prompts": False, "downweight_mode": DownweightMode.REMOVE, **kwargs}
+MODES = {"mask": DownweightMode.MASK, "remove": DownweightMode.REMOVE}  # ours -> compel's
+
+
+def sd_compel(pipe, downweight: str = "mask", **kwargs) -> Compel:
+    options = {"truncate_long_prompts": False, "downweight_mode": MODES[downweight], **kwargs}
     return Compel(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, **options)
 
 
-def xl_compel(pipe) -> Compel:
+def xl_compel(pipe, downweight: str = "mask") -> Compel:
     """SDXL's compel, as its README sets it up: both encoders' penultimate states, the second's pooled embedding."""
     return Compel(
         tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
@@ -198,7 +214,7 @@ def xl_compel(pipe) -> Compel:
         returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
         requires_pooled=[False, True],
         truncate_long_prompts=False,
-        downweight_mode=DownweightMode.REMOVE,
+        downweight_mode=MODES[downweight],
     )
 
 
@@ -208,27 +224,35 @@ def difference(ours: np.ndarray, theirs: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def sd_reference(tiny_pipe):
+def sd_references(tiny_pipe) -> dict[str, dict]:
+    """compel's embeddings of every prompt, by downweight mode."""
     with torch.no_grad():
-        compel_sd = sd_compel(tiny_pipe)
-        return {p: compel_sd(p) for p in COMPEL_PROMPTS}
+        return {mode: {p: sd_compel(tiny_pipe, mode)(p) for p in COMPEL_PROMPTS} for mode in MODES}
 
 
-def test_sd_embeddings_equal_compels(sd, sd_reference):
-    for prompt, theirs in sd_reference.items():
-        ours = sd.encode_prompt([prompt], None, 1, prompt_syntax="compel")
+@pytest.fixture(scope="module")
+def sd_reference(sd_references):
+    return sd_references["mask"]
+
+
+@pytest.mark.parametrize("downweight", [None, *MODES])
+def test_sd_embeddings_equal_compels(sd, sd_references, downweight):
+    """None: the default, compel's default (MASK)."""
+    for prompt, theirs in sd_references[downweight or "mask"].items():
+        ours = sd.encode_prompt([prompt], None, 1, prompt_syntax="compel", downweight=downweight)
         assert difference(ours, theirs) <= 1e-5, prompt
-    assert sd_reference[WEIGHTED_LONGER].shape[1] == 3 * 77 and sd_reference[LONG].shape[1] == 2 * 77
+    assert sd_references["mask"][WEIGHTED_LONGER].shape[1] == 3 * 77 and sd_references["mask"][LONG].shape[1] == 2 * 77
 
 
-def test_sdxl_embeddings_and_pooled_equal_compels(sdxl_pipe, xl):
-    reference = xl_compel(sdxl_pipe)
+@pytest.mark.parametrize("downweight", MODES)
+def test_sdxl_embeddings_and_pooled_equal_compels(sdxl_pipe, xl, downweight):
+    reference = xl_compel(sdxl_pipe, downweight)
     for prompt in COMPEL_PROMPTS:
         if prompt == WEIGHTED_AND:
             continue
         with torch.no_grad():
             theirs, pooled = reference(prompt)
-        ours, ours_pooled = xl.encode_prompt_xl([prompt], None, 1, prompt_syntax="compel")
+        ours, ours_pooled = xl.encode_prompt_xl([prompt], None, 1, prompt_syntax="compel", downweight=downweight)
         assert difference(ours, theirs) <= 1e-5, prompt
         assert difference(ours_pooled, pooled) <= 1e-5, prompt
 
@@ -290,14 +314,87 @@ def test_a_planted_weight_off_by_one_percent_is_caught(sd, sd_reference):
     assert difference(ours, sd_reference[prompt]) > 1e-4
 
 
-def test_downweighting_removes_the_fragment_where_compels_default_masks_it(tiny_pipe, sd, sd_reference):
-    """Weights below 1 follow compel's DownweightMode.REMOVE; its default, MASK, needs an attention mask that an
-    exported text encoder does not take, and lands elsewhere."""
-    prompt = "a (red circle on a)0.5 blue background"
-    with torch.no_grad():
-        masked = sd_compel(tiny_pipe, downweight_mode=DownweightMode.MASK)(prompt)
-    ours = sd.encode_prompt([prompt], None, 1, prompt_syntax="compel")
-    assert difference(ours, sd_reference[prompt]) <= 1e-5 and difference(ours, masked) > 1e-3
+def test_mask_and_remove_differ_where_a_weight_is_below_1(sd, sd_references):
+    """The option changes the embeddings of prompts with a weight below 1 (compel's two modes differ there too),
+    and only theirs."""
+    for prompt in ("a (red circle on a)0.5 blue background", SPANNING, "a red circle++ on a blue background"):
+        masked, removed = (sd.encode_prompt([prompt], None, 1, prompt_syntax="compel", downweight=m) for m in MODES)
+        below = prompt != "a red circle++ on a blue background"
+        assert (np.abs(masked - removed).max() > 1e-3) == below, prompt
+        theirs = sd_references["mask"][prompt], sd_references["remove"][prompt]
+        assert (difference(theirs[0].numpy(), theirs[1]) > 1e-3) == below, prompt
+
+
+def planted_embeddings(sd, prompt: str, plant) -> np.ndarray:
+    """Our MASK embeddings of a prompt with `plant(mask)` changing each masked variant's attention mask."""
+    (encoder,) = sd.weighting_encoders(None)
+    plan = prompt_plan(encoder.tokenizer, parse_compel(prompt), "mask")
+    planted = []
+    for text, weight in plan:
+        without = tuple(
+            (type(chunks)(chunks.ids, chunks.weights, plant(chunks.mask.copy())), lerp) for chunks, lerp in text.without
+        )
+        planted.append((TextPlan(text.base, without), weight))
+    planted = tuple(planted)
+    return ChunkEmbeddings(encoder, plan_rows(planted)).prompt(planted)[None]
+
+
+def mask_start_tokens(mask: np.ndarray) -> np.ndarray:
+    mask[:, 0] = 0
+    return mask
+
+
+@pytest.mark.parametrize("prompt", ["a (red circle on a)0.5 blue background", SPANNING])
+def test_a_planted_mask_bug_is_caught(sd, sd_reference, prompt):
+    """Masking each chunk's start token as well (compel keeps it) moves the embeddings far past 1e-5."""
+    assert difference(planted_embeddings(sd, prompt, lambda m: m), sd_reference[prompt]) <= 1e-5  # the harness
+    assert difference(planted_embeddings(sd, prompt, mask_start_tokens), sd_reference[prompt]) > 1e-4
+
+
+def test_masking_across_chunks_masks_the_end_token_it_passes(sd, sd_reference):
+    """In a fragment cut across chunks compel's range runs over the first chunk's end token and pads, and only
+    each chunk's first and last places are unmasked again: masking the fragment's own tokens alone differs."""
+    (encoder,) = sd.weighting_encoders(None)
+    plan = prompt_plan(encoder.tokenizer, parse_compel(SPANNING), "mask")
+    chunks = plan[0][0].without[0][0]
+    ids, mask = chunks.ids, chunks.mask
+    end = encoder.tokenizer.encode("")[-1]
+    passed = (ids[0] == end) | (ids[0] == encoder.tokenizer.pad_id)
+    passed[-1] = False  # the chunk's last place, unmasked again
+    assert mask.shape == ids.shape and mask[0, 0] == mask[1, 0] == 1 and (mask[0][passed] == 0).all()
+
+    def own_tokens_only(m: np.ndarray) -> np.ndarray:
+        m[0][passed] = 1
+        return m
+
+    assert difference(planted_embeddings(sd, SPANNING, own_tokens_only), sd_reference[SPANNING]) > 1e-5
+
+
+def test_an_export_without_the_mask_input_refuses_mask_in_one_line(tiny32, tmp_path):
+    """An export that predates attention_mask: "mask" is refused where a weight is below 1, naming both fixes;
+    "remove", and prompts without such a weight, still draw."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny32, old)
+    manifest = json.loads((old / "sdexport.json").read_text())
+    for fact in ("text_encoder_attention_mask", "text_encoder_mask_defaults"):
+        del manifest["pipeline"][fact]
+    inputs = manifest["components"]["text_encoder"]["inputs"]
+    manifest["components"]["text_encoder"]["inputs"] = [i for i in inputs if i["name"] != "attention_mask"]
+    (old / "sdexport.json").write_text(json.dumps(manifest))
+    pipe = StableDiffusionPipeline.load(old)
+    draw = {"prompt_syntax": "compel", "num_inference_steps": 1}
+    for call in (
+        lambda: pipe("a (red)0.5 circle", **draw),
+        lambda: pipe.encode_prompt(["a red--"], None, 1, prompt_syntax="compel"),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            call()
+        assert str(caught.value) == MASK_REFUSAL and "\n" not in MASK_REFUSAL
+        assert "re-export" in MASK_REFUSAL and "--downweight remove" in MASK_REFUSAL
+    assert pipe("a (red)0.5 circle", downweight="remove", **draw).latents.shape == (1, 4, 8, 8)
+    assert pipe("a (red)1.5 circle", **draw).latents.shape == (1, 4, 8, 8)
 
 
 def test_without_a_syntax_prompts_read_as_diffusers_reads_them(tiny_pipe, sd):
@@ -398,6 +495,8 @@ def test_sdxl_picture_equals_diffusers_fed_compels_embeddings(sdxl_pipe, sdxl32,
     "kwargs, says",
     [
         ({"prompt_syntax": "markdown"}, "unknown prompt_syntax 'markdown'"),
+        ({"prompt_syntax": "compel", "downweight": "erase"}, "unknown downweight 'erase': choose mask or remove"),
+        ({"downweight": "remove"}, "downweight applies to weighted prompts: give prompt_syntax too"),
         ({"prompt_syntax": "compel", "negative_prompt": "a.swap(b)"}, ".swap()"),
         (
             {"prompt_syntax": "a1111", "prompt": None, "prompt_embeds": np.zeros((1, 77, 32), np.float32)},
@@ -425,6 +524,10 @@ def test_cli_draws_what_the_python_api_draws(tiny32, sd, tmp_path):
     assert main([*args, "-o", str(out)]) == 0
     ours = sd(prompt, prompt_syntax="a1111", num_inference_steps=2, seed=3)
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ours.images[0]))
+    assert main([*args, "--downweight", "remove", "-o", str(out)]) == 0
+    removed = sd(prompt, prompt_syntax="a1111", downweight="remove", num_inference_steps=2, seed=3)
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(removed.images[0]))
+    assert np.abs(removed.latents - ours.latents).max() > 1e-3
 
 
 def test_server_reads_checks_and_draws_prompt_syntax(sd):
@@ -433,13 +536,23 @@ def test_server_reads_checks_and_draws_prompt_syntax(sd):
     from sdruntime.serving import draw_batch, model_facts, parse_request
 
     facts = model_facts(sd)
-    body = {"prompt": "a (red)1.3 circle", "negative_prompt": LONG, "prompt_syntax": "compel", "seed": 2, "steps": 2}
-    request = parse_request(body, facts)
-    assert request.prompt_syntax == "compel" and request.batch_key is None  # drawn alone: no batch pads it
-    (drawn,) = draw_batch(sd, [request], max_images=4)
-    ours = sd(body["prompt"], negative_prompt=LONG, prompt_syntax="compel", num_inference_steps=2, seed=2)
-    assert drawn.error is None and drawn.images[0].parameters == ours.parameters[0]
-    for bad, says in (({"prompt_syntax": "x"}, "unknown prompt_syntax"), ({"prompt": "a.swap(b)"}, ".swap()")):
+    body = {"prompt": "a (red)1.3 circle--", "negative_prompt": LONG, "prompt_syntax": "compel", "seed": 2, "steps": 2}
+    for downweight in (None, "remove"):
+        request = parse_request({**body, "downweight": downweight}, facts)
+        assert request.prompt_syntax == "compel" and request.batch_key is None  # drawn alone: no batch pads it
+        assert request.downweight == downweight
+        (drawn,) = draw_batch(sd, [request], max_images=4)
+        options = {"prompt_syntax": "compel", "downweight": downweight, "num_inference_steps": 2, "seed": 2}
+        ours = sd(body["prompt"], negative_prompt=LONG, **options)
+        assert drawn.error is None and drawn.images[0].parameters == ours.parameters[0]
+        assert ("Downweight: remove" in ours.parameters[0]) == (downweight == "remove")
+    bad_bodies = (
+        ({"prompt_syntax": "x"}, "unknown prompt_syntax"),
+        ({"prompt": "a.swap(b)"}, ".swap()"),
+        ({"downweight": "erase"}, "unknown downweight 'erase': choose mask or remove"),
+        ({"downweight": "remove", "prompt_syntax": None}, "give prompt_syntax too"),
+    )
+    for bad, says in bad_bodies:
         with pytest.raises(InvalidArgument, match=says):
             parse_request({**body, **bad}, facts)
     with pytest.raises(InvalidArgument, match="SD3 exports take no 'prompt_syntax'"):
