@@ -564,7 +564,8 @@ def serve_command(
     lora_dir,
     embedding_dir,
 ):
-    """Serve FOLDER over HTTP on Ray Serve: POST /v1/images/generations, GET /v1/models, GET /health."""
+    """Serve FOLDER over HTTP on Ray Serve, as OpenAI's Images API: POST /v1/images/generations and /v1/images/edits,
+    GET /v1/models; GET /health."""
     try:
         from . import serve  # lazy: it imports Ray, an optional extra
     except ImportError as e:
