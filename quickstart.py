@@ -140,10 +140,11 @@ def demo(repo: Path = REPO, run: Runner = subprocess.run) -> Path:
 
 
 def run_tests(repo: Path = REPO, pytest_args: Sequence[str] = (), run: Runner = subprocess.run) -> int:
-    """Set up, then README's test command in the venv; pytest's exit code."""
+    """Set up, then README's test command in the venv; pytest's exit code (128 + N when signal N stopped it)."""
     setup(repo, run)
     venv = repo / VENV_NAME
-    return run([str(venv_python(venv)), *TEST_ARGS, *pytest_args], cwd=repo, env=quickstart_env(venv)).returncode
+    code = run([str(venv_python(venv)), *TEST_ARGS, *pytest_args], cwd=repo, env=quickstart_env(venv)).returncode
+    return code if code >= 0 else 128 - code  # as a shell reports it, not sys.exit(-15)'s 241
 
 
 def check(result: subprocess.CompletedProcess, what: str) -> None:

@@ -94,6 +94,7 @@ def test_test_command_is_readmes_with_extra_arguments(repo):
     run = Recorder({"pytest": 3})
     assert quickstart.run_tests(repo, ["-k", "name"], run) == 3  # pytest's exit code comes back
     assert run.commands[-1] == [str(quickstart.venv_python(repo / ".venv")), *quickstart.TEST_ARGS, "-k", "name"]
+    assert quickstart.run_tests(repo, (), Recorder({"pytest": -15})) == 128 + 15  # stopped by SIGTERM
 
 
 @pytest.mark.parametrize("complete", [True, False])
