@@ -14,7 +14,9 @@ found under build/ or named by --python-openvino / --python-optimum-intel, and a
                   replaces onnxruntime's module, so it cannot share this venv)
   optimum-intel   optimum-intel's OVStableDiffusionPipeline on its own OpenVINO export of the same saved
                   diffusers folder (fp32 weights, INFERENCE_PRECISION_HINT f32), reshaped to static shapes
-                  (--optimum-intel-shapes static, the default) or left dynamic
+                  (--optimum-intel-shapes static, the default) or left dynamic. Static was the faster once:
+                  sd15-random, 256x256, 5 steps, 3 images, 47-61 s/image against 66-70 s dynamic (one
+                  child run each, load average 7-11 from other jobs on 2 cores)
 Set those venvs up with:
   python3.11 -m venv build/venv-openvino && build/venv-openvino/bin/pip install -c .ci/constraints.txt \
       -c .ci/constraints-openvino.txt -e "runtime[openvino]" && build/venv-openvino/bin/pip install \
