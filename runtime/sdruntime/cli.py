@@ -33,7 +33,7 @@ SD3_DEFAULTS, FLUX_DEFAULTS = TRANSFORMER_DEFAULTS["sd3"], TRANSFORMER_DEFAULTS[
 
 
 def _provider(value: str):
-    """ "cpu", "cuda", "tensorrt", or a comma-separated fallback list of ORT provider names."""
+    """ "cpu", "cuda", "tensorrt", "openvino[:DEVICE]", or a comma-separated fallback list of ORT provider names."""
     return [p.strip() for p in value.split(",")] if "," in value else value
 
 
@@ -192,7 +192,10 @@ def make_output_folder(output: str) -> Path:
 
 common = [
     click.option(
-        "--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt | comma-separated ORT providers"
+        "--provider",
+        default="cpu",
+        show_default=True,
+        help="cpu | cuda | tensorrt | openvino[:GPU|NPU] | comma-separated ORT providers",
     ),
     click.option("--threads", default=0, type=int, help="Intra-op threads (0: ORT's default)."),
     click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the model files."),
@@ -519,7 +522,10 @@ def interpolate(folder, prompts, frames, grid, seed, provider, threads, no_verif
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
 @click.option(
-    "--provider", default="cpu", show_default=True, help="cpu | cuda | tensorrt | comma-separated ORT providers"
+    "--provider",
+    default="cpu",
+    show_default=True,
+    help="cpu | cuda | tensorrt | openvino[:GPU|NPU] | comma-separated ORT providers",
 )
 @click.option(
     "--threads", default=0, type=int, help="Intra-op threads per replica (0: the cores / replicas on a local Ray)."
