@@ -48,7 +48,7 @@ def test_sdxl_io_names_follow_optimum(sdxl32):
 
     hidden = [f"hidden_states.{i}" for i in range(6)]  # embeddings + 5 layers
     te2 = manifest.components["text_encoder_2"]
-    assert names(te2.inputs) == ["input_ids"]
+    assert names(te2.inputs) == ["input_ids", "attention_mask"]  # optimum feeds input_ids: the mask defaults to ones
     assert names(te2.outputs) == ["text_embeds", "last_hidden_state", *hidden]
     assert names(manifest.components["text_encoder"].outputs) == ["last_hidden_state", "pooler_output", *hidden]
     unet = manifest.components["unet"]

@@ -20,6 +20,7 @@ from sdruntime.prompt_weighting import (
     MASK_REFUSAL,
     ChunkEmbeddings,
     TextPlan,
+    downweighted,
     plan_rows,
     prompt_plan,
     weighted_embeddings,
@@ -246,9 +247,11 @@ def test_sd_embeddings_equal_compels(sd, sd_references, downweight):
 
 @pytest.mark.parametrize("downweight", MODES)
 def test_sdxl_embeddings_and_pooled_equal_compels(sdxl_pipe, xl, downweight):
+    """Both encoders' states masked or removed alike; the pooled embedding is never masked. "remove" runs only the
+    prompts where the modes differ (compel's parser takes most of the time)."""
     reference = xl_compel(sdxl_pipe, downweight)
     for prompt in COMPEL_PROMPTS:
-        if prompt == WEIGHTED_AND:
+        if prompt == WEIGHTED_AND or (downweight == "remove" and not downweighted(parse_compel(prompt))):
             continue
         with torch.no_grad():
             theirs, pooled = reference(prompt)
@@ -420,7 +423,8 @@ def test_textual_inversion_tokens_are_weighed_like_words(sd, tmp_path):
     assert np.abs(plain.latents - weighted.latents).max() > 1e-2
 
 
-def test_a_static_export_refuses_prompts_past_its_77_tokens(tmp_path):
+def test_a_static_export_refuses_prompts_past_its_77_tokens(sd, tmp_path):
+    """...and, its attention_mask required (no default in a fixed shape), is fed ones, or the downweighting's mask."""
     from sdexport import convert
 
     parts = ["text_encoder", "unet", "vae_decoder"]
@@ -436,6 +440,11 @@ def test_a_static_export_refuses_prompts_past_its_77_tokens(tmp_path):
     )
     static = StableDiffusionPipeline.load(out)
     assert static("a (red)1.3 circle", prompt_syntax="compel", num_inference_steps=1).latents.shape == (1, 4, 8, 8)
+    assert "attention_mask" in static.component("text_encoder").required_inputs
+    assert "attention_mask" not in sd.component("text_encoder").required_inputs  # a default of ones
+    for prompt, syntax in (("a red circle", None), ("a (red)0.5 circle on a blue-- square", "compel")):
+        ours = static.encode_prompt([prompt], None, 1, prompt_syntax=syntax)
+        assert np.abs(ours - sd.encode_prompt([prompt], None, 1, prompt_syntax=syntax)).max() <= 1e-5
     with pytest.raises(InvalidArgument, match="static export's U-Net reads 77 tokens and these prompts take 154"):
         static(LONG, prompt_syntax="compel", num_inference_steps=1)
 

@@ -186,6 +186,7 @@ PROMPT_SYNTAX_SCRIPT = textwrap.dedent(
     for syntax, texts in prompts.items():
         out[f"sd-{syntax}"] = sd.encode_prompt(texts, texts[::-1], 1, prompt_syntax=syntax)
         out[f"xl-{syntax}"], out[f"xl-pooled-{syntax}"] = xl.encode_prompt_xl(texts, None, 1, prompt_syntax=syntax)
+        out[f"sd-remove-{syntax}"] = sd.encode_prompt(texts, None, 1, prompt_syntax=syntax, downweight="remove")
     out["latents"] = sd(texts[0], prompt_syntax=syntax, num_inference_steps=2, seed=1).latents
     np.savez(sys.argv[4], **out)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "onnx"))
@@ -195,8 +196,9 @@ PROMPT_SYNTAX_SCRIPT = textwrap.dedent(
 
 
 def test_weighted_prompts_parse_and_weigh_without_torch(runtime_venv, tiny32, sdxl32, tmp_path):
-    """prompt_syntax.py and prompt_weighting.py in the runtime-only venv, both syntaxes, long prompts, SD and SDXL:
-    the embeddings this environment computes, which match compel's (test_prompt_weighting.py)."""
+    """prompt_syntax.py and prompt_weighting.py in the runtime-only venv, both syntaxes, long prompts, SD and SDXL,
+    weights below 1 masked out (the default) and removed: the embeddings this environment computes, which match
+    compel's (test_prompt_weighting.py)."""
     import json
 
     import numpy as np
@@ -222,5 +224,8 @@ def test_weighted_prompts_parse_and_weigh_without_torch(runtime_venv, tiny32, sd
         embeddings, pooled = xl.encode_prompt_xl(texts, None, 1, prompt_syntax=syntax)
         assert np.allclose(there[f"xl-{syntax}"], embeddings, atol=1e-5)
         assert np.allclose(there[f"xl-pooled-{syntax}"], pooled, atol=1e-5)
+        removed = sd.encode_prompt(texts, None, 1, prompt_syntax=syntax, downweight="remove")
+        assert np.allclose(there[f"sd-remove-{syntax}"], removed, atol=1e-5)
+        assert not np.allclose(there[f"sd-remove-{syntax}"], there[f"sd-{syntax}"][len(texts) :], atol=1e-3)
     latents = sd(prompts["a1111"][0], prompt_syntax="a1111", num_inference_steps=2, seed=1).latents
     assert np.allclose(there["latents"], latents, atol=1e-5)
