@@ -129,3 +129,25 @@ def test_cli_refuses_without_the_provider(tiny32, tmp_path, capsys):
     assert not out.exists()
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "OpenVINOExecutionProvider is not installed" in lines[0], lines
+
+
+def test_provider_options_from_the_settings(tmp_path):
+    """The settings become the EP's own option names; options given with the provider win over them."""
+    from types import SimpleNamespace
+
+    from sdruntime.session import provider_options
+
+    folder = tmp_path / "export"
+    manifest = SimpleNamespace(folder=folder)  # OpenVINO's options read only the export's folder
+    settings = SessionSettings(openvino_device="NPU", openvino_precision="ACCURACY", intra_op_threads=3)
+    [(name, options)] = provider_options([OPENVINO], manifest, "unet", settings)
+    assert name == OPENVINO
+    assert options == {
+        "device_type": "NPU",
+        "cache_dir": str(folder / "openvino_cache"),
+        "precision": "ACCURACY",
+        "num_of_threads": "3",
+    }
+    given = (OPENVINO, {"device_type": "GPU", "cache_dir": str(tmp_path / "mine")})
+    [(_, options)] = provider_options([given], manifest, "unet", SessionSettings())
+    assert options == {"device_type": "GPU", "cache_dir": str(tmp_path / "mine")}
