@@ -332,7 +332,8 @@ class Component:
         self.required_inputs = {i.name for i in self.session.get_inputs()}
         used = self.session.get_providers()
         self.provider = used[0]
-        if first_provider(providers) == OPENVINO and self.provider != OPENVINO:  # ORT fell back to the CPU EP silently
+        # asked for OpenVINO alone (a list allows falling back), and ORT fell back to the CPU EP silently
+        if len(providers) == 1 and first_provider(providers) == OPENVINO and self.provider != OPENVINO:
             raise openvino_start_error(provider_options(providers, manifest, name, settings)[0][1])
         self.device = "cuda" if self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         # a static export's batch: its first input's first axis (a ControlNet's conditioning_scale is fixed in

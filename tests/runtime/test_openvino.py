@@ -92,6 +92,18 @@ def test_missing_device_refused(openvino_exports):
         draw(openvino_exports / "tiny-sd", f"openvino:{missing}", num_inference_steps=1)
 
 
+def test_fallback_list_falls_back(openvino_exports):
+    """In a list of providers the next one takes over where OpenVINO cannot start: the list asked for that."""
+    from onnxruntime.capi._pybind_state import get_available_openvino_device_ids
+
+    missing = next(d for d in ("NPU", "GPU") if d not in get_available_openvino_device_ids())
+    pipe = StableDiffusionPipeline.load(
+        openvino_exports / "tiny-sd", provider=[(OPENVINO, {"device_type": missing}), "cpu"]
+    )
+    pipe(PROMPT, num_inference_steps=1, height=64, width=64)
+    assert set(pipe.component_providers.values()) == {"CPUExecutionProvider"}
+
+
 def test_precision_reaches_the_provider(openvino_exports):
     """openvino_precision is the EP's own option: FP16, which OpenVINO's CPU plugin refuses, is refused."""
     settings = SessionSettings(openvino_precision="FP16", openvino_device="CPU")
