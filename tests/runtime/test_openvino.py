@@ -2,8 +2,9 @@
 
 The drawing tests need onnxruntime-openvino, which replaces onnxruntime's module, so they run in their own
 torch-free venv (.ci/run's OpenVINO step) on exports that the main venv made beforehand:
-SDEXPORT_OPENVINO_EXPORTS names a folder holding `tiny-sd/` and `sdxl-tiny/` (generic, fp32). Where the
-provider is absent they are skipped, unless SDEXPORT_REQUIRE_OPENVINO=1 (set by .ci/run) makes that a failure.
+SDEXPORT_OPENVINO_EXPORTS names a folder holding `tiny-sd/` and `sdxl-tiny/` (generic, fp32) and
+`tiny-sd-tensorrt/` (`--target tensorrt`). Where the provider is absent they are skipped, unless
+SDEXPORT_REQUIRE_OPENVINO=1 (set by .ci/run) makes that a failure.
 The refusal tests run where the provider is absent: the main venv.
 """
 
@@ -63,6 +64,7 @@ def ort_cpu() -> str:
         ("tiny-sd", {}),
         ("tiny-sd", {"scheduler": "euler-a", "guidance_scale": 5.0, "num_images": 2, "seed": 3}),
         ("sdxl-tiny", {}),
+        ("tiny-sd-tensorrt", {}),  # the tensorrt target's standard-op graphs (targets.py lets OpenVINO run them)
     ],
 )
 def test_pictures_match_the_cpu_provider(openvino_exports, model, kw):
