@@ -96,6 +96,8 @@ def resolve_providers(provider: str | Sequence, target: str) -> list:
         return [name] if name != "TensorrtExecutionProvider" else [name, "CUDAExecutionProvider"]
     chosen = []
     for entry in provider:
+        if isinstance(entry, str) and entry.startswith("openvino:"):  # "openvino:GPU,cpu" from the command line
+            entry = (OPENVINO, {"device_type": entry.partition(":")[2]})
         name = entry[0] if isinstance(entry, (tuple, list)) else entry
         name = PROVIDER_NAMES.get(name, name)
         if name in available and (supported is None or name in supported):

@@ -99,11 +99,14 @@ def test_fallback_list_falls_back(openvino_exports):
     from onnxruntime.capi._pybind_state import get_available_openvino_device_ids
 
     missing = next(d for d in ("NPU", "GPU") if d not in get_available_openvino_device_ids())
-    pipe = StableDiffusionPipeline.load(
-        openvino_exports / "tiny-sd", provider=[(OPENVINO, {"device_type": missing}), "cpu"]
-    )
-    pipe(PROMPT, num_inference_steps=1, height=64, width=64)
-    assert set(pipe.component_providers.values()) == {"CPUExecutionProvider"}
+    for providers in ([(OPENVINO, {"device_type": missing}), "cpu"], [f"openvino:{missing}", "cpu"]):
+        pipe = StableDiffusionPipeline.load(openvino_exports / "tiny-sd", provider=providers)
+        pipe(PROMPT, num_inference_steps=1, height=64, width=64)
+        assert set(pipe.component_providers.values()) == {"CPUExecutionProvider"}
+    assert resolve_providers(["openvino:CPU", "cpu"], "generic") == [
+        (OPENVINO, {"device_type": "CPU"}),
+        "CPUExecutionProvider",
+    ]
 
 
 def test_precision_reaches_the_provider(openvino_exports):
