@@ -35,6 +35,8 @@ DEMO_EXPORT = "out/shapes"
 DEMO_PROMPT = "a red circle on a blue background, center"
 DEMO_IMAGE = "circle.png"
 TEST_ARGS = ("-m", "pytest", "-q", "-m", "not slow")  # README's Tests line, as `python TEST_ARGS`
+BROWSER = "/usr/bin/chromium"  # Debian's chromium: the page's browser test drives it (tests/runtime/test_web_page.py)
+BROWSER_INSTALL = (("apt-get", "update", "-qq"), ("apt-get", "install", "-y", "-qq", "chromium"))
 
 Runner = Callable[..., subprocess.CompletedProcess]
 
@@ -139,9 +141,26 @@ def demo(repo: Path = REPO, run: Runner = subprocess.run) -> Path:
     return repo / DEMO_IMAGE
 
 
+def install_browser(run: Runner = subprocess.run, browser: str = BROWSER) -> None:
+    """Install Debian's chromium for the browser test when it is missing (as root, or through sudo)."""
+    if Path(browser).is_file():
+        return
+    as_root = [] if os.name != "posix" or os.geteuid() == 0 else ["sudo"]
+    if shutil.which("apt-get") is None or (as_root and shutil.which("sudo") is None):
+        raise SystemExit(
+            f"quickstart: the page's browser test needs Debian's chromium at {browser}: install it "
+            "(`apt-get install chromium`) and run this again"
+        )
+    say("installing Debian's chromium for the page's browser test")
+    for step in BROWSER_INSTALL:
+        check(run([*as_root, *step], stdout=subprocess.DEVNULL), f"`{' '.join(step)}`")
+
+
 def run_tests(repo: Path = REPO, pytest_args: Sequence[str] = (), run: Runner = subprocess.run) -> int:
-    """Set up, then README's test command in the venv; pytest's exit code (128 + N when signal N stopped it)."""
+    """Set up (chromium included), then README's test command in the venv; pytest's exit code (128 + N when
+    signal N stopped it)."""
     setup(repo, run)
+    install_browser(run)
     venv = repo / VENV_NAME
     code = run([str(venv_python(venv)), *TEST_ARGS, *pytest_args], cwd=repo, env=quickstart_env(venv)).returncode
     return code if code >= 0 else 128 - code  # as a shell reports it, not sys.exit(-15)'s 241

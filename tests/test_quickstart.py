@@ -97,6 +97,28 @@ def test_test_command_is_readmes_with_extra_arguments(repo):
     assert quickstart.run_tests(repo, (), Recorder({"pytest": -15})) == 128 + 15  # stopped by SIGTERM
 
 
+def test_the_test_command_installs_a_missing_browser_with_apt(monkeypatch, tmp_path):
+    missing = str(tmp_path / "chromium")
+    monkeypatch.setattr(quickstart.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(quickstart.shutil, "which", lambda name: f"/usr/bin/{name}")
+    run = Recorder()
+    quickstart.install_browser(run, missing)
+    assert run.commands == [["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]]
+    run = Recorder()
+    quickstart.install_browser(run, sys.executable)  # present: nothing to do
+    assert run.commands == []
+    monkeypatch.setattr(quickstart.os, "geteuid", lambda: 1000)
+    run = Recorder()
+    quickstart.install_browser(run, missing)
+    assert all(c[0] == "sudo" for c in run.commands) and len(run.commands) == 2
+    monkeypatch.setattr(quickstart.shutil, "which", lambda name: None if name == "sudo" else f"/usr/bin/{name}")
+    with pytest.raises(SystemExit, match="needs Debian's chromium at .*: install it"):
+        quickstart.install_browser(Recorder(), missing)
+    with pytest.raises(SystemExit, match="apt-get install -y -qq chromium. failed"):
+        monkeypatch.setattr(quickstart.os, "geteuid", lambda: 0)
+        quickstart.install_browser(Recorder({"chromium": 100}), missing)
+
+
 @pytest.mark.parametrize("complete", [True, False])
 def test_demo_converts_only_without_a_complete_export(repo, complete):
     quickstart.setup(repo, Recorder())
