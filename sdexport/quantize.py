@@ -38,7 +38,8 @@ DEFAULT_SCHEME = "int8-weights"  # `--quantize int8`: see docs/benchmarks.md, in
 DEFAULT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 VAE_COMPONENTS = ("vae_decoder",)  # the encoder (image-to-image) stays fp32: text-to-image calibrates no input of it
 CALIBRATION_STEPS = 8  # per calibration prompt: the U-Net's inputs at 8 points of each denoising trajectory
-WEIGHT_OPS = ("MatMul", "Gemm")  # dynamic: ORT's ConvInteger takes uint8 weights only (slower, no per-channel)
+# dynamic: convolutions stay float; ORT's ConvInteger made an SD 1.5 U-Net step 2x slower (docs/benchmarks.md, int8)
+WEIGHT_OPS = ("MatMul", "Gemm")
 FULL_OPS = ("Conv", "MatMul", "Gemm")
 
 # the default calibration prompts: varied subjects, styles and colours, as a user's would be
