@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .request import GenerationError
@@ -276,7 +276,7 @@ def admit(model: MemoryModel | None, shape: RequestShape, budget_bytes: int | No
         return whole
     smallest = model.peak(shape, 1, 1)
     if smallest > budget_bytes:
-        side = largest_side(model, budget_bytes, shape.text_rows)
+        side = largest_side(model, budget_bytes, shape)
         fits = f"the largest that fits is {side}x{side}" if side else "no size fits: raise the memory limit"
         raise MemoryRefused(
             f"{shape.width}x{shape.height} needs about {format_bytes(smallest)} of memory to draw, more than the "
@@ -295,10 +295,16 @@ def admit(model: MemoryModel | None, shape: RequestShape, budget_bytes: int | No
     return Pieces(low, min(low, shape.images), model.peak(shape, low, min(low, shape.images)))
 
 
-def largest_side(model: MemoryModel, budget_bytes: int, text_rows: int = 2) -> int:
-    """The largest square side (a multiple of the size multiple) whose single row fits the budget; 0 if none."""
+def largest_side(model: MemoryModel, budget_bytes: int, like: RequestShape | None = None) -> int:
+    """The largest square side (a multiple of the size multiple) at which a request like `like` (default: one
+    image with classifier-free guidance) fits the budget drawn one row at a time; 0 if none. Its other rows
+    are held all the same, as `admit` counts them."""
+    like = like or RequestShape(images=1, unet_rows=2, text_rows=2, height=0, width=0)
     m = model.size_multiple
-    fits = lambda side: model.peak(RequestShape(1, 1, text_rows, side, side), 1, 1) <= budget_bytes  # noqa: E731
+
+    def fits(side: int) -> bool:
+        return model.peak(replace(like, height=side, width=side), 1, 1) <= budget_bytes
+
     if not fits(m):
         return 0
     low, high = 1, 1

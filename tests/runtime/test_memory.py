@@ -107,18 +107,24 @@ def test_within_the_budget_a_request_is_one_piece(shapes_pipe):
     assert admit(None, shape, 1) == Pieces(4, 2, 0)  # an export whose configs cannot be read: no estimate
 
 
-def test_an_image_past_the_budget_is_refused_with_the_largest_size_that_fits(shapes_pipe):
+@pytest.mark.parametrize("images", [1, 3])
+def test_an_image_past_the_budget_is_refused_with_the_largest_size_that_fits(shapes_pipe, images):
     model = shapes_pipe.memory_model
     budget = 512 * 2**20
-    side = largest_side(model, budget)
-    assert side % model.size_multiple == 0 and 32 < side < 1024
-    assert model.peak(RequestShape(1, 1, 2, side, side), 1, 1) <= budget
-    assert model.peak(RequestShape(1, 1, 2, side + 8, side + 8), 1, 1) > budget
+    request = RequestShape(images, 2 * images, 2, 1024, 1024)  # with classifier-free guidance
     with pytest.raises(MemoryRefused) as caught:
-        admit(model, RequestShape(1, 2, 2, 1024, 1024), budget)
+        admit(model, request, budget)
+    side = caught.value.largest_side
     message = str(caught.value)
     assert message.startswith("1024x1024 needs about ") and f"the largest that fits is {side}x{side}" in message
-    assert "\n" not in message and caught.value.largest_side == side
+    assert "\n" not in message and side % model.size_multiple == 0 and 32 < side < 1024
+    # the size it names is admitted for the same request, and one step more is not
+    assert admit(model, RequestShape(images, 2 * images, 2, side, side), budget).unet_rows >= 1
+    grown = side + model.size_multiple
+    with pytest.raises(MemoryRefused):
+        admit(model, RequestShape(images, 2 * images, 2, grown, grown), budget)
+    if images == 1:
+        assert largest_side(model, budget) == side  # the default: one image with guidance, as a card shows it
 
 
 def test_the_cli_refuses_an_image_too_large_for_the_machine_in_one_line(shapes, tmp_path, capsys):
