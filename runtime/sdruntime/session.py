@@ -171,8 +171,14 @@ def session_options(
     settings: SessionSettings, manifest: Manifest, providers: list, component: str = ""
 ) -> ort.SessionOptions:
     laid_out = manifest.cpu_layout_probe is not None
+    level = default_level(manifest.target, providers, component, laid_out)
+    quantization = getattr(manifest.components.get(component), "quantization", None)
+    if quantization is not None and quantization.scheme == "full":
+        # QDQ graphs get int8 kernels only where ORT fuses their Q/DQ pairs, from "extended" up: an SD 1.5 U-Net
+        # call took 4.42 s at "basic" and 0.96 s at "all" on 2 cores (docs/benchmarks.md, int8)
+        level = "all"
     return ort_session_options(
-        settings.optimization or default_level(manifest.target, providers, component, laid_out),
+        settings.optimization or level,
         log_severity=settings.log_severity,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,

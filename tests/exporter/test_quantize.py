@@ -170,6 +170,7 @@ def test_runtime_refuses_loras_on_a_quantized_export(int8_weights, runtime_loras
         (dict(quantize="int8", dtype="fp16"), "quantizes fp32 graphs"),
         (dict(quantize="int8", target="cuda"), "not --target cuda"),
         (dict(quantize="int8", target="tensorrt"), "not --target tensorrt"),
+        (dict(quantize="int8", target="cpu"), "not --target cpu"),
         (dict(quantize="int8-weights", calibration_prompts="p.txt"), "calibrates --quantize int8-full only"),
         (dict(quantize_vae=True), "add --quantize int8"),
         (dict(quantize="int4"), "unknown --quantize"),
@@ -191,3 +192,20 @@ def test_calibration_prompts_file(tmp_path):
         check_options(ConvertOptions(quantize="int8-full", calibration_prompts=str(path)))
     with pytest.raises(SdexportError, match="pass a text file"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_qdq_graphs_load_at_the_level_that_fuses_them(int8_weights, int8_full):
+    """int8-full's U-Net session is created at "all" (its Q/DQ pairs fused into int8 kernels); int8-weights' at the
+    default "basic", like the fp32 U-Net's."""
+    import onnxruntime as ort
+    from sdruntime.session import SessionSettings, session_options
+
+    def level(folder: Path, optimization: str | None = None) -> ort.GraphOptimizationLevel:
+        settings = SessionSettings(optimization=optimization)
+        return session_options(
+            settings, read_manifest(folder), ["CPUExecutionProvider"], "unet"
+        ).graph_optimization_level
+
+    assert level(int8_full) == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert level(int8_weights) == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert level(int8_full, "basic") == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
