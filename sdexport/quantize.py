@@ -8,9 +8,12 @@ Two schemes:
                 calibrated on the export's own fp32 graphs run along real denoising trajectories of
                 calibration prompts (the text encoders' token ids, the U-Net's inputs at every step, the
                 VAE decoder's final latents).
-Both keep in float what measured to matter (`excluded_nodes`): the attention softmax and the first and last
-convolutions. The manifest records the scheme per component (manifest.QuantizationEntry); a quantized
-component records no weight map, so the runtime refuses run-time LoRAs on it in one line.
+Both keep in float, by rule rather than node-by-node measurement here (`kept_float`): attention (the softmax
+and the MatMuls of two activations) and the first and last convolutions. int8-weights is the default: on this
+project's measurements (docs/benchmarks.md, int8) only it kept the pictures; int8-full's U-Net runs 2.3x faster
+but its single range per activation over the whole trajectory loses too much. The manifest records the scheme
+per component (manifest.QuantizationEntry); a quantized component records no weight map, so the runtime
+refuses run-time LoRAs and embeddings on it in one line, and creates int8-full sessions at level "all".
 """
 
 from __future__ import annotations
@@ -276,8 +279,8 @@ def quantize_export(
 
 def calibration_size(manifest) -> int:
     """The calibration pictures' side: the export's default size, at most 256 pixels (calibrating an SD 1.5
-    U-Net at 512 pixels on a CPU takes long; its activation ranges barely move with the size), a multiple of
-    the size multiple."""
+    U-Net at 512 pixels on a CPU takes long; ranges at 256 were not compared with ranges at 512), a multiple
+    of the size multiple."""
     facts = manifest.pipeline
     side = min(facts.default_height, facts.default_width, 256)
     return max(manifest.size_multiple, side // manifest.size_multiple * manifest.size_multiple)
