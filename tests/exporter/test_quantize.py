@@ -209,3 +209,17 @@ def test_qdq_graphs_load_at_the_level_that_fuses_them(int8_weights, int8_full):
     assert level(int8_full) == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert level(int8_weights) == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert level(int8_full, "basic") == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (("--quantize", "int8", "--dtype", "fp16"), "quantizes fp32 graphs"),
+        (("--quantize", "int8", "--target", "cpu"), "not --target cpu"),
+        (("--quantize-vae",), "add --quantize int8"),
+    ],
+)
+def test_cli_refuses_in_one_line_before_anything_is_written(capsys, tmp_path, args, says):
+    from tests.exporter.test_cli import assert_refused
+
+    assert_refused(capsys, tmp_path / "out", "tiny-sd", *args, says=says)
