@@ -49,7 +49,7 @@ def convert(source: str, out: str | os.PathLike, **options) -> Path:
         src = load_source(source, opts.config, opts.prediction_type, opts.allow_pickle)
         end()
         log(f"loaded {src.kind} '{src.name}' in {time.perf_counter() - started:.1f} s")
-        check_family_options(src.pipe, loras, opts.controlnets)
+        check_family_options(src.pipe, loras, opts.controlnets, opts.quantize)
         if opts.vae:
             replace_vae(src, opts.vae)
             log(f"replaced the pipeline's VAE with {src.vae}")
@@ -81,12 +81,14 @@ def quantize_written(folder: Path, opts: ConvertOptions) -> None:
     quantize_export(folder, scheme_of(opts.quantize), prompts, opts.quantize_vae, opts.log)
 
 
-def check_family_options(pipe, loras, controlnets) -> None:
-    """LoRAs and ControlNets are fused into and fitted to U-Nets: refused for SD3 and Flux, in one line."""
+def check_family_options(pipe, loras, controlnets, quantize: str | None = None) -> None:
+    """LoRAs, ControlNets and int8 are fitted to U-Nets: refused for SD3 and Flux in one line, before any export."""
     family = transformer_family(pipe)
     if family and (loras or controlnets):
         what = "--lora" if loras else "--controlnet"
         raise SdexportError(f"{what} is not supported for {FAMILY_NAMES[family]} pipelines yet: convert without it")
+    if family and quantize:
+        raise SdexportError("--quantize supports U-Net pipelines (SD 1.x/2.x, SDXL): convert SD3 or Flux without it")
 
 
 def export_all(src, tmp: Path, opts: ConvertOptions) -> Manifest:

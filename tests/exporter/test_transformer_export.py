@@ -162,4 +162,8 @@ def test_loras_and_controlnets_are_refused_for_transformer_families(tmp_path, sd
         _convert("flux-tiny", tmp_path / "b", loras=[str(lora)])
     with pytest.raises(SdexportError, match="an export of SD3, for which ControlNets are not supported"):
         add_controlnet(sd3_export, "tiny-controlnet")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.MonkeyPatch.context() as patch:  # refused before anything is exported
+        patch.setattr("sdexport.converting.export_all", lambda *a: pytest.fail("exported before refusing"))
+        with pytest.raises(SdexportError, match="--quantize supports U-Net pipelines"):
+            _convert("sd3-tiny", tmp_path / "c", quantize="int8")
+    assert not any((tmp_path / name).exists() for name in "abc")
