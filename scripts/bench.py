@@ -2,6 +2,13 @@
 
     python scripts/bench.py                                   # tiny-sd and sd15-random at 256x256, 5 steps
     python scripts/bench.py --models sd15-random --rounds 3 --json bench.json
+    python scripts/bench.py --models sd15-random --size 512 --steps 4 --scheduler lcm --guidance 0   # few steps
+
+--scheduler NAME swaps every arm's scheduler for one of SCHEDULERS (our runtime's name; diffusers' class with the
+same config overrides in the diffusers-based arms), and --guidance sets the guidance scale (1 or less: no
+classifier-free guidance, one U-Net row per image); without them each arm runs the pipeline's own scheduler at
+guidance 7.5. --save-images DIR keeps each arm's first image and reports its PSNR against diffusers', which
+shows the arms draw the same picture.
 
 Every arm runs in its own process, so cold start (process start to first image, imports
 included) and peak RSS are the arm's own. The models are saved and exported once into --cache
@@ -48,9 +55,24 @@ OTHER_VENVS = {
     "ours-openvino": ("python_openvino", "venv-openvino"),
     "optimum-intel": ("python_optimum_intel", "venv-optimum-intel"),
 }
+# --scheduler: our runtime's name -> (diffusers' class, config overrides every arm applies), so all draw one schedule
+SCHEDULERS = {
+    "lcm": ("LCMScheduler", {}),
+    # SDXL-Turbo's own: trailing spacing puts a single step at t = 999 (SD 1.5's leading spacing, at t = 1)
+    "euler-a": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
 
 
 # -- the arms, each run in a child process ------------------------------------------------------
+
+
+def use_scheduler(pipe, args) -> None:
+    """Give a diffusers-based pipeline --scheduler's scheduler, as users swap one: `Cls.from_config(config, **overrides)`."""
+    if args.scheduler:
+        import diffusers
+
+        class_name, overrides = SCHEDULERS[args.scheduler]
+        pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
 def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[float]]:
@@ -62,11 +84,13 @@ def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[fl
         folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, args)
     unet_time = timed_method(pipe.unet, "forward")
     return generate_loop(
         lambda i: pipe(
             PROMPT,
             num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
             height=args.size,
             width=args.size,
             generator=torch.Generator("cpu").manual_seed(i),
@@ -82,11 +106,13 @@ def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[floa
 
     pipe = ORTStableDiffusionPipeline.from_pretrained(str(export))
     pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, args)
     unet_time = timed_method(pipe.unet.session, "run")
     return generate_loop(
         lambda i: pipe(
             PROMPT,
             num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
             height=args.size,
             width=args.size,
             generator=torch.Generator("cpu").manual_seed(i),
@@ -106,13 +132,17 @@ def arm_optimum_intel(export: Path, args) -> tuple[list[float], list[float], lis
     pipe = OVStableDiffusionPipeline.from_pretrained(str(export), compile=False, ov_config=config)
     if args.optimum_intel_shapes == "static":
         pipe.reshape(batch_size=1, height=args.size, width=args.size, num_images_per_prompt=1)
+        if args.guidance <= 1:  # reshape assumes classifier-free guidance: a U-Net batch of 2, negative and positive
+            unet_batch_of_one(pipe.unet.model)
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)
+    use_scheduler(pipe, args)
     unet_time = timed_method(pipe.unet, "forward")
     return generate_loop(
         lambda i: pipe(
             PROMPT,
             num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
             height=args.size,
             width=args.size,
             generator=torch.Generator("cpu").manual_seed(i),
@@ -120,6 +150,16 @@ def arm_optimum_intel(export: Path, args) -> tuple[list[float], list[float], lis
         unet_time,
         args,
     )
+
+
+def unet_batch_of_one(model) -> None:
+    """Reshape a statically shaped OpenVINO U-Net to one row per call (no guidance); timestep's shape stays."""
+    shapes = {}
+    for tensor in model.inputs:
+        shapes[tensor] = tensor.get_partial_shape()
+        if tensor.get_any_name() != "timestep":
+            shapes[tensor][0] = 1
+    model.reshape(shapes)
 
 
 def export_optimum_intel(source: Path, out: Path) -> None:
@@ -149,7 +189,16 @@ def arm_ours(export: Path, args) -> tuple[list[float], list[float], list[float]]
         return spent
 
     return generate_loop(
-        lambda i: pipe(PROMPT, num_inference_steps=args.steps, height=args.size, width=args.size, seed=i),
+        lambda i: pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            scheduler_options=SCHEDULERS[args.scheduler][1] if args.scheduler else None,
+            height=args.size,
+            width=args.size,
+            seed=i,
+        ),
         unet_seconds,
         args,
         denoise_of=lambda r: r.timings["denoise"],
@@ -188,6 +237,8 @@ def generate_loop(generate, unet_seconds, args, denoise_of=None):
             overhead.append((denoise_of(result) - unet) / unet)
         if i == 0:
             print(f"FIRST_IMAGE {time.time():.6f}", flush=True)
+            if args.first_image:
+                result.images[0].save(args.first_image)
     return image_s, unet_step_s, overhead
 
 
@@ -270,8 +321,9 @@ def prepare_optimum_intel(paths: dict[str, Path], args) -> None:
     )
 
 
-def run_arm(name: str, path: Path, args) -> dict:
-    """Run one arm in a child process: the arm's kind (diffusers, optimum, optimum-intel, ours) from its name."""
+def run_arm(name: str, path: Path, args, first_image: Path | None = None) -> dict:
+    """Run one arm in a child process: the arm's kind (diffusers, optimum, optimum-intel, ours) from its name;
+    it saves its first image to `first_image` when given."""
     arm = name if name in ("diffusers", "optimum", "optimum-intel") else "ours"
     cmd = [
         other_python(name, args) if name in OTHER_VENVS else sys.executable,
@@ -294,6 +346,10 @@ def run_arm(name: str, path: Path, args) -> dict:
         str(args.threads),
         "--unet-calls",
         str(args.unet_calls),
+        "--guidance",
+        str(args.guidance),
+        *(["--scheduler", args.scheduler] if args.scheduler else []),
+        *(["--first-image", str(first_image)] if first_image else []),
     ]
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -313,6 +369,16 @@ def median(values: list[float]) -> float:
 def steady(values: list[float]) -> list[float]:
     """Per-image values after the first image (whose warm-up the cold start already counts)."""
     return values[1:] if len(values) > 1 else values
+
+
+def psnr(path: Path, reference: Path) -> float | None:
+    """PSNR in dB of one 8-bit image against another, None where they are identical."""
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (path, reference))
+    mse = float(np.mean((a - b) ** 2))
+    return None if mse == 0 else 10 * float(np.log10(255**2 / mse))
 
 
 def local_targets() -> list[str]:
@@ -342,13 +408,17 @@ def bench_model(model: str, args) -> dict:
         else:
             arms.append((name, path))
     config = json.loads((paths["diffusers"] / "scheduler" / "scheduler_config.json").read_text())
-    args.unet_calls = args.steps + (1 if config["_class_name"] == "PNDMScheduler" else 0)
+    pndm = config["_class_name"] == "PNDMScheduler" and not args.scheduler
+    args.unet_calls = args.steps + (1 if pndm else 0)
+    images = {name: args.save_images / f"{model}-{name}.png" for name, _ in arms} if args.save_images else {}
+    if args.save_images:
+        args.save_images.mkdir(parents=True, exist_ok=True)
     rounds: list[dict[str, dict]] = []
     for r in range(args.rounds):
         this = {}
         for name, path in arms:
             print(f"[{model}] round {r + 1}/{args.rounds}: {name}", flush=True)
-            this[name] = run_arm(name, path, args)
+            this[name] = run_arm(name, path, args, images.get(name))
         rounds.append(this)
     summary = {}
     for name, _ in arms:
@@ -363,6 +433,8 @@ def bench_model(model: str, args) -> dict:
             "peak_rss_gb": max(x["peak_rss_gb"] for x in runs),
             "rounds": runs,
         }
+        if images and name != "diffusers":  # the last round's first image against diffusers' (None: identical)
+            summary[name]["psnr_vs_diffusers_db"] = psnr(images[name], images["diffusers"])
     ratios = {}
     for name, _ in arms:
         if not name.startswith("ours"):
@@ -379,16 +451,22 @@ def bench_model(model: str, args) -> dict:
 
 
 def print_table(model: str, result: dict, args) -> None:
+    scheduler = args.scheduler or "the pipeline's scheduler"
     print(
-        f"\n{model}: {args.size}x{args.size}, {args.steps} steps, guidance 7.5, {args.images} images x {args.rounds} rounds"
+        f"\n{model}: {args.size}x{args.size}, {args.steps} steps ({args.unet_calls} U-Net calls), {scheduler}, "
+        f"guidance {args.guidance:g}, {args.images} images x {args.rounds} rounds"
     )
     print(
         f"{'arm':<14} {'s/image':>8} {'s/U-Net step':>13} {'loop overhead':>14} {'cold start s':>13} {'peak RSS GB':>12}"
+        + (f" {'PSNR dB':>8}" if args.save_images else "")
     )
     for name, a in result["arms"].items():
         overhead = f"{a['overhead_pct']:.2f}%" if a["overhead_pct"] is not None else "-"
+        db = a.get("psnr_vs_diffusers_db", "-")  # "-": diffusers itself, the reference
+        db = "same" if db is None else db if isinstance(db, str) else f"{db:.1f}"
         print(
             f"{name:<14} {a['image_s']:>8.2f} {a['unet_step_s']:>13.3f} {overhead:>14} {a['cold_start_s']:>13.1f} {a['peak_rss_gb']:>12.2f}"
+            + (f" {db:>8}" if args.save_images else "")
         )
     for key, ratio in result["ratios"].items():
         print(f"{key:<28} time per image {ratio['image']:.2f}x, cold start {ratio['cold_start']:.2f}x")
@@ -406,6 +484,13 @@ def main() -> None:
         "--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdexport-bench"
     )
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument(
+        "--scheduler", choices=sorted(SCHEDULERS), help="every arm's scheduler (default: the pipeline's own)"
+    )
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale; 1 or less: no guidance")
+    parser.add_argument(
+        "--save-images", type=Path, help="folder for each arm's first image; the table adds its PSNR against diffusers'"
+    )
     parser.add_argument("--prepare-only", action="store_true", help="save and export the models, time nothing")
     parser.add_argument(
         "--python-openvino", type=Path, help="python of a venv with onnxruntime-openvino and the runtime"
@@ -422,6 +507,7 @@ def main() -> None:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--unet-calls", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--first-image", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         child(args)
@@ -443,7 +529,7 @@ def main() -> None:
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "load_average_at_start": load,
-        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path")},
+        "settings": {k: str(v) for k, v in vars(args).items() if k not in ("arm", "path", "first_image")},
         "models": {},
     }
     for model in args.models.split(","):
