@@ -113,6 +113,7 @@ def sd15_log():
     return []
 
 
+@pytest.mark.slow  # 105-110 s on 2 cores: run with -m slow after a change to the fp16 path
 def test_sd15_fp16_generic_unet_loads_and_matches_pytorch(tmp_path_factory, sd15_log):
     out = tmp_path_factory.mktemp("sd15") / "fp16"
     convert("sd15-random", out, components=["unet"], dtype="fp16", log=sd15_log.append)
