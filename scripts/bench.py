@@ -75,6 +75,27 @@ def use_scheduler(pipe, args) -> None:
         pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
 
 
+def draw_loop(pipe, unet, method: str, args) -> tuple[list[float], list[float], list[float]]:
+    """A diffusers-style pipeline (diffusers, optimum, optimum-intel) drawing the bench's images, with its U-Net's
+    `method` timed: --scheduler's scheduler, the guidance, size and steps, seed i for image i."""
+    import torch
+
+    use_scheduler(pipe, args)
+    unet_time = timed_method(unet, method)
+    return generate_loop(
+        lambda i: pipe(
+            PROMPT,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator("cpu").manual_seed(i),
+        ),
+        unet_time,
+        args,
+    )
+
+
 def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[float]]:
     import torch
     from diffusers import StableDiffusionPipeline
@@ -84,46 +105,18 @@ def arm_diffusers(folder: Path, args) -> tuple[list[float], list[float], list[fl
         folder, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    use_scheduler(pipe, args)
-    unet_time = timed_method(pipe.unet, "forward")
-    return generate_loop(
-        lambda i: pipe(
-            PROMPT,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator("cpu").manual_seed(i),
-        ),
-        unet_time,
-        args,
-    )
+    return draw_loop(pipe, pipe.unet, "forward", args)
 
 
 def arm_optimum(export: Path, args) -> tuple[list[float], list[float], list[float]]:
-    import torch
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     pipe = ORTStableDiffusionPipeline.from_pretrained(str(export))
     pipe.set_progress_bar_config(disable=True)
-    use_scheduler(pipe, args)
-    unet_time = timed_method(pipe.unet.session, "run")
-    return generate_loop(
-        lambda i: pipe(
-            PROMPT,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator("cpu").manual_seed(i),
-        ),
-        unet_time,
-        args,
-    )
+    return draw_loop(pipe, pipe.unet.session, "run", args)
 
 
 def arm_optimum_intel(export: Path, args) -> tuple[list[float], list[float], list[float]]:
-    import torch
     from optimum.intel import OVStableDiffusionPipeline
 
     config = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 like every other arm (OpenVINO's CPU default may be bf16)
@@ -136,20 +129,7 @@ def arm_optimum_intel(export: Path, args) -> tuple[list[float], list[float], lis
             unet_batch_of_one(pipe.unet.model)
     pipe.compile()
     pipe.set_progress_bar_config(disable=True)
-    use_scheduler(pipe, args)
-    unet_time = timed_method(pipe.unet, "forward")
-    return generate_loop(
-        lambda i: pipe(
-            PROMPT,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.size,
-            width=args.size,
-            generator=torch.Generator("cpu").manual_seed(i),
-        ),
-        unet_time,
-        args,
-    )
+    return draw_loop(pipe, pipe.unet, "forward", args)
 
 
 def unet_batch_of_one(model) -> None:
