@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sdruntime.pipeline import StableDiffusionPipeline
 
-from tests.runtime.test_serve import PROMPT, Server, png_file, request
+from tests.runtime.test_serve import PROMPT, plain_server, png_file, request
 
 openai = pytest.importorskip("openai")
 
@@ -23,12 +23,7 @@ FAST = {"steps": 2}  # our own fields ride in extra_body
 
 @pytest.fixture(scope="module")
 def served(tiny32, tmp_path_factory):
-    running = Server(tiny32, tmp_path_factory.mktemp("openai") / "serve.log", "--timeout", "60", "--max-memory", "1GiB")
-    try:
-        running.wait_healthy()
-        yield running
-    finally:
-        running.stop()
+    yield from plain_server(tiny32, tmp_path_factory.mktemp("openai") / "serve.log")
 
 
 @pytest.fixture(scope="module")

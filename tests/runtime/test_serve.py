@@ -546,6 +546,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def plain_server(folder: Path, log: Path):
+    """A module's own `sdruntime serve` of `folder` at the plain settings (60 s limit, 1 GiB replica budget),
+    healthy when yielded and stopped after: a generator for a module-scoped fixture."""
+    running = Server(folder, log, "--timeout", "60", "--max-memory", "1GiB")
+    try:
+        running.wait_healthy()
+        yield running
+    finally:
+        running.stop()
+
+
 class Server:
     """`sdruntime serve` in a subprocess; every process it starts is stopped with it."""
 

@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from sdruntime.cli import main as sdruntime_main
 from sdruntime.serving import error_body, sse_event
 
-from tests.runtime.test_serve import Server, request
+from tests.runtime.test_serve import Server, plain_server, request
 
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle on a blue background, center"
@@ -37,12 +37,7 @@ document.addEventListener("DOMContentLoaded", () => {
 
 @pytest.fixture(scope="module")
 def web_server(tiny32, tmp_path_factory):
-    running = Server(tiny32, tmp_path_factory.mktemp("web") / "serve.log", "--timeout", "60", "--max-memory", "1GiB")
-    try:
-        running.wait_healthy()
-        yield running
-    finally:
-        running.stop()
+    yield from plain_server(tiny32, tmp_path_factory.mktemp("web") / "serve.log")
 
 
 @pytest.fixture(scope="module")
